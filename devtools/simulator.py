@@ -1,0 +1,869 @@
+"""Azure OpenAI simulator: a fast, deterministic fake of the Azure OpenAI data plane.
+
+It speaks Azure OpenAI's wire format over real HTTP so tests and benchmarks can use
+it as the upstream of an OpenAI-compatible proxy. It is a raw ASGI app (no framework
+routing) that serialises with orjson and is served by uvicorn.
+
+Routes::
+
+    POST /openai/deployments/{deployment}/chat/completions?api-version=...
+    POST /openai/deployments/{deployment}/embeddings?api-version=...
+    GET  /_sim/stats     inspection counters (not Azure)
+    POST /_sim/reset     zero the counters
+
+Magic words in the last user message (chat only):
+
+* ``SIM_CONTENT_FILTER``  -> 400 Azure content-filter error
+* ``SIM_SERVER_ERROR``    -> 500 InternalServerError
+* ``SIM_BREAK_STREAM``    -> streams abort the connection after 2 token chunks
+* ``SIM_SLOW_MS=<n>``     -> extra n ms latency before responding
+
+CLI::
+
+    python -m devtools.simulator --host 127.0.0.1 --port 0 [--latency-ms N] [--ttft-ms N]
+        [--tokens-per-second N] [--rpm-limit N] [--api-key K] [--bearer-token T]
+        [--completion-tokens N]
+
+Options may also come from ``SIM_LATENCY_MS``, ``SIM_TTFT_MS``, ``SIM_TOKENS_PER_SECOND``,
+``SIM_RPM_LIMIT``, ``SIM_API_KEY``, ``SIM_BEARER_TOKEN`` (the CLI wins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import base64
+import hashlib
+import logging
+import math
+import os
+import re
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+CHAT_MODEL = "gpt-4o-mini-2024-07-18"
+EMBEDDING_MODEL = "text-embedding-3-small"
+SYSTEM_FINGERPRINT = "fp_d54531d9eb"
+DEFAULT_DIMENSIONS = 1536
+TOKENS_PER_MINUTE_UNLIMITED = 10_000_000
+REQUESTS_UNLIMITED = 100_000
+
+_SAFE = {"filtered": False, "severity": "safe"}
+CONTENT_FILTER_RESULTS: dict[str, Any] = {
+    "hate": _SAFE,
+    "self_harm": _SAFE,
+    "sexual": _SAFE,
+    "violence": _SAFE,
+}
+PROMPT_FILTER_RESULTS: list[dict[str, Any]] = [
+    {"prompt_index": 0, "content_filter_results": CONTENT_FILTER_RESULTS}
+]
+_WORDS = (
+    "lorem",
+    "ipsum",
+    "dolor",
+    "sit",
+    "amet",
+    "consectetur",
+    "adipiscing",
+    "elit",
+    "sed",
+    "do",
+    "eiusmod",
+    "tempor",
+    "incididunt",
+    "ut",
+    "labore",
+    "et",
+    "dolore",
+    "magna",
+    "aliqua",
+    "ut",
+    "enim",
+    "ad",
+    "minim",
+    "veniam",
+    "quis",
+    "nostrud",
+)
+_SLOW_RE = re.compile(r"SIM_SLOW_MS=(\d+(?:\.\d+)?)")
+
+MSG_MISSING_AUTH = (
+    "Access denied due to missing subscription key or Bearer token. Make sure to include "
+    "subscription key or Bearer token when making requests to an API."
+)
+MSG_INVALID_AUTH = (
+    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to "
+    "provide a valid key for an active subscription and use a correct regional API "
+    "endpoint for your resource."
+)
+MSG_DEPLOYMENT_NOT_FOUND = (
+    "The API deployment for this resource does not exist. If you created the deployment "
+    "within the last 5 minutes, please wait a moment and try again."
+)
+MSG_CONTENT_FILTER = (
+    "The response was filtered due to the prompt triggering Azure OpenAI's content "
+    "management policy. Please modify your prompt and retry. To learn more about our "
+    "content filtering policies please read our documentation: "
+    "https://go.microsoft.com/fwlink/?linkid=2198766"
+)
+
+
+class _StreamBreak(RuntimeError):
+    """Raised deliberately mid-stream so the server aborts the connection."""
+
+
+class _SuppressStreamBreak(logging.Filter):
+    """Hide uvicorn's traceback for the deliberate ``SIM_BREAK_STREAM`` abort."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info
+        return not (exc and isinstance(exc[1], _StreamBreak))
+
+
+@dataclass
+class SimulatorConfig:
+    """Behaviour knobs for the simulator."""
+
+    deployments: dict[str, str] = field(
+        default_factory=lambda: {
+            "gpt-4o-mini": "chat",
+            "text-embedding-3-small": "embeddings",
+        }
+    )
+    api_key: str | None = None
+    bearer_token: str | None = None
+    latency_ms: float = 0
+    ttft_ms: float = 0
+    tokens_per_second: float = 0
+    completion_tokens: int = 12
+    rpm_limit: int = 0
+
+
+@dataclass
+class _Stats:
+    requests: int = 0
+    by_deployment: dict[str, int] = field(default_factory=dict)
+    authorizations: set[str] = field(default_factory=set)
+    last_body: Any = None
+    last_headers: dict[str, str] = field(default_factory=dict)
+    last_query: dict[str, str] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add_usage(self, prompt: int, completion: int) -> None:
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "by_deployment": self.by_deployment,
+            "authorizations": sorted(self.authorizations),
+            "last_body": self.last_body,
+            "last_headers": self.last_headers,
+            "last_query": self.last_query,
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+            },
+        }
+
+
+class _BadRequest(Exception):
+    """A client error to be reported in Azure's ``invalid_request_error`` shape."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts: list[str] = []
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif isinstance(part, str):
+                parts.append(part)
+        return " ".join(parts)
+    return ""
+
+
+def _count_prompt_tokens(messages: list[Any]) -> int:
+    chars = 0
+    for msg in messages:
+        if isinstance(msg, dict):
+            chars += len(_text_of(msg.get("content")))
+    return max(1, chars // 4 + 3 * len(messages))
+
+
+def _last_user_text(messages: list[Any]) -> str:
+    for msg in reversed(messages):
+        if isinstance(msg, dict) and msg.get("role") == "user":
+            return _text_of(msg.get("content"))
+    return ""
+
+
+@lru_cache(maxsize=64)
+def _completion_words(count: int) -> tuple[str, ...]:
+    return tuple(_WORDS[i % len(_WORDS)] for i in range(count))
+
+
+@lru_cache(maxsize=4096)
+def _vector(key: bytes, dims: int) -> tuple[float, ...]:
+    raw = hashlib.shake_256(key).digest(dims * 2)
+    ints = memoryview(raw).cast("h")
+    norm = math.sqrt(sum(v * v for v in ints)) or 1.0
+    return tuple(v / norm for v in ints)
+
+
+def _embedding_inputs(value: Any) -> list[tuple[bytes, int]]:
+    """Return (hash key, token count) per input item; raise _BadRequest if malformed."""
+    if isinstance(value, str):
+        return [(value.encode(), max(1, len(value) // 4))]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return [(v.encode(), max(1, len(v) // 4)) for v in value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [(orjson.dumps(value), len(value))]
+        if all(
+            isinstance(v, list) and v and all(isinstance(t, int) for t in v)
+            for v in value
+        ):
+            return [(orjson.dumps(v), len(v)) for v in value]
+    raise _BadRequest(
+        "'input' must be a non-empty string, array of strings, array of tokens, "
+        "or array of token arrays.",
+        "input",
+    )
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+def _invalid_request(message: str, param: str | None = None) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": param,
+            "code": None,
+        }
+    }
+
+
+class Simulator:
+    """The ASGI application; one instance holds its own counters and rate window."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self.stats = _Stats()
+        self._window_start = time.monotonic()
+        self._window_count = 0
+        self._window_tokens = 0
+
+    # -- ASGI entry point -------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    # -- helpers ------------------------------------------------------------
+    def _rate_headers(self) -> list[tuple[bytes, bytes]]:
+        limit = self.config.rpm_limit
+        if limit > 0:
+            remaining_req = max(0, limit - self._window_count)
+            remaining_tok = max(0, limit * 1000 - self._window_tokens)
+        else:
+            remaining_req = REQUESTS_UNLIMITED
+            remaining_tok = max(0, TOKENS_PER_MINUTE_UNLIMITED - self._window_tokens)
+        request_id = str(uuid.uuid4()).encode()
+        return [
+            (b"x-ratelimit-remaining-requests", str(remaining_req).encode()),
+            (b"x-ratelimit-remaining-tokens", str(remaining_tok).encode()),
+            (b"apim-request-id", request_id),
+            (b"x-request-id", request_id),
+        ]
+
+    async def _send_json(
+        self,
+        send: Send,
+        status: int,
+        payload: Any,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        body = orjson.dumps(payload)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *self._rate_headers(),
+        ]
+        if extra_headers:
+            headers.extend(extra_headers)
+        await send(
+            {"type": "http.response.start", "status": status, "headers": headers}
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    @staticmethod
+    async def _read_body(receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    def _check_auth(self, headers: dict[str, str]) -> tuple[bool, str]:
+        """Return (ok, failure message) and record the auth values seen."""
+        api_key = headers.get("api-key", "")
+        authz = headers.get("authorization", "")
+        bearer = authz[7:].strip() if authz[:7].lower() == "bearer " else ""
+        if api_key:
+            self.stats.authorizations.add(f"api-key:{api_key}")
+        if bearer:
+            self.stats.authorizations.add(f"Bearer {bearer}")
+        if not api_key and not bearer:
+            return False, MSG_MISSING_AUTH
+        cfg = self.config
+        if cfg.api_key is None and cfg.bearer_token is None:
+            return True, ""
+        if cfg.api_key is not None and api_key == cfg.api_key:
+            return True, ""
+        if bearer:
+            if cfg.bearer_token is not None:
+                if bearer == cfg.bearer_token:
+                    return True, ""
+            elif cfg.api_key is not None:
+                # api_key configured, no bearer configured: any Entra token is accepted.
+                return True, ""
+        return False, MSG_INVALID_AUTH
+
+    def _rate_limited(self) -> float | None:
+        """Count this request in the window; return seconds to wait if over the limit."""
+        now = time.monotonic()
+        if now - self._window_start >= 60:
+            self._window_start = now
+            self._window_count = 0
+            self._window_tokens = 0
+        if self.config.rpm_limit <= 0:
+            return None
+        if self._window_count >= self.config.rpm_limit:
+            return max(0.001, self._window_start + 60 - now)
+        self._window_count += 1
+        return None
+
+    # -- request handling -----------------------------------------------------
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path.startswith("/_sim/"):
+            if path == "/_sim/stats" and method == "GET":
+                await self._send_json(send, 200, self.stats.as_json())
+                return
+            if path == "/_sim/reset" and method == "POST":
+                self.stats = _Stats()
+                self._window_start = time.monotonic()
+                self._window_count = 0
+                self._window_tokens = 0
+                await self._send_json(send, 200, {"ok": True})
+                return
+            await self._send_json(send, 404, _error("404", "Resource not found"))
+            return
+
+        parts = path.strip("/").split("/")
+        operation = ""
+        deployment = ""
+        if len(parts) >= 4 and parts[0] == "openai" and parts[1] == "deployments":
+            deployment = parts[2]
+            rest = "/".join(parts[3:])
+            if rest == "chat/completions":
+                operation = "chat"
+            elif rest == "embeddings":
+                operation = "embeddings"
+        if not operation or method != "POST":
+            await self._send_json(send, 404, _error("404", "Resource not found"))
+            return
+
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+        }
+        ok, auth_message = self._check_auth(headers)
+        if not ok:
+            await self._send_json(send, 401, _error("401", auth_message))
+            return
+
+        query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
+        raw = await self._read_body(receive)
+        stats = self.stats
+        stats.requests += 1
+        stats.by_deployment[deployment] = stats.by_deployment.get(deployment, 0) + 1
+        stats.last_headers = headers
+        stats.last_query = query
+        try:
+            body: Any = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = None
+            stats.last_body = None
+            parse_failed = True
+        else:
+            stats.last_body = body
+            parse_failed = False
+
+        api_version = query.get("api-version", "")
+        wait = self._rate_limited()
+        if wait is not None:
+            op_name = (
+                "ChatCompletions_Create" if operation == "chat" else "Embeddings_Create"
+            )
+            seconds = math.ceil(wait)
+            message = (
+                f"Requests to the {op_name} Operation under Azure OpenAI API version "
+                f"{api_version or 'unknown'} have exceeded call rate limit of your current "
+                f"OpenAI S0 pricing tier. Please retry after {seconds} seconds. Please go "
+                "here: https://aka.ms/oai/quotaincrease if you would like to further "
+                "increase the default rate limit."
+            )
+            extra = [
+                (b"retry-after", str(seconds).encode()),
+                (b"retry-after-ms", str(math.ceil(wait * 1000)).encode()),
+            ]
+            await self._send_json(send, 429, _error("429", message), extra)
+            return
+
+        if not api_version:
+            await self._send_json(send, 404, _error("404", "Resource not found"))
+            return
+        dep_kind = self.config.deployments.get(deployment)
+        if dep_kind is None:
+            await self._send_json(
+                send, 404, _error("DeploymentNotFound", MSG_DEPLOYMENT_NOT_FOUND)
+            )
+            return
+        if dep_kind != operation:
+            await self._send_json(
+                send,
+                400,
+                _error(
+                    "OperationNotSupported",
+                    f"The {'chatCompletion' if operation == 'chat' else 'embeddings'} "
+                    f"operation does not work with the specified model, {deployment}. "
+                    "Please choose different model and try again. You can learn more "
+                    "about which models can be used with each operation here: "
+                    "https://go.microsoft.com/fwlink/?linkid=2197993.",
+                ),
+            )
+            return
+        if parse_failed or not isinstance(body, dict):
+            await self._send_json(
+                send,
+                400,
+                _invalid_request(
+                    "We could not parse the JSON body of your request. (HINT: This likely "
+                    "means you aren't using your HTTP library correctly. The OpenAI API "
+                    "expects a JSON payload, but what was sent was not valid JSON."
+                ),
+            )
+            return
+        try:
+            if operation == "chat":
+                await self._chat(body, send)
+            else:
+                await self._embeddings(body, send)
+        except _BadRequest as exc:
+            await self._send_json(send, 400, _invalid_request(exc.message, exc.param))
+
+    async def _delay(self, extra_ms: float = 0) -> None:
+        total = self.config.latency_ms + extra_ms
+        if total > 0:
+            await asyncio.sleep(total / 1000)
+
+    async def _embeddings(self, body: dict[str, Any], send: Send) -> None:
+        items = _embedding_inputs(body.get("input"))
+        dims = body.get("dimensions", DEFAULT_DIMENSIONS)
+        if dims is None:
+            dims = DEFAULT_DIMENSIONS
+        if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= 3072:
+            raise _BadRequest(
+                "'dimensions' must be an integer between 1 and 3072.", "dimensions"
+            )
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise _BadRequest(
+                "'encoding_format' must be 'float' or 'base64'.", "encoding_format"
+            )
+        data: list[dict[str, Any]] = []
+        prompt_tokens = 0
+        for index, (key, tokens) in enumerate(items):
+            prompt_tokens += tokens
+            vec = _vector(key, dims)
+            embedding: Any
+            if fmt == "base64":
+                packed = array.array("f", vec)
+                if sys.byteorder != "little":
+                    packed.byteswap()
+                embedding = base64.b64encode(packed.tobytes()).decode()
+            else:
+                embedding = vec
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        await self._delay()
+        self._window_tokens += prompt_tokens
+        self.stats.add_usage(prompt_tokens, 0)
+        await self._send_json(
+            send,
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "model": EMBEDDING_MODEL,
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "total_tokens": prompt_tokens,
+                },
+            },
+        )
+
+    async def _chat(self, body: dict[str, Any], send: Send) -> None:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _BadRequest(
+                "'messages' is a required property and must be a non-empty array.",
+                "messages",
+            )
+        last_user = _last_user_text(messages)
+        slow = _SLOW_RE.search(last_user)
+        extra_ms = float(slow.group(1)) if slow else 0.0
+        if "SIM_CONTENT_FILTER" in last_user:
+            await self._delay(extra_ms)
+            await self._send_json(send, 400, _content_filter_error())
+            return
+        if "SIM_SERVER_ERROR" in last_user:
+            await self._delay(extra_ms)
+            await self._send_json(
+                send,
+                500,
+                _error(
+                    "InternalServerError",
+                    "The server had an error while processing your "
+                    "request. Sorry about that!",
+                ),
+            )
+            return
+
+        cap = body.get("max_completion_tokens")
+        if cap is None:
+            cap = body.get("max_tokens")
+        if cap is not None and (
+            not isinstance(cap, int) or isinstance(cap, bool) or cap < 1
+        ):
+            raise _BadRequest("'max_tokens' must be a positive integer.", "max_tokens")
+        count = self.config.completion_tokens
+        finish = "stop"
+        if cap is not None and cap < count:
+            count = cap
+            finish = "length"
+        n = body.get("n") or 1
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 128:
+            raise _BadRequest("'n' must be an integer between 1 and 128.", "n")
+        prompt_tokens = _count_prompt_tokens(messages)
+        words = _completion_words(count)
+        completion_id = "chatcmpl-" + uuid.uuid4().hex[:29]
+        created = int(time.time())
+
+        if body.get("stream"):
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and bool(
+                options.get("include_usage")
+            )
+            await self._stream(
+                send,
+                completion_id=completion_id,
+                created=created,
+                words=words,
+                n=n,
+                finish=finish,
+                prompt_tokens=prompt_tokens,
+                include_usage=include_usage,
+                extra_ms=extra_ms,
+                break_stream="SIM_BREAK_STREAM" in last_user,
+            )
+            return
+
+        content = " ".join(words)
+        completion_tokens = count * n
+        await self._delay(extra_ms)
+        self._window_tokens += prompt_tokens + completion_tokens
+        self.stats.add_usage(prompt_tokens, completion_tokens)
+        await self._send_json(
+            send,
+            200,
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": CHAT_MODEL,
+                "system_fingerprint": SYSTEM_FINGERPRINT,
+                "prompt_filter_results": PROMPT_FILTER_RESULTS,
+                "choices": [
+                    {
+                        "index": i,
+                        "finish_reason": finish,
+                        "logprobs": None,
+                        "message": {
+                            "role": "assistant",
+                            "content": content,
+                            "refusal": None,
+                        },
+                        "content_filter_results": CONTENT_FILTER_RESULTS,
+                    }
+                    for i in range(n)
+                ],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            },
+        )
+
+    async def _stream(
+        self,
+        send: Send,
+        *,
+        completion_id: str,
+        created: int,
+        words: tuple[str, ...],
+        n: int,
+        finish: str,
+        prompt_tokens: int,
+        include_usage: bool,
+        extra_ms: float,
+        break_stream: bool,
+    ) -> None:
+        cfg = self.config
+        await self._delay(extra_ms)
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            *self._rate_headers(),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+        base: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": CHAT_MODEL,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+        if include_usage:
+            base["usage"] = None
+
+        async def emit(payload: Any) -> None:
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"data: " + orjson.dumps(payload) + b"\n\n",
+                    "more_body": True,
+                }
+            )
+
+        def chunk(
+            delta: dict[str, Any], index: int, reason: str | None = None
+        ) -> dict[str, Any]:
+            return {
+                **base,
+                "choices": [
+                    {
+                        "index": index,
+                        "delta": delta,
+                        "finish_reason": reason,
+                        "logprobs": None,
+                        "content_filter_results": CONTENT_FILTER_RESULTS
+                        if delta
+                        else {},
+                    }
+                ],
+            }
+
+        first: dict[str, Any] = {
+            "id": "",
+            "object": "",
+            "created": 0,
+            "model": "",
+            "choices": [],
+            "prompt_filter_results": PROMPT_FILTER_RESULTS,
+        }
+        if include_usage:
+            first["usage"] = None
+        await emit(first)
+        if cfg.ttft_ms > 0:
+            await asyncio.sleep(cfg.ttft_ms / 1000)
+        gap = 1.0 / cfg.tokens_per_second if cfg.tokens_per_second > 0 else 0.0
+
+        for i in range(n):
+            await emit(chunk({"role": "assistant", "content": "", "refusal": None}, i))
+        sent_tokens = 0
+        for pos, word in enumerate(words):
+            if gap and pos:
+                await asyncio.sleep(gap)
+            text = word if pos == 0 else " " + word
+            for i in range(n):
+                await emit(chunk({"content": text}, i))
+            sent_tokens += n
+            if break_stream and pos == 1:
+                self.stats.add_usage(prompt_tokens, sent_tokens)
+                raise _StreamBreak(
+                    "SIM_BREAK_STREAM: aborting the connection mid-stream"
+                )
+        if break_stream:
+            self.stats.add_usage(prompt_tokens, sent_tokens)
+            raise _StreamBreak("SIM_BREAK_STREAM: aborting the connection mid-stream")
+        for i in range(n):
+            await emit(chunk({}, i, finish))
+        completion_tokens = len(words) * n
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        if include_usage:
+            await emit({**base, "choices": [], "usage": usage})
+        self._window_tokens += prompt_tokens + completion_tokens
+        self.stats.add_usage(prompt_tokens, completion_tokens)
+        await send(
+            {
+                "type": "http.response.body",
+                "body": b"data: [DONE]\n\n",
+                "more_body": False,
+            }
+        )
+
+
+def _content_filter_error() -> dict[str, Any]:
+    result = dict(CONTENT_FILTER_RESULTS)
+    result["violence"] = {"filtered": True, "severity": "medium"}
+    result["jailbreak"] = {"filtered": False, "detected": False}
+    return {
+        "error": {
+            "message": MSG_CONTENT_FILTER,
+            "type": None,
+            "param": "prompt",
+            "code": "content_filter",
+            "status": 400,
+            "innererror": {
+                "code": "ResponsibleAIPolicyViolation",
+                "content_filter_result": result,
+            },
+        }
+    }
+
+
+def create_app(config: SimulatorConfig | None = None) -> Simulator:
+    """Build the simulator ASGI app (``config`` defaults to ``SimulatorConfig()``)."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _SuppressStreamBreak) for f in logger.filters):
+        logger.addFilter(_SuppressStreamBreak())
+    return Simulator(config or SimulatorConfig())
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if value else None
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m devtools.simulator", description="Azure OpenAI simulator"
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    parser.add_argument(
+        "--latency-ms", type=float, default=float(_env("SIM_LATENCY_MS") or 0)
+    )
+    parser.add_argument(
+        "--ttft-ms", type=float, default=float(_env("SIM_TTFT_MS") or 0)
+    )
+    parser.add_argument(
+        "--tokens-per-second",
+        type=float,
+        default=float(_env("SIM_TOKENS_PER_SECOND") or 0),
+    )
+    parser.add_argument(
+        "--rpm-limit", type=int, default=int(_env("SIM_RPM_LIMIT") or 0)
+    )
+    parser.add_argument("--api-key", default=_env("SIM_API_KEY"))
+    parser.add_argument("--bearer-token", default=_env("SIM_BEARER_TOKEN"))
+    parser.add_argument("--completion-tokens", type=int, default=12)
+    return parser.parse_args(argv)
+
+
+async def _serve(app: Simulator, host: str, port: int) -> None:
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    real_port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.01)
+    if server.started:
+        shown = f"[{host}]" if family == socket.AF_INET6 else host
+        print(f"simulator listening on http://{shown}:{real_port}", flush=True)
+    await task
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the simulator from the command line."""
+    args = _parse_args(argv)
+    config = SimulatorConfig(
+        api_key=args.api_key,
+        bearer_token=args.bearer_token,
+        latency_ms=args.latency_ms,
+        ttft_ms=args.ttft_ms,
+        tokens_per_second=args.tokens_per_second,
+        completion_tokens=args.completion_tokens,
+        rpm_limit=args.rpm_limit,
+    )
+    asyncio.run(_serve(create_app(config), args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()

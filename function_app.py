@@ -1,0 +1,55 @@
+"""Azure Functions entry point: registers the HTTP routes and hands each to ``proxy``.
+
+Python v2 programming model with the HTTP streams extension, so answers stream
+chunk by chunk (needs ``PYTHON_ENABLE_INIT_INDEXING=1``). The services are
+created once per worker, when this module is imported; a missing setting fails
+here, at cold start, with a message that names it. The dev host
+(``devtools/devhost.py``) serves the functions registered here, unchanged.
+"""
+
+from collections.abc import Awaitable, Callable
+
+import azure.functions as func
+from azurefunctions.extensions.http.fastapi import Request, Response, StreamingResponse
+
+from proxy.handlers import Proxy
+from proxy.manage_api import OrganizerApi
+from proxy.settings import Settings
+
+settings = Settings.from_env()
+proxy = Proxy.from_settings(settings)
+organizer = OrganizerApi(settings, proxy.tables, proxy.events)
+
+app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+
+Handler = Callable[..., Awaitable[Response]]
+
+# (function name, route under the "api" prefix, methods, handler)
+ROUTES: list[tuple[str, str, list[str], Handler]] = [
+    ("chat_completions", "v1/chat/completions", ["POST"], proxy.chat),
+    ("embeddings", "v1/embeddings", ["POST"], proxy.embeddings),
+    ("models", "v1/models", ["GET"], proxy.models),
+    ("event", "v1/event", ["GET"], proxy.event_info),
+    ("azure_chat_completions", "openai/deployments/{deployment}/chat/completions", ["POST"], proxy.chat),
+    ("azure_embeddings", "openai/deployments/{deployment}/embeddings", ["POST"], proxy.embeddings),
+    ("azure_v1_chat_completions", "v1/openai/deployments/{deployment}/chat/completions", ["POST"], proxy.chat),
+    ("azure_v1_embeddings", "v1/openai/deployments/{deployment}/embeddings", ["POST"], proxy.embeddings),
+    ("health", "health", ["GET"], proxy.health),
+    ("manage_events", "manage/events", ["GET", "POST"], organizer.events),
+    ("manage_event", "manage/events/{event_id}", ["GET", "PATCH", "DELETE"], organizer.event),
+    ("manage_rotate_code", "manage/events/{event_id}/rotate-code", ["POST"], organizer.rotate_code),
+    ("manage_usage", "manage/events/{event_id}/usage", ["GET"], organizer.usage),
+    ("not_found", "{*path}", ["GET", "POST", "PUT", "PATCH", "DELETE"], proxy.not_found),
+]
+
+
+def _register(name: str, route: str, methods: list[str], handler: Handler) -> None:
+    async def function(req: Request) -> StreamingResponse:
+        return await handler(req, **req.path_params)
+
+    function.__name__ = name
+    app.function_name(name)(app.route(route=route, methods=methods)(function))
+
+
+for _route in ROUTES:
+    _register(*_route)

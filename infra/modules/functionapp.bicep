@@ -1,0 +1,158 @@
+// The function app on Flex Consumption (FC1), running as the user-assigned identity: the
+// host reaches its storage, the package container and Application Insights with it, and the
+// proxy reaches Azure OpenAI and the tables with it (AZURE_CLIENT_ID picks it).
+param planName string
+param appName string
+param location string
+param tags object = {}
+
+@description('Resource id of the user-assigned identity the app runs as.')
+param identityId string
+
+@description('Client id of that identity.')
+param identityClientId string
+
+param storageAccountName string
+param deploymentContainerName string
+param tableEndpoint string
+param appInsightsConnectionString string
+param openAiEndpoint string
+
+@description('Azure OpenAI data-plane API version the proxy calls.')
+param openAiApiVersion string = '2024-10-21'
+
+// An app setting holding the secret is the simple choice for a time-boxed event; in
+// production, store it in Key Vault and set a Key Vault reference
+// (@Microsoft.KeyVault(SecretUri=...)) resolved with the same identity.
+@secure()
+param organizerKey string
+
+@description('Most instances the app scales out to.')
+@minValue(1)
+@maxValue(1000)
+param maximumInstanceCount int = 100
+
+@description('Memory per instance, in MB.')
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+  name: storageAccountName
+}
+
+resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  // checkov:skip=CKV_AZURE_225: Zone redundancy on Flex Consumption keeps at least two always-ready instances billed around the clock; a time-boxed event proxy scales to zero instead.
+  name: planName
+  location: location
+  tags: tags
+  kind: 'functionapp'
+  sku: {
+    name: 'FC1'
+    tier: 'FlexConsumption'
+  }
+  properties: {
+    reserved: true
+  }
+}
+
+resource app 'Microsoft.Web/sites@2024-04-01' = {
+  // checkov:skip=CKV_AZURE_222: The proxy is a public API for event attendees, so the app must accept public traffic; callers are checked by the proxy's event keys.
+  // checkov:skip=CKV_AZURE_17: Attendees call with the OpenAI SDK and an event key; they have no client certificates.
+  // checkov:skip=CKV_AZURE_212: Flex Consumption scales to zero between events; always-ready instances for failover would be billed while nobody calls.
+  // checkov:skip=CKV_AZURE_213: App Service health check is not available on Flex Consumption; the platform replaces failed instances.
+  name: appName
+  location: location
+  tags: tags
+  kind: 'functionapp,linux'
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identityId}': {}
+    }
+  }
+  properties: {
+    serverFarmId: plan.id
+    httpsOnly: true
+    clientCertEnabled: false
+    functionAppConfig: {
+      deployment: {
+        storage: {
+          type: 'blobContainer'
+          value: '${storage.properties.primaryEndpoints.blob}${deploymentContainerName}'
+          authentication: {
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: identityId
+          }
+        }
+      }
+      scaleAndConcurrency: {
+        maximumInstanceCount: maximumInstanceCount
+        instanceMemoryMB: instanceMemoryMB
+      }
+      runtime: {
+        name: 'python'
+        version: '3.11'
+      }
+    }
+    siteConfig: {
+      minTlsVersion: '1.2'
+      ftpsState: 'Disabled'
+      http20Enabled: true
+      // FUNCTIONS_EXTENSION_VERSION and FUNCTIONS_WORKER_RUNTIME are not app settings on
+      // Flex Consumption: functionAppConfig.runtime carries them.
+      appSettings: [
+        {
+          name: 'AzureWebJobsStorage__accountName'
+          value: storage.name
+        }
+        {
+          name: 'AzureWebJobsStorage__credential'
+          value: 'managedidentity'
+        }
+        {
+          name: 'AzureWebJobsStorage__clientId'
+          value: identityClientId
+        }
+        {
+          name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
+          value: appInsightsConnectionString
+        }
+        {
+          name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
+          value: 'ClientId=${identityClientId};Authorization=AAD'
+        }
+        {
+          name: 'PYTHON_ENABLE_INIT_INDEXING'
+          value: '1'
+        }
+        {
+          name: 'AZURE_CLIENT_ID'
+          value: identityClientId
+        }
+        {
+          name: 'AZURE_OPENAI_ENDPOINT'
+          value: openAiEndpoint
+        }
+        {
+          name: 'AZURE_OPENAI_API_VERSION'
+          value: openAiApiVersion
+        }
+        {
+          name: 'STORAGE_TABLE_ENDPOINT'
+          value: tableEndpoint
+        }
+        {
+          name: 'ORGANIZER_KEY'
+          value: organizerKey
+        }
+      ]
+    }
+  }
+}
+
+output name string = app.name
+output url string = 'https://${app.properties.defaultHostName}'

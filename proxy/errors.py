@@ -1,0 +1,120 @@
+"""The proxy's one error hierarchy, and the one function that renders it.
+
+    ProxyError                       status  code
+    ├── InvalidRequest                400     invalid_request
+    ├── MaxTokensExceedsCap           400     max_tokens_exceeds_cap
+    ├── MissingCredentials            401     missing_credentials
+    ├── InvalidEventCode              401     invalid_event_code
+    ├── Unauthorized                  401     unauthorized (organizer API)
+    ├── EventNotStarted               403     event_not_started
+    ├── EventEnded                    403     event_ended
+    ├── EventDisabled                 403     event_disabled
+    ├── NotFound                      404     not_found
+    ├── ModelNotFound                 404     model_not_found
+    ├── RequestTooLarge               413     request_too_large
+    ├── CapExceeded                   429     daily_request_cap_exceeded / daily_token_cap_exceeded / rate_limited
+    ├── UpstreamError                 502     upstream_error
+    ├── StorageUnavailable            503     storage_unavailable
+    ├── OrganizerApiDisabled          503     organizer_api_disabled
+    └── UpstreamTimeout               504     upstream_timeout
+
+Errors from the layers below (httpx, azure-core) are translated into these at
+the boundary that calls them (``raise ... from exc``). Messages never carry a
+secret: no event code, token or key is ever formatted into one.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class ProxyError(Exception):
+    """An error with an HTTP status and an OpenAI error ``code``."""
+
+    status = 500
+    code = "internal_error"
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        """The OpenAI-shaped JSON body."""
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type_, "code": code, "param": param}})
+
+
+class InvalidRequest(ProxyError):
+    status, code = 400, "invalid_request"
+
+
+class MaxTokensExceedsCap(ProxyError):
+    status, code = 400, "max_tokens_exceeds_cap"
+
+
+class MissingCredentials(ProxyError):
+    status, code, type = 401, "missing_credentials", "authentication_error"
+
+
+class InvalidEventCode(ProxyError):
+    status, code, type = 401, "invalid_event_code", "authentication_error"
+
+
+class Unauthorized(ProxyError):
+    status, code, type = 401, "unauthorized", "authentication_error"
+
+
+class EventNotStarted(ProxyError):
+    status, code, type = 403, "event_not_started", "permission_error"
+
+
+class EventEnded(ProxyError):
+    status, code, type = 403, "event_ended", "permission_error"
+
+
+class EventDisabled(ProxyError):
+    status, code, type = 403, "event_disabled", "permission_error"
+
+
+class NotFound(ProxyError):
+    status, code = 404, "not_found"
+
+
+class ModelNotFound(ProxyError):
+    status, code = 404, "model_not_found"
+
+
+class RequestTooLarge(ProxyError):
+    status, code = 413, "request_too_large"
+
+
+class CapExceeded(ProxyError):
+    """429; ``code`` is set per instance (daily requests, daily tokens, rate)."""
+
+    status, type = 429, "rate_limit_error"
+
+    def __init__(self, message: str, *, code: str, retry_after: int) -> None:
+        super().__init__(message, headers={"retry-after": str(max(1, retry_after))})
+        self.code = code
+
+
+class UpstreamError(ProxyError):
+    status, code, type = 502, "upstream_error", "api_error"
+
+
+class StorageUnavailable(ProxyError):
+    status, code, type = 503, "storage_unavailable", "api_error"
+
+
+class OrganizerApiDisabled(ProxyError):
+    status, code, type = 503, "organizer_api_disabled", "api_error"
+
+
+class UpstreamTimeout(ProxyError):
+    status, code, type = 504, "upstream_timeout", "api_error"

@@ -1,0 +1,321 @@
+"""Events: the model, its validation, and the store in Table Storage.
+
+Layout in the ``proxyevents`` table:
+
+- ``PartitionKey="event"``, ``RowKey=<event id>``: the event itself, with the
+  SHA-256 of its code (the code is never stored).
+- ``PartitionKey="code"``, ``RowKey=<code hash>``: an index row pointing at the
+  event id. A credential is looked up by this key, never by a filter built from
+  input; the hash found on the event is compared in constant time.
+
+Lookups by code are cached per worker for ``EVENT_CACHE_SECONDS`` (at most 60),
+so a change (disable, rotate, new window) takes effect on every instance
+within that time. Unknown codes are cached for a few seconds too, so that a
+flood of bad keys does not become a flood of storage reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+
+from proxy.errors import InvalidRequest, NotFound
+from proxy.storage import Tables, guarded
+
+CODE_PATTERN = re.compile(r"[A-Za-z0-9_-]{4,64}")
+EVENT_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+MODEL_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+DEFAULT_MODELS = ("gpt-4o-mini", "text-embedding-3-small")
+DEFAULT_MAX_TOKENS = 4096
+DEFAULT_DAILY_REQUESTS = 1000
+GENERATED_CODE_BYTES = 12  # 16 URL-safe characters
+NEGATIVE_CACHE_SECONDS = 5.0
+
+_EVENT_PK = "event"
+_CODE_PK = "code"
+
+
+def hash_code(code: str) -> str:
+    """The stored form of an event code."""
+    return hashlib.sha256(b"event-code:" + code.encode()).hexdigest()
+
+
+def generate_code() -> str:
+    """A fresh code from a secure random source, valid per the credential format."""
+    return secrets.token_urlsafe(GENERATED_CODE_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event: who may call, when, which models, within which caps."""
+
+    id: str
+    name: str
+    code_hash: str
+    starts_at: datetime
+    ends_at: datetime
+    time_zone: str = "UTC"
+    models: tuple[str, ...] = DEFAULT_MODELS
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    daily_requests: int | None = DEFAULT_DAILY_REQUESTS
+    daily_tokens: int | None = None
+    tpm: int | None = None
+    active: bool = True
+    description: str = ""
+    organizer: str = ""
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def local(self, moment: datetime) -> str:
+        """A moment shown in the event's time zone, for messages."""
+        return moment.astimezone(ZoneInfo(self.time_zone)).strftime(f"%Y-%m-%d %H:%M {self.time_zone}")
+
+    def public(self) -> dict[str, Any]:
+        """The JSON shape shown to organizers (never the code or its hash)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "start": self.starts_at.isoformat(),
+            "end": self.ends_at.isoformat(),
+            "time_zone": self.time_zone,
+            "models": list(self.models),
+            "max_tokens": self.max_tokens,
+            "daily_requests": self.daily_requests,
+            "daily_tokens": self.daily_tokens,
+            "tpm": self.tpm,
+            "active": self.active,
+            "description": self.description,
+            "organizer": self.organizer,
+            "created_at": self.created_at.isoformat(),
+        }
+
+    def to_entity(self) -> dict[str, Any]:
+        entity: dict[str, Any] = {
+            "PartitionKey": _EVENT_PK,
+            "RowKey": self.id,
+            "name": self.name,
+            "code_hash": self.code_hash,
+            "starts_at": self.starts_at,
+            "ends_at": self.ends_at,
+            "time_zone": self.time_zone,
+            "models": ",".join(self.models),
+            "max_tokens": self.max_tokens,
+            "active": self.active,
+            "description": self.description,
+            "organizer": self.organizer,
+            "created_at": self.created_at,
+        }
+        # Table Storage has no null: an absent property means "no cap".
+        if self.daily_requests is not None:
+            entity["daily_requests"] = self.daily_requests
+        if self.daily_tokens is not None:
+            entity["daily_tokens"] = self.daily_tokens
+        if self.tpm is not None:
+            entity["tpm"] = self.tpm
+        return entity
+
+    @classmethod
+    def from_entity(cls, entity: dict[str, Any]) -> Event:
+        return cls(
+            id=entity["RowKey"],
+            name=entity["name"],
+            code_hash=entity["code_hash"],
+            starts_at=_utc(entity["starts_at"]),
+            ends_at=_utc(entity["ends_at"]),
+            time_zone=entity.get("time_zone") or "UTC",
+            models=tuple(m for m in entity.get("models", "").split(",") if m),
+            max_tokens=int(entity["max_tokens"]),
+            daily_requests=_optional_int(entity.get("daily_requests")),
+            daily_tokens=_optional_int(entity.get("daily_tokens")),
+            tpm=_optional_int(entity.get("tpm")),
+            active=bool(entity.get("active", True)),
+            description=entity.get("description") or "",
+            organizer=entity.get("organizer") or "",
+            created_at=_utc(entity.get("created_at") or entity["starts_at"]),
+        )
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+# Validation of organizer input: each failure is a 400 naming the field.
+
+
+def parse_time(value: Any, param: str) -> datetime:
+    """ISO 8601 with an explicit offset, returned in UTC."""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"'{param}' must be an ISO 8601 string with an offset", param=param)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"'{param}' is not ISO 8601: {value!r} (example: 2026-11-21T09:00:00+01:00)", param=param
+        ) from None
+    if moment.tzinfo is None:
+        raise InvalidRequest(
+            f"'{param}' needs a UTC offset, e.g. {value}+00:00 or {value}Z", param=param
+        )
+    return moment.astimezone(UTC)
+
+
+def check_code(value: Any) -> str:
+    if not isinstance(value, str) or not CODE_PATTERN.fullmatch(value):
+        raise InvalidRequest("'code' must be 4 to 64 of A-Z a-z 0-9 _ -", param="code")
+    return value
+
+
+def check_time_zone(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest("'time_zone' must be an IANA time zone such as Europe/Paris", param="time_zone")
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InvalidRequest(
+            f"'time_zone' {value!r} is not an IANA time zone (e.g. Europe/Paris, America/New_York, UTC)",
+            param="time_zone",
+        ) from None
+    return value
+
+
+def check_models(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [m.strip() for m in value.split(",") if m.strip()]
+    if not isinstance(value, list | tuple) or not value:
+        raise InvalidRequest("'models' must list at least one deployment name", param="models")
+    for model in value:
+        if not isinstance(model, str) or not MODEL_PATTERN.fullmatch(model):
+            raise InvalidRequest(f"'models' holds an invalid deployment name: {model!r}", param="models")
+    return tuple(dict.fromkeys(value))
+
+
+def check_positive(value: Any, param: str, *, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidRequest(f"'{param}' must be a positive integer", param=param)
+    return value
+
+
+def check_text(value: Any, param: str, *, required: bool = False, limit: int = 1000) -> str:
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value.strip()) or len(value) > limit:
+        need = "a non-empty string" if required else "a string"
+        raise InvalidRequest(f"'{param}' must be {need} of at most {limit} characters", param=param)
+    return value.strip()
+
+
+def check_event_id(value: str) -> str:
+    if not EVENT_ID_PATTERN.fullmatch(value):
+        raise NotFound(f"No event with id {value!r}.")
+    return value
+
+
+def new_event_id(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "event"
+    return f"{slug}-{secrets.token_hex(3)}"
+
+
+class EventStore:
+    """Events in Table Storage, with the per-worker cache of code lookups."""
+
+    def __init__(self, tables: Tables, cache_seconds: float = 30.0, clock: Any = time.monotonic) -> None:
+        self._tables = tables
+        self._cache_seconds = cache_seconds
+        self._clock = clock
+        self._by_code: dict[str, tuple[float, Event | None]] = {}
+
+    async def by_code(self, code: str) -> Event | None:
+        """The event whose code this is, or None. Cached; at most two point reads."""
+        code_hash = hash_code(code)
+        now = self._clock()
+        cached = self._by_code.get(code_hash)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        event = await self._lookup(code_hash)
+        ttl = self._cache_seconds if event is not None else min(NEGATIVE_CACHE_SECONDS, self._cache_seconds)
+        if len(self._by_code) > 10_000:
+            self._by_code.clear()
+        self._by_code[code_hash] = (now + ttl, event)
+        return event
+
+    async def _lookup(self, code_hash: str) -> Event | None:
+        try:
+            index = await guarded(self._tables.events.get_entity(_CODE_PK, code_hash))
+            event = await self.get(index["event_id"])
+        except (ResourceNotFoundError, NotFound):
+            return None
+        # A rotated-out index row must not open the event: compare the hashes.
+        return event if hmac.compare_digest(event.code_hash, code_hash) else None
+
+    async def get(self, event_id: str) -> Event:
+        check_event_id(event_id)
+        try:
+            entity = await guarded(self._tables.events.get_entity(_EVENT_PK, event_id))
+        except ResourceNotFoundError:
+            raise NotFound(f"No event with id {event_id!r}.") from None
+        return Event.from_entity(entity)
+
+    async def list_all(self) -> list[Event]:
+        entities = self._tables.events.query_entities("PartitionKey eq @pk", parameters={"pk": _EVENT_PK})
+        events: list[Event] = []
+        try:
+            async for entity in entities:
+                events.append(Event.from_entity(entity))
+        except ResourceNotFoundError:
+            return []
+        return sorted(events, key=lambda e: (e.starts_at, e.id))
+
+    async def create(self, event: Event) -> Event:
+        await self._claim_code(event.code_hash, event.id)
+        await guarded(self._tables.events.create_entity(event.to_entity()))
+        return event
+
+    async def save(self, event: Event) -> Event:
+        await guarded(self._tables.events.upsert_entity(event.to_entity()))
+        self._by_code.pop(event.code_hash, None)
+        return event
+
+    async def rotate(self, event: Event, new_code: str) -> Event:
+        """Point a new code at the event; the old one stops working."""
+        rotated = replace(event, code_hash=hash_code(new_code))
+        await self._claim_code(rotated.code_hash, event.id)
+        await self.save(rotated)
+        await self._release_code(event.code_hash)
+        self._by_code.pop(event.code_hash, None)
+        return rotated
+
+    async def delete(self, event: Event) -> None:
+        await self._release_code(event.code_hash)
+        try:
+            await guarded(self._tables.events.delete_entity(_EVENT_PK, event.id))
+        except ResourceNotFoundError:
+            pass
+        self._by_code.pop(event.code_hash, None)
+
+    async def _claim_code(self, code_hash: str, event_id: str) -> None:
+        try:
+            await guarded(
+                self._tables.events.create_entity({"PartitionKey": _CODE_PK, "RowKey": code_hash, "event_id": event_id})
+            )
+        except ResourceExistsError:
+            raise InvalidRequest("This code is already used by another event; choose another.", param="code") from None
+
+    async def _release_code(self, code_hash: str) -> None:
+        try:
+            await guarded(self._tables.events.delete_entity(_CODE_PK, code_hash))
+        except ResourceNotFoundError:
+            pass

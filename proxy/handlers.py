@@ -1,0 +1,301 @@
+"""The attendee-facing HTTP handlers, and the per-worker services they share.
+
+``Proxy`` holds the clients (tables, upstream, credential) created once per
+worker; ``function_app.py`` registers its handlers as Azure Functions and the
+dev host serves the very same ones. Errors are turned into responses in one
+place (``_answering``) and, for streams already under way, in
+``proxy.streaming``.
+
+A chat or embeddings request costs, on its critical path: the cached event
+lookup (0 storage operations when cached, 2 point reads per code per
+``EVENT_CACHE_SECONDS`` otherwise), the cap reservation of ``proxy.limits``
+(0 or 1 operation), and the upstream call. Usage is written afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import httpx
+import orjson
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import ResourceNotFoundError
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from proxy import payload as bodies
+from proxy.credentials import read_credential
+from proxy.errors import (
+    EventDisabled,
+    EventEnded,
+    EventNotStarted,
+    InvalidEventCode,
+    ModelNotFound,
+    NotFound,
+    ProxyError,
+    StorageUnavailable,
+    UpstreamError,
+)
+from proxy.events import Event, EventStore
+from proxy.limits import Admission, Ledger, day_of
+from proxy.settings import Settings
+from proxy.storage import Tables, guarded
+from proxy.streaming import relay
+from proxy.upstream import Upstream, UpstreamAuth
+from proxy.usage import UsageRecord, UsageRecorder
+
+log = logging.getLogger("proxy")
+
+Handler = Callable[..., Awaitable[Response]]
+_JSON = "application/json"
+_PASSED_HEADERS = ("retry-after", "retry-after-ms", "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens")
+
+
+def error_response(error: ProxyError) -> Response:
+    return Response(error.body(), status_code=error.status, headers=error.headers, media_type=_JSON)
+
+
+def _answering(handler: Handler) -> Handler:
+    """Turn a ``ProxyError`` raised by a handler into its OpenAI-shaped response."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: Any, **kwargs: Any) -> Response:
+        try:
+            return await handler(*args, **kwargs)
+        except ProxyError as error:
+            if error.status >= 500:
+                log.warning("%s: %s", error.code, error.message)
+            return error_response(error)
+
+    return wrapper
+
+
+def make_credential(settings: Settings) -> AsyncTokenCredential | None:
+    """The Azure credential, when upstream or storage needs one (imported only then)."""
+    if settings.openai_api_key and settings.storage_connection_string:
+        return None
+    from azure.identity.aio import DefaultAzureCredential
+
+    if settings.client_id:
+        return DefaultAzureCredential(managed_identity_client_id=settings.client_id)
+    return DefaultAzureCredential()
+
+
+@dataclass(slots=True)
+class Caller:
+    event: Event
+    user: str
+
+
+class Proxy:
+    """The services of one worker and the handlers that use them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        tables: Tables,
+        upstream: Upstream,
+        credential: AsyncTokenCredential | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.settings = settings
+        self.tables = tables
+        self.events = EventStore(tables, settings.event_cache_seconds)
+        self.ledger = Ledger(tables)
+        self.recorder = UsageRecorder(tables, self.ledger)
+        self.upstream = upstream
+        self._credential = credential
+        self._clock = clock
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Proxy:
+        credential = make_credential(settings)
+        auth = UpstreamAuth(settings.openai_api_key, credential)
+        upstream = Upstream(settings, Upstream.client(settings), auth)
+        return cls(settings, Tables.create(settings, credential), upstream, credential)
+
+    async def aclose(self) -> None:
+        """Graceful shutdown: store pending usage, then close the clients."""
+        await self.recorder.drain()
+        await self.upstream.aclose()
+        await self.tables.aclose()
+        if self._credential is not None:
+            await self._credential.close()
+
+    # Attendee routes
+
+    @_answering
+    async def chat(self, request: Request, deployment: str | None = None) -> Response:
+        return await self._forward(request, "chat", deployment)
+
+    @_answering
+    async def embeddings(self, request: Request, deployment: str | None = None) -> Response:
+        return await self._forward(request, "embeddings", deployment)
+
+    @_answering
+    async def models(self, request: Request) -> Response:
+        caller = await self._caller(request)
+        created = int(caller.event.created_at.timestamp())
+        data = [{"id": m, "object": "model", "created": created, "owned_by": "event"} for m in caller.event.models]
+        return Response(orjson.dumps({"object": "list", "data": data}), media_type=_JSON)
+
+    @_answering
+    async def event_info(self, request: Request) -> Response:
+        caller = await self._caller(request)
+        event, now = caller.event, self._clock()
+        today = await self.ledger.read(event.id, caller.user, day_of(now))
+        reserved, tokens = int(today.get("reserved", 0)), int(today.get("total_tokens", 0))
+        info = {
+            "name": event.name,
+            "description": event.description,
+            "start": event.starts_at.isoformat(),
+            "end": event.ends_at.isoformat(),
+            "start_local": event.local(event.starts_at),
+            "end_local": event.local(event.ends_at),
+            "time_zone": event.time_zone,
+            "open": event.active and event.starts_at <= now < event.ends_at,
+            "active": event.active,
+            "models": list(event.models),
+            "caps": {
+                "max_tokens": event.max_tokens,
+                "daily_requests": event.daily_requests,
+                "daily_tokens": event.daily_tokens,
+                "tpm": event.tpm,
+            },
+            "user": caller.user,
+            "usage_today": {
+                "day": day_of(now),
+                "requests": int(today.get("requests", 0)),
+                "prompt_tokens": int(today.get("prompt_tokens", 0)),
+                "completion_tokens": int(today.get("completion_tokens", 0)),
+                "total_tokens": tokens,
+            },
+            "remaining_today": {
+                "requests": None if event.daily_requests is None else max(0, event.daily_requests - reserved),
+                "tokens": None if event.daily_tokens is None else max(0, event.daily_tokens - tokens),
+            },
+        }
+        return Response(orjson.dumps(info), media_type=_JSON)
+
+    async def health(self, request: Request) -> Response:
+        try:
+            await guarded(self.tables.events.get_entity("health", "probe"))
+        except ResourceNotFoundError:
+            pass
+        except StorageUnavailable:
+            return Response(orjson.dumps({"status": "unavailable", "storage": "unreachable"}), 503, media_type=_JSON)
+        return Response(orjson.dumps({"status": "ok", "storage": "ok"}), media_type=_JSON)
+
+    @_answering
+    async def not_found(self, request: Request, path: str = "") -> Response:
+        raise NotFound(
+            f"No route {request.method} {request.url.path}. Use /api/v1/chat/completions, "
+            "/api/v1/embeddings or /api/v1/models with an OpenAI client."
+        )
+
+    # The shared path of chat and embeddings
+
+    async def _caller(self, request: Request) -> Caller:
+        credential = read_credential(request.headers)
+        event = await self.events.by_code(credential.code)
+        if event is None:
+            raise InvalidEventCode("This event code is not known. Check the code the organizer shared.")
+        return Caller(event, credential.user)
+
+    def _check_open(self, event: Event, now: datetime) -> None:
+        if not event.active:
+            raise EventDisabled(f"The event '{event.name}' has been switched off by its organizer.")
+        if now < event.starts_at:
+            raise EventNotStarted(f"The event '{event.name}' starts at {event.local(event.starts_at)}.")
+        if now >= event.ends_at:
+            raise EventEnded(f"The event '{event.name}' ended at {event.local(event.ends_at)}.")
+
+    async def _forward(self, request: Request, kind: Literal["chat", "embeddings"], deployment: str | None) -> Response:
+        caller = await self._caller(request)
+        event, now = caller.event, self._clock()
+        self._check_open(event, now)
+        payload = await bodies.read_json(request, self.settings.max_request_bytes)
+        model = bodies.requested_model(payload, deployment)
+        if model not in event.models:
+            raise ModelNotFound(
+                f"The model '{model}' is not available in '{event.name}'. "
+                f"Available: {', '.join(event.models)}.",
+                param="model",
+            )
+        user_id = bodies.pseudonym(event.id, caller.user)
+        if kind == "chat":
+            prepared = bodies.prepare_chat(payload, event.max_tokens, user_id)
+        else:
+            prepared = bodies.prepare_embeddings(payload, user_id)
+        estimate = len(prepared.body) // 4 + prepared.max_tokens
+        admission = await self.ledger.admit(event, caller.user, now, estimate)
+        record = UsageRecord(
+            event_id=event.id,
+            user=caller.user,
+            model=model,
+            kind=kind,
+            stream=prepared.stream,
+            admission=admission,
+            request_id=uuid.uuid4().hex,
+            started_at=now,
+            perf_start=time.perf_counter(),
+        )
+        operation = "chat/completions" if kind == "chat" else "embeddings"
+        try:
+            response = await self.upstream.send(model, operation, prepared.body, record.request_id)
+        except ProxyError as error:
+            record.status = error.status
+            self.recorder.submit(record)
+            raise
+        record.reached_upstream = True
+        record.status = response.status_code
+        headers = _headers(admission, record.request_id, response)
+        if prepared.stream and response.status_code == 200:
+            stream = relay(response, record, prepared.wants_usage, self.recorder.submit)
+            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+        try:
+            body = await _read_upstream(response, record)
+        finally:
+            self.recorder.submit(record)
+        if response.status_code >= 500:
+            raise UpstreamError(f"Azure OpenAI failed with status {response.status_code} after retries.")
+        return Response(body, status_code=response.status_code, headers=headers, media_type=_JSON)
+
+
+async def _read_upstream(response: httpx.Response, record: UsageRecord) -> bytes:
+    try:
+        body = await response.aread()
+    except httpx.HTTPError as exc:
+        record.status = 502
+        raise UpstreamError("The answer from Azure OpenAI broke off; try again.") from exc
+    finally:
+        await response.aclose()
+        record.latency_ms = (time.perf_counter() - record.perf_start) * 1000
+    if response.status_code == 200:
+        usage = orjson.loads(body).get("usage") or {}
+        record.prompt_tokens = int(usage.get("prompt_tokens", 0))
+        record.completion_tokens = int(usage.get("completion_tokens", 0))
+        record.total_tokens = int(usage.get("total_tokens", 0))
+    return body
+
+
+def _headers(admission: Admission, request_id: str, response: httpx.Response) -> dict[str, str]:
+    headers = {"x-request-id": request_id}
+    if response.status_code >= 400:
+        # Upstream's own limits matter to the client only when upstream refused.
+        for name in _PASSED_HEADERS:
+            value = response.headers.get(name)
+            if value is not None:
+                headers[name] = value
+    if admission.remaining_requests is not None:
+        headers["x-ratelimit-remaining-requests"] = str(admission.remaining_requests)
+    if admission.remaining_tokens is not None:
+        headers["x-ratelimit-remaining-tokens"] = str(admission.remaining_tokens)
+    return headers

@@ -1,0 +1,281 @@
+"""Caps per attendee and UTC day, exact across any number of instances.
+
+One entity per (event, attendee, UTC day) in the ``proxyusage`` table,
+``PartitionKey=<event id>``, ``RowKey="<YYYY-MM-DD>|<user>"``, holds:
+
+- ``reserved``: requests admitted against the daily request cap. A request is
+  admitted by a conditional write (``If-Match`` on the entity's ETag, or an
+  insert for the first request of the day) that raises ``reserved`` by one
+  while it is below the cap. Two instances can never both win the same ETag,
+  so with a cap of N exactly N writes succeed, however many instances race.
+  A request that fails (upstream error, timeout) gives its slot back when its
+  usage is settled.
+- ``requests``, ``failed``, ``prompt_tokens``, ``completion_tokens``,
+  ``total_tokens`` and ``models`` (JSON, the same figures per model): the
+  day's recorded usage, which is also what the usage reports read.
+- ``tpm_minute`` and ``tpm_tokens``: a fixed one-minute window for the tokens
+  per minute limit. Before the call the request books an estimate (body size
+  / 4 for the prompt, plus the max tokens it may produce); settling replaces
+  the estimate by the tokens upstream reported. Because the window lives in
+  the same entity and is written under the same ETag, it is exact across
+  instances too; the only slack is that an estimate can be above or below the
+  real figure until the request settles.
+
+Storage cost per request, on the critical path:
+
+- no cap at all (no daily request, token or TPM cap): 0 operations;
+- otherwise 1 conditional write, the ETag and figures being cached from this
+  worker's previous write; +1 read the first time a worker sees the attendee
+  that day, and +1 read and write per lost race with another instance;
+- a refusal is confirmed by a fresh read (1 operation) so that a stale cache
+  never refuses a request that another instance's refund would allow.
+
+Off the critical path, settling a request is 1 conditional write here (and one
+insert of the request row, see ``proxy.usage``).
+
+Requests of one attendee are serialised per worker by a lock, so races happen
+only between instances, never within one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import UpdateMode
+
+from proxy.errors import CapExceeded, StorageUnavailable
+from proxy.events import Event
+from proxy.storage import Tables, guarded
+
+MAX_ATTEMPTS = 200
+_COUNTERS = ("reserved", "requests", "failed", "prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def day_of(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d")
+
+
+def seconds_to_midnight(moment: datetime) -> int:
+    midnight = (moment + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return max(1, int((midnight - moment).total_seconds() + 0.999))
+
+
+def has_caps(event: Event) -> bool:
+    return event.daily_requests is not None or event.daily_tokens is not None or event.tpm is not None
+
+
+@dataclass(slots=True)
+class Admission:
+    """What a request was admitted with: shown in headers and settled later."""
+
+    day: str
+    minute: int
+    estimate: int
+    remaining_requests: int | None
+    remaining_tokens: int | None
+    reserved: bool
+
+
+@dataclass(slots=True)
+class Settlement:
+    """What one finished request adds to the attendee's day."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    reached_upstream: bool
+    succeeded: bool
+
+
+class Ledger:
+    """Reads and conditionally writes the per-attendee day entities."""
+
+    def __init__(self, tables: Tables) -> None:
+        self._table = tables.usage
+        self._cache: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            if len(self._locks) > 50_000:
+                self._forget_idle()
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    def _forget_idle(self) -> None:
+        for key in [k for k, lock in self._locks.items() if not lock.locked()]:
+            del self._locks[key]
+            self._cache.pop(key, None)
+
+    async def read(self, event_id: str, user: str, day: str) -> dict[str, Any]:
+        """The attendee's figures for a day (zeros when nothing is recorded)."""
+        key = (event_id, f"{day}|{user}")
+        etag, entity = await self._fetch(key)
+        return entity
+
+    async def _fetch(self, key: tuple[str, str]) -> tuple[str, dict[str, Any]]:
+        try:
+            entity = await guarded(self._table.get_entity(*key))
+        except ResourceNotFoundError:
+            return "", {"PartitionKey": key[0], "RowKey": key[1]}
+        state = (str(entity.metadata["etag"]), dict(entity))
+        self._cache[key] = state
+        return state
+
+    async def admit(self, event: Event, user: str, now: datetime, estimate: int) -> Admission:
+        """Reserve one request against the caps, or raise ``CapExceeded``."""
+        day = day_of(now)
+        minute = int(now.timestamp()) // 60
+        if not has_caps(event):
+            return Admission(day, minute, estimate, None, None, reserved=False)
+        key = (event.id, f"{day}|{user}")
+        async with self._lock(key):
+            state = self._cache.get(key)
+            fresh = False
+            for _ in range(MAX_ATTEMPTS):
+                if state is None:
+                    state = await self._fetch(key)
+                    fresh = True
+                etag, entity = state
+                refusal = _refusal(event, entity, now, minute, estimate)
+                if refusal is not None:
+                    if fresh:
+                        raise refusal
+                    state = None  # confirm against storage before refusing
+                    continue
+                updated = _admitted(entity, user, day, minute, estimate)
+                try:
+                    new_etag = await self._write(key, etag, updated)
+                except (ResourceModifiedError, ResourceExistsError):
+                    state = None
+                    await asyncio.sleep(random.uniform(0, 0.005))
+                    continue
+                self._cache[key] = (new_etag, updated)
+                return Admission(
+                    day,
+                    minute,
+                    estimate,
+                    remaining_requests=None
+                    if event.daily_requests is None
+                    else event.daily_requests - updated["reserved"],
+                    remaining_tokens=None
+                    if event.daily_tokens is None
+                    else max(0, event.daily_tokens - updated.get("total_tokens", 0)),
+                    reserved=True,
+                )
+        raise StorageUnavailable("Too much contention on the usage counters; try again in a moment.")
+
+    async def settle(self, event_id: str, user: str, admission: Admission, settlement: Settlement) -> None:
+        """Add a finished request's figures to its day (retried on races)."""
+        key = (event_id, f"{admission.day}|{user}")
+        async with self._lock(key):
+            state = self._cache.get(key)
+            for _ in range(MAX_ATTEMPTS):
+                if state is None:
+                    state = await self._fetch(key)
+                etag, entity = state
+                updated = _settled(entity, user, admission, settlement)
+                try:
+                    new_etag = await self._write(key, etag, updated)
+                except (ResourceModifiedError, ResourceExistsError):
+                    state = None
+                    await asyncio.sleep(random.uniform(0, 0.005))
+                    continue
+                self._cache[key] = (new_etag, updated)
+                return
+        raise StorageUnavailable("Too much contention on the usage counters.")
+
+    async def _write(self, key: tuple[str, str], etag: str, entity: dict[str, Any]) -> str:
+        if etag:
+            metadata = await guarded(
+                self._table.update_entity(
+                    entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
+                )
+            )
+        else:
+            metadata = await guarded(self._table.create_entity(entity))
+        return str(metadata["etag"])
+
+
+def _refusal(event: Event, entity: dict[str, Any], now: datetime, minute: int, estimate: int) -> CapExceeded | None:
+    if event.daily_requests is not None and entity.get("reserved", 0) >= event.daily_requests:
+        return CapExceeded(
+            f"You have used all {event.daily_requests} requests allowed per attendee today in "
+            f"'{event.name}'. The cap resets at 00:00 UTC ({event.local(_next_midnight(now))}).",
+            code="daily_request_cap_exceeded",
+            retry_after=seconds_to_midnight(now),
+        )
+    if event.daily_tokens is not None and entity.get("total_tokens", 0) >= event.daily_tokens:
+        return CapExceeded(
+            f"You have used your {event.daily_tokens} tokens for today in '{event.name}'. "
+            f"The budget resets at 00:00 UTC ({event.local(_next_midnight(now))}).",
+            code="daily_token_cap_exceeded",
+            retry_after=seconds_to_midnight(now),
+        )
+    if event.tpm is not None and entity.get("tpm_minute") == minute:
+        booked = entity.get("tpm_tokens", 0)
+        if booked > 0 and booked + estimate > event.tpm:
+            wait = 60 - int(now.timestamp()) % 60
+            return CapExceeded(
+                f"Rate limit: {event.tpm} tokens per minute per attendee in '{event.name}'; this request "
+                f"may use about {estimate} more (prompt estimate plus max_tokens). Retry in {wait} s, "
+                "or ask for fewer max_tokens.",
+                code="rate_limited",
+                retry_after=wait,
+            )
+    return None
+
+
+def _next_midnight(now: datetime) -> datetime:
+    return (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0, tzinfo=UTC)
+
+
+def _base(entity: dict[str, Any], user: str, day: str) -> dict[str, Any]:
+    updated = {"PartitionKey": entity["PartitionKey"], "RowKey": entity["RowKey"], "user": user, "day": day}
+    for name in _COUNTERS:
+        updated[name] = int(entity.get(name, 0))
+    updated["models"] = entity.get("models", "{}")
+    updated["tpm_minute"] = int(entity.get("tpm_minute", 0))
+    updated["tpm_tokens"] = int(entity.get("tpm_tokens", 0))
+    return updated
+
+
+def _admitted(entity: dict[str, Any], user: str, day: str, minute: int, estimate: int) -> dict[str, Any]:
+    updated = _base(entity, user, day)
+    updated["reserved"] += 1
+    if updated["tpm_minute"] != minute:
+        updated["tpm_minute"], updated["tpm_tokens"] = minute, 0
+    updated["tpm_tokens"] += estimate
+    return updated
+
+
+def _settled(entity: dict[str, Any], user: str, admission: Admission, settlement: Settlement) -> dict[str, Any]:
+    updated = _base(entity, user, admission.day)
+    if admission.reserved and not settlement.succeeded:
+        updated["reserved"] = max(0, updated["reserved"] - 1)
+    if admission.reserved and updated["tpm_minute"] == admission.minute:
+        corrected = updated["tpm_tokens"] - admission.estimate + settlement.total_tokens
+        updated["tpm_tokens"] = max(0, corrected)
+    if not settlement.reached_upstream:
+        return updated
+    updated["requests"] += 1
+    updated["failed"] += 0 if settlement.succeeded else 1
+    figures = (settlement.prompt_tokens, settlement.completion_tokens, settlement.total_tokens)
+    updated["prompt_tokens"] += figures[0]
+    updated["completion_tokens"] += figures[1]
+    updated["total_tokens"] += figures[2]
+    models: dict[str, list[int]] = orjson.loads(updated["models"])
+    row = models.setdefault(settlement.model, [0, 0, 0, 0])
+    for index, value in enumerate((1, *figures)):
+        row[index] += value
+    updated["models"] = orjson.dumps(models).decode()
+    return updated

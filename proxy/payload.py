@@ -1,0 +1,128 @@
+"""Request bodies: reading them within the size limit, and the fields the proxy owns.
+
+Every field the client sent is forwarded untouched except ``stream_options``
+(``include_usage`` is added to streams), ``max_tokens`` /
+``max_completion_tokens`` (checked against the event's cap, set to it when the
+client sent neither) and ``user`` (replaced by a pseudonym of event and
+attendee). ``messages`` may arrive as a JSON string holding the array and
+``stop`` as a string or an array; both are normalised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from proxy.errors import InvalidRequest, MaxTokensExceedsCap, RequestTooLarge
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object; 413 past ``limit`` bytes, 400 if not an object."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    body = await _read_limited(request, limit)
+    if not body:
+        raise InvalidRequest("The request body is empty; send a JSON object.")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("The request body is not valid JSON.") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return payload
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> RequestTooLarge:
+    return RequestTooLarge(f"The request body is larger than this proxy's limit of {limit // 1024} KiB.")
+
+
+def pseudonym(event_id: str, user: str) -> str:
+    """The stable ``user`` sent upstream: one id per attendee, not their name."""
+    return hashlib.sha256(f"{event_id}/{user}".encode()).hexdigest()[:32]
+
+
+def requested_model(payload: dict[str, Any], deployment: str | None) -> str:
+    """The deployment named by the path (Azure style) or by ``model`` (OpenAI style)."""
+    if deployment is not None:
+        return deployment
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required: name one of the event's models.", param="model")
+    return model
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A body ready for upstream, and what the proxy needs to know of it."""
+
+    body: bytes
+    stream: bool
+    wants_usage: bool
+    max_tokens: int
+
+
+def prepare_chat(payload: dict[str, Any], cap: int, user_id: str) -> Prepared:
+    messages = payload.get("messages")
+    if isinstance(messages, str):
+        try:
+            messages = orjson.loads(messages)
+        except orjson.JSONDecodeError:
+            raise InvalidRequest("'messages' is a string but not a JSON array.", param="messages") from None
+        payload["messages"] = messages
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array of messages.", param="messages")
+    stop = payload.get("stop")
+    if stop is not None and not isinstance(stop, str | list):
+        raise InvalidRequest("'stop' must be a string or an array of strings.", param="stop")
+    if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
+        raise InvalidRequest("'stop' must be a string or an array of strings.", param="stop")
+    stream = payload.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be true or false.", param="stream")
+    asked = None
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = payload.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidRequest(f"'{field}' must be a positive integer.", param=field)
+        if value > cap:
+            raise MaxTokensExceedsCap(
+                f"'{field}' is {value}, above this event's cap of {cap} tokens per request. "
+                f"Ask for {cap} or fewer.",
+                param=field,
+            )
+        asked = value if asked is None else max(asked, value)
+    if asked is None:
+        payload["max_tokens"] = cap
+    options = payload.pop("stream_options", None)
+    wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+    if stream:
+        payload["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) else {
+            "include_usage": True
+        }
+    payload["user"] = user_id
+    return Prepared(orjson.dumps(payload), bool(stream), wants_usage, asked or cap)
+
+
+def prepare_embeddings(payload: dict[str, Any], user_id: str) -> Prepared:
+    if "input" not in payload:
+        raise InvalidRequest("'input' is required: a string or an array of strings.", param="input")
+    payload["user"] = user_id
+    return Prepared(orjson.dumps(payload), False, False, 0)

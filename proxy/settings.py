@@ -1,0 +1,132 @@
+"""The one settings object: read once from the environment, validated at start.
+
+Nothing else in the project reads ``os.environ``. A missing or malformed value
+fails at cold start with a message that names it.
+
+The CLI (``python -m proxy.manage``) reads the environment first, then the
+``Values`` of ``local.settings.json``, so it reaches the same storage as the app.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_API_VERSION = "2024-10-21"
+DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+
+# Settings the app reads, by name. The infra tests check that the Bicep sets
+# exactly these (plus HOST_SETTINGS) on the function app.
+APP_SETTINGS: tuple[str, ...] = (
+    "AZURE_OPENAI_ENDPOINT",
+    "AZURE_OPENAI_API_KEY",
+    "AZURE_OPENAI_API_VERSION",
+    "AZURE_CLIENT_ID",
+    "STORAGE_TABLE_ENDPOINT",
+    "STORAGE_CONNECTION_STRING",
+    "ORGANIZER_KEY",
+    "MAX_REQUEST_BYTES",
+    "UPSTREAM_TIMEOUT_SECONDS",
+    "EVENT_CACHE_SECONDS",
+)
+
+# Settings read by the Functions host or the language worker, not by our code.
+HOST_SETTINGS: tuple[str, ...] = (
+    "AzureWebJobsStorage__accountName",
+    "AzureWebJobsStorage__credential",
+    "AzureWebJobsStorage__clientId",
+    "APPLICATIONINSIGHTS_CONNECTION_STRING",
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+    "PYTHON_ENABLE_INIT_INDEXING",
+    "FUNCTIONS_EXTENSION_VERSION",
+    "FUNCTIONS_WORKER_RUNTIME",
+)
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the proxy and the organizer CLI are configured with."""
+
+    openai_endpoint: str
+    openai_api_key: str | None
+    openai_api_version: str
+    client_id: str | None
+    table_endpoint: str | None
+    storage_connection_string: str | None
+    organizer_key: str | None
+    max_request_bytes: int
+    upstream_timeout_seconds: float
+    event_cache_seconds: float
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, need_upstream: bool = True) -> Settings:
+        """Read and validate the settings; ``need_upstream=False`` for the CLI."""
+        values = os.environ if env is None else env
+
+        def get(name: str) -> str | None:
+            value = values.get(name, "").strip()
+            return value or None
+
+        endpoint = get("AZURE_OPENAI_ENDPOINT")
+        if endpoint is None and need_upstream:
+            raise SettingsError(
+                "AZURE_OPENAI_ENDPOINT is not set: give the Azure OpenAI endpoint, "
+                "e.g. https://NAME.openai.azure.com"
+            )
+        if endpoint is not None and not endpoint.startswith(("https://", "http://")):
+            raise SettingsError("AZURE_OPENAI_ENDPOINT must start with https:// (or http:// for a local simulator)")
+        table_endpoint = get("STORAGE_TABLE_ENDPOINT")
+        connection_string = get("STORAGE_CONNECTION_STRING")
+        if table_endpoint is None and connection_string is None:
+            raise SettingsError(
+                "Neither STORAGE_TABLE_ENDPOINT (Azure, managed identity) nor "
+                "STORAGE_CONNECTION_STRING (Azurite) is set"
+            )
+        cache_seconds = _number(get, "EVENT_CACHE_SECONDS", 30.0)
+        if not 0 <= cache_seconds <= 60:
+            raise SettingsError("EVENT_CACHE_SECONDS must be between 0 and 60 (changes must apply within 60 s)")
+        return cls(
+            openai_endpoint=(endpoint or "").rstrip("/"),
+            openai_api_key=get("AZURE_OPENAI_API_KEY"),
+            openai_api_version=get("AZURE_OPENAI_API_VERSION") or DEFAULT_API_VERSION,
+            client_id=get("AZURE_CLIENT_ID"),
+            table_endpoint=table_endpoint,
+            storage_connection_string=connection_string,
+            organizer_key=get("ORGANIZER_KEY"),
+            max_request_bytes=int(_number(get, "MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES)),
+            upstream_timeout_seconds=_number(get, "UPSTREAM_TIMEOUT_SECONDS", 120.0),
+            event_cache_seconds=cache_seconds,
+        )
+
+    @classmethod
+    def for_cli(cls, settings_file: Path = Path("local.settings.json")) -> Settings:
+        """The environment first, then ``Values`` of ``local.settings.json``."""
+        merged: dict[str, str] = {}
+        if settings_file.is_file():
+            try:
+                values = json.loads(settings_file.read_text()).get("Values", {})
+            except (OSError, ValueError) as exc:
+                raise SettingsError(f"{settings_file} is not valid JSON: {exc}") from exc
+            merged.update({str(k): str(v) for k, v in values.items()})
+        merged.update(os.environ)
+        return cls.from_env(merged, need_upstream=False)
+
+
+def _number(get: Callable[[str], str | None], name: str, default: float) -> float:
+    raw = get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if value <= 0 and name != "EVENT_CACHE_SECONDS":
+        raise SettingsError(f"{name} must be positive")
+    return value

@@ -1,0 +1,94 @@
+"""Table Storage: the table names, the clients, and the translation of its errors.
+
+Azure uses ``STORAGE_TABLE_ENDPOINT`` with a managed identity; local runs use
+``STORAGE_CONNECTION_STRING`` (Azurite). Clients are made once per worker.
+Every storage failure that is not a conflict or a miss becomes
+``StorageUnavailable``: the proxy fails closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import (
+    AzureError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.data.tables.aio import TableClient
+
+from proxy.errors import StorageUnavailable
+from proxy.settings import Settings
+
+EVENTS_TABLE = "proxyevents"
+USAGE_TABLE = "proxyusage"
+REQUESTS_TABLE = "proxyrequests"
+TABLE_NAMES = (EVENTS_TABLE, USAGE_TABLE, REQUESTS_TABLE)
+
+T = TypeVar("T")
+
+# Fail fast when storage is down: a request waits at most a few seconds before 503.
+_CLIENT_OPTIONS = {"retry_total": 2, "retry_backoff_factor": 0.2, "connection_timeout": 5, "read_timeout": 10}
+
+
+@dataclass(frozen=True, slots=True)
+class Tables:
+    """The three tables the proxy uses, as async clients."""
+
+    events: TableClient
+    usage: TableClient
+    requests: TableClient
+
+    @classmethod
+    def create(cls, settings: Settings, credential: AsyncTokenCredential | None) -> Tables:
+        def client(name: str) -> TableClient:
+            if settings.storage_connection_string:
+                return TableClient.from_connection_string(
+                    settings.storage_connection_string, name, **_CLIENT_OPTIONS
+                )
+            assert settings.table_endpoint and credential is not None
+            return TableClient(settings.table_endpoint, name, credential=credential, **_CLIENT_OPTIONS)
+
+        return cls(events=client(EVENTS_TABLE), usage=client(USAGE_TABLE), requests=client(REQUESTS_TABLE))
+
+    async def ensure(self) -> None:
+        """Create the tables if missing (Bicep creates them in Azure)."""
+        for table in (self.events, self.usage, self.requests):
+            try:
+                await guarded(table.create_table())
+            except ResourceExistsError:
+                pass
+
+    async def aclose(self) -> None:
+        for table in (self.events, self.usage, self.requests):
+            await table.close()
+
+
+async def guarded(operation: Awaitable[T]) -> T:
+    """Await a storage call; outages become ``StorageUnavailable``.
+
+    Misses, conflicts and ETag mismatches pass through: callers handle them.
+    """
+    try:
+        return await operation
+    except (ResourceNotFoundError, ResourceExistsError, ResourceModifiedError):
+        raise
+    except (AzureError, OSError) as exc:
+        raise StorageUnavailable(
+            "Table Storage cannot be reached right now; the request was not let through. Try again shortly."
+        ) from exc
+
+
+@asynccontextmanager
+async def opened(settings: Settings, credential: AsyncTokenCredential | None) -> AsyncIterator[Tables]:
+    """Tables for a short-lived process such as the CLI."""
+    tables = Tables.create(settings, credential)
+    try:
+        yield tables
+    finally:
+        await tables.aclose()

@@ -1,0 +1,89 @@
+"""Relaying a server-sent event stream from upstream, chunk by chunk.
+
+Each read from upstream is forwarded as soon as it holds complete events
+(``data: ...\\n\\n``); nothing waits for more than its own event. The usage
+chunk (``"choices": []`` with a ``usage`` object) is read for the record and
+dropped when the client did not ask for it. A stream that breaks off before
+``data: [DONE]`` ends with an OpenAI-shaped error event, never a clean end, so
+SDKs raise instead of returning a truncated answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import orjson
+
+from proxy.errors import error_body
+from proxy.usage import UsageRecord
+
+log = logging.getLogger("proxy.streaming")
+
+_DONE = b"data: [DONE]"
+_USAGE = b'"usage"'
+_NULL_USAGE = (b'"usage":null', b'"usage": null')
+
+
+async def relay(
+    response: httpx.Response,
+    record: UsageRecord,
+    wants_usage: bool,
+    finish: Callable[[UsageRecord], None],
+) -> AsyncIterator[bytes]:
+    """Yield the client's stream; always closes upstream and finishes the record."""
+    pending = b""
+    done = False
+    broken = False
+    chunks = 0
+    try:
+        async for data in response.aiter_raw():
+            pending += data
+            end = pending.rfind(b"\n\n")
+            if end < 0:
+                continue
+            complete, pending = pending[: end + 2], pending[end + 2 :]
+            if _USAGE in complete:
+                complete = _take_usage(complete, record, wants_usage)
+            if _DONE in complete:
+                done = True
+            chunks += complete.count(b"\n\n")
+            if complete:
+                yield complete
+    except httpx.TransportError:
+        log.warning("upstream stream broke off (request %s)", record.request_id)
+        broken = True
+    finally:
+        await response.aclose()
+        record.latency_ms = (time.perf_counter() - record.perf_start) * 1000
+        if not done:
+            record.status = 502
+            if record.total_tokens == 0:
+                # No usage chunk arrived: count the events relayed, less the
+                # first (prompt filter) and role chunks, as completion tokens.
+                record.completion_tokens = max(0, chunks - 2)
+                record.total_tokens = record.prompt_tokens + record.completion_tokens
+        finish(record)
+    if not done:
+        reason = "broke off" if broken else "ended without [DONE]"
+        message = f"The answer from Azure OpenAI {reason}; it is incomplete. Retry the request."
+        yield b"data: " + error_body(message, "api_error", "upstream_error") + b"\n\n"
+
+
+def _take_usage(complete: bytes, record: UsageRecord, wants_usage: bool) -> bytes:
+    """Read the usage event's figures; drop it unless the client asked for it."""
+    kept: list[bytes] = []
+    for event in complete.split(b"\n\n")[:-1]:
+        if _USAGE in event and not any(n in event for n in _NULL_USAGE) and event.startswith(b"data: {"):
+            chunk = orjson.loads(event[6:])
+            usage = chunk.get("usage")
+            if isinstance(usage, dict):
+                record.prompt_tokens = int(usage.get("prompt_tokens", 0))
+                record.completion_tokens = int(usage.get("completion_tokens", 0))
+                record.total_tokens = int(usage.get("total_tokens", 0))
+                if not wants_usage and not chunk.get("choices"):
+                    continue
+        kept.append(event + b"\n\n")
+    return b"".join(kept)

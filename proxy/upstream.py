@@ -1,0 +1,116 @@
+"""Upstream Azure OpenAI: the pooled HTTP client, its credential, and the call.
+
+One ``httpx.AsyncClient`` per worker. Upstream is called with a bearer token
+from ``azure-identity`` (managed identity in Azure, developer credentials
+locally), or with ``AZURE_OPENAI_API_KEY`` when that is set. The token is
+fetched once and reused until five minutes before it expires, so the hot path
+does not even await the SDK's own cache. Client headers are never forwarded:
+the attendee's credential holds the event code.
+
+Transport failures become ``UpstreamError`` (502) after retries, timeouts
+become ``UpstreamTimeout`` (504); upstream's own error answers pass through
+with their status and body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import ClientAuthenticationError
+
+from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.settings import Settings
+
+SCOPE = "https://cognitiveservices.azure.com/.default"
+REFRESH_MARGIN_SECONDS = 300
+CONNECT_ATTEMPTS = 3
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+class UpstreamAuth:
+    """The header that authenticates the proxy to Azure OpenAI."""
+
+    def __init__(self, api_key: str | None, credential: AsyncTokenCredential | None) -> None:
+        if api_key is None and credential is None:
+            raise ValueError("either an API key or a credential is needed for upstream")
+        self._api_key = api_key
+        self._credential = credential
+        self._header: tuple[str, str] | None = ("api-key", api_key) if api_key else None
+        self._refresh_at = float("inf") if api_key else 0.0
+        self._lock = asyncio.Lock()
+
+    async def header(self) -> tuple[str, str]:
+        if self._header is not None and time.time() < self._refresh_at:
+            return self._header
+        async with self._lock:
+            if self._header is None or time.time() >= self._refresh_at:
+                assert self._credential is not None
+                try:
+                    token = await self._credential.get_token(SCOPE)
+                except ClientAuthenticationError as exc:
+                    raise UpstreamError(
+                        "The proxy could not get a token for Azure OpenAI (managed identity); "
+                        "the operator should check the app's identity and role assignment."
+                    ) from exc
+                self._header = ("authorization", f"Bearer {token.token}")
+                self._refresh_at = token.expires_on - REFRESH_MARGIN_SECONDS
+            return self._header
+
+
+class Upstream:
+    """Sends a prepared body to a deployment and returns the (streaming) response."""
+
+    def __init__(self, settings: Settings, client: httpx.AsyncClient, auth: UpstreamAuth) -> None:
+        self._base = f"{settings.openai_endpoint}/openai/deployments/"
+        self._query = f"?api-version={settings.openai_api_version}"
+        self._client = client
+        self._auth = auth
+
+    @staticmethod
+    def client(settings: Settings) -> httpx.AsyncClient:
+        timeout = httpx.Timeout(settings.upstream_timeout_seconds, connect=10.0)
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=60)
+        return httpx.AsyncClient(timeout=timeout, limits=limits)
+
+    async def send(self, deployment: str, operation: str, body: bytes, request_id: str) -> httpx.Response:
+        """POST to upstream; the caller reads or streams the response and closes it."""
+        name, value = await self._auth.header()
+        request = self._client.build_request(
+            "POST",
+            f"{self._base}{deployment}/{operation}{self._query}",
+            content=body,
+            headers={
+                "content-type": "application/json",
+                "accept-encoding": "identity",
+                "x-ms-client-request-id": request_id,
+                name: value,
+            },
+        )
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.TimeoutException as exc:
+                if isinstance(exc, httpx.ConnectTimeout) and attempt < CONNECT_ATTEMPTS:
+                    continue
+                raise UpstreamTimeout(
+                    f"Azure OpenAI did not answer within the proxy's time limit for '{deployment}'. Try again."
+                ) from exc
+            except httpx.TransportError as exc:
+                if attempt < CONNECT_ATTEMPTS:
+                    await asyncio.sleep(0.1 * attempt)
+                    continue
+                raise UpstreamError(
+                    f"Azure OpenAI could not be reached for '{deployment}' after {CONNECT_ATTEMPTS} attempts."
+                ) from exc
+            if response.status_code in RETRY_STATUSES and attempt < CONNECT_ATTEMPTS:
+                await response.aclose()
+                await asyncio.sleep(0.1 * attempt)
+                continue
+            return response
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
