@@ -29,7 +29,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
 from proxy.errors import InvalidRequest, NotFound
-from proxy.storage import Tables, guarded
+from proxy.storage import Tables, gathered, guarded
 
 CODE_PATTERN = re.compile(r"[A-Za-z0-9_-]{4,64}")
 EVENT_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
@@ -271,10 +271,8 @@ class EventStore:
 
     async def list_all(self) -> list[Event]:
         entities = self._tables.events.query_entities("PartitionKey eq @pk", parameters={"pk": _EVENT_PK})
-        events: list[Event] = []
         try:
-            async for entity in entities:
-                events.append(Event.from_entity(entity))
+            events = [Event.from_entity(entity) for entity in await gathered(entities)]
         except ResourceNotFoundError:
             return []
         return sorted(events, key=lambda e: (e.starts_at, e.id))

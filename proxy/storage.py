@@ -8,10 +8,10 @@ Every storage failure that is not a conflict or a miss becomes
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import (
@@ -33,7 +33,7 @@ TABLE_NAMES = (EVENTS_TABLE, USAGE_TABLE, REQUESTS_TABLE)
 T = TypeVar("T")
 
 # Fail fast when storage is down: a request waits at most a few seconds before 503.
-_CLIENT_OPTIONS = {"retry_total": 2, "retry_backoff_factor": 0.2, "connection_timeout": 5, "read_timeout": 10}
+_CLIENT_OPTIONS: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.2, "connection_timeout": 5, "read_timeout": 10}
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +82,15 @@ async def guarded(operation: Awaitable[T]) -> T:
         raise StorageUnavailable(
             "Table Storage cannot be reached right now; the request was not let through. Try again shortly."
         ) from exc
+
+
+async def gathered(entities: AsyncIterable[T]) -> list[T]:
+    """Collect a query's results; outages become ``StorageUnavailable`` as in ``guarded``."""
+
+    async def collect() -> list[T]:
+        return [entity async for entity in entities]
+
+    return await guarded(collect())
 
 
 @asynccontextmanager

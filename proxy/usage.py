@@ -28,7 +28,7 @@ from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
 from proxy.errors import StorageUnavailable
 from proxy.limits import Admission, Ledger, Settlement
-from proxy.storage import Tables, guarded
+from proxy.storage import Tables, gathered, guarded
 
 log = logging.getLogger("proxy.usage")
 
@@ -162,7 +162,7 @@ async def report(tables: Tables, event_id: str, by: GroupBy) -> dict[str, Any]:
     totals = dict.fromkeys(FIGURES, 0)
     entities = tables.usage.query_entities("PartitionKey eq @pk", parameters={"pk": event_id})
     try:
-        async for entity in await _guarded_iter(entities):
+        for entity in await gathered(entities):
             if by == "model":
                 for model, figures in orjson.loads(entity.get("models", "{}")).items():
                     _add(rows.setdefault(model, dict.fromkeys(FIGURES, 0)), figures)
@@ -178,10 +178,6 @@ async def report(tables: Tables, event_id: str, by: GroupBy) -> dict[str, Any]:
         "totals": totals,
         "rows": [{"key": key, **figures} for key, figures in sorted(rows.items())],
     }
-
-
-async def _guarded_iter(entities: Any) -> Any:
-    return entities
 
 
 def _add(target: dict[str, int], figures: list[int]) -> None:

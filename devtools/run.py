@@ -1,0 +1,239 @@
+"""``make run``: the whole local stack in one command, stopped by Ctrl-C.
+
+Starts Azurite (tables persisted in ``.azurite/``), the Azure OpenAI simulator
+(unless ``AZURE_OPENAI_ENDPOINT`` names a real resource), and the function app
+on ``http://localhost:$PROXY_PORT`` (7071): with ``func start`` when Azure
+Functions Core Tools are installed, else in the dev host. It writes the
+settings it uses into ``local.settings.json`` (so ``func start`` and the
+organizer CLI reach the same storage), opens the demo event ``DEMO-EVENT`` for
+the next seven days and prints a ready-to-paste credential, curl and Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import FrameType
+
+import httpx
+
+from proxy.events import Event, EventStore, hash_code
+from proxy.settings import Settings
+from proxy.storage import opened
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CODE = "DEMO-EVENT"
+DEMO_ID = "demo-event"
+SIMULATOR_KEY = "simulator-key"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+PLACEHOLDER_KEY = "change-me-organizer-key"
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float, process: subprocess.Popen[bytes] | None) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if process is not None and process.poll() is not None:
+            raise SystemExit(f"{what} exited with code {process.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what} was not ready after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+class Stack:
+    """The child processes, stopped in reverse order."""
+
+    def __init__(self) -> None:
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True)
+        self.children.append((name, process))
+        return process
+
+    def stop(self) -> None:
+        for name, process in reversed(self.children):
+            if process.poll() is None:
+                print(f"stopping {name}", flush=True)
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(35)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+
+
+def load_values(path: Path) -> dict[str, str]:
+    if path.is_file():
+        return dict(json.loads(path.read_text()).get("Values", {}))
+    example = ROOT / "local.settings.example.json"
+    return dict(json.loads(example.read_text())["Values"])
+
+
+def write_values(path: Path, values: dict[str, str]) -> None:
+    data = json.loads(path.read_text()) if path.is_file() else {"IsEncrypted": False}
+    data["Values"] = values
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+async def open_demo_event(settings: Settings) -> Event:
+    """Create the demo event, or reopen it for the next seven days."""
+    now = datetime.now(UTC)
+    async with opened(settings, None) as tables:
+        await tables.ensure()
+        store = EventStore(tables, 0)
+        window = {"starts_at": now - timedelta(minutes=5), "ends_at": now + timedelta(days=7), "active": True}
+        existing = await store.by_code(DEMO_CODE)
+        if existing is not None:
+            return await store.save(replace(existing, **window))
+        event = Event(
+            id=DEMO_ID,
+            name="Demo event",
+            code_hash=hash_code(DEMO_CODE),
+            description="Created by make run",
+            max_tokens=1024,
+            daily_requests=1000,
+            **window,
+        )
+        return await store.create(event)
+
+
+def banner(base: str, organizer_key: str, generated: bool, upstream: str) -> str:
+    key = f"{DEMO_CODE}/alice"
+    note = " (generated; set ORGANIZER_KEY to choose it)" if generated else ""
+    return f"""
+================================================================================
+Event proxy running at {base}/api   (upstream: {upstream})
+Demo event credential:  {key}
+
+  curl {base}/api/v1/chat/completions \\
+    -H "openai-event-code: {key}" -H "content-type: application/json" \\
+    -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{base}/api/v1", api_key="{key}")
+  print(client.chat.completions.create(model="gpt-4o-mini",
+        messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)
+
+Organizer key{note}: {organizer_key}
+  .venv/bin/python -m proxy.manage events list
+  .venv/bin/python -m proxy.manage usage {DEMO_ID} --by user
+Ctrl-C stops everything.
+================================================================================
+""".strip("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the local stack (make run).")
+    parser.add_argument("--settings-file", type=Path, default=ROOT / "local.settings.json")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / ".azurite")
+    parser.add_argument("--no-func", action="store_true", help="use the dev host even if func is installed")
+    args = parser.parse_args(argv)
+
+    port = int(os.environ.get("PROXY_PORT", "7071"))
+    table_port = int(os.environ.get("AZURITE_TABLE_PORT", "10002"))
+    simulator_port = int(os.environ.get("SIMULATOR_PORT", "8080"))
+    values = load_values(args.settings_file)
+    organizer_key = os.environ.get("ORGANIZER_KEY") or values.get("ORGANIZER_KEY", "")
+    generated = not organizer_key or organizer_key == PLACEHOLDER_KEY
+    if generated:
+        organizer_key = secrets.token_urlsafe(24)
+    real_upstream = os.environ.get("AZURE_OPENAI_ENDPOINT")
+
+    stack = Stack()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if port_open(port):
+            raise SystemExit(f"port {port} is busy: stop what runs there or set PROXY_PORT")
+        if port_open(table_port):
+            print(f"Azurite (or another table service) already listens on {table_port}; using it", flush=True)
+        else:
+            azurite = ROOT / "node_modules" / ".bin" / "azurite-table"
+            args.data_dir.mkdir(exist_ok=True)
+            process = stack.start(
+                "azurite",
+                [str(azurite), "--location", str(args.data_dir), "--tableHost", "127.0.0.1",
+                 "--tablePort", str(table_port), "--skipApiVersionCheck", "--silent"],
+            )
+            wait_until("Azurite", lambda: port_open(table_port), 30, process)
+        connection_string = (
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+            f"AccountKey={AZURITE_KEY};TableEndpoint=http://127.0.0.1:{table_port}/devstoreaccount1;"
+        )
+        values.update(
+            STORAGE_CONNECTION_STRING=connection_string,
+            ORGANIZER_KEY=organizer_key,
+            PYTHON_ENABLE_INIT_INDEXING="1",
+            FUNCTIONS_WORKER_RUNTIME="python",
+        )
+        if real_upstream:
+            values["AZURE_OPENAI_ENDPOINT"] = real_upstream
+            if os.environ.get("AZURE_OPENAI_API_KEY"):
+                values["AZURE_OPENAI_API_KEY"] = os.environ["AZURE_OPENAI_API_KEY"]
+            else:
+                values.pop("AZURE_OPENAI_API_KEY", None)
+        else:
+            if port_open(simulator_port):
+                raise SystemExit(f"port {simulator_port} is busy: set SIMULATOR_PORT to another port")
+            process = stack.start(
+                "simulator",
+                [sys.executable, "-m", "devtools.simulator", "--port", str(simulator_port),
+                 "--api-key", SIMULATOR_KEY],
+            )
+            wait_until("the simulator", lambda: port_open(simulator_port), 30, process)
+            values.update(AZURE_OPENAI_ENDPOINT=f"http://127.0.0.1:{simulator_port}", AZURE_OPENAI_API_KEY=SIMULATOR_KEY)
+        write_values(args.settings_file, values)
+
+        env = {**os.environ, **values}
+        func = None if args.no_func else shutil.which("func")
+        if func:
+            process = stack.start("func", [func, "start", "--port", str(port)], env)
+        else:
+            process = stack.start(
+                "dev host", [sys.executable, "-m", "devtools.devhost", "--port", str(port)], env
+            )
+        base = f"http://localhost:{port}"
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{base}/api/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until("the function app", healthy, 120, process)
+        settings = Settings.from_env(env, need_upstream=False)
+        asyncio.run(open_demo_event(settings))
+        print(banner(base, organizer_key, generated, values["AZURE_OPENAI_ENDPOINT"]), flush=True)
+        print(f"settings written to {args.settings_file}", flush=True)
+        while process.poll() is None:
+            time.sleep(0.5)
+        return process.returncode or 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Session fixtures: one Azurite, one simulator and one app process, all real."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from proxy.events import Event, EventStore, hash_code, new_event_id
+from proxy.settings import Settings
+from proxy.storage import Tables
+from tests.support import Service, app_env, start_app, start_azurite, start_simulator
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[str]:
+    service, connection_string = start_azurite()
+    yield connection_string
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def simulator() -> Iterator[str]:
+    service, url = start_simulator()
+    yield url
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def app(azurite: str, simulator: str) -> Iterator[str]:
+    """The proxy in the dev host, base URL without ``/api``; events cached for 1 s."""
+    service, url = start_app(app_env(azurite, simulator, EVENT_CACHE_SECONDS="1"))
+    yield url
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def app_process(azurite: str, simulator: str) -> Iterator[tuple[Service, str]]:
+    """A second app process whose output tests may read (logs, shutdown)."""
+    service, url = start_app(app_env(azurite, simulator, EVENT_CACHE_SECONDS="1"))
+    yield service, url
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+async def tables(azurite: str) -> AsyncIterator[Tables]:
+    settings = Settings.from_env({"STORAGE_CONNECTION_STRING": azurite}, need_upstream=False)
+    created = Tables.create(settings, None)
+    await created.ensure()
+    yield created
+    await created.aclose()
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    event: Event
+    code: str
+
+    def key(self, user: str = "alice") -> str:
+        return f"{self.code}/{user}"
+
+
+MakeEvent = Callable[..., Awaitable[NewEvent]]
+
+
+@pytest.fixture(scope="session")
+async def make_event(tables: Tables) -> MakeEvent:
+    """Create an open event (override any field); returns it with its code."""
+    store = EventStore(tables, 0)
+
+    async def create(**fields: Any) -> NewEvent:
+        code = fields.pop("code", None) or "T" + secrets.token_hex(8)
+        now = datetime.now(UTC)
+        event = Event(
+            id=new_event_id(fields.get("name", "test")),
+            name="Test event",
+            code_hash=hash_code(code),
+            starts_at=now - timedelta(hours=1),
+            ends_at=now + timedelta(hours=8),
+        )
+        event = replace(event, **fields)
+        await store.create(event)
+        return NewEvent(event, code)
+
+    return create
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=30) as client:
+        yield client

@@ -1,0 +1,143 @@
+"""Real processes for the tests: Azurite, the simulator and the app, on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import queue
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 30.0
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def azurite_connection_string(port: int) -> str:
+    return (
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+        f"AccountKey={AZURITE_KEY};TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+    )
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``condition`` until true, failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Service:
+    """A child process that prints a ready line; its output is kept for assertions."""
+
+    def __init__(self, args: list[str], ready: str, env: Mapping[str, str] | None = None) -> None:
+        self.output: list[str] = []
+        self._lines: queue.Queue[str] = queue.Queue()
+        self.process = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=dict(env) if env is not None else None,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.stop()
+                raise RuntimeError(f"{args[:3]} did not start:\n{self.text}") from None
+            if ready in line:
+                self.ready_line = line.strip()
+                return
+
+    def _pump(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+            self._lines.put(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.output)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+
+def start_azurite() -> tuple[Service, str]:
+    binary = ROOT / "node_modules" / ".bin" / "azurite-table"
+    if not binary.exists():
+        found = shutil.which("azurite-table")
+        if found is None:
+            raise RuntimeError("Azurite is not installed: run 'npm install' (make test does)")
+        binary = Path(found)
+    port = free_port()
+    args = [str(binary), "--inMemoryPersistence", "--tableHost", "127.0.0.1", "--tablePort", str(port)]
+    service = Service([*args, "--skipApiVersionCheck", "--disableProductStyleUrl"], "successfully started")
+    return service, azurite_connection_string(port)
+
+
+def start_simulator(*extra: str, env: Mapping[str, str] | None = None) -> tuple[Service, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SIM_")}
+    service = Service(
+        [sys.executable, "-m", "devtools.simulator", "--port", "0", *extra],
+        "simulator listening on ",
+        {**base, **(env or {})},
+    )
+    return service, service.ready_line.split("listening on ", 1)[1]
+
+
+def app_env(connection_string: str, upstream: str, **extra: str) -> dict[str, str]:
+    """The environment of an app process: this one's, minus Azure settings, plus ours."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "STORAGE_", "IDENTITY_", "SIM_"))}
+    keep.pop("ORGANIZER_KEY", None)
+    return {
+        **keep,
+        "STORAGE_CONNECTION_STRING": connection_string,
+        "AZURE_OPENAI_ENDPOINT": upstream,
+        "AZURE_OPENAI_API_KEY": "simulator-key",
+        "ORGANIZER_KEY": ORGANIZER_KEY,
+        **extra,
+    }
+
+
+ORGANIZER_KEY = "test-organizer-" + secrets.token_hex(8)
+
+
+def start_app(env: Mapping[str, str]) -> tuple[Service, str]:
+    """The function app in the dev host; returns the service and ``http://host:port``."""
+    service = Service([sys.executable, "-m", "devtools.devhost", "--port", "0"], "proxy listening on ", env)
+    url = service.ready_line.split("listening on ", 1)[1].removesuffix("/api")
+    return service, url
+
+
+def sim_stats(simulator: str) -> dict[str, object]:
+    return dict(httpx.get(f"{simulator}/_sim/stats").json())
