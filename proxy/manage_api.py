@@ -1,27 +1,113 @@
-"""Placeholder replaced by the organizer API (issue 4)."""
+"""The organizer HTTP API under ``/api/manage/``: authentication, routing, rendering.
+
+Every route needs ``Authorization: Bearer <ORGANIZER_KEY>``, compared in
+constant time; a missing or wrong key is 401 ``unauthorized``. Without an
+``ORGANIZER_KEY`` setting the API is off (503 ``organizer_api_disabled``).
+The key is never logged nor echoed. The operations themselves live in
+``proxy.organizer``, shared with the CLI, so both answer with the same JSON.
+
+- ``POST /events`` (201, the event with its code, shown once), ``GET /events``
+- ``GET``/``PATCH``/``DELETE /events/{id}``
+- ``POST /events/{id}/rotate-code`` (optional body ``{"code": "..."}``)
+- ``GET /events/{id}/usage?by=user|model|day`` (JSON, or CSV with
+  ``Accept: text/csv``); answers for deleted events whose usage was kept.
+"""
 
 from __future__ import annotations
 
+import hmac
+from typing import Any
+
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from proxy import organizer
+from proxy.errors import InvalidRequest, NotFound, OrganizerApiDisabled, Unauthorized
 from proxy.events import EventStore
+from proxy.handlers import _answering
+from proxy.payload import read_json
 from proxy.settings import Settings
 from proxy.storage import Tables
+from proxy.usage import report_csv
+
+_JSON = "application/json"
 
 
 class OrganizerApi:
+    """The handlers of ``/api/manage/...``, on the worker's tables and event store."""
+
     def __init__(self, settings: Settings, tables: Tables, events: EventStore) -> None:
         self.settings, self.tables, self.store = settings, tables, events
 
+    @_answering
     async def events(self, request: Request) -> Response:
-        return Response(status_code=501)
+        self._authorize(request)
+        if request.method == "POST":
+            fields = await read_json(request, self.settings.max_request_bytes)
+            return _json(await organizer.create_event(self.store, fields), status=201)
+        if request.method == "GET":
+            return _json(await organizer.list_events(self.store))
+        raise _no_method(request)
 
+    @_answering
     async def event(self, request: Request, event_id: str) -> Response:
-        return Response(status_code=501)
+        self._authorize(request)
+        if request.method == "GET":
+            return _json(await organizer.get_event(self.store, event_id))
+        if request.method == "PATCH":
+            fields = await read_json(request, self.settings.max_request_bytes)
+            return _json(await organizer.update_event(self.store, event_id, fields))
+        if request.method == "DELETE":
+            return _json(await organizer.delete_event(self.store, event_id))
+        raise _no_method(request)
 
+    @_answering
     async def rotate_code(self, request: Request, event_id: str) -> Response:
-        return Response(status_code=501)
+        self._authorize(request)
+        fields: dict[str, Any] = {}
+        if _has_body(request):
+            fields = await read_json(request, self.settings.max_request_bytes)
+        for name in fields:
+            if name != "code":
+                raise InvalidRequest(f"Unknown field '{name}': only 'code' may be sent.", param=str(name))
+        return _json(await organizer.rotate_code(self.store, event_id, fields.get("code")))
 
+    @_answering
     async def usage(self, request: Request, event_id: str) -> Response:
-        return Response(status_code=501)
+        self._authorize(request)
+        data = await organizer.usage_report(self.store, self.tables, event_id, request.query_params.get("by", "user"))
+        if "text/csv" in request.headers.get("accept", ""):
+            filename = f"{data['event_id']}-usage-by-{data['by']}.csv"
+            return Response(
+                report_csv(data),
+                media_type="text/csv",
+                headers={"content-disposition": f'attachment; filename="{filename}"'},
+            )
+        return _json(data)
+
+    def _authorize(self, request: Request) -> None:
+        expected = self.settings.organizer_key
+        if not expected:
+            raise OrganizerApiDisabled(
+                "The organizer API is off: set the ORGANIZER_KEY app setting (a Key Vault reference in Azure) "
+                "and restart the app, or use 'python -m proxy.manage' instead."
+            )
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+            raise Unauthorized("Send the organizer key as 'Authorization: Bearer <ORGANIZER_KEY>'.")
+
+
+def _json(data: dict[str, Any], status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type=_JSON)
+
+
+def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length")
+    if length is None:
+        return "transfer-encoding" in request.headers
+    return length.strip() != "0"
+
+
+def _no_method(request: Request) -> NotFound:
+    return NotFound(f"No route {request.method} {request.url.path}.")

@@ -88,7 +88,9 @@ async def create_event(store: EventStore, fields: Mapping[str, Any]) -> dict[str
         time_zone=check_time_zone(fields.get("time_zone", "UTC")),
         models=check_models(fields.get("models", list(DEFAULT_MODELS))),
         max_tokens=_positive(fields.get("max_tokens", DEFAULT_MAX_TOKENS), "max_tokens"),
-        daily_requests=check_positive(fields.get("daily_requests", DEFAULT_DAILY_REQUESTS), "daily_requests", optional=True),
+        daily_requests=check_positive(
+            fields.get("daily_requests", DEFAULT_DAILY_REQUESTS), "daily_requests", optional=True
+        ),
         daily_tokens=check_positive(fields.get("daily_tokens"), "daily_tokens", optional=True),
         tpm=check_positive(fields.get("tpm"), "tpm", optional=True),
         active=_boolean(fields.get("active", True)),
@@ -208,6 +210,4 @@ def _boolean(value: Any) -> bool:
 
 def _check_window(start: datetime, end: datetime) -> None:
     if start >= end:
-        raise InvalidRequest(
-            f"'start' ({start.isoformat()}) must be before 'end' ({end.isoformat()})", param="start"
-        )
+        raise InvalidRequest(f"'start' ({start.isoformat()}) must be before 'end' ({end.isoformat()})", param="start")

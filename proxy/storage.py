@@ -9,7 +9,7 @@ Every storage failure that is not a conflict or a miss becomes
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -33,7 +33,12 @@ TABLE_NAMES = (EVENTS_TABLE, USAGE_TABLE, REQUESTS_TABLE)
 T = TypeVar("T")
 
 # Fail fast when storage is down: a request waits at most a few seconds before 503.
-_CLIENT_OPTIONS: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.2, "connection_timeout": 5, "read_timeout": 10}
+_CLIENT_OPTIONS: dict[str, Any] = {
+    "retry_total": 2,
+    "retry_backoff_factor": 0.2,
+    "connection_timeout": 5,
+    "read_timeout": 10,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +64,8 @@ class Tables:
     async def ensure(self) -> None:
         """Create the tables if missing (Bicep creates them in Azure)."""
         for table in (self.events, self.usage, self.requests):
-            try:
+            with suppress(ResourceExistsError):
                 await guarded(table.create_table())
-            except ResourceExistsError:
-                pass
 
     async def aclose(self) -> None:
         for table in (self.events, self.usage, self.requests):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import secrets
@@ -12,11 +13,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 30.0
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -59,7 +62,8 @@ class Service:
             text=True,
             start_new_session=True,
         )
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
@@ -89,6 +93,9 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+        self._pump_thread.join(5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
         return self.process.returncode
 
 
@@ -141,3 +148,17 @@ def start_app(env: Mapping[str, str]) -> tuple[Service, str]:
 
 def sim_stats(simulator: str) -> dict[str, object]:
     return dict(httpx.get(f"{simulator}/_sim/stats").json())
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float = 10.0, what: str = "condition"
+) -> T:
+    """Await ``probe`` until ``done`` holds for its result, failing after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await probe()
+        if done(result):
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}; last: {result!r}")
+        await asyncio.sleep(0.02)

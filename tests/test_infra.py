@@ -337,6 +337,7 @@ MUST_NOT_SHIP = (
     ".gitignore",
     ".github/workflows/ci.yml",
     "local.settings.json",
+    "local.settings.example.json",
     "proxy/__pycache__/settings.cpython-311.pyc",
     ".pytest_cache/v/cache",
     ".mypy_cache/3.11/x.json",

@@ -1,0 +1,293 @@
+"""The organizer CLI, ``python -m proxy.manage``: events and usage from a terminal.
+
+It reads the same settings as the app (the environment first, then the
+``Values`` of ``local.settings.json`` in the current folder), so it reaches
+Azurite locally and Table Storage in Azure alike. With
+``STORAGE_TABLE_ENDPOINT`` (and no connection string) it signs in with
+``DefaultAzureCredential``, so an ``az login`` is enough.
+
+Output is an aligned table by default, one JSON object with ``--json`` (the
+same shapes as ``/api/manage/``), CSV with ``usage --csv``. Errors are one line
+on stderr: exit code 2 for bad input or an unknown event, 1 when storage cannot
+be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, NoReturn
+from zoneinfo import ZoneInfo
+
+import orjson
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import ClientAuthenticationError
+
+from proxy import organizer
+from proxy.errors import ProxyError, StorageUnavailable
+from proxy.events import DEFAULT_DAILY_REQUESTS, DEFAULT_MAX_TOKENS, DEFAULT_MODELS, EventStore
+from proxy.settings import Settings, SettingsError
+from proxy.storage import Tables
+from proxy.usage import FIGURES, GROUPINGS, report_csv
+
+_WRITES = frozenset({"create", "update", "rotate-code", "disable", "enable", "delete"})
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(value: str) -> int | str | None:
+    """An integer, or ``none`` to clear a cap; anything else is left for validation to name."""
+    if value.strip().lower() in ("none", "null", "off"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def _flag(value: str) -> bool | str:
+    lowered = value.strip().lower()
+    return {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}.get(lowered, value)
+
+
+def _models(value: str) -> list[str]:
+    return [model.strip() for model in value.split(",") if model.strip()]
+
+
+def _event_options(parser: argparse.ArgumentParser, *, creating: bool) -> None:
+    hide = argparse.SUPPRESS  # absent options are not sent, so an update changes only what is given
+
+    def option(flag: str, help_text: str, default_text: str = "", **kwargs: Any) -> None:
+        shown = f"{help_text} (default: {default_text})" if creating and default_text else help_text
+        parser.add_argument(flag, default=hide, help=shown, **kwargs)
+
+    option("--name", "the event's name", required=creating)
+    option("--start", "ISO 8601 with an offset, e.g. 2026-11-21T09:00:00+01:00", metavar="ISO", required=creating)
+    option("--end", "ISO 8601 with an offset, after --start", metavar="ISO", required=creating)
+    option("--time-zone", "IANA time zone for display, e.g. Europe/Paris", "UTC", metavar="TZ")
+    option("--models", "comma-separated deployment names", ",".join(DEFAULT_MODELS), type=_models, metavar="M1,M2")
+    option("--max-tokens", "cap on max_tokens per request", str(DEFAULT_MAX_TOKENS), type=_number, metavar="N")
+    clear = "" if creating else "; 'none' removes the cap"
+    option("--daily-requests", f"requests per attendee and UTC day{clear}", str(DEFAULT_DAILY_REQUESTS),
+           type=_number, metavar="N")  # fmt: skip
+    option("--daily-tokens", f"tokens per attendee and UTC day{clear}", "no cap", type=_number, metavar="N")
+    option("--tpm", f"tokens per minute per attendee{clear}", "no limit", type=_number, metavar="N")
+    option("--description", "shown to attendees at /api/v1/event", metavar="TEXT")
+    option("--organizer", "who runs the event", metavar="TEXT")
+    if creating:
+        option("--code", "the event code, 4-64 of A-Z a-z 0-9 _ -", "a generated secret")
+    else:
+        option("--active", "true or false: switch the event on or off", type=_flag, metavar="true|false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m proxy.manage", description="Manage events and read their usage.")
+    commands = parser.add_subparsers(dest="area", required=True, parser_class=_Parser)
+    events = commands.add_parser("events", help="create, list, change and delete events")
+    actions = events.add_subparsers(dest="action", required=True, parser_class=_Parser)
+
+    def action(name: str, help_text: str, *, with_id: bool = True) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help_text, description=help_text)
+        if with_id:
+            sub.add_argument("id", metavar="ID", help="the event id (see 'events list')")
+        sub.add_argument("--json", action="store_true", help="print one JSON object")
+        return sub
+
+    create = action("create", "Create an event; prints its code once.", with_id=False)
+    _event_options(create, creating=True)
+    action("list", "List all events.", with_id=False)
+    action("show", "Show one event.")
+    update = action("update", "Change the given fields of an event.")
+    _event_options(update, creating=False)
+    rotate = action("rotate-code", "Give an event a new code; the old one stops working.")
+    rotate.add_argument("--code", help="the new code (default: a generated secret)")
+    action("disable", "Switch an event off (reversible: 'events enable').")
+    action("enable", "Switch an event back on.")
+    delete = action("delete", "Delete an event and its code; its usage is kept for reports.")
+    delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    usage = commands.add_parser("usage", help="an event's usage", description="Usage of an event, totals last.")
+    usage.add_argument("event_id", metavar="EVENT_ID")
+    usage.add_argument("--by", choices=GROUPINGS, default="user", help="group by user (default), model or day")
+    output = usage.add_mutually_exclusive_group()
+    output.add_argument("--csv", action="store_true", help="print CSV")
+    output.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _fields(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in sorted(organizer.EVENT_FIELDS) if hasattr(args, name)}
+
+
+async def run(args: argparse.Namespace, store: EventStore, tables: Tables) -> None:
+    """Carry out one command and print its result."""
+    if args.area == "usage":
+        data = await organizer.usage_report(store, tables, args.event_id, args.by)
+        if args.csv:
+            print(report_csv(data), end="")
+        else:
+            _print(args, data, _usage_table)
+        return
+    action: str = args.action
+    if action in _WRITES:
+        await tables.ensure()
+    if action == "create":
+        _print(args, await organizer.create_event(store, _fields(args)), _created)
+    elif action == "list":
+        _print(args, await organizer.list_events(store), _events_table)
+    elif action == "show":
+        _print(args, await organizer.get_event(store, args.id), _details)
+    elif action in ("update", "disable", "enable"):
+        fields = _fields(args) if action == "update" else {"active": action == "enable"}
+        _print(args, await organizer.update_event(store, args.id, fields), _details)
+    elif action == "rotate-code":
+        _print(args, await organizer.rotate_code(store, args.id, args.code), _rotated)
+    elif action == "delete":
+        event = await organizer.get_event(store, args.id)
+        if not args.yes and not _confirmed(f"Delete event '{event['name']}' ({event['id']})? Usage is kept. [y/N] "):
+            raise _Refused("Not deleted: confirm, or pass --yes.")
+        _print(args, await organizer.delete_event(store, args.id), lambda data: f"Deleted event {data['id']}.")
+
+
+class _Refused(Exception):
+    """The organizer did not confirm."""
+
+
+def _confirmed(question: str) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    return input(question).strip().lower() in ("y", "yes")
+
+
+# Rendering
+
+
+def _print(args: argparse.Namespace, data: dict[str, Any], readable: Any) -> None:
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if args.json else readable(data))
+
+
+def _local(event: dict[str, Any], name: str) -> str:
+    moment = datetime.fromisoformat(event[name]).astimezone(ZoneInfo(event["time_zone"]))
+    return moment.strftime("%Y-%m-%d %H:%M")
+
+
+def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]], numeric: Sequence[bool]) -> str:
+    cells = [["-" if value is None else str(value) for value in row] for row in rows]
+    if header is not None:
+        cells.insert(0, list(header))
+    widths = [max(len(row[i]) for row in cells) for i in range(len(numeric))]
+    lines = [
+        "  ".join(
+            cell.rjust(w) if right else cell.ljust(w) for cell, w, right in zip(row, widths, numeric, strict=True)
+        )
+        for row in cells
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _events_table(data: dict[str, Any]) -> str:
+    if not data["data"]:
+        return "No events yet: create one with 'python -m proxy.manage events create --help'."
+    header = ("ID", "NAME", "START", "END", "TIME ZONE", "MODELS", "DAILY REQ", "ACTIVE")
+    rows = [
+        (e["id"], e["name"], _local(e, "start"), _local(e, "end"), e["time_zone"], ",".join(e["models"]),
+         e["daily_requests"], "yes" if e["active"] else "no")
+        for e in data["data"]
+    ]  # fmt: skip
+    return _table(header, rows, (False,) * 6 + (True, False))
+
+
+def _details(event: dict[str, Any]) -> str:
+    shown = {**event, "start": f"{event['start']}  ({_local(event, 'start')} {event['time_zone']})"}
+    shown["end"] = f"{event['end']}  ({_local(event, 'end')} {event['time_zone']})"
+    shown["models"] = ", ".join(event["models"])
+    shown["active"] = "yes" if event["active"] else "no (switched off)"
+    rows = [(f"{name}:", "-" if value in (None, "") else value) for name, value in shown.items() if name != "code"]
+    return _table(None, rows, (False, False))
+
+
+def _share_hint(code: str) -> str:
+    return (
+        f"Event code: {code}\n"
+        f"Share {code}/your-name as the API key (each attendee puts their own name, e.g. {code}/alice).\n"
+        "The code is shown only now; 'events rotate-code ID' makes a new one."
+    )
+
+
+def _created(data: dict[str, Any]) -> str:
+    return f"Created event '{data['name']}' with id {data['id']}.\n{_details(data)}\n\n{_share_hint(data['code'])}"
+
+
+def _rotated(data: dict[str, Any]) -> str:
+    return f"New code for event {data['id']}; the old code stops working within a minute.\n{_share_hint(data['code'])}"
+
+
+def _usage_table(data: dict[str, Any]) -> str:
+    header = (data["by"].upper(), *(name.upper().replace("_", " ") for name in FIGURES))
+    rows = [(row["key"], *(row[name] for name in FIGURES)) for row in data["rows"]]
+    rows.append(("TOTAL", *(data["totals"][name] for name in FIGURES)))
+    return _table(header, rows, (False, *(True for _ in FIGURES)))
+
+
+# Entry point
+
+
+def _credential(settings: Settings) -> AsyncTokenCredential | None:
+    if settings.storage_connection_string:
+        return None
+    from azure.identity.aio import DefaultAzureCredential
+
+    if settings.client_id:
+        return DefaultAzureCredential(managed_identity_client_id=settings.client_id)
+    return DefaultAzureCredential()
+
+
+async def _main(args: argparse.Namespace, settings: Settings) -> None:
+    credential = _credential(settings)
+    tables = Tables.create(settings, credential)
+    try:
+        await run(args, EventStore(tables, 0), tables)
+    finally:
+        await tables.aclose()
+        if credential is not None:
+            await credential.close()
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.for_cli()
+    except SettingsError as exc:
+        _fail(2, f"{exc} (set it in the environment or in local.settings.json)")
+    try:
+        asyncio.run(_main(args, settings))
+    except StorageUnavailable as exc:
+        if isinstance(exc.__cause__, ClientAuthenticationError):
+            _fail(1, "No Azure credential for Table Storage: run 'az login' (your account needs the "
+                  "Storage Table Data Contributor role on the storage account).")  # fmt: skip
+        if settings.storage_connection_string:
+            _fail(1, "Table Storage cannot be reached at STORAGE_CONNECTION_STRING: is Azurite running ('make run')?")
+        _fail(1, f"Table Storage cannot be reached at {settings.table_endpoint}: check the account name and network.")
+    except ProxyError as exc:
+        _fail(2 if exc.status < 500 else 1, exc.message)
+    except _Refused as exc:
+        _fail(2, str(exc))
+    except KeyboardInterrupt:
+        _fail(130, "interrupted")
+
+
+if __name__ == "__main__":
+    main()
