@@ -16,7 +16,6 @@ the app has one, so pending usage is stored before the process ends.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import json
 import re
@@ -83,9 +82,10 @@ def load_routes(module_name: str, app_dir: Path) -> tuple[Any, list[Route]]:
 class DevHost:
     """The ASGI app: routing, lifespan, and nothing else."""
 
-    def __init__(self, module: Any, routes: list[Route]) -> None:
+    def __init__(self, module: Any, routes: list[Route], on_ready: Callable[[], None] = lambda: None) -> None:
         self.module = module
         self.routes = routes
+        self.on_ready = on_ready
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -111,6 +111,7 @@ class DevHost:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
+                self.on_ready()
             elif message["type"] == "lifespan.shutdown":
                 proxy = getattr(self.module, "proxy", None)
                 if proxy is not None:
@@ -130,26 +131,17 @@ def main(argv: list[str] | None = None) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
-    config = uvicorn.Config(
-        DevHost(module, routes), log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=30
-    )
-    server = uvicorn.Server(config)
+    # Listening before uvicorn starts: connections made once the line is printed
+    # wait in the backlog instead of being refused.
+    sock.listen(2048)
+    port = sock.getsockname()[1]
 
-    async def serve() -> None:
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started and not task.done():
-            await asyncio.sleep(0.01)
-        if server.started:
-            port = sock.getsockname()[1]
-            print(f"proxy listening on http://{args.host}:{port}/api", flush=True)
-        await task
+    def ready() -> None:
+        print(f"proxy listening on http://{args.host}:{port}/api", flush=True)
 
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve())
-    else:
-        uvloop.run(serve())
+    app = DevHost(module, routes, ready)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=30)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -99,18 +99,19 @@ async def open_demo_event(settings: Settings) -> Event:
     async with opened(settings, None) as tables:
         await tables.ensure()
         store = EventStore(tables, 0)
-        window = {"starts_at": now - timedelta(minutes=5), "ends_at": now + timedelta(days=7), "active": True}
+        starts_at, ends_at = now - timedelta(minutes=5), now + timedelta(days=7)
         existing = await store.by_code(DEMO_CODE)
         if existing is not None:
-            return await store.save(replace(existing, **window))
+            return await store.save(replace(existing, starts_at=starts_at, ends_at=ends_at, active=True))
         event = Event(
             id=DEMO_ID,
             name="Demo event",
             code_hash=hash_code(DEMO_CODE),
+            starts_at=starts_at,
+            ends_at=ends_at,
             description="Created by make run",
             max_tokens=1024,
             daily_requests=1000,
-            **window,
         )
         return await store.create(event)
 
@@ -173,8 +174,17 @@ def main(argv: list[str] | None = None) -> int:
             args.data_dir.mkdir(exist_ok=True)
             process = stack.start(
                 "azurite",
-                [str(azurite), "--location", str(args.data_dir), "--tableHost", "127.0.0.1",
-                 "--tablePort", str(table_port), "--skipApiVersionCheck", "--silent"],
+                [
+                    str(azurite),
+                    "--location",
+                    str(args.data_dir),
+                    "--tableHost",
+                    "127.0.0.1",
+                    "--tablePort",
+                    str(table_port),
+                    "--skipApiVersionCheck",
+                    "--silent",
+                ],
             )
             wait_until("Azurite", lambda: port_open(table_port), 30, process)
         connection_string = (
@@ -198,11 +208,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"port {simulator_port} is busy: set SIMULATOR_PORT to another port")
             process = stack.start(
                 "simulator",
-                [sys.executable, "-m", "devtools.simulator", "--port", str(simulator_port),
-                 "--api-key", SIMULATOR_KEY],
+                [sys.executable, "-m", "devtools.simulator", "--port", str(simulator_port), "--api-key", SIMULATOR_KEY],
             )
             wait_until("the simulator", lambda: port_open(simulator_port), 30, process)
-            values.update(AZURE_OPENAI_ENDPOINT=f"http://127.0.0.1:{simulator_port}", AZURE_OPENAI_API_KEY=SIMULATOR_KEY)
+            values.update(
+                AZURE_OPENAI_ENDPOINT=f"http://127.0.0.1:{simulator_port}", AZURE_OPENAI_API_KEY=SIMULATOR_KEY
+            )
         write_values(args.settings_file, values)
 
         env = {**os.environ, **values}
@@ -210,9 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if func:
             process = stack.start("func", [func, "start", "--port", str(port)], env)
         else:
-            process = stack.start(
-                "dev host", [sys.executable, "-m", "devtools.devhost", "--port", str(port)], env
-            )
+            process = stack.start("dev host", [sys.executable, "-m", "devtools.devhost", "--port", str(port)], env)
         base = f"http://localhost:{port}"
 
         def healthy() -> bool:

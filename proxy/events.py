@@ -16,6 +16,7 @@ flood of bad keys does not become a flood of storage reads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import re
@@ -27,6 +28,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.data.tables import UpdateMode
 
 from proxy.errors import InvalidRequest, NotFound
 from proxy.storage import Tables, gathered, guarded
@@ -165,9 +167,7 @@ def parse_time(value: Any, param: str) -> datetime:
             f"'{param}' is not ISO 8601: {value!r} (example: 2026-11-21T09:00:00+01:00)", param=param
         ) from None
     if moment.tzinfo is None:
-        raise InvalidRequest(
-            f"'{param}' needs a UTC offset, e.g. {value}+00:00 or {value}Z", param=param
-        )
+        raise InvalidRequest(f"'{param}' needs a UTC offset, e.g. {value}+00:00 or {value}Z", param=param)
     return moment.astimezone(UTC)
 
 
@@ -283,7 +283,7 @@ class EventStore:
         return event
 
     async def save(self, event: Event) -> Event:
-        await guarded(self._tables.events.upsert_entity(event.to_entity()))
+        await guarded(self._tables.events.upsert_entity(event.to_entity(), mode=UpdateMode.REPLACE))
         self._by_code.pop(event.code_hash, None)
         return event
 
@@ -298,10 +298,8 @@ class EventStore:
 
     async def delete(self, event: Event) -> None:
         await self._release_code(event.code_hash)
-        try:
+        with contextlib.suppress(ResourceNotFoundError):
             await guarded(self._tables.events.delete_entity(_EVENT_PK, event.id))
-        except ResourceNotFoundError:
-            pass
         self._by_code.pop(event.code_hash, None)
 
     async def _claim_code(self, code_hash: str, event_id: str) -> None:
@@ -313,7 +311,5 @@ class EventStore:
             raise InvalidRequest("This code is already used by another event; choose another.", param="code") from None
 
     async def _release_code(self, code_hash: str) -> None:
-        try:
+        with contextlib.suppress(ResourceNotFoundError):
             await guarded(self._tables.events.delete_entity(_CODE_PK, code_hash))
-        except ResourceNotFoundError:
-            pass

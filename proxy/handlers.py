@@ -225,8 +225,7 @@ class Proxy:
         model = bodies.requested_model(payload, deployment)
         if model not in event.models:
             raise ModelNotFound(
-                f"The model '{model}' is not available in '{event.name}'. "
-                f"Available: {', '.join(event.models)}.",
+                f"The model '{model}' is not available in '{event.name}'. Available: {', '.join(event.models)}.",
                 param="model",
             )
         user_id = bodies.pseudonym(event.id, caller.user)

@@ -119,7 +119,7 @@ class Ledger:
     async def read(self, event_id: str, user: str, day: str) -> dict[str, Any]:
         """The attendee's figures for a day (zeros when nothing is recorded)."""
         key = (event_id, f"{day}|{user}")
-        etag, entity = await self._fetch(key)
+        _etag, entity = await self._fetch(key)
         return entity
 
     async def _fetch(self, key: tuple[str, str]) -> tuple[str, dict[str, Any]]:

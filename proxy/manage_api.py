@@ -39,12 +39,14 @@ class OrganizerApi:
 
     def __init__(self, settings: Settings, tables: Tables, events: EventStore) -> None:
         self.settings, self.tables, self.store = settings, tables, events
+        self._tables_ready = False
 
     @_answering
     async def events(self, request: Request) -> Response:
         self._authorize(request)
         if request.method == "POST":
             fields = await read_json(request, self.settings.max_request_bytes)
+            await self._ensure_tables()
             return _json(await organizer.create_event(self.store, fields), status=201)
         if request.method == "GET":
             return _json(await organizer.list_events(self.store))
@@ -85,6 +87,12 @@ class OrganizerApi:
                 headers={"content-disposition": f'attachment; filename="{filename}"'},
             )
         return _json(data)
+
+    async def _ensure_tables(self) -> None:
+        # Bicep creates the tables in Azure; a fresh Azurite has none until the first event.
+        if not self._tables_ready:
+            await self.tables.ensure()
+            self._tables_ready = True
 
     def _authorize(self, request: Request) -> None:
         expected = self.settings.organizer_key

@@ -104,8 +104,7 @@ def prepare_chat(payload: dict[str, Any], cap: int, user_id: str) -> Prepared:
             raise InvalidRequest(f"'{field}' must be a positive integer.", param=field)
         if value > cap:
             raise MaxTokensExceedsCap(
-                f"'{field}' is {value}, above this event's cap of {cap} tokens per request. "
-                f"Ask for {cap} or fewer.",
+                f"'{field}' is {value}, above this event's cap of {cap} tokens per request. Ask for {cap} or fewer.",
                 param=field,
             )
         asked = value if asked is None else max(asked, value)
@@ -114,9 +113,9 @@ def prepare_chat(payload: dict[str, Any], cap: int, user_id: str) -> Prepared:
     options = payload.pop("stream_options", None)
     wants_usage = isinstance(options, dict) and options.get("include_usage") is True
     if stream:
-        payload["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) else {
-            "include_usage": True
-        }
+        payload["stream_options"] = (
+            {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+        )
     payload["user"] = user_id
     return Prepared(orjson.dumps(payload), bool(stream), wants_usage, asked or cap)
 

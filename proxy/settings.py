@@ -77,8 +77,7 @@ class Settings:
         endpoint = get("AZURE_OPENAI_ENDPOINT")
         if endpoint is None and need_upstream:
             raise SettingsError(
-                "AZURE_OPENAI_ENDPOINT is not set: give the Azure OpenAI endpoint, "
-                "e.g. https://NAME.openai.azure.com"
+                "AZURE_OPENAI_ENDPOINT is not set: give the Azure OpenAI endpoint, e.g. https://NAME.openai.azure.com"
             )
         if endpoint is not None and not endpoint.startswith(("https://", "http://")):
             raise SettingsError("AZURE_OPENAI_ENDPOINT must start with https:// (or http:// for a local simulator)")

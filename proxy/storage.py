@@ -53,9 +53,7 @@ class Tables:
     def create(cls, settings: Settings, credential: AsyncTokenCredential | None) -> Tables:
         def client(name: str) -> TableClient:
             if settings.storage_connection_string:
-                return TableClient.from_connection_string(
-                    settings.storage_connection_string, name, **_CLIENT_OPTIONS
-                )
+                return TableClient.from_connection_string(settings.storage_connection_string, name, **_CLIENT_OPTIONS)
             assert settings.table_endpoint and credential is not None
             return TableClient(settings.table_endpoint, name, credential=credential, **_CLIENT_OPTIONS)
 

@@ -16,6 +16,7 @@ large events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import logging
@@ -132,10 +133,9 @@ class UsageRecorder:
     async def write(self, record: UsageRecord) -> None:
         """Write one record now: its request row (once), then its day's figures."""
         if record.reached_upstream and not record._row_written:
-            try:
+            # A conflict means an earlier attempt wrote it and its answer was lost.
+            with contextlib.suppress(ResourceExistsError):
                 await guarded(self._tables.requests.create_entity(record.row()))
-            except ResourceExistsError:
-                pass  # written by an earlier attempt whose answer was lost
             record._row_written = True
         await self._ledger.settle(record.event_id, record.user, record.admission, record.settlement())
 

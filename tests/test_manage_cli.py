@@ -1,0 +1,202 @@
+"""The organizer CLI as a real process against Azurite, and its agreement with the HTTP API."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from openai import OpenAI
+
+from tests.support import ORGANIZER_KEY, ROOT, azurite_connection_string, free_port, wait_for
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
+
+
+@pytest.fixture(scope="session")
+def cli(azurite: str, tmp_path_factory: pytest.TempPathFactory) -> Cli:
+    """Run ``python -m proxy.manage`` from an empty folder (no local.settings.json) against Azurite."""
+    folder = tmp_path_factory.mktemp("cli")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "STORAGE_", "ORGANIZER_"))}
+    base["PYTHONPATH"] = str(ROOT)
+
+    def run(*args: str, connection_string: str = azurite, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        env = {**base, "STORAGE_CONNECTION_STRING": connection_string}
+        return subprocess.run(
+            [sys.executable, "-m", "proxy.manage", *args],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    return run
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert result.returncode == 0, result.stderr
+    data = orjson.loads(result.stdout)
+    assert isinstance(data, dict)
+    return data
+
+
+def window() -> list[str]:
+    now = datetime.now(UTC).replace(microsecond=0)
+    return ["--start", (now - timedelta(hours=1)).isoformat(), "--end", (now + timedelta(hours=8)).isoformat()]
+
+
+def test_event_lifecycle(cli: Cli) -> None:
+    created = ok(cli("events", "create", "--name", "CLI workshop", "--code", "CliCode1234", *window(),
+                     "--models", "gpt-4o-mini", "--daily-requests", "50", "--tpm", "2000",
+                     "--time-zone", "Europe/Paris", "--organizer", "Ada", "--json"))  # fmt: skip
+    event_id = created["id"]
+    assert created["code"] == "CliCode1234" and created["models"] == ["gpt-4o-mini"]
+    assert created["daily_requests"] == 50 and created["tpm"] == 2000 and created["organizer"] == "Ada"
+    public = {k: v for k, v in created.items() if k != "code"}
+
+    listed = ok(cli("events", "list", "--json"))
+    assert listed["object"] == "list" and public in listed["data"]
+    assert ok(cli("events", "show", event_id, "--json")) == public
+
+    table = cli("events", "list")
+    assert table.returncode == 0 and "CLI workshop" in table.stdout and event_id in table.stdout
+    assert "CliCode1234" not in table.stdout
+    details = cli("events", "show", event_id)
+    assert "Europe/Paris" in details.stdout and "CliCode1234" not in details.stdout
+
+    updated = ok(cli("events", "update", event_id, "--name", "CLI lab", "--tpm", "none", "--daily-tokens", "9000",
+                     "--json"))  # fmt: skip
+    assert updated["name"] == "CLI lab" and updated["tpm"] is None and updated["daily_tokens"] == 9000
+    assert updated["daily_requests"] == 50 and updated["start"] == created["start"]
+    assert ok(cli("events", "disable", event_id, "--json"))["active"] is False
+    assert ok(cli("events", "update", event_id, "--active", "true", "--json"))["active"] is True
+
+    rotated = ok(cli("events", "rotate-code", event_id, "--json"))
+    assert rotated["id"] == event_id and rotated["code"] != "CliCode1234" and len(rotated["code"]) == 16
+
+    refused = cli("events", "delete", event_id)
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    assert ok(cli("events", "delete", event_id, "--yes", "--json")) == {"id": event_id, "deleted": True}
+    gone = cli("events", "show", event_id)
+    assert gone.returncode == 2 and "No event" in gone.stderr
+
+
+def test_create_prints_the_code_once_with_a_hint(cli: Cli) -> None:
+    result = cli("events", "create", "--name", "Readable", *window())
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("Event code: "))
+    code = line.removeprefix("Event code: ")
+    assert len(code) == 16 and f"{code}/your-name" in result.stdout and "Readable" in result.stdout
+    event_id = next(e["id"] for e in ok(cli("events", "list", "--json"))["data"] if e["name"] == "Readable")
+    rotated = cli("events", "rotate-code", event_id, "--code", "Rotated-by-hand")
+    assert rotated.returncode == 0 and "Rotated-by-hand/your-name" in rotated.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--start", "2026-06-02T10:00:00+00:00", "--end", "2026-06-01T10:00:00+00:00"], "'start'"),
+        (["--start", "2026-06-01T10:00:00", "--end", "2026-06-02T10:00:00+00:00"], "offset"),
+        ([*window(), "--time-zone", "Mars/Olympus"], "time_zone"),
+        ([*window(), "--max-tokens", "0"], "max_tokens"),
+        ([*window(), "--daily-requests", "lots"], "daily_requests"),
+        ([*window(), "--models", ""], "models"),
+        ([*window(), "--code", "no spaces!"], "code"),
+        (["--end", "2026-06-02T10:00:00+00:00"], "--start"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(cli: Cli, args: list[str], named: str) -> None:
+    result = cli("events", "create", "--name", "Bad", *args)
+    assert result.returncode == 2
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr
+
+
+def test_unknown_events_and_bad_commands(cli: Cli) -> None:
+    for args in (["events", "update", "no-such-event", "--name", "x"], ["usage", "no-such-event"]):
+        result = cli(*args)
+        assert result.returncode == 2 and "No event" in result.stderr and "Traceback" not in result.stderr
+    wrong = cli("usage", "x", "--by", "week")
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
+    assert cli("events").returncode == 2
+    assert "rotate-code" in cli("events", "--help").stdout
+
+
+def test_storage_unreachable_exits_1_quickly(cli: Cli) -> None:
+    closed = azurite_connection_string(free_port())
+    for args in (["events", "list"], ["events", "create", "--name", "x", *window()], ["usage", "some-event"]):
+        started = time.monotonic()
+        result = cli(*args, connection_string=closed, timeout=30)
+        assert time.monotonic() - started < 15
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert "cannot be reached" in result.stderr
+
+
+def test_cli_and_api_answer_alike(cli: Cli, app: str, http: httpx.Client) -> None:
+    now = datetime.now(UTC)
+    body = {
+        "name": "Shared",
+        "start": (now - timedelta(hours=1)).isoformat(),
+        "end": (now + timedelta(hours=2)).isoformat(),
+    }
+    created = http.post(f"{app}/api/manage/events", json=body, headers=AUTH).json()
+    event_id = created["id"]
+    with OpenAI(base_url=f"{app}/api/v1", api_key=f"{created['code']}/bob", max_retries=0) as client:
+        for user_text in ("one", "two"):
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": user_text}])
+    usage_url = f"{app}/api/manage/events/{event_id}/usage"
+    wait_for(lambda: http.get(usage_url, headers=AUTH).json()["totals"]["requests"] == 2, what="usage")
+
+    assert ok(cli("events", "show", event_id, "--json")) == http.get(f"{app}/api/manage/events/{event_id}",
+                                                                     headers=AUTH).json()  # fmt: skip
+    cli_list, api_list = ok(cli("events", "list", "--json")), http.get(f"{app}/api/manage/events", headers=AUTH).json()
+    assert cli_list.keys() == api_list.keys()
+    assert next(e for e in cli_list["data"] if e["id"] == event_id) in api_list["data"]
+    for by in ("user", "model", "day"):
+        api_report = http.get(usage_url, params={"by": by}, headers=AUTH).json()
+        assert ok(cli("usage", event_id, "--by", by, "--json")) == api_report
+    csv = cli("usage", event_id, "--csv")
+    assert csv.stdout == http.get(usage_url, headers={**AUTH, "Accept": "text/csv"}).text
+    readable = cli("usage", event_id)
+    assert readable.returncode == 0 and "bob" in readable.stdout and "TOTAL" in readable.stdout
+
+    cli_created = ok(cli("events", "create", "--name", "Shapes", *window(), "--json"))
+    api_created = http.post(f"{app}/api/manage/events", json={**body, "name": "Shapes"}, headers=AUTH).json()
+    assert cli_created.keys() == api_created.keys()
+
+
+def test_settings_come_from_local_settings_json(azurite: str, tmp_path: Path) -> None:
+    values = {"Values": {"STORAGE_CONNECTION_STRING": azurite, "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9"}}
+    (tmp_path / "local.settings.json").write_bytes(orjson.dumps(values))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "STORAGE_", "ORGANIZER_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.manage", "events", "list", "--json"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert ok(result)["object"] == "list"
+    (tmp_path / "local.settings.json").unlink()
+    missing = subprocess.run(
+        [sys.executable, "-m", "proxy.manage", "events", "list"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert missing.returncode == 2 and "STORAGE_CONNECTION_STRING" in missing.stderr
