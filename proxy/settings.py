@@ -114,6 +114,9 @@ class Settings:
             except (OSError, ValueError) as exc:
                 raise SettingsError(f"{settings_file} is not valid JSON: {exc}") from exc
             merged.update({str(k): str(v) for k, v in values.items()})
+        if os.environ.get("STORAGE_TABLE_ENDPOINT", "").strip() and "STORAGE_CONNECTION_STRING" not in os.environ:
+            # An Azure endpoint given on the command line wins over the file's Azurite connection string.
+            merged.pop("STORAGE_CONNECTION_STRING", None)
         merged.update(os.environ)
         return cls.from_env(merged, need_upstream=False)
 

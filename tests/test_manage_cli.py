@@ -16,6 +16,7 @@ import orjson
 import pytest
 from openai import OpenAI
 
+from proxy.settings import Settings
 from tests.support import ORGANIZER_KEY, ROOT, azurite_connection_string, free_port, wait_for
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
@@ -200,3 +201,17 @@ def test_settings_come_from_local_settings_json(azurite: str, tmp_path: Path) ->
         timeout=30,
     )
     assert missing.returncode == 2 and "STORAGE_CONNECTION_STRING" in missing.stderr
+
+
+def test_an_azure_endpoint_in_the_environment_wins_over_the_files_azurite(
+    azurite: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings_file = tmp_path / "local.settings.json"
+    settings_file.write_bytes(orjson.dumps({"Values": {"STORAGE_CONNECTION_STRING": azurite}}))
+    monkeypatch.delenv("STORAGE_CONNECTION_STRING", raising=False)
+    monkeypatch.setenv("STORAGE_TABLE_ENDPOINT", "https://account.table.core.windows.net")
+    settings = Settings.for_cli(settings_file)
+    assert settings.storage_connection_string is None
+    assert settings.table_endpoint == "https://account.table.core.windows.net"
+    monkeypatch.delenv("STORAGE_TABLE_ENDPOINT")
+    assert Settings.for_cli(settings_file).storage_connection_string == azurite

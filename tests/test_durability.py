@@ -1,0 +1,148 @@
+"""Streams that break off, storage outages, and graceful shutdown: nothing is lost or faked."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from proxy.storage import Tables
+from proxy.usage import report
+from tests.conftest import MakeEvent
+from tests.support import app_env, azurite_connection_string, eventually, start_app, wait_for
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+BREAK = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "SIM_BREAK_STREAM"}], "stream": True}
+
+
+async def test_broken_upstream_stream_ends_in_an_error(app: str, make_event: MakeEvent, tables: Tables) -> None:
+    created = await make_event(daily_requests=5)
+    with httpx.stream(
+        "POST", f"{app}/api/v1/chat/completions", json=BREAK, headers={"api-key": created.key()}
+    ) as response:
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert "[DONE]" not in events[-1] and '"code":"upstream_error"' in events[-1]
+    client = OpenAI(base_url=f"{app}/api/v1", api_key=created.key(), max_retries=0)
+    with pytest.raises(openai.APIError, match="incomplete"):
+        list(client.chat.completions.create(**BREAK))  # type: ignore[call-overload]
+    # Recorded as failed requests, and their slots given back.
+    data = await eventually(lambda: report(tables, created.event.id, "user"), lambda d: d["totals"]["requests"] == 2)
+    assert data["totals"]["completion_tokens"] > 0
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    entity = await tables.usage.get_entity(created.event.id, f"{day}|alice")
+    assert entity["failed"] == 2 and entity["reserved"] == 0
+
+
+class Forwarder:
+    """A TCP relay to Azurite that can be cut, to play a storage outage."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.up = True
+        self.loop = asyncio.new_event_loop()
+        self.writers: set[asyncio.StreamWriter] = set()
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True)
+        self.thread.start()
+        started.wait(5)
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        started.set()
+        self.loop.run_forever()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.writers.update((writer, up_writer))
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        def close_all() -> None:
+            self.up = False
+            for writer in list(self.writers):
+                writer.close()
+            self.writers.clear()
+
+        self.loop.call_soon_threadsafe(close_all)
+
+    def restore(self) -> None:
+        self.loop.call_soon_threadsafe(setattr, self, "up", True)
+
+    def close(self) -> None:
+        async def shut() -> None:
+            self.server.close()
+            for writer in list(self.writers):
+                writer.close()
+            await self.server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(shut(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def forwarder(azurite: str) -> Iterator[Forwarder]:
+    port = int(azurite.split("TableEndpoint=http://127.0.0.1:")[1].split("/")[0])
+    relay = Forwarder(port)
+    yield relay
+    relay.close()
+
+
+async def test_storage_outage_delays_usage_and_shutdown_drains_it(
+    forwarder: Forwarder, simulator: str, make_event: MakeEvent, tables: Tables
+) -> None:
+    service, url = start_app(app_env(azurite_connection_string(forwarder.port), simulator, EVENT_CACHE_SECONDS="60"))
+    try:
+        open_event = await make_event(daily_requests=None)
+        capped = await make_event(daily_requests=100)
+        client = OpenAI(base_url=f"{url}/api/v1", api_key=open_event.key(), max_retries=0)
+        client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+        await eventually(lambda: report(tables, open_event.event.id, "user"), lambda d: d["totals"]["requests"] == 1)
+
+        forwarder.cut()
+        # An event without caps needs no storage on the critical path: answers keep coming.
+        for _ in range(3):
+            client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+        list(client.chat.completions.create(**CHAT, stream=True))  # type: ignore[call-overload]
+        # A request that needs storage to be checked fails closed.
+        refused = httpx.post(f"{url}/api/v1/chat/completions", json=CHAT, headers={"api-key": capped.key()})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "storage_unavailable"
+        wait_for(lambda: "usage write delayed" in service.text, what="a delayed usage write")
+        assert (await report(tables, open_event.event.id, "user"))["totals"]["requests"] == 1
+
+        service.process.send_signal(signal.SIGTERM)  # shutdown starts while records are pending
+        forwarder.restore()
+        # uvicorn re-raises the signal once its graceful shutdown is over.
+        assert service.process.wait(40) in (0, -signal.SIGTERM)
+        data = await report(tables, open_event.event.id, "user")
+        assert data["totals"]["requests"] == 5
+    finally:
+        service.stop()
