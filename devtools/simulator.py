@@ -71,9 +71,7 @@ CONTENT_FILTER_RESULTS: dict[str, Any] = {
     "sexual": _SAFE,
     "violence": _SAFE,
 }
-PROMPT_FILTER_RESULTS: list[dict[str, Any]] = [
-    {"prompt_index": 0, "content_filter_results": CONTENT_FILTER_RESULTS}
-]
+PROMPT_FILTER_RESULTS: list[dict[str, Any]] = [{"prompt_index": 0, "content_filter_results": CONTENT_FILTER_RESULTS}]
 _WORDS = (
     "lorem",
     "ipsum",
@@ -247,14 +245,10 @@ def _embedding_inputs(value: Any) -> list[tuple[bytes, int]]:
             return [(v.encode(), max(1, len(v) // 4)) for v in value]
         if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return [(orjson.dumps(value), len(value))]
-        if all(
-            isinstance(v, list) and v and all(isinstance(t, int) for t in v)
-            for v in value
-        ):
+        if all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value):
             return [(orjson.dumps(v), len(v)) for v in value]
     raise _BadRequest(
-        "'input' must be a non-empty string, array of strings, array of tokens, "
-        "or array of token arrays.",
+        "'input' must be a non-empty string, array of strings, array of tokens, or array of token arrays.",
         "input",
     )
 
@@ -330,9 +324,7 @@ class Simulator:
         ]
         if extra_headers:
             headers.extend(extra_headers)
-        await send(
-            {"type": "http.response.start", "status": status, "headers": headers}
-        )
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     @staticmethod
@@ -418,9 +410,7 @@ class Simulator:
             await self._send_json(send, 404, _error("404", "Resource not found"))
             return
 
-        headers = {
-            k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
-        }
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         ok, auth_message = self._check_auth(headers)
         if not ok:
             await self._send_json(send, 401, _error("401", auth_message))
@@ -446,9 +436,7 @@ class Simulator:
         api_version = query.get("api-version", "")
         wait = self._rate_limited()
         if wait is not None:
-            op_name = (
-                "ChatCompletions_Create" if operation == "chat" else "Embeddings_Create"
-            )
+            op_name = "ChatCompletions_Create" if operation == "chat" else "Embeddings_Create"
             seconds = math.ceil(wait)
             message = (
                 f"Requests to the {op_name} Operation under Azure OpenAI API version "
@@ -469,9 +457,7 @@ class Simulator:
             return
         dep_kind = self.config.deployments.get(deployment)
         if dep_kind is None:
-            await self._send_json(
-                send, 404, _error("DeploymentNotFound", MSG_DEPLOYMENT_NOT_FOUND)
-            )
+            await self._send_json(send, 404, _error("DeploymentNotFound", MSG_DEPLOYMENT_NOT_FOUND))
             return
         if dep_kind != operation:
             await self._send_json(
@@ -517,14 +503,10 @@ class Simulator:
         if dims is None:
             dims = DEFAULT_DIMENSIONS
         if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= 3072:
-            raise _BadRequest(
-                "'dimensions' must be an integer between 1 and 3072.", "dimensions"
-            )
+            raise _BadRequest("'dimensions' must be an integer between 1 and 3072.", "dimensions")
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
-            raise _BadRequest(
-                "'encoding_format' must be 'float' or 'base64'.", "encoding_format"
-            )
+            raise _BadRequest("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
         data: list[dict[str, Any]] = []
         prompt_tokens = 0
         for index, (key, tokens) in enumerate(items):
@@ -577,8 +559,7 @@ class Simulator:
                 500,
                 _error(
                     "InternalServerError",
-                    "The server had an error while processing your "
-                    "request. Sorry about that!",
+                    "The server had an error while processing your request. Sorry about that!",
                 ),
             )
             return
@@ -586,9 +567,7 @@ class Simulator:
         cap = body.get("max_completion_tokens")
         if cap is None:
             cap = body.get("max_tokens")
-        if cap is not None and (
-            not isinstance(cap, int) or isinstance(cap, bool) or cap < 1
-        ):
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
             raise _BadRequest("'max_tokens' must be a positive integer.", "max_tokens")
         count = self.config.completion_tokens
         finish = "stop"
@@ -605,9 +584,7 @@ class Simulator:
 
         if body.get("stream"):
             options = body.get("stream_options")
-            include_usage = isinstance(options, dict) and bool(
-                options.get("include_usage")
-            )
+            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
             await self._stream(
                 send,
                 completion_id=completion_id,
@@ -701,9 +678,7 @@ class Simulator:
                 }
             )
 
-        def chunk(
-            delta: dict[str, Any], index: int, reason: str | None = None
-        ) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any], index: int, reason: str | None = None) -> dict[str, Any]:
             return {
                 **base,
                 "choices": [
@@ -712,9 +687,7 @@ class Simulator:
                         "delta": delta,
                         "finish_reason": reason,
                         "logprobs": None,
-                        "content_filter_results": CONTENT_FILTER_RESULTS
-                        if delta
-                        else {},
+                        "content_filter_results": CONTENT_FILTER_RESULTS if delta else {},
                     }
                 ],
             }
@@ -746,9 +719,7 @@ class Simulator:
             sent_tokens += n
             if break_stream and pos == 1:
                 self.stats.add_usage(prompt_tokens, sent_tokens)
-                raise _StreamBreak(
-                    "SIM_BREAK_STREAM: aborting the connection mid-stream"
-                )
+                raise _StreamBreak("SIM_BREAK_STREAM: aborting the connection mid-stream")
         if break_stream:
             self.stats.add_usage(prompt_tokens, sent_tokens)
             raise _StreamBreak("SIM_BREAK_STREAM: aborting the connection mid-stream")
@@ -806,48 +777,36 @@ def _env(name: str) -> str | None:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m devtools.simulator", description="Azure OpenAI simulator"
-    )
+    parser = argparse.ArgumentParser(prog="python -m devtools.simulator", description="Azure OpenAI simulator")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
-    parser.add_argument(
-        "--latency-ms", type=float, default=float(_env("SIM_LATENCY_MS") or 0)
-    )
-    parser.add_argument(
-        "--ttft-ms", type=float, default=float(_env("SIM_TTFT_MS") or 0)
-    )
+    parser.add_argument("--latency-ms", type=float, default=float(_env("SIM_LATENCY_MS") or 0))
+    parser.add_argument("--ttft-ms", type=float, default=float(_env("SIM_TTFT_MS") or 0))
     parser.add_argument(
         "--tokens-per-second",
         type=float,
         default=float(_env("SIM_TOKENS_PER_SECOND") or 0),
     )
-    parser.add_argument(
-        "--rpm-limit", type=int, default=int(_env("SIM_RPM_LIMIT") or 0)
-    )
+    parser.add_argument("--rpm-limit", type=int, default=int(_env("SIM_RPM_LIMIT") or 0))
     parser.add_argument("--api-key", default=_env("SIM_API_KEY"))
     parser.add_argument("--bearer-token", default=_env("SIM_BEARER_TOKEN"))
     parser.add_argument("--completion-tokens", type=int, default=12)
     return parser.parse_args(argv)
 
 
-async def _serve(app: Simulator, host: str, port: int) -> None:
+def _serve(app: Simulator, host: str, port: int) -> None:
     import uvicorn
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    real_port = sock.getsockname()[1]
+    # Listening before uvicorn starts: connections made once the line is printed wait in the backlog.
+    sock.listen(2048)
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    print(f"simulator listening on http://{shown}:{sock.getsockname()[1]}", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started and not task.done():
-        await asyncio.sleep(0.01)
-    if server.started:
-        shown = f"[{host}]" if family == socket.AF_INET6 else host
-        print(f"simulator listening on http://{shown}:{real_port}", flush=True)
-    await task
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -862,7 +821,7 @@ def main(argv: list[str] | None = None) -> None:
         completion_tokens=args.completion_tokens,
         rpm_limit=args.rpm_limit,
     )
-    asyncio.run(_serve(create_app(config), args.host, args.port))
+    _serve(create_app(config), args.host, args.port)
 
 
 if __name__ == "__main__":

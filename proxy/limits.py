@@ -99,6 +99,7 @@ class Ledger:
     """Reads and conditionally writes the per-attendee day entities."""
 
     def __init__(self, tables: Tables) -> None:
+        self._tables = tables
         self._table = tables.usage
         self._cache: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -202,7 +203,7 @@ class Ledger:
                 )
             )
         else:
-            metadata = await guarded(self._table.create_entity(entity))
+            metadata = await self._tables.insert(self._table, entity)
         return str(metadata["etag"])
 
 

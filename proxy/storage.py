@@ -65,6 +65,14 @@ class Tables:
             with suppress(ResourceExistsError):
                 await guarded(table.create_table())
 
+    async def insert(self, table: TableClient, entity: dict[str, Any]) -> dict[str, Any]:
+        """Insert an entity; the first insert into fresh storage creates the tables."""
+        try:
+            return dict(await guarded(table.create_entity(entity)))
+        except ResourceNotFoundError:  # TableNotFound: an empty Azurite, say
+            await self.ensure()
+            return dict(await guarded(table.create_entity(entity)))
+
     async def aclose(self) -> None:
         for table in (self.events, self.usage, self.requests):
             await table.close()

@@ -29,7 +29,7 @@ from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
 from proxy.errors import StorageUnavailable
 from proxy.limits import Admission, Ledger, Settlement
-from proxy.storage import Tables, gathered, guarded
+from proxy.storage import Tables, gathered
 
 log = logging.getLogger("proxy.usage")
 
@@ -135,7 +135,7 @@ class UsageRecorder:
         if record.reached_upstream and not record._row_written:
             # A conflict means an earlier attempt wrote it and its answer was lost.
             with contextlib.suppress(ResourceExistsError):
-                await guarded(self._tables.requests.create_entity(record.row()))
+                await self._tables.insert(self._tables.requests, record.row())
             record._row_written = True
         await self._ledger.settle(record.event_id, record.user, record.admission, record.settlement())
 

@@ -6,17 +6,19 @@ import asyncio
 import signal
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import openai
 import pytest
 from openai import OpenAI
 
+from proxy.events import Event, EventStore, hash_code
+from proxy.settings import Settings
 from proxy.storage import Tables
 from proxy.usage import report
 from tests.conftest import MakeEvent
-from tests.support import app_env, azurite_connection_string, eventually, start_app, wait_for
+from tests.support import app_env, azurite_connection_string, eventually, start_app, start_azurite, wait_for
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 BREAK = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "SIM_BREAK_STREAM"}], "stream": True}
@@ -146,3 +148,27 @@ async def test_storage_outage_delays_usage_and_shutdown_drains_it(
         assert data["totals"]["requests"] == 5
     finally:
         service.stop()
+
+
+async def test_fresh_storage_without_usage_tables_works(simulator: str) -> None:
+    """Only the events table exists (as after creating an event): the first request creates the rest."""
+    azurite, connection_string = start_azurite()
+    settings = Settings.from_env({"STORAGE_CONNECTION_STRING": connection_string}, need_upstream=False)
+    fresh = Tables.create(settings, None)
+    service = None
+    try:
+        await fresh.events.create_table()
+        code = "FRESH-CODE"
+        now = datetime.now(UTC)
+        event = Event("fresh", "Fresh", hash_code(code), now - timedelta(hours=1), now + timedelta(hours=1))
+        await EventStore(fresh, 0).create(event)
+        service, url = start_app(app_env(connection_string, simulator))
+        response = httpx.post(f"{url}/api/v1/chat/completions", json=CHAT, headers={"api-key": f"{code}/alice"})
+        assert response.status_code == 200, response.text
+        data = await eventually(lambda: report(fresh, "fresh", "user"), lambda d: d["totals"]["requests"] == 1)
+        assert data["rows"][0]["key"] == "alice"
+    finally:
+        if service is not None:
+            service.stop()
+        await fresh.aclose()
+        azurite.stop()

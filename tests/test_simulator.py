@@ -122,9 +122,7 @@ def test_chat_non_stream(sim: SimProcess) -> None:
     assert completion.usage.completion_tokens == 5
     assert completion.usage.total_tokens == completion.usage.prompt_tokens + 5
 
-    full = sim.client().chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], n=2
-    )
+    full = sim.client().chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], n=2)
     assert [c.finish_reason for c in full.choices] == ["stop", "stop"]
     assert full.usage is not None and full.usage.completion_tokens == 24
 
@@ -161,10 +159,7 @@ def test_chat_stream_with_usage(sim: SimProcess) -> None:
     assert events[-1] == "[DONE]"
     first = orjson.loads(events[0])
     assert first["choices"] == [] and first["model"] == ""
-    assert (
-        first["prompt_filter_results"][0]["content_filter_results"]["hate"]["filtered"]
-        is False
-    )
+    assert first["prompt_filter_results"][0]["content_filter_results"]["hate"]["filtered"] is False
     role_chunk = orjson.loads(events[1])
     assert role_chunk["choices"][0]["delta"] == {
         "role": "assistant",
@@ -183,9 +178,7 @@ def test_break_stream_aborts_connection(sim: SimProcess) -> None:
     seen: list[str] = []
     with (
         pytest.raises(httpx.TransportError),
-        httpx.stream(
-            "POST", _chat_url(sim.url), headers={"api-key": "k"}, json=body, timeout=5
-        ) as raw,
+        httpx.stream("POST", _chat_url(sim.url), headers={"api-key": "k"}, json=body, timeout=5) as raw,
     ):
         seen.extend(line for line in raw.iter_lines() if line.startswith("data: "))
     assert "data: [DONE]" not in seen
@@ -198,17 +191,11 @@ def test_embeddings(sim: SimProcess) -> None:
     vec = result.data[0].embedding
     assert len(vec) == 1536 and all(isinstance(v, float) for v in vec)
     assert math.isclose(math.fsum(v * v for v in vec), 1.0, rel_tol=1e-4)
-    again = client.embeddings.create(
-        model="text-embedding-3-small", input="a", dimensions=256
-    )
+    again = client.embeddings.create(model="text-embedding-3-small", input="a", dimensions=256)
     assert len(again.data[0].embedding) == 256
-    floats = client.embeddings.create(
-        model="text-embedding-3-small", input="a", encoding_format="float"
-    )
+    floats = client.embeddings.create(model="text-embedding-3-small", input="a", encoding_format="float")
     assert floats.data[0].embedding == pytest.approx(vec, abs=1e-6)
-    tokens = client.embeddings.create(
-        model="text-embedding-3-small", input=[[1, 2, 3], [4, 5]]
-    )
+    tokens = client.embeddings.create(model="text-embedding-3-small", input=[[1, 2, 3], [4, 5]])
     assert tokens.usage.prompt_tokens == 5
 
 
@@ -217,9 +204,7 @@ def test_wrong_operation_and_unknown_deployment(sim: SimProcess) -> None:
         sim.client().embeddings.create(model="gpt-4o-mini", input="x")
     assert bad.value.code == "OperationNotSupported"
     with pytest.raises(openai.NotFoundError) as missing:
-        sim.client().chat.completions.create(
-            model="nope", messages=[{"role": "user", "content": "x"}]
-        )
+        sim.client().chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     assert missing.value.code == "DeploymentNotFound"
 
 
@@ -249,9 +234,7 @@ def test_missing_api_version_and_auth(sim: SimProcess) -> None:
     assert resp.status_code == 401
     assert resp.json()["error"]["code"] == "401"
     assert resp.json()["error"]["message"].startswith("Access denied due to missing")
-    resp = httpx.post(
-        _chat_url(sim.url), headers={"api-key": "k"}, content=b"{not json"
-    )
+    resp = httpx.post(_chat_url(sim.url), headers={"api-key": "k"}, content=b"{not json")
     assert resp.status_code == 400
     assert httpx.get(f"{sim.url}/whatever").status_code == 404
 
@@ -263,10 +246,7 @@ def test_rate_limit_and_key(limited_sim: SimProcess) -> None:
         )
     body = {"messages": [{"role": "user", "content": "x"}]}
     headers = {"api-key": "secret"}
-    statuses = [
-        httpx.post(_chat_url(limited_sim.url), headers=headers, json=body).status_code
-        for _ in range(2)
-    ]
+    statuses = [httpx.post(_chat_url(limited_sim.url), headers=headers, json=body).status_code for _ in range(2)]
     assert statuses == [200, 200]
     resp = httpx.post(_chat_url(limited_sim.url), headers=headers, json=body)
     assert resp.status_code == 429
@@ -275,9 +255,7 @@ def test_rate_limit_and_key(limited_sim: SimProcess) -> None:
     assert resp.headers["x-ratelimit-remaining-requests"] == "0"
     assert "exceeded call rate limit" in resp.json()["error"]["message"]
     # Bearer tokens are accepted (any token, since no --bearer-token was configured).
-    resp = httpx.post(
-        _chat_url(limited_sim.url), headers={"Authorization": "Bearer tok"}, json=body
-    )
+    resp = httpx.post(_chat_url(limited_sim.url), headers={"Authorization": "Bearer tok"}, json=body)
     assert resp.status_code == 429
 
 
