@@ -279,7 +279,7 @@ class EventStore:
 
     async def create(self, event: Event) -> Event:
         await self._claim_code(event.code_hash, event.id)
-        await guarded(self._tables.events.create_entity(event.to_entity()))
+        await self._tables.insert(self._tables.events, event.to_entity())
         return event
 
     async def save(self, event: Event) -> Event:
@@ -304,9 +304,8 @@ class EventStore:
 
     async def _claim_code(self, code_hash: str, event_id: str) -> None:
         try:
-            await guarded(
-                self._tables.events.create_entity({"PartitionKey": _CODE_PK, "RowKey": code_hash, "event_id": event_id})
-            )
+            index = {"PartitionKey": _CODE_PK, "RowKey": code_hash, "event_id": event_id}
+            await self._tables.insert(self._tables.events, index)
         except ResourceExistsError:
             raise InvalidRequest("This code is already used by another event; choose another.", param="code") from None
 

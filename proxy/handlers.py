@@ -3,7 +3,7 @@
 ``Proxy`` holds the clients (tables, upstream, credential) created once per
 worker; ``function_app.py`` registers its handlers as Azure Functions and the
 dev host serves the very same ones. Errors are turned into responses in one
-place (``_answering``) and, for streams already under way, in
+place (``answering``) and, for streams already under way, in
 ``proxy.streaming``.
 
 A chat or embeddings request costs, on its critical path: the cached event
@@ -62,7 +62,7 @@ def error_response(error: ProxyError) -> Response:
     return Response(error.body(), status_code=error.status, headers=error.headers, media_type=_JSON)
 
 
-def _answering(handler: Handler) -> Handler:
+def answering(handler: Handler) -> Handler:
     """Turn a ``ProxyError`` raised by a handler into its OpenAI-shaped response."""
 
     @functools.wraps(handler)
@@ -131,22 +131,22 @@ class Proxy:
 
     # Attendee routes
 
-    @_answering
+    @answering
     async def chat(self, request: Request, deployment: str | None = None) -> Response:
         return await self._forward(request, "chat", deployment)
 
-    @_answering
+    @answering
     async def embeddings(self, request: Request, deployment: str | None = None) -> Response:
         return await self._forward(request, "embeddings", deployment)
 
-    @_answering
+    @answering
     async def models(self, request: Request) -> Response:
         caller = await self._caller(request)
         created = int(caller.event.created_at.timestamp())
         data = [{"id": m, "object": "model", "created": created, "owned_by": "event"} for m in caller.event.models]
         return Response(orjson.dumps({"object": "list", "data": data}), media_type=_JSON)
 
-    @_answering
+    @answering
     async def event_info(self, request: Request) -> Response:
         caller = await self._caller(request)
         event, now = caller.event, self._clock()
@@ -193,7 +193,7 @@ class Proxy:
             return Response(orjson.dumps({"status": "unavailable", "storage": "unreachable"}), 503, media_type=_JSON)
         return Response(orjson.dumps({"status": "ok", "storage": "ok"}), media_type=_JSON)
 
-    @_answering
+    @answering
     async def not_found(self, request: Request, path: str = "") -> Response:
         raise NotFound(
             f"No route {request.method} {request.url.path}. Use /api/v1/chat/completions, "

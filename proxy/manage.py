@@ -33,8 +33,6 @@ from proxy.settings import Settings, SettingsError
 from proxy.storage import Tables
 from proxy.usage import FIGURES, GROUPINGS, report_csv
 
-_WRITES = frozenset({"create", "update", "rotate-code", "disable", "enable", "delete"})
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors."""
@@ -137,8 +135,6 @@ async def run(args: argparse.Namespace, store: EventStore, tables: Tables) -> No
             _print(args, data, _usage_table)
         return
     action: str = args.action
-    if action in _WRITES:
-        await tables.ensure()
     if action == "create":
         _print(args, await organizer.create_event(store, _fields(args)), _created)
     elif action == "list":

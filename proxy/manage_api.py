@@ -25,7 +25,7 @@ from starlette.responses import Response
 from proxy import organizer
 from proxy.errors import InvalidRequest, NotFound, OrganizerApiDisabled, Unauthorized
 from proxy.events import EventStore
-from proxy.handlers import _answering
+from proxy.handlers import answering
 from proxy.payload import read_json
 from proxy.settings import Settings
 from proxy.storage import Tables
@@ -39,20 +39,18 @@ class OrganizerApi:
 
     def __init__(self, settings: Settings, tables: Tables, events: EventStore) -> None:
         self.settings, self.tables, self.store = settings, tables, events
-        self._tables_ready = False
 
-    @_answering
+    @answering
     async def events(self, request: Request) -> Response:
         self._authorize(request)
         if request.method == "POST":
             fields = await read_json(request, self.settings.max_request_bytes)
-            await self._ensure_tables()
             return _json(await organizer.create_event(self.store, fields), status=201)
         if request.method == "GET":
             return _json(await organizer.list_events(self.store))
         raise _no_method(request)
 
-    @_answering
+    @answering
     async def event(self, request: Request, event_id: str) -> Response:
         self._authorize(request)
         if request.method == "GET":
@@ -64,7 +62,7 @@ class OrganizerApi:
             return _json(await organizer.delete_event(self.store, event_id))
         raise _no_method(request)
 
-    @_answering
+    @answering
     async def rotate_code(self, request: Request, event_id: str) -> Response:
         self._authorize(request)
         fields: dict[str, Any] = {}
@@ -75,7 +73,7 @@ class OrganizerApi:
                 raise InvalidRequest(f"Unknown field '{name}': only 'code' may be sent.", param=str(name))
         return _json(await organizer.rotate_code(self.store, event_id, fields.get("code")))
 
-    @_answering
+    @answering
     async def usage(self, request: Request, event_id: str) -> Response:
         self._authorize(request)
         data = await organizer.usage_report(self.store, self.tables, event_id, request.query_params.get("by", "user"))
@@ -87,12 +85,6 @@ class OrganizerApi:
                 headers={"content-disposition": f'attachment; filename="{filename}"'},
             )
         return _json(data)
-
-    async def _ensure_tables(self) -> None:
-        # Bicep creates the tables in Azure; a fresh Azurite has none until the first event.
-        if not self._tables_ready:
-            await self.tables.ensure()
-            self._tables_ready = True
 
     def _authorize(self, request: Request) -> None:
         expected = self.settings.organizer_key
