@@ -26,30 +26,60 @@ CLI::
 
 Options may also come from ``SIM_LATENCY_MS``, ``SIM_TTFT_MS``, ``SIM_TOKENS_PER_SECOND``,
 ``SIM_RPM_LIMIT``, ``SIM_API_KEY``, ``SIM_BEARER_TOKEN`` (the CLI wins).
+
+The Azure wire format itself (bodies, error texts, vectors) lives in ``devtools.azure_wire``.
 """
 
 from __future__ import annotations
 
 import argparse
-import array
 import asyncio
-import base64
-import hashlib
 import logging
 import math
 import os
 import re
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
+
+from devtools.azure_wire import (
+    DEFAULT_DIMENSIONS,
+    MAX_DIMENSIONS,
+    MSG_DEPLOYMENT_NOT_FOUND,
+    MSG_INVALID_AUTH,
+    MSG_MISSING_AUTH,
+    MSG_NOT_FOUND,
+    MSG_SERVER_ERROR,
+    MSG_UNPARSEABLE_BODY,
+    REQUESTS_UNLIMITED,
+    SSE_DONE,
+    TOKENS_PER_MINUTE_UNLIMITED,
+    BadRequest,
+    base64_floats,
+    chat_completion,
+    chunk_base,
+    completion_words,
+    content_filter_error_body,
+    count_prompt_tokens,
+    embedding_inputs,
+    embeddings_response,
+    error_body,
+    invalid_request_body,
+    last_user_text,
+    operation_not_supported_body,
+    prompt_filter_chunk,
+    rate_limit_body,
+    rate_limit_headers,
+    stream_chunk,
+    usage,
+    vector,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -57,70 +87,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-CHAT_MODEL = "gpt-4o-mini-2024-07-18"
-EMBEDDING_MODEL = "text-embedding-3-small"
-SYSTEM_FINGERPRINT = "fp_d54531d9eb"
-DEFAULT_DIMENSIONS = 1536
-TOKENS_PER_MINUTE_UNLIMITED = 10_000_000
-REQUESTS_UNLIMITED = 100_000
-
-_SAFE = {"filtered": False, "severity": "safe"}
-CONTENT_FILTER_RESULTS: dict[str, Any] = {
-    "hate": _SAFE,
-    "self_harm": _SAFE,
-    "sexual": _SAFE,
-    "violence": _SAFE,
-}
-PROMPT_FILTER_RESULTS: list[dict[str, Any]] = [{"prompt_index": 0, "content_filter_results": CONTENT_FILTER_RESULTS}]
-_WORDS = (
-    "lorem",
-    "ipsum",
-    "dolor",
-    "sit",
-    "amet",
-    "consectetur",
-    "adipiscing",
-    "elit",
-    "sed",
-    "do",
-    "eiusmod",
-    "tempor",
-    "incididunt",
-    "ut",
-    "labore",
-    "et",
-    "dolore",
-    "magna",
-    "aliqua",
-    "ut",
-    "enim",
-    "ad",
-    "minim",
-    "veniam",
-    "quis",
-    "nostrud",
-)
 _SLOW_RE = re.compile(r"SIM_SLOW_MS=(\d+(?:\.\d+)?)")
-
-MSG_MISSING_AUTH = (
-    "Access denied due to missing subscription key or Bearer token. Make sure to include "
-    "subscription key or Bearer token when making requests to an API."
-)
-MSG_INVALID_AUTH = (
-    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to "
-    "provide a valid key for an active subscription and use a correct regional API "
-    "endpoint for your resource."
-)
-MSG_DEPLOYMENT_NOT_FOUND = (
-    "The API deployment for this resource does not exist. If you created the deployment "
-    "within the last 5 minutes, please wait a moment and try again."
-)
-MSG_CONTENT_FILTER = (
-    "The response was filtered due to the prompt triggering Azure OpenAI's content "
-    "management policy. Please modify your prompt and retry. To learn more about our "
-    "content filtering policies please read our documentation: "
-    "https://go.microsoft.com/fwlink/?linkid=2198766"
-)
 
 
 class _StreamBreak(RuntimeError):
@@ -177,95 +144,8 @@ class _Stats:
             "last_body": self.last_body,
             "last_headers": self.last_headers,
             "last_query": self.last_query,
-            "usage": {
-                "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-            },
+            "usage": usage(self.prompt_tokens, self.completion_tokens),
         }
-
-
-class _BadRequest(Exception):
-    """A client error to be reported in Azure's ``invalid_request_error`` shape."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts: list[str] = []
-        for part in content:
-            if isinstance(part, dict) and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            elif isinstance(part, str):
-                parts.append(part)
-        return " ".join(parts)
-    return ""
-
-
-def _count_prompt_tokens(messages: list[Any]) -> int:
-    chars = 0
-    for msg in messages:
-        if isinstance(msg, dict):
-            chars += len(_text_of(msg.get("content")))
-    return max(1, chars // 4 + 3 * len(messages))
-
-
-def _last_user_text(messages: list[Any]) -> str:
-    for msg in reversed(messages):
-        if isinstance(msg, dict) and msg.get("role") == "user":
-            return _text_of(msg.get("content"))
-    return ""
-
-
-@lru_cache(maxsize=64)
-def _completion_words(count: int) -> tuple[str, ...]:
-    return tuple(_WORDS[i % len(_WORDS)] for i in range(count))
-
-
-@lru_cache(maxsize=4096)
-def _vector(key: bytes, dims: int) -> tuple[float, ...]:
-    raw = hashlib.shake_256(key).digest(dims * 2)
-    ints = memoryview(raw).cast("h")
-    norm = math.sqrt(sum(v * v for v in ints)) or 1.0
-    return tuple(v / norm for v in ints)
-
-
-def _embedding_inputs(value: Any) -> list[tuple[bytes, int]]:
-    """Return (hash key, token count) per input item; raise _BadRequest if malformed."""
-    if isinstance(value, str):
-        return [(value.encode(), max(1, len(value) // 4))]
-    if isinstance(value, list) and value:
-        if all(isinstance(v, str) for v in value):
-            return [(v.encode(), max(1, len(v) // 4)) for v in value]
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return [(orjson.dumps(value), len(value))]
-        if all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value):
-            return [(orjson.dumps(v), len(v)) for v in value]
-    raise _BadRequest(
-        "'input' must be a non-empty string, array of strings, array of tokens, or array of token arrays.",
-        "input",
-    )
-
-
-def _error(code: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message}}
-
-
-def _invalid_request(message: str, param: str | None = None) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": message,
-            "type": "invalid_request_error",
-            "param": param,
-            "code": None,
-        }
-    }
 
 
 class Simulator:
@@ -301,13 +181,7 @@ class Simulator:
         else:
             remaining_req = REQUESTS_UNLIMITED
             remaining_tok = max(0, TOKENS_PER_MINUTE_UNLIMITED - self._window_tokens)
-        request_id = str(uuid.uuid4()).encode()
-        return [
-            (b"x-ratelimit-remaining-requests", str(remaining_req).encode()),
-            (b"x-ratelimit-remaining-tokens", str(remaining_tok).encode()),
-            (b"apim-request-id", request_id),
-            (b"x-request-id", request_id),
-        ]
+        return rate_limit_headers(remaining_req, remaining_tok)
 
     async def _send_json(
         self,
@@ -393,7 +267,7 @@ class Simulator:
                 self._window_tokens = 0
                 await self._send_json(send, 200, {"ok": True})
                 return
-            await self._send_json(send, 404, _error("404", "Resource not found"))
+            await self._send_json(send, 404, error_body("404", MSG_NOT_FOUND))
             return
 
         parts = path.strip("/").split("/")
@@ -407,13 +281,13 @@ class Simulator:
             elif rest == "embeddings":
                 operation = "embeddings"
         if not operation or method != "POST":
-            await self._send_json(send, 404, _error("404", "Resource not found"))
+            await self._send_json(send, 404, error_body("404", MSG_NOT_FOUND))
             return
 
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         ok, auth_message = self._check_auth(headers)
         if not ok:
-            await self._send_json(send, 401, _error("401", auth_message))
+            await self._send_json(send, 401, error_body("401", auth_message))
             return
 
         query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
@@ -436,61 +310,34 @@ class Simulator:
         api_version = query.get("api-version", "")
         wait = self._rate_limited()
         if wait is not None:
-            op_name = "ChatCompletions_Create" if operation == "chat" else "Embeddings_Create"
             seconds = math.ceil(wait)
-            message = (
-                f"Requests to the {op_name} Operation under Azure OpenAI API version "
-                f"{api_version or 'unknown'} have exceeded call rate limit of your current "
-                f"OpenAI S0 pricing tier. Please retry after {seconds} seconds. Please go "
-                "here: https://aka.ms/oai/quotaincrease if you would like to further "
-                "increase the default rate limit."
-            )
             extra = [
                 (b"retry-after", str(seconds).encode()),
                 (b"retry-after-ms", str(math.ceil(wait * 1000)).encode()),
             ]
-            await self._send_json(send, 429, _error("429", message), extra)
+            await self._send_json(send, 429, rate_limit_body(operation, api_version, seconds), extra)
             return
 
         if not api_version:
-            await self._send_json(send, 404, _error("404", "Resource not found"))
+            await self._send_json(send, 404, error_body("404", MSG_NOT_FOUND))
             return
         dep_kind = self.config.deployments.get(deployment)
         if dep_kind is None:
-            await self._send_json(send, 404, _error("DeploymentNotFound", MSG_DEPLOYMENT_NOT_FOUND))
+            await self._send_json(send, 404, error_body("DeploymentNotFound", MSG_DEPLOYMENT_NOT_FOUND))
             return
         if dep_kind != operation:
-            await self._send_json(
-                send,
-                400,
-                _error(
-                    "OperationNotSupported",
-                    f"The {'chatCompletion' if operation == 'chat' else 'embeddings'} "
-                    f"operation does not work with the specified model, {deployment}. "
-                    "Please choose different model and try again. You can learn more "
-                    "about which models can be used with each operation here: "
-                    "https://go.microsoft.com/fwlink/?linkid=2197993.",
-                ),
-            )
+            await self._send_json(send, 400, operation_not_supported_body(operation, deployment))
             return
         if parse_failed or not isinstance(body, dict):
-            await self._send_json(
-                send,
-                400,
-                _invalid_request(
-                    "We could not parse the JSON body of your request. (HINT: This likely "
-                    "means you aren't using your HTTP library correctly. The OpenAI API "
-                    "expects a JSON payload, but what was sent was not valid JSON."
-                ),
-            )
+            await self._send_json(send, 400, invalid_request_body(MSG_UNPARSEABLE_BODY))
             return
         try:
             if operation == "chat":
                 await self._chat(body, send)
             else:
                 await self._embeddings(body, send)
-        except _BadRequest as exc:
-            await self._send_json(send, 400, _invalid_request(exc.message, exc.param))
+        except BadRequest as exc:
+            await self._send_json(send, 400, invalid_request_body(exc.message, exc.param))
 
     async def _delay(self, extra_ms: float = 0) -> None:
         total = self.config.latency_ms + extra_ms
@@ -498,77 +345,51 @@ class Simulator:
             await asyncio.sleep(total / 1000)
 
     async def _embeddings(self, body: dict[str, Any], send: Send) -> None:
-        items = _embedding_inputs(body.get("input"))
+        items = embedding_inputs(body.get("input"))
         dims = body.get("dimensions", DEFAULT_DIMENSIONS)
         if dims is None:
             dims = DEFAULT_DIMENSIONS
-        if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= 3072:
-            raise _BadRequest("'dimensions' must be an integer between 1 and 3072.", "dimensions")
+        if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= MAX_DIMENSIONS:
+            raise BadRequest(f"'dimensions' must be an integer between 1 and {MAX_DIMENSIONS}.", "dimensions")
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
-            raise _BadRequest("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
+            raise BadRequest("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
         data: list[dict[str, Any]] = []
         prompt_tokens = 0
         for index, (key, tokens) in enumerate(items):
             prompt_tokens += tokens
-            vec = _vector(key, dims)
-            embedding: Any
-            if fmt == "base64":
-                packed = array.array("f", vec)
-                if sys.byteorder != "little":
-                    packed.byteswap()
-                embedding = base64.b64encode(packed.tobytes()).decode()
-            else:
-                embedding = vec
+            vec = vector(key, dims)
+            embedding: Any = base64_floats(vec) if fmt == "base64" else vec
             data.append({"object": "embedding", "index": index, "embedding": embedding})
         await self._delay()
         self._window_tokens += prompt_tokens
         self.stats.add_usage(prompt_tokens, 0)
-        await self._send_json(
-            send,
-            200,
-            {
-                "object": "list",
-                "data": data,
-                "model": EMBEDDING_MODEL,
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "total_tokens": prompt_tokens,
-                },
-            },
-        )
+        await self._send_json(send, 200, embeddings_response(data, prompt_tokens))
 
     async def _chat(self, body: dict[str, Any], send: Send) -> None:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise _BadRequest(
+            raise BadRequest(
                 "'messages' is a required property and must be a non-empty array.",
                 "messages",
             )
-        last_user = _last_user_text(messages)
+        last_user = last_user_text(messages)
         slow = _SLOW_RE.search(last_user)
         extra_ms = float(slow.group(1)) if slow else 0.0
         if "SIM_CONTENT_FILTER" in last_user:
             await self._delay(extra_ms)
-            await self._send_json(send, 400, _content_filter_error())
+            await self._send_json(send, 400, content_filter_error_body())
             return
         if "SIM_SERVER_ERROR" in last_user:
             await self._delay(extra_ms)
-            await self._send_json(
-                send,
-                500,
-                _error(
-                    "InternalServerError",
-                    "The server had an error while processing your request. Sorry about that!",
-                ),
-            )
+            await self._send_json(send, 500, error_body("InternalServerError", MSG_SERVER_ERROR))
             return
 
         cap = body.get("max_completion_tokens")
         if cap is None:
             cap = body.get("max_tokens")
         if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
-            raise _BadRequest("'max_tokens' must be a positive integer.", "max_tokens")
+            raise BadRequest("'max_tokens' must be a positive integer.", "max_tokens")
         count = self.config.completion_tokens
         finish = "stop"
         if cap is not None and cap < count:
@@ -576,9 +397,9 @@ class Simulator:
             finish = "length"
         n = body.get("n") or 1
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 128:
-            raise _BadRequest("'n' must be an integer between 1 and 128.", "n")
-        prompt_tokens = _count_prompt_tokens(messages)
-        words = _completion_words(count)
+            raise BadRequest("'n' must be an integer between 1 and 128.", "n")
+        prompt_tokens = count_prompt_tokens(messages)
+        words = completion_words(count)
         completion_id = "chatcmpl-" + uuid.uuid4().hex[:29]
         created = int(time.time())
 
@@ -607,33 +428,15 @@ class Simulator:
         await self._send_json(
             send,
             200,
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": CHAT_MODEL,
-                "system_fingerprint": SYSTEM_FINGERPRINT,
-                "prompt_filter_results": PROMPT_FILTER_RESULTS,
-                "choices": [
-                    {
-                        "index": i,
-                        "finish_reason": finish,
-                        "logprobs": None,
-                        "message": {
-                            "role": "assistant",
-                            "content": content,
-                            "refusal": None,
-                        },
-                        "content_filter_results": CONTENT_FILTER_RESULTS,
-                    }
-                    for i in range(n)
-                ],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
-            },
+            chat_completion(
+                completion_id=completion_id,
+                created=created,
+                content=content,
+                n=n,
+                finish=finish,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+            ),
         )
 
     async def _stream(
@@ -659,15 +462,7 @@ class Simulator:
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
 
-        base: dict[str, Any] = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": CHAT_MODEL,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-        }
-        if include_usage:
-            base["usage"] = None
+        base = chunk_base(completion_id, created, include_usage)
 
         async def emit(payload: Any) -> None:
             await send(
@@ -678,44 +473,20 @@ class Simulator:
                 }
             )
 
-        def chunk(delta: dict[str, Any], index: int, reason: str | None = None) -> dict[str, Any]:
-            return {
-                **base,
-                "choices": [
-                    {
-                        "index": index,
-                        "delta": delta,
-                        "finish_reason": reason,
-                        "logprobs": None,
-                        "content_filter_results": CONTENT_FILTER_RESULTS if delta else {},
-                    }
-                ],
-            }
-
-        first: dict[str, Any] = {
-            "id": "",
-            "object": "",
-            "created": 0,
-            "model": "",
-            "choices": [],
-            "prompt_filter_results": PROMPT_FILTER_RESULTS,
-        }
-        if include_usage:
-            first["usage"] = None
-        await emit(first)
+        await emit(prompt_filter_chunk(include_usage))
         if cfg.ttft_ms > 0:
             await asyncio.sleep(cfg.ttft_ms / 1000)
         gap = 1.0 / cfg.tokens_per_second if cfg.tokens_per_second > 0 else 0.0
 
         for i in range(n):
-            await emit(chunk({"role": "assistant", "content": "", "refusal": None}, i))
+            await emit(stream_chunk(base, {"role": "assistant", "content": "", "refusal": None}, i))
         sent_tokens = 0
         for pos, word in enumerate(words):
             if gap and pos:
                 await asyncio.sleep(gap)
             text = word if pos == 0 else " " + word
             for i in range(n):
-                await emit(chunk({"content": text}, i))
+                await emit(stream_chunk(base, {"content": text}, i))
             sent_tokens += n
             if break_stream and pos == 1:
                 self.stats.add_usage(prompt_tokens, sent_tokens)
@@ -724,43 +495,13 @@ class Simulator:
             self.stats.add_usage(prompt_tokens, sent_tokens)
             raise _StreamBreak("SIM_BREAK_STREAM: aborting the connection mid-stream")
         for i in range(n):
-            await emit(chunk({}, i, finish))
+            await emit(stream_chunk(base, {}, i, finish))
         completion_tokens = len(words) * n
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
         if include_usage:
-            await emit({**base, "choices": [], "usage": usage})
+            await emit({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
         self._window_tokens += prompt_tokens + completion_tokens
         self.stats.add_usage(prompt_tokens, completion_tokens)
-        await send(
-            {
-                "type": "http.response.body",
-                "body": b"data: [DONE]\n\n",
-                "more_body": False,
-            }
-        )
-
-
-def _content_filter_error() -> dict[str, Any]:
-    result = dict(CONTENT_FILTER_RESULTS)
-    result["violence"] = {"filtered": True, "severity": "medium"}
-    result["jailbreak"] = {"filtered": False, "detected": False}
-    return {
-        "error": {
-            "message": MSG_CONTENT_FILTER,
-            "type": None,
-            "param": "prompt",
-            "code": "content_filter",
-            "status": 400,
-            "innererror": {
-                "code": "ResponsibleAIPolicyViolation",
-                "content_filter_result": result,
-            },
-        }
-    }
+        await send({"type": "http.response.body", "body": SSE_DONE, "more_body": False})
 
 
 def create_app(config: SimulatorConfig | None = None) -> Simulator:

@@ -30,8 +30,9 @@ Storage cost per request, on the critical path:
 - a refusal is confirmed by a fresh read (1 operation) so that a stale cache
   never refuses a request that another instance's refund would allow.
 
-Off the critical path, settling a request is 1 conditional write here (and one
-insert of the request row, see ``proxy.usage``).
+Off the critical path, requests are settled in batches: one conditional write
+per attendee and flush, whatever the number of requests it carries (and one
+transaction per 100 request rows, see ``proxy.usage``).
 
 Requests of one attendee are serialised per worker by a lock, so races happen
 only between instances, never within one.
@@ -175,16 +176,17 @@ class Ledger:
                 )
         raise StorageUnavailable("Too much contention on the usage counters; try again in a moment.")
 
-    async def settle(self, event_id: str, user: str, admission: Admission, settlement: Settlement) -> None:
-        """Add a finished request's figures to its day (retried on races)."""
-        key = (event_id, f"{admission.day}|{user}")
+    async def settle(self, event_id: str, user: str, day: str, finished: list[tuple[Admission, Settlement]]) -> None:
+        """Add finished requests' figures to one attendee's day, in one write (retried on races)."""
+        key = (event_id, f"{day}|{user}")
         async with self._lock(key):
             state = self._cache.get(key)
             for _ in range(MAX_ATTEMPTS):
                 if state is None:
                     state = await self._fetch(key)
-                etag, entity = state
-                updated = _settled(entity, user, admission, settlement)
+                etag, updated = state
+                for admission, settlement in finished:
+                    updated = _settled(updated, user, admission, settlement)
                 try:
                     new_etag = await self._write(key, etag, updated)
                 except (ResourceModifiedError, ResourceExistsError):

@@ -1,12 +1,14 @@
 """Usage: recording each upstream request, and the reports organizers read.
 
 Recording happens off the response's critical path. A finished request hands a
-``UsageRecord`` to the ``UsageRecorder``; its workers write the request row
-(``proxyrequests``, ``PartitionKey=<event id>``,
-``RowKey="<YYYY-MM-DD>|<request id>"``, an insert, so a retried write is
-recorded once) and settle the attendee's day in ``proxy.limits``. A storage
-outage delays these writes (retried with backoff, without limit) and never
-drops them; ``drain()`` waits for everything pending at graceful shutdown.
+``UsageRecord`` to the ``UsageRecorder``, which writes in batches every
+``FLUSH_SECONDS``: the request rows (``proxyrequests``,
+``PartitionKey=<event id>``, ``RowKey="<YYYY-MM-DD>|<request id>"``, inserted
+in transactions, so a retried write is recorded once) and the attendees' days
+in ``proxy.limits``. A storage outage delays these writes (retried with
+backoff, without limit) and never drops them; ``drain()`` stores everything
+pending at graceful shutdown. Recorded tokens (for the daily token cap and
+the TPM correction) therefore lag the answers by about ``FLUSH_SECONDS``.
 
 Reports read the per-attendee day entities of ``proxyusage`` only (one
 partition query per event), never the request rows, so they stay fast for
@@ -25,7 +27,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
-from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
+from azure.data.tables import TableTransactionError
 
 from proxy.errors import StorageUnavailable
 from proxy.limits import Admission, Ledger, Settlement
@@ -33,7 +36,8 @@ from proxy.storage import Tables, gathered
 
 log = logging.getLogger("proxy.usage")
 
-WORKERS = 16
+FLUSH_SECONDS = 0.2
+TRANSACTION_SIZE = 100  # Table Storage's limit per transaction
 MAX_BACKOFF_SECONDS = 10.0
 
 GroupBy = Literal["user", "model", "day"]
@@ -60,7 +64,8 @@ class UsageRecord:
     completion_tokens: int = 0
     total_tokens: int = 0
     reached_upstream: bool = False
-    _row_written: bool = field(default=False, repr=False)
+    row_written: bool = field(default=False, repr=False)
+    settled: bool = field(default=False, repr=False)
 
     def row(self) -> dict[str, Any]:
         return {
@@ -91,68 +96,115 @@ class UsageRecord:
 
 
 class UsageRecorder:
-    """A queue of records and the workers that write them, retrying until stored."""
+    """Collects finished requests and stores them in batches, retrying until stored.
 
-    def __init__(self, tables: Tables, ledger: Ledger) -> None:
+    A flush waits ``flush_seconds`` after the first pending record so that a
+    busy worker writes many records at once: one transaction per 100 request
+    rows of an event, and one conditional write per attendee and day, however
+    many of that attendee's requests it carries.
+    """
+
+    def __init__(self, tables: Tables, ledger: Ledger, flush_seconds: float = FLUSH_SECONDS) -> None:
         self._tables = tables
         self._ledger = ledger
-        self._queue: asyncio.Queue[UsageRecord] | None = None
-        self._workers: list[asyncio.Task[None]] = []
+        self._flush_seconds = flush_seconds
+        self._pending: list[UsageRecord] = []
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
 
     @property
     def pending(self) -> int:
-        return 0 if self._queue is None else self._queue.qsize()
+        return len(self._pending)
 
     def submit(self, record: UsageRecord) -> None:
         """Queue a record; never blocks and never raises."""
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-            self._workers = [asyncio.create_task(self._work()) for _ in range(WORKERS)]
-        self._queue.put_nowait(record)
+        self._pending.append(record)
+        self._idle.clear()
+        self._wakeup.set()
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._run())
 
-    async def _work(self) -> None:
-        assert self._queue is not None
+    async def _run(self) -> None:
         while True:
-            record = await self._queue.get()
-            try:
-                await self._store(record)
-            finally:
-                self._queue.task_done()
+            await self._wakeup.wait()
+            if not self._closing:
+                await asyncio.sleep(self._flush_seconds)
+            batch, self._pending = self._pending, []
+            self._wakeup.clear()
+            await self._store(batch)
+            if not self._pending:
+                self._idle.set()
 
-    async def _store(self, record: UsageRecord) -> None:
+    async def _store(self, batch: list[UsageRecord]) -> None:
         backoff = 0.1
         while True:
             try:
-                await self.write(record)
+                await self.write(batch)
                 return
             except StorageUnavailable:
                 log.warning("usage write delayed: storage unavailable; retrying in %.1f s", backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
-    async def write(self, record: UsageRecord) -> None:
-        """Write one record now: its request row (once), then its day's figures."""
-        if record.reached_upstream and not record._row_written:
-            # A conflict means an earlier attempt wrote it and its answer was lost.
-            with contextlib.suppress(ResourceExistsError):
-                await self._tables.insert(self._tables.requests, record.row())
-            record._row_written = True
-        await self._ledger.settle(record.event_id, record.user, record.admission, record.settlement())
+    async def write(self, batch: list[UsageRecord]) -> None:
+        """Store records now: request rows (once each), then each attendee's day."""
+        rows: dict[str, list[UsageRecord]] = {}
+        for record in batch:
+            if record.reached_upstream and not record.row_written:
+                rows.setdefault(record.event_id, []).append(record)
+        for records in rows.values():
+            for start in range(0, len(records), TRANSACTION_SIZE):
+                await self._insert_rows(records[start : start + TRANSACTION_SIZE])
+        days: dict[tuple[str, str, str], list[UsageRecord]] = {}
+        for record in batch:
+            if not record.settled:
+                days.setdefault((record.event_id, record.user, record.admission.day), []).append(record)
+        # Wait for every attendee before retrying any, so no write is in flight twice.
+        outcomes = await asyncio.gather(
+            *(self._settle(key, records) for key, records in days.items()), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _insert_rows(self, records: list[UsageRecord]) -> None:
+        table = self._tables.requests
+        try:
+            await table.submit_transaction([("create", record.row()) for record in records])
+        except TableTransactionError:
+            # A row already there (an earlier attempt whose answer was lost) or
+            # a missing table: insert one by one, skipping what exists.
+            for record in records:
+                with contextlib.suppress(ResourceExistsError):
+                    await self._tables.insert(table, record.row())
+        except (AzureError, OSError) as exc:
+            raise StorageUnavailable("Table Storage cannot be reached to record usage.") from exc
+        for record in records:
+            record.row_written = True
+
+    async def _settle(self, key: tuple[str, str, str], records: list[UsageRecord]) -> None:
+        event_id, user, day = key
+        await self._ledger.settle(event_id, user, day, [(r.admission, r.settlement()) for r in records])
+        for record in records:
+            record.settled = True
 
     async def drain(self, timeout: float = 30.0) -> bool:
-        """Wait until every queued record is stored; True when nothing is left."""
-        if self._queue is None:
+        """Store everything pending now; True when nothing is left."""
+        if self._flusher is None:
             return True
+        self._closing = True
+        self._wakeup.set()
         try:
-            await asyncio.wait_for(self._queue.join(), timeout)
+            await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
-            log.error("usage drain timed out with %d records pending", self._queue.qsize())
+            log.error("usage drain timed out with %d records pending", len(self._pending))
             return False
         finally:
-            for worker in self._workers:
-                worker.cancel()
-            await asyncio.gather(*self._workers, return_exceptions=True)
-            self._queue, self._workers = None, []
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._flusher = None
         return True
 
 
