@@ -38,6 +38,8 @@ _CLIENT_OPTIONS: dict[str, Any] = {
     "retry_backoff_factor": 0.2,
     "connection_timeout": 5,
     "read_timeout": 10,
+    # No proxy lookup from the environment: aiohttp would do it in a thread on every call.
+    "use_env_settings": False,
 }
 
 

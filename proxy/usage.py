@@ -2,16 +2,19 @@
 
 Recording happens off the response's critical path. A finished request hands a
 ``UsageRecord`` to the ``UsageRecorder``, which writes in batches every
-``FLUSH_SECONDS``: the request rows (``proxyrequests``,
-``PartitionKey=<event id>``, ``RowKey="<YYYY-MM-DD>|<request id>"``, inserted
-in transactions, so a retried write is recorded once) and the attendees' days
-in ``proxy.limits``. A storage outage delays these writes (retried with
+``FLUSH_SECONDS``: the request log and the attendees' days (``proxy.limits``).
+The log holds one JSON record per upstream request (event, attendee, model,
+kind, stream, tokens, status, latency, time, request id), stored in chunks:
+one ``proxyrequests`` entity per event and flush (``PartitionKey=<event id>``,
+``RowKey="<YYYY-MM-DD>|<first request id>"``, the records in ``records``), so
+a busy worker writes its log in one insert rather than one per request, and
+a retried chunk conflicts instead of being recorded twice. A storage outage delays these writes (retried with
 backoff, without limit) and never drops them; ``drain()`` stores everything
 pending at graceful shutdown. Recorded tokens (for the daily token cap and
 the TPM correction) therefore lag the answers by about ``FLUSH_SECONDS``.
 
 Reports read the per-attendee day entities of ``proxyusage`` only (one
-partition query per event), never the request rows, so they stay fast for
+partition query per event), never the request log, so they stay fast for
 large events.
 """
 
@@ -27,8 +30,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
-from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
-from azure.data.tables import TableTransactionError
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
 from proxy.errors import StorageUnavailable
 from proxy.limits import Admission, Ledger, Settlement
@@ -37,7 +39,7 @@ from proxy.storage import Tables, gathered
 log = logging.getLogger("proxy.usage")
 
 FLUSH_SECONDS = 0.2
-TRANSACTION_SIZE = 100  # Table Storage's limit per transaction
+LOG_CHUNK_CHARS = 30_000  # a string property holds 32 K characters
 MAX_BACKOFF_SECONDS = 10.0
 
 GroupBy = Literal["user", "model", "day"]
@@ -64,13 +66,14 @@ class UsageRecord:
     completion_tokens: int = 0
     total_tokens: int = 0
     reached_upstream: bool = False
-    row_written: bool = field(default=False, repr=False)
+    logged: bool = field(default=False, repr=False)
     settled: bool = field(default=False, repr=False)
 
-    def row(self) -> dict[str, Any]:
+    def log_entry(self) -> dict[str, Any]:
+        """This request as one JSON record of the request log."""
         return {
-            "PartitionKey": self.event_id,
-            "RowKey": f"{self.admission.day}|{self.request_id}",
+            "request_id": self.request_id,
+            "time": self.started_at.isoformat(),
             "user": self.user,
             "model": self.model,
             "kind": self.kind,
@@ -80,8 +83,6 @@ class UsageRecord:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
-            "time": self.started_at,
-            "request_id": self.request_id,
         }
 
     def settlement(self) -> Settlement:
@@ -149,14 +150,14 @@ class UsageRecorder:
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
     async def write(self, batch: list[UsageRecord]) -> None:
-        """Store records now: request rows (once each), then each attendee's day."""
-        rows: dict[str, list[UsageRecord]] = {}
+        """Store records now: the request log (once each), then each attendee's day."""
+        logs: dict[tuple[str, str], list[UsageRecord]] = {}
         for record in batch:
-            if record.reached_upstream and not record.row_written:
-                rows.setdefault(record.event_id, []).append(record)
-        for records in rows.values():
-            for start in range(0, len(records), TRANSACTION_SIZE):
-                await self._insert_rows(records[start : start + TRANSACTION_SIZE])
+            if record.reached_upstream and not record.logged:
+                logs.setdefault((record.event_id, record.admission.day), []).append(record)
+        for (event_id, day), records in logs.items():
+            for chunk, entries in _log_chunks(records):
+                await self._insert_log(event_id, day, chunk, entries)
         days: dict[tuple[str, str, str], list[UsageRecord]] = {}
         for record in batch:
             if not record.settled:
@@ -169,20 +170,18 @@ class UsageRecorder:
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    async def _insert_rows(self, records: list[UsageRecord]) -> None:
-        table = self._tables.requests
-        try:
-            await table.submit_transaction([("create", record.row()) for record in records])
-        except TableTransactionError:
-            # A row already there (an earlier attempt whose answer was lost) or
-            # a missing table: insert one by one, skipping what exists.
-            for record in records:
-                with contextlib.suppress(ResourceExistsError):
-                    await self._tables.insert(table, record.row())
-        except (AzureError, OSError) as exc:
-            raise StorageUnavailable("Table Storage cannot be reached to record usage.") from exc
-        for record in records:
-            record.row_written = True
+    async def _insert_log(self, event_id: str, day: str, chunk: list[UsageRecord], entries: str) -> None:
+        entity = {
+            "PartitionKey": event_id,
+            # Keyed by its first request: a retried chunk conflicts instead of repeating.
+            "RowKey": f"{day}|{chunk[0].request_id}",
+            "count": len(chunk),
+            "records": entries,
+        }
+        with contextlib.suppress(ResourceExistsError):
+            await self._tables.insert(self._tables.requests, entity)
+        for record in chunk:
+            record.logged = True
 
     async def _settle(self, key: tuple[str, str, str], records: list[UsageRecord]) -> None:
         event_id, user, day = key
@@ -235,6 +234,35 @@ async def report(tables: Tables, event_id: str, by: GroupBy) -> dict[str, Any]:
 def _add(target: dict[str, int], figures: list[int]) -> None:
     for name, value in zip(FIGURES, figures, strict=True):
         target[name] += int(value)
+
+
+def _log_chunks(records: list[UsageRecord]) -> list[tuple[list[UsageRecord], str]]:
+    """Records in groups whose JSON fits one string property, with that JSON."""
+    chunks: list[tuple[list[UsageRecord], str]] = []
+    chunk: list[UsageRecord] = []
+    encoded: list[bytes] = []
+    size = 2
+    for record in records:
+        entry = orjson.dumps(record.log_entry())
+        if chunk and size + len(entry) + 1 > LOG_CHUNK_CHARS:
+            chunks.append((chunk, (b"[" + b",".join(encoded) + b"]").decode()))
+            chunk, encoded, size = [], [], 2
+        chunk.append(record)
+        encoded.append(entry)
+        size += len(entry) + 1
+    if chunk:
+        chunks.append((chunk, (b"[" + b",".join(encoded) + b"]").decode()))
+    return chunks
+
+
+async def request_log(tables: Tables, event_id: str) -> list[dict[str, Any]]:
+    """Every recorded request of an event."""
+    entities = tables.requests.query_entities("PartitionKey eq @pk", parameters={"pk": event_id})
+    try:
+        chunks = await gathered(entities)
+    except ResourceNotFoundError:
+        return []
+    return [entry for entity in chunks for entry in orjson.loads(entity["records"])]
 
 
 def report_csv(data: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ import httpx
 from openai import AzureOpenAI, OpenAI
 
 from proxy.storage import Tables
-from proxy.usage import report
+from proxy.usage import report, request_log
 from tests.conftest import MakeEvent
 from tests.support import eventually, sim_stats
 
@@ -88,3 +88,27 @@ async def test_usage_report_equals_upstream_tokens(
     assert [row["key"] for row in data["rows"]] == ["ann", "ben"]
     by_model = await report(tables, created.event.id, "model")
     assert {row["key"] for row in by_model["rows"]} == {"gpt-4o-mini", "text-embedding-3-small"}
+
+
+async def test_every_upstream_request_is_logged_once(app: str, make_event: MakeEvent, tables: Tables) -> None:
+    created = await make_event()
+    ids = []
+    with httpx.Client() as http:
+        for index in range(5):
+            body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": index % 2 == 1}
+            response = http.post(f"{app}/api/v1/chat/completions", json=body, headers={"api-key": created.key("cy")})
+            assert response.status_code == 200
+            ids.append(response.headers["x-request-id"])
+        refused = http.post(
+            f"{app}/api/v1/chat/completions", json={"model": "nope"}, headers={"api-key": created.key()}
+        )
+        assert refused.status_code == 404 and "x-request-id" not in refused.headers
+    log = await eventually(lambda: request_log(tables, created.event.id), lambda entries: len(entries) >= 5)
+    assert sorted(entry["request_id"] for entry in log) == sorted(ids)
+    for entry in log:
+        assert entry["user"] == "cy" and entry["model"] == "gpt-4o-mini" and entry["kind"] == "chat"
+        assert (
+            entry["status"] == 200 and entry["total_tokens"] == entry["prompt_tokens"] + entry["completion_tokens"] > 0
+        )
+        assert entry["latency_ms"] > 0 and entry["time"]
+    assert sorted(entry["stream"] for entry in log) == [False, False, False, True, True]
