@@ -35,7 +35,9 @@ per attendee and flush, whatever the number of requests it carries (and one
 transaction per 100 request rows, see ``proxy.usage``).
 
 Requests of one attendee are serialised per worker by a lock, so races happen
-only between instances, never within one.
+only between instances, never within one; those that queue behind a write are
+admitted together by the next one (group commit), so a burst from one
+attendee costs one write per round trip, not one per request.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class Ledger:
         self._table = tables.usage
         self._cache: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._waiting: dict[tuple[str, str], list[tuple[int, asyncio.Future[Admission]]]] = {}
 
     def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -114,9 +117,10 @@ class Ledger:
         return lock
 
     def _forget_idle(self) -> None:
-        for key in [k for k, lock in self._locks.items() if not lock.locked()]:
+        for key in [k for k, lock in self._locks.items() if not lock.locked() and not self._waiting.get(k)]:
             del self._locks[key]
             self._cache.pop(key, None)
+            self._waiting.pop(key, None)
 
     async def read(self, event_id: str, user: str, day: str) -> dict[str, Any]:
         """The attendee's figures for a day (zeros when nothing is recorded)."""
@@ -134,46 +138,74 @@ class Ledger:
         return state
 
     async def admit(self, event: Event, user: str, now: datetime, estimate: int) -> Admission:
-        """Reserve one request against the caps, or raise ``CapExceeded``."""
+        """Reserve one request against the caps, or raise ``CapExceeded``.
+
+        Requests of one attendee that arrive while a reservation is being
+        written wait for it, then are reserved together in the next write:
+        one storage operation admits them all (group commit).
+        """
         day = day_of(now)
         minute = int(now.timestamp()) // 60
         if not has_caps(event):
             return Admission(day, minute, estimate, None, None, reserved=False)
         key = (event.id, f"{day}|{user}")
+        ticket: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
+        # Mark a refusal as seen even if its caller went away (client disconnected).
+        ticket.add_done_callback(lambda done: done.cancelled() or done.exception())
+        waiting = self._waiting.setdefault(key, [])
+        waiting.append((estimate, ticket))
         async with self._lock(key):
-            state = self._cache.get(key)
-            fresh = False
-            for _ in range(MAX_ATTEMPTS):
-                if state is None:
-                    state = await self._fetch(key)
-                    fresh = True
-                etag, entity = state
-                refusal = _refusal(event, entity, now, minute, estimate)
+            if not ticket.done():
+                group, self._waiting[key] = waiting, []
+                try:
+                    await self._admit_group(event, user, key, now, group)
+                except StorageUnavailable as error:
+                    for _, other in group:
+                        if not other.done():
+                            other.set_exception(error)
+        return ticket.result()
+
+    async def _admit_group(
+        self,
+        event: Event,
+        user: str,
+        key: tuple[str, str],
+        now: datetime,
+        group: list[tuple[int, asyncio.Future[Admission]]],
+    ) -> None:
+        day, minute = day_of(now), int(now.timestamp()) // 60
+        state = self._cache.get(key)
+        fresh = False
+        for _ in range(MAX_ATTEMPTS):
+            if state is None:
+                state = await self._fetch(key)
+                fresh = True
+            etag, updated = state
+            outcomes: list[Admission | CapExceeded] = []
+            for estimate, _ in group:
+                refusal = _refusal(event, updated, now, minute, estimate)
                 if refusal is not None:
-                    if fresh:
-                        raise refusal
-                    state = None  # confirm against storage before refusing
+                    outcomes.append(refusal)
                     continue
-                updated = _admitted(entity, user, day, minute, estimate)
+                updated = _admitted(updated, user, day, minute, estimate)
+                outcomes.append(Admission(day, minute, estimate, *_remaining(event, updated), reserved=True))
+            if not fresh and any(isinstance(o, CapExceeded) for o in outcomes):
+                state = None  # confirm against storage before refusing anyone
+                continue
+            if updated is not state[1]:
                 try:
                     new_etag = await self._write(key, etag, updated)
                 except (ResourceModifiedError, ResourceExistsError):
-                    state = None
+                    state, fresh = None, False
                     await asyncio.sleep(random.uniform(0, 0.005))
                     continue
                 self._cache[key] = (new_etag, updated)
-                return Admission(
-                    day,
-                    minute,
-                    estimate,
-                    remaining_requests=None
-                    if event.daily_requests is None
-                    else event.daily_requests - updated["reserved"],
-                    remaining_tokens=None
-                    if event.daily_tokens is None
-                    else max(0, event.daily_tokens - updated.get("total_tokens", 0)),
-                    reserved=True,
-                )
+            for (_, ticket), outcome in zip(group, outcomes, strict=True):
+                if isinstance(outcome, CapExceeded):
+                    ticket.set_exception(outcome)
+                else:
+                    ticket.set_result(outcome)
+            return
         raise StorageUnavailable("Too much contention on the usage counters; try again in a moment.")
 
     async def settle(self, event_id: str, user: str, day: str, finished: list[tuple[Admission, Settlement]]) -> None:
@@ -236,6 +268,13 @@ def _refusal(event: Event, entity: dict[str, Any], now: datetime, minute: int, e
                 retry_after=wait,
             )
     return None
+
+
+def _remaining(event: Event, entity: dict[str, Any]) -> tuple[int | None, int | None]:
+    """Requests and tokens left today under the event's caps (None: no cap)."""
+    requests = None if event.daily_requests is None else event.daily_requests - entity["reserved"]
+    tokens = None if event.daily_tokens is None else max(0, event.daily_tokens - entity.get("total_tokens", 0))
+    return requests, tokens
 
 
 def _next_midnight(now: datetime) -> datetime:
