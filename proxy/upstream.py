@@ -1,6 +1,6 @@
 """Upstream Azure OpenAI: the pooled HTTP client, its credential, and the call.
 
-One ``httpx.AsyncClient`` per worker. Upstream is called with a bearer token
+One ``httpx.AsyncClient`` per worker, over aiohttp's pool (``proxy.transport``). Upstream is called with a bearer token
 from ``azure-identity`` (managed identity in Azure, developer credentials
 locally), or with ``AZURE_OPENAI_API_KEY`` when that is set. The token is
 fetched once and reused until five minutes before it expires, so the hot path
@@ -23,6 +23,7 @@ from azure.core.exceptions import ClientAuthenticationError
 
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.settings import Settings
+from proxy.transport import AiohttpTransport
 
 SCOPE = "https://cognitiveservices.azure.com/.default"
 REFRESH_MARGIN_SECONDS = 300
@@ -71,9 +72,8 @@ class Upstream:
 
     @staticmethod
     def client(settings: Settings) -> httpx.AsyncClient:
-        timeout = httpx.Timeout(settings.upstream_timeout_seconds, connect=10.0)
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=60)
-        return httpx.AsyncClient(timeout=timeout, limits=limits)
+        transport = AiohttpTransport(connect_timeout=10.0, read_timeout=settings.upstream_timeout_seconds)
+        return httpx.AsyncClient(transport=transport)
 
     async def send(self, deployment: str, operation: str, body: bytes, request_id: str) -> httpx.Response:
         """POST to upstream; the caller reads or streams the response and closes it."""
