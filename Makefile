@@ -33,6 +33,8 @@ format: install
 	$(BIN)/ruff check --fix .
 
 bench: install
+	command -v wrk >/dev/null || apt-get install -y -q wrk || (apt-get update -q && apt-get install -y -q wrk) \
+		|| { echo "make bench needs wrk: install it (apt-get install wrk, brew install wrk)"; exit 1; }
 	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
 	$(BIN)/python -m bench.run
 

@@ -49,13 +49,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import UpdateMode
 
 from proxy.errors import CapExceeded, StorageUnavailable
 from proxy.events import Event
-from proxy.storage import Tables, guarded
+from proxy.storage import Tables
 
 MAX_ATTEMPTS = 200
 _COUNTERS = ("reserved", "requests", "failed", "prompt_tokens", "completion_tokens", "total_tokens")
@@ -103,7 +101,7 @@ class Ledger:
 
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
-        self._table = tables.usage
+        self._entities = tables.usage_entities
         self._cache: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._waiting: dict[tuple[str, str], list[tuple[int, asyncio.Future[Admission]]]] = {}
@@ -130,10 +128,9 @@ class Ledger:
 
     async def _fetch(self, key: tuple[str, str]) -> tuple[str, dict[str, Any]]:
         try:
-            entity = await guarded(self._table.get_entity(*key))
+            state = await self._entities.get(*key)
         except ResourceNotFoundError:
             return "", {"PartitionKey": key[0], "RowKey": key[1]}
-        state = (str(entity.metadata["etag"]), dict(entity))
         self._cache[key] = state
         return state
 
@@ -231,14 +228,12 @@ class Ledger:
 
     async def _write(self, key: tuple[str, str], etag: str, entity: dict[str, Any]) -> str:
         if etag:
-            metadata = await guarded(
-                self._table.update_entity(
-                    entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
-                )
-            )
-        else:
-            metadata = await self._tables.insert(self._table, entity)
-        return str(metadata["etag"])
+            return await self._entities.replace(entity, etag)
+        try:
+            return await self._entities.insert(entity)
+        except ResourceNotFoundError:  # no table yet: an empty Azurite, say
+            await self._tables.ensure()
+            return await self._entities.insert(entity)
 
 
 def _refusal(event: Event, entity: dict[str, Any], now: datetime, minute: int, estimate: int) -> CapExceeded | None:

@@ -22,6 +22,7 @@ from azure.core.exceptions import (
 )
 from azure.data.tables.aio import TableClient
 
+from proxy.entities import EntityClient
 from proxy.errors import StorageUnavailable
 from proxy.settings import Settings
 
@@ -50,6 +51,8 @@ class Tables:
     events: TableClient
     usage: TableClient
     requests: TableClient
+    # The cap reservation's lean client for ``proxyusage`` (see ``proxy.entities``).
+    usage_entities: EntityClient
 
     @classmethod
     def create(cls, settings: Settings, credential: AsyncTokenCredential | None) -> Tables:
@@ -59,7 +62,10 @@ class Tables:
             assert settings.table_endpoint and credential is not None
             return TableClient(settings.table_endpoint, name, credential=credential, **_CLIENT_OPTIONS)
 
-        return cls(events=client(EVENTS_TABLE), usage=client(USAGE_TABLE), requests=client(REQUESTS_TABLE))
+        entities = EntityClient.for_settings(
+            settings.storage_connection_string, settings.table_endpoint, USAGE_TABLE, credential
+        )
+        return cls(client(EVENTS_TABLE), client(USAGE_TABLE), client(REQUESTS_TABLE), entities)
 
     async def ensure(self) -> None:
         """Create the tables if missing (Bicep creates them in Azure)."""
@@ -78,6 +84,7 @@ class Tables:
     async def aclose(self) -> None:
         for table in (self.events, self.usage, self.requests):
             await table.close()
+        await self.usage_entities.aclose()
 
 
 async def guarded(operation: Awaitable[T]) -> T:

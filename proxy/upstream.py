@@ -2,9 +2,8 @@
 
 One ``httpx.AsyncClient`` per worker, over aiohttp's pool (``proxy.transport``). Upstream is called with a bearer token
 from ``azure-identity`` (managed identity in Azure, developer credentials
-locally), or with ``AZURE_OPENAI_API_KEY`` when that is set. The token is
-fetched once and reused until five minutes before it expires, so the hot path
-does not even await the SDK's own cache. Client headers are never forwarded:
+locally), or with ``AZURE_OPENAI_API_KEY`` when that is set; the token is
+cached by ``proxy.tokens``. Client headers are never forwarded:
 the attendee's credential holds the event code.
 
 Transport failures become ``UpstreamError`` (502) after retries, timeouts
@@ -15,7 +14,6 @@ with their status and body.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 from azure.core.credentials_async import AsyncTokenCredential
@@ -23,42 +21,34 @@ from azure.core.exceptions import ClientAuthenticationError
 
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.settings import Settings
+from proxy.tokens import BearerToken
 from proxy.transport import AiohttpTransport
 
 SCOPE = "https://cognitiveservices.azure.com/.default"
-REFRESH_MARGIN_SECONDS = 300
 CONNECT_ATTEMPTS = 3
 RETRY_STATUSES = frozenset({502, 503, 504})
 
 
 class UpstreamAuth:
-    """The header that authenticates the proxy to Azure OpenAI."""
+    """The header that authenticates the proxy to Azure OpenAI: its key, or a bearer token."""
 
     def __init__(self, api_key: str | None, credential: AsyncTokenCredential | None) -> None:
         if api_key is None and credential is None:
             raise ValueError("either an API key or a credential is needed for upstream")
         self._api_key = api_key
-        self._credential = credential
-        self._header: tuple[str, str] | None = ("api-key", api_key) if api_key else None
-        self._refresh_at = float("inf") if api_key else 0.0
-        self._lock = asyncio.Lock()
+        self._token = None if credential is None else BearerToken(credential, SCOPE)
 
     async def header(self) -> tuple[str, str]:
-        if self._header is not None and time.time() < self._refresh_at:
-            return self._header
-        async with self._lock:
-            if self._header is None or time.time() >= self._refresh_at:
-                assert self._credential is not None
-                try:
-                    token = await self._credential.get_token(SCOPE)
-                except ClientAuthenticationError as exc:
-                    raise UpstreamError(
-                        "The proxy could not get a token for Azure OpenAI (managed identity); "
-                        "the operator should check the app's identity and role assignment."
-                    ) from exc
-                self._header = ("authorization", f"Bearer {token.token}")
-                self._refresh_at = token.expires_on - REFRESH_MARGIN_SECONDS
-            return self._header
+        if self._api_key is not None:
+            return ("api-key", self._api_key)
+        assert self._token is not None
+        try:
+            return ("authorization", await self._token.value())
+        except ClientAuthenticationError as exc:
+            raise UpstreamError(
+                "The proxy could not get a token for Azure OpenAI (managed identity); "
+                "the operator should check the app's identity and role assignment."
+            ) from exc
 
 
 class Upstream:

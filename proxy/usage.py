@@ -39,6 +39,7 @@ from proxy.storage import Tables, gathered
 log = logging.getLogger("proxy.usage")
 
 FLUSH_SECONDS = 0.2
+CONCURRENT_WRITES = 4
 LOG_CHUNK_CHARS = 30_000  # a string property holds 32 K characters
 MAX_BACKOFF_SECONDS = 10.0
 
@@ -114,6 +115,7 @@ class UsageRecorder:
         self._idle = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
+        self._writing = asyncio.Semaphore(CONCURRENT_WRITES)
 
     @property
     def pending(self) -> int:
@@ -162,7 +164,9 @@ class UsageRecorder:
         for record in batch:
             if not record.settled:
                 days.setdefault((record.event_id, record.user, record.admission.day), []).append(record)
-        # Wait for every attendee before retrying any, so no write is in flight twice.
+        # A few attendees at a time, so that a flush over hundreds of attendees never
+        # holds the event loop away from the requests in flight for long; and every
+        # attendee is waited for before any is retried, so no write is in flight twice.
         outcomes = await asyncio.gather(
             *(self._settle(key, records) for key, records in days.items()), return_exceptions=True
         )
@@ -185,7 +189,8 @@ class UsageRecorder:
 
     async def _settle(self, key: tuple[str, str, str], records: list[UsageRecord]) -> None:
         event_id, user, day = key
-        await self._ledger.settle(event_id, user, day, [(r.admission, r.settlement()) for r in records])
+        async with self._writing:
+            await self._ledger.settle(event_id, user, day, [(r.admission, r.settlement()) for r in records])
         for record in records:
             record.settled = True
 
