@@ -99,7 +99,8 @@ class Service:
         return self.process.returncode
 
 
-def start_azurite() -> tuple[Service, str]:
+def start_azurite(*extra: str, scheme: str = "http") -> tuple[Service, str]:
+    """Azurite's table service in memory; ``extra`` for HTTPS and OAuth options."""
     binary = ROOT / "node_modules" / ".bin" / "azurite-table"
     if not binary.exists():
         found = shutil.which("azurite-table")
@@ -108,8 +109,8 @@ def start_azurite() -> tuple[Service, str]:
         binary = Path(found)
     port = free_port()
     args = [str(binary), "--inMemoryPersistence", "--tableHost", "127.0.0.1", "--tablePort", str(port)]
-    service = Service([*args, "--skipApiVersionCheck", "--disableProductStyleUrl"], "successfully started")
-    return service, azurite_connection_string(port)
+    service = Service([*args, "--skipApiVersionCheck", "--disableProductStyleUrl", *extra], "successfully started")
+    return service, azurite_connection_string(port).replace("http://", f"{scheme}://")
 
 
 def start_simulator(*extra: str, env: Mapping[str, str] | None = None) -> tuple[Service, str]:
