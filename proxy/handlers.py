@@ -278,10 +278,12 @@ async def _read_upstream(response: httpx.Response, record: UsageRecord) -> bytes
         await response.aclose()
         record.latency_ms = (time.perf_counter() - record.perf_start) * 1000
     if response.status_code == 200:
-        usage = orjson.loads(body).get("usage") or {}
-        record.prompt_tokens = int(usage.get("prompt_tokens", 0))
-        record.completion_tokens = int(usage.get("completion_tokens", 0))
-        record.total_tokens = int(usage.get("total_tokens", 0))
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            log.warning("upstream answered 200 with a body that is not JSON (request %s)", record.request_id)
+        else:
+            record.take_usage(answer.get("usage") if isinstance(answer, dict) else None)
     return body
 
 

@@ -77,13 +77,12 @@ def _take_usage(complete: bytes, record: UsageRecord, wants_usage: bool) -> byte
     kept: list[bytes] = []
     for event in complete.split(b"\n\n")[:-1]:
         if _USAGE in event and not any(n in event for n in _NULL_USAGE) and event.startswith(b"data: {"):
-            chunk = orjson.loads(event[6:])
-            usage = chunk.get("usage")
-            if isinstance(usage, dict):
-                record.prompt_tokens = int(usage.get("prompt_tokens", 0))
-                record.completion_tokens = int(usage.get("completion_tokens", 0))
-                record.total_tokens = int(usage.get("total_tokens", 0))
-                if not wants_usage and not chunk.get("choices"):
-                    continue
+            try:
+                chunk = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                chunk = None
+            usage_only = isinstance(chunk, dict) and record.take_usage(chunk.get("usage")) and not chunk.get("choices")
+            if usage_only and not wants_usage:
+                continue
         kept.append(event + b"\n\n")
     return b"".join(kept)

@@ -86,6 +86,16 @@ class UsageRecord:
             "total_tokens": self.total_tokens,
         }
 
+    def take_usage(self, usage: object) -> bool:
+        """Read upstream's ``usage`` object into this record; False if it is not one."""
+        if not isinstance(usage, dict):
+            return False
+        prompt, completion, total = (usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
+        if not (isinstance(prompt, int) and isinstance(completion, int) and isinstance(total, int)):
+            return False
+        self.prompt_tokens, self.completion_tokens, self.total_tokens = prompt, completion, total
+        return True
+
     def settlement(self) -> Settlement:
         return Settlement(
             model=self.model,
