@@ -87,13 +87,18 @@ class UsageRecord:
         }
 
     def take_usage(self, usage: object) -> bool:
-        """Read upstream's ``usage`` object into this record; False if it is not one."""
+        """Read upstream's ``usage`` object into this record; False if it is not one.
+
+        Embeddings report no ``completion_tokens``: they count as 0.
+        """
         if not isinstance(usage, dict):
             return False
-        prompt, completion, total = (usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
-        if not (isinstance(prompt, int) and isinstance(completion, int) and isinstance(total, int)):
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+        if not (isinstance(prompt, int) and isinstance(completion, int)):
             return False
-        self.prompt_tokens, self.completion_tokens, self.total_tokens = prompt, completion, total
+        total = usage.get("total_tokens")
+        self.prompt_tokens, self.completion_tokens = prompt, completion
+        self.total_tokens = total if isinstance(total, int) else prompt + completion
         return True
 
     def settlement(self) -> Settlement:
