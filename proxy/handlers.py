@@ -14,6 +14,7 @@ lookup (0 storage operations when cached, 2 point reads per code per
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -42,6 +43,7 @@ from proxy.errors import (
     ProxyError,
     StorageUnavailable,
     UpstreamError,
+    UpstreamTimeout,
 )
 from proxy.events import Event, EventStore
 from proxy.limits import Admission, Ledger, day_of
@@ -253,6 +255,10 @@ class Proxy:
             record.status = error.status
             self.recorder.submit(record)
             raise
+        except asyncio.CancelledError:  # the client went away: give the slot back
+            record.status = 499
+            self.recorder.submit(record)
+            raise
         record.reached_upstream = True
         record.status = response.status_code
         headers = _headers(admission, record.request_id, response)
@@ -271,6 +277,9 @@ class Proxy:
 async def _read_upstream(response: httpx.Response, record: UsageRecord) -> bytes:
     try:
         body = await response.aread()
+    except httpx.TimeoutException as exc:
+        record.status = 504
+        raise UpstreamTimeout("Azure OpenAI did not finish its answer within the proxy's time limit.") from exc
     except httpx.HTTPError as exc:
         record.status = 502
         raise UpstreamError("The answer from Azure OpenAI broke off; try again.") from exc

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -154,12 +155,10 @@ class Ledger:
         async with self._lock(key):
             if not ticket.done():
                 group, self._waiting[key] = waiting, []
-                try:
-                    await self._admit_group(event, user, key, now, group)
-                except StorageUnavailable as error:
-                    for _, other in group:
-                        if not other.done():
-                            other.set_exception(error)
+                # Shielded: a leader whose client goes away must not strand the others.
+                write = asyncio.ensure_future(self._admit_group(event, user, key, now, group))
+                write.add_done_callback(_resolve_all(group))
+                await asyncio.shield(write)
         return ticket.result()
 
     async def _admit_group(
@@ -263,6 +262,24 @@ def _refusal(event: Event, entity: dict[str, Any], now: datetime, minute: int, e
                 retry_after=wait,
             )
     return None
+
+
+def _resolve_all(
+    group: list[tuple[int, asyncio.Future[Admission]]],
+) -> Callable[[asyncio.Future[None]], None]:
+    """A callback that fails every ticket still open when a group write ends in an error."""
+
+    def resolve(write: asyncio.Future[None]) -> None:
+        error = None if write.cancelled() else write.exception()
+        if error is None and not write.cancelled():
+            return
+        if not isinstance(error, StorageUnavailable):
+            error = StorageUnavailable("The usage counters could not be updated; try again in a moment.")
+        for _, ticket in group:
+            if not ticket.done():
+                ticket.set_exception(error)
+
+    return resolve
 
 
 def _remaining(event: Event, entity: dict[str, Any]) -> tuple[int | None, int | None]:
