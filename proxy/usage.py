@@ -116,9 +116,9 @@ class UsageRecorder:
     """Collects finished requests and stores them in batches, retrying until stored.
 
     A flush waits ``flush_seconds`` after the first pending record so that a
-    busy worker writes many records at once: one transaction per 100 request
-    rows of an event, and one conditional write per attendee and day, however
-    many of that attendee's requests it carries.
+    busy worker writes many records at once: one request-log entity per event
+    (more if its records exceed one property), and one conditional write per
+    attendee and day, however many of that attendee's requests it carries.
     """
 
     def __init__(self, tables: Tables, ledger: Ledger, flush_seconds: float = FLUSH_SECONDS) -> None:
@@ -141,8 +141,9 @@ class UsageRecorder:
         self._pending.append(record)
         self._idle.clear()
         self._wakeup.set()
-        if self._flusher is None:
+        if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._run())
+            self._flusher.add_done_callback(_report_crash)
 
     async def _run(self) -> None:
         while True:
@@ -214,6 +215,8 @@ class UsageRecorder:
         if self._flusher is None:
             return True
         self._closing = True
+        if self._flusher.done() and self._pending:  # a writer that crashed: start another
+            self._flusher = asyncio.create_task(self._run())
         self._wakeup.set()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
@@ -254,6 +257,12 @@ async def report(tables: Tables, event_id: str, by: GroupBy) -> dict[str, Any]:
 def _add(target: dict[str, int], figures: list[int]) -> None:
     for name, value in zip(FIGURES, figures, strict=True):
         target[name] += int(value)
+
+
+def _report_crash(flusher: asyncio.Task[None]) -> None:
+    # A bug in the writer must be seen; the next submit starts a new flusher.
+    if not flusher.cancelled() and flusher.exception() is not None:
+        log.error("usage writer stopped", exc_info=flusher.exception())
 
 
 def _log_chunks(records: list[UsageRecord]) -> list[tuple[list[UsageRecord], str]]:
