@@ -215,7 +215,10 @@ class UsageRecorder:
         if self._flusher is None:
             return True
         self._closing = True
-        if self._flusher.done() and self._pending:  # a writer that crashed: start another
+        if self._flusher.done():  # a writer that crashed: start another if anything is left
+            if not self._pending:
+                self._flusher = None
+                return True
             self._flusher = asyncio.create_task(self._run())
         self._wakeup.set()
         try:
