@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,42 +18,47 @@ import pytest
 from tests.support import ROOT, Service, free_port
 
 README = (ROOT / "README.md").read_text()
+Stack = tuple[Service, int, dict[str, str], Path]
+
+
+def blocks(heading: str, language: str) -> list[str]:
+    section = README.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    return [textwrap.dedent(block) for block in re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)]
 
 
 def attendee_blocks(language: str) -> list[str]:
-    section = README.split("## Use it as an attendee", 1)[1].split("\n## ", 1)[0]
-    return re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
+    return blocks("Use it as an attendee", language)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, int, dict[str, str]]]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, int, dict[str, str], Path]]:
     folder = tmp_path_factory.mktemp("run")
     port, table_port, sim_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "STORAGE_", "ORGANIZER_", "IDENTITY_"))}
     env.update(PROXY_PORT=str(port), AZURITE_TABLE_PORT=str(table_port), SIMULATOR_PORT=str(sim_port))
     args = [sys.executable, "-m", "devtools.run", "--settings-file", str(folder / "local.settings.json")]
     service = Service([*args, "--data-dir", str(folder / "azurite"), "--no-func"], "Ctrl-C stops everything", env)
-    yield service, port, env
+    yield service, port, env, folder
     service.stop(signal.SIGINT)
 
 
-def test_make_run_prints_a_working_credential(stack: tuple[Service, int, dict[str, str]]) -> None:
-    service, port, _ = stack
+def test_make_run_prints_a_working_credential(stack: Stack) -> None:
+    service, port, _, _ = stack
     assert "Demo event credential:  DEMO-EVENT/alice" in service.text
     assert f"http://localhost:{port}/api" in service.text
 
 
 @pytest.mark.parametrize("index", range(len(attendee_blocks("python"))))
-def test_readme_python_examples_run(stack: tuple[Service, int, dict[str, str]], index: int, tmp_path: Path) -> None:
-    _, port, env = stack
+def test_readme_python_examples_run(stack: Stack, index: int, tmp_path: Path) -> None:
+    _, port, env, _ = stack
     code = attendee_blocks("python")[index].replace("localhost:7071", f"localhost:{port}")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
 
 
-def test_readme_curl_examples_run(stack: tuple[Service, int, dict[str, str]]) -> None:
-    _, port, env = stack
+def test_readme_curl_examples_run(stack: Stack) -> None:
+    _, port, env, _ = stack
     for block in attendee_blocks("bash"):
         script = "set -euo pipefail\n" + block.replace("localhost:7071", f"localhost:{port}")
         result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, env=env)
@@ -74,3 +81,31 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     for stopped in (port, table_port, sim_port):
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", stopped)) != 0
+
+
+def test_readme_organizer_walkthrough_runs(stack: Stack) -> None:
+    """The organizer's CLI and curl examples, against make run's storage and app, with real ids."""
+    _, port, env, folder = stack
+    env = {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "PYTHONPATH": str(ROOT)}
+    env["ORGANIZER_KEY"] = json.loads((folder / "local.settings.json").read_text())["Values"]["ORGANIZER_KEY"]
+
+    def run(script: str) -> str:
+        script = "set -euo pipefail\n" + script.replace("localhost:7071", f"localhost:{port}")
+        done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, env=env, cwd=folder)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def new_event() -> str:
+        window = "--start 2027-03-06T09:00:00+01:00 --end 2027-03-06T21:00:00+01:00"
+        created = run(f"python -m proxy.manage events create --name Walkthrough {window} --json")
+        return str(json.loads(created)["id"])
+
+    cli = [b for b in blocks("Organizers: run your event", "bash") if "proxy.manage" in b and "ACCOUNT" not in b]
+    assert len(cli) == 4  # create; watch usage; update and rotate; disable, enable, delete
+    shared = new_event()
+    for block in cli:
+        assert "Traceback" not in run(block.replace("EVENT_ID", shared))
+    http = [b for b in blocks("Organizers: run your event", "bash") if "curl" in b]
+    assert len(http) == 1
+    output = run(http[0].replace("EVENT_ID", new_event()))
+    assert '"error"' not in output and "OTHER-CODE-2027" in output and '"deleted":true' in output
