@@ -167,25 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if port_open(port):
             raise SystemExit(f"port {port} is busy: stop what runs there or set PROXY_PORT")
+        func = None if args.no_func else shutil.which("func")
         if port_open(table_port):
             print(f"Azurite (or another table service) already listens on {table_port}; using it", flush=True)
         else:
-            azurite = ROOT / "node_modules" / ".bin" / "azurite-table"
             args.data_dir.mkdir(exist_ok=True)
-            process = stack.start(
-                "azurite",
-                [
-                    str(azurite),
-                    "--location",
-                    str(args.data_dir),
-                    "--tableHost",
-                    "127.0.0.1",
-                    "--tablePort",
-                    str(table_port),
-                    "--skipApiVersionCheck",
-                    "--silent",
-                ],
-            )
+            # The Functions host also wants blobs and queues (AzureWebJobsStorage); the dev host only tables.
+            services = ["--blobHost", "127.0.0.1", "--queueHost", "127.0.0.1"] if func else []
+            azurite = ROOT / "node_modules" / ".bin" / ("azurite" if func else "azurite-table")
+            command = [str(azurite), "--location", str(args.data_dir), "--tableHost", "127.0.0.1"]
+            command += ["--tablePort", str(table_port), *services, "--skipApiVersionCheck", "--silent"]
+            process = stack.start("azurite", command)
             wait_until("Azurite", lambda: port_open(table_port), 30, process)
         connection_string = (
             "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
@@ -217,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
         write_values(args.settings_file, values)
 
         env = {**os.environ, **values}
-        func = None if args.no_func else shutil.which("func")
         if func:
             process = stack.start("func", [func, "start", "--port", str(port)], env)
         else:
