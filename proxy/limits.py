@@ -61,7 +61,7 @@ _COUNTERS = ("reserved", "requests", "failed", "prompt_tokens", "completion_toke
 
 
 def day_of(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%d")
+    return moment.date().isoformat()
 
 
 def seconds_to_midnight(moment: datetime) -> int:
