@@ -132,10 +132,6 @@ class UsageRecorder:
         self._closing = False
         self._writing = asyncio.Semaphore(CONCURRENT_WRITES)
 
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
     def submit(self, record: UsageRecord) -> None:
         """Queue a record; never blocks and never raises."""
         self._pending.append(record)
