@@ -32,7 +32,7 @@ from bench import report
 from bench.imports import import_times
 from bench.load import Measured, Target, run_stream, run_wrk, wrk_path
 from bench.procs import BENCH, ROOT, Proc, Sampler, ensure_litellm, http_ok, litellm_version, quiesce, spawn
-from tests.support import azurite_connection_string, free_port
+from tests.support import AZURITE_KEEP_ALIVE_SECONDS, azurite_connection_string, free_port
 
 API_VERSION = "2024-10-21"
 SIMULATOR_KEY = "bench-simulator-key"
@@ -173,6 +173,8 @@ def start(log_dir: Path, litellm_python: Path | None) -> Stack:
             str(port),
             "--skipApiVersionCheck",
             "--disableProductStyleUrl",
+            "--tableKeepAliveTimeout",
+            str(AZURITE_KEEP_ALIVE_SECONDS),
             "--silent",
         ],
         log_dir,

@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             azurite = ROOT / "node_modules" / ".bin" / ("azurite" if func else "azurite-table")
             command = [str(azurite), "--location", str(args.data_dir), "--tableHost", "127.0.0.1"]
             command += ["--tablePort", str(table_port), *services, "--skipApiVersionCheck", "--silent"]
+            # Longer than aiohttp's 15 s keep-alive, so clients never reuse a connection Azurite closed.
+            for kind in ["blob", "queue", "table"] if func else ["table"]:
+                command += [f"--{kind}KeepAliveTimeout", "60"]
             process = stack.start("azurite", command)
             wait_until("Azurite", lambda: port_open(table_port), 30, process)
         connection_string = (

@@ -47,7 +47,9 @@ def app_process(azurite: str, simulator: str) -> Iterator[tuple[Service, str]]:
     service.stop()
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: synchronous tests block the event loop for seconds at a
+# time, and aiohttp's pool then hands out connections its keep-alive expiry is closing.
+@pytest.fixture(scope="module")
 async def tables(azurite: str) -> AsyncIterator[Tables]:
     settings = Settings.from_env({"STORAGE_CONNECTION_STRING": azurite}, need_upstream=False)
     created = Tables.create(settings, None)
@@ -68,7 +70,7 @@ class NewEvent:
 MakeEvent = Callable[..., Awaitable[NewEvent]]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def make_event(tables: Tables) -> MakeEvent:
     """Create an open event (override any field); returns it with its code."""
     store = EventStore(tables, 0)

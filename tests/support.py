@@ -22,6 +22,9 @@ import httpx
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 30.0
+# Longer than aiohttp's 15 s keep-alive: with Azurite's default of 5 s, a client reuses
+# connections Azurite has already closed ("Cannot write to closing transport").
+AZURITE_KEEP_ALIVE_SECONDS = 60
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
@@ -109,6 +112,7 @@ def start_azurite(*extra: str, scheme: str = "http") -> tuple[Service, str]:
         binary = Path(found)
     port = free_port()
     args = [str(binary), "--inMemoryPersistence", "--tableHost", "127.0.0.1", "--tablePort", str(port)]
+    args += ["--tableKeepAliveTimeout", str(AZURITE_KEEP_ALIVE_SECONDS)]
     service = Service([*args, "--skipApiVersionCheck", "--disableProductStyleUrl", *extra], "successfully started")
     return service, azurite_connection_string(port).replace("http://", f"{scheme}://")
 
