@@ -8,8 +8,8 @@ One entity per (event, attendee, UTC day) in the ``proxyusage`` table,
   insert for the first request of the day) that raises ``reserved`` by one
   while it is below the cap. Two instances can never both win the same ETag,
   so with a cap of N exactly N writes succeed, however many instances race.
-  A request that fails (upstream error, timeout) gives its slot back when its
-  usage is settled.
+  A request that fails (upstream error, timeout, broken stream, client gone)
+  gives its slot back when its usage is settled.
 - ``requests``, ``failed``, ``prompt_tokens``, ``completion_tokens``,
   ``total_tokens`` and ``models`` (JSON, the same figures per model): the
   day's recorded usage, which is also what the usage reports read.
@@ -32,7 +32,8 @@ Storage cost per request, on the critical path:
 
 Off the critical path, requests are settled in batches: one conditional write
 per attendee and flush, whatever the number of requests it carries (and one
-transaction per 100 request rows, see ``proxy.usage``).
+request-log insert per event and flush, see ``proxy.usage``). These reads and
+writes go through ``proxy.entities``, a lean REST client, not the SDK.
 
 Requests of one attendee are serialised per worker by a lock, so races happen
 only between instances, never within one; those that queue behind a write are

@@ -10,6 +10,7 @@ SDKs raise instead of returning a truncated answer.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -37,6 +38,7 @@ async def relay(
     pending = b""
     done = False
     broken = False
+    client_gone = False
     chunks = 0
     try:
         async for data in response.aiter_raw():
@@ -52,14 +54,20 @@ async def relay(
             chunks += complete.count(b"\n\n")
             if complete:
                 yield complete
+        if pending.strip().startswith(_DONE):  # a last event without its blank line
+            done = True
+            yield pending.rstrip(b"\r\n") + b"\n\n"
     except httpx.TransportError:
         log.warning("upstream stream broke off (request %s)", record.request_id)
         broken = True
+    except (GeneratorExit, asyncio.CancelledError):
+        client_gone = True  # the client disconnected: nothing more to send
+        raise
     finally:
         await response.aclose()
         record.latency_ms = (time.perf_counter() - record.perf_start) * 1000
         if not done:
-            record.status = 502
+            record.status = 499 if client_gone else 502
             if record.total_tokens == 0:
                 # No usage chunk arrived: count the events relayed, less the
                 # first (prompt filter) and role chunks, as completion tokens.

@@ -16,9 +16,17 @@ from openai import OpenAI
 from proxy.events import Event, EventStore, hash_code
 from proxy.settings import Settings
 from proxy.storage import Tables
-from proxy.usage import report
+from proxy.usage import report, request_log
 from tests.conftest import MakeEvent
-from tests.support import app_env, azurite_connection_string, eventually, start_app, start_azurite, wait_for
+from tests.support import (
+    app_env,
+    azurite_connection_string,
+    eventually,
+    start_app,
+    start_azurite,
+    start_simulator,
+    wait_for,
+)
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 BREAK = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "SIM_BREAK_STREAM"}], "stream": True}
@@ -172,3 +180,30 @@ async def test_fresh_storage_without_usage_tables_works(simulator: str) -> None:
             service.stop()
         await fresh.aclose()
         azurite.stop()
+
+
+async def test_client_leaving_a_stream_gives_its_slot_back(azurite: str, make_event: MakeEvent, tables: Tables) -> None:
+    simulator, slow_upstream = start_simulator("--tokens-per-second", "20", "--completion-tokens", "40")
+    app, url = start_app(app_env(azurite, slow_upstream))
+    try:
+        created = await make_event(daily_requests=1)
+        body = {**CHAT, "stream": True}
+        with httpx.Client() as http:
+            with http.stream(
+                "POST", f"{url}/api/v1/chat/completions", json=body, headers={"api-key": created.key()}
+            ) as r:
+                assert r.status_code == 200
+                next(r.iter_lines())  # the first event, then hang up while the answer is still coming
+            info = await eventually(
+                lambda: asyncio.to_thread(
+                    lambda: http.get(f"{url}/api/v1/event", headers={"api-key": created.key()}).json()
+                ),
+                lambda data: data["remaining_today"]["requests"] == 1,
+                what="the slot given back",
+            )
+        assert info["usage_today"]["requests"] == 1
+        log = await eventually(lambda: request_log(tables, created.event.id), lambda entries: len(entries) == 1)
+        assert log[0]["status"] == 499 and log[0]["stream"] is True
+    finally:
+        app.stop()
+        simulator.stop()
