@@ -37,6 +37,7 @@ from azure.core.exceptions import (
 )
 
 from proxy.errors import StorageUnavailable
+from proxy.settings import SettingsError
 from proxy.tokens import BearerToken
 
 STORAGE_SCOPE = "https://storage.azure.com/.default"
@@ -55,7 +56,7 @@ def parse_connection_string(value: str) -> tuple[str, str, bytes]:
         key = key or "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
         parts.setdefault("TableEndpoint", "http://127.0.0.1:10002/devstoreaccount1")
     if not account or not key:
-        raise ValueError("the storage connection string needs AccountName and AccountKey")
+        raise SettingsError("STORAGE_CONNECTION_STRING needs AccountName and AccountKey, or UseDevelopmentStorage=true")
     protocol = parts.get("DefaultEndpointsProtocol", "https")
     suffix = parts.get("EndpointSuffix", "core.windows.net")
     endpoint = parts.get("TableEndpoint") or f"{protocol}://{account}.table.{suffix}"
