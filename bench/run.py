@@ -31,8 +31,10 @@ import psutil
 from bench import report
 from bench.imports import import_times
 from bench.load import Measured, Target, run_stream, run_wrk, wrk_path
-from bench.procs import BENCH, ROOT, Proc, Sampler, ensure_litellm, http_ok, litellm_version, quiesce, spawn
-from tests.support import AZURITE_KEEP_ALIVE_SECONDS, azurite_connection_string, free_port
+from bench.procs import BENCH, Proc, Sampler, ensure_litellm, http_ok, litellm_version, quiesce, spawn
+from devtools.azurite import command as azurite_command
+from devtools.azurite import connection_string as azurite_connection_string
+from tests.support import free_port
 
 API_VERSION = "2024-10-21"
 SIMULATOR_KEY = "bench-simulator-key"
@@ -161,24 +163,7 @@ def litellm_env() -> dict[str, str]:
 
 def start(log_dir: Path, litellm_python: Path | None) -> Stack:
     port = free_port()
-    binary = ROOT / "node_modules" / ".bin" / "azurite-table"
-    azurite = spawn(
-        "azurite",
-        [
-            str(binary),
-            "--inMemoryPersistence",
-            "--tableHost",
-            "127.0.0.1",
-            "--tablePort",
-            str(port),
-            "--skipApiVersionCheck",
-            "--disableProductStyleUrl",
-            "--tableKeepAliveTimeout",
-            str(AZURITE_KEEP_ALIVE_SECONDS),
-            "--silent",
-        ],
-        log_dir,
-    )
+    azurite = spawn("azurite", [*azurite_command(port), "--disableProductStyleUrl", "--silent"], log_dir)
     stack = Stack(azurite, azurite, azurite, None, {}, {})  # filled in below; stop() works at every step
     try:
         connection_string = azurite_connection_string(port)

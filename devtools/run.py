@@ -30,6 +30,7 @@ from types import FrameType
 
 import httpx
 
+from devtools import azurite
 from proxy.events import Event, EventStore, hash_code
 from proxy.settings import Settings
 from proxy.storage import opened
@@ -38,7 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_CODE = "DEMO-EVENT"
 DEMO_ID = "demo-event"
 SIMULATOR_KEY = "simulator-key"
-AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 PLACEHOLDER_KEY = "change-me-organizer-key"
 
 
@@ -173,19 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args.data_dir.mkdir(exist_ok=True)
             # The Functions host also wants blobs and queues (AzureWebJobsStorage); the dev host only tables.
-            services = ["--blobHost", "127.0.0.1", "--queueHost", "127.0.0.1"] if func else []
-            azurite = ROOT / "node_modules" / ".bin" / ("azurite" if func else "azurite-table")
-            command = [str(azurite), "--location", str(args.data_dir), "--tableHost", "127.0.0.1"]
-            command += ["--tablePort", str(table_port), *services, "--skipApiVersionCheck", "--silent"]
-            # Longer than aiohttp's 15 s keep-alive, so clients never reuse a connection Azurite closed.
-            for kind in ["blob", "queue", "table"] if func else ["table"]:
-                command += [f"--{kind}KeepAliveTimeout", "60"]
-            process = stack.start("azurite", command)
+            command = azurite.command(table_port, data_dir=args.data_dir, with_blobs_and_queues=bool(func))
+            process = stack.start("azurite", [*command, "--silent"])
             wait_until("Azurite", lambda: port_open(table_port), 30, process)
-        connection_string = (
-            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
-            f"AccountKey={AZURITE_KEY};TableEndpoint=http://127.0.0.1:{table_port}/devstoreaccount1;"
-        )
+        connection_string = azurite.connection_string(table_port)
         values.update(
             STORAGE_CONNECTION_STRING=connection_string,
             ORGANIZER_KEY=organizer_key,

@@ -26,7 +26,7 @@ import csv
 import io
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 import orjson
@@ -302,7 +302,3 @@ def report_csv(data: dict[str, Any]) -> str:
         writer.writerow([row["key"], *(row[f] for f in FIGURES)])
     writer.writerow(["TOTAL", *(data["totals"][f] for f in FIGURES)])
     return out.getvalue()
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)

@@ -6,7 +6,6 @@ import asyncio
 import os
 import queue
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,13 +18,11 @@ from typing import TypeVar
 
 import httpx
 
+from devtools import azurite
+
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 30.0
-# Longer than aiohttp's 15 s keep-alive: with Azurite's default of 5 s, a client reuses
-# connections Azurite has already closed ("Cannot write to closing transport").
-AZURITE_KEEP_ALIVE_SECONDS = 60
-AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
 def free_port() -> int:
@@ -34,11 +31,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def azurite_connection_string(port: int) -> str:
-    return (
-        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
-        f"AccountKey={AZURITE_KEY};TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
-    )
+azurite_connection_string = azurite.connection_string
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
@@ -104,17 +97,9 @@ class Service:
 
 def start_azurite(*extra: str, scheme: str = "http") -> tuple[Service, str]:
     """Azurite's table service in memory; ``extra`` for HTTPS and OAuth options."""
-    binary = ROOT / "node_modules" / ".bin" / "azurite-table"
-    if not binary.exists():
-        found = shutil.which("azurite-table")
-        if found is None:
-            raise RuntimeError("Azurite is not installed: run 'npm install' (make test does)")
-        binary = Path(found)
     port = free_port()
-    args = [str(binary), "--inMemoryPersistence", "--tableHost", "127.0.0.1", "--tablePort", str(port)]
-    args += ["--tableKeepAliveTimeout", str(AZURITE_KEEP_ALIVE_SECONDS)]
-    service = Service([*args, "--skipApiVersionCheck", "--disableProductStyleUrl", *extra], "successfully started")
-    return service, azurite_connection_string(port).replace("http://", f"{scheme}://")
+    args = [*azurite.command(port), "--disableProductStyleUrl", *extra]
+    return Service(args, "successfully started"), azurite.connection_string(port, scheme)
 
 
 def start_simulator(*extra: str, env: Mapping[str, str] | None = None) -> tuple[Service, str]:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import MakeEvent
-from tests.support import ORGANIZER_KEY, Service, app_env, free_port, sim_stats, start_app
+from tests.support import ORGANIZER_KEY, Service, app_env, azurite_connection_string, free_port, sim_stats, start_app
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -177,8 +177,6 @@ async def test_upstream_errors_pass_through_or_are_502(
 
 
 async def test_storage_down_fails_closed(simulator: str, http: httpx.Client) -> None:
-    from tests.support import azurite_connection_string
-
     service, url = start_app(app_env(azurite_connection_string(free_port()), simulator))
     try:
         error_of(
