@@ -1,7 +1,9 @@
 """Azure Functions entry point: registers the HTTP routes and hands each to ``proxy``.
 
 Python v2 programming model with the HTTP streams extension, so answers stream
-chunk by chunk (needs ``PYTHON_ENABLE_INIT_INDEXING=1``). The services are
+chunk by chunk (needs ``PYTHON_ENABLE_INIT_INDEXING=1``). A timer-triggered
+function gives back every minute the daily slots of requests whose worker was
+killed before they settled. The services are
 created once per worker, when this module is imported; a missing setting fails
 here, at cold start, with a message that names it. The dev host
 (``devtools/devhost.py``) serves the functions registered here, unchanged.
@@ -14,6 +16,7 @@ from azurefunctions.extensions.http.fastapi import Request, Response, StreamingR
 
 from proxy.handlers import Proxy
 from proxy.manage_api import OrganizerApi
+from proxy.reconcile import reconcile
 from proxy.settings import Settings
 
 settings = Settings.from_env()
@@ -53,3 +56,10 @@ def _register(name: str, route: str, methods: list[str], handler: Handler) -> No
 
 for _route in ROUTES:
     _register(*_route)
+
+
+@app.function_name("reconcile")
+@app.timer_trigger(schedule="0 */1 * * * *", arg_name="timer", use_monitor=False)
+async def reconcile_reservations(timer: func.TimerRequest) -> None:
+    """Give back the daily slots of requests whose worker was killed (``proxy.reconcile``)."""
+    await reconcile(proxy.tables, proxy.ledger, settings.reservation_lease_seconds)

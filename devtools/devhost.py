@@ -71,7 +71,9 @@ def load_routes(module_name: str, app_dir: Path) -> tuple[Any, list[Route]]:
     prefix = json.loads((app_dir / "host.json").read_text())["extensions"]["http"].get("routePrefix", "api")
     routes = []
     for function in module.app.get_functions():
-        trigger = next(b for b in function.get_bindings() if b.type == "httpTrigger")
+        trigger = next((b for b in function.get_bindings() if b.type == "httpTrigger"), None)
+        if trigger is None:  # timer functions: the dev host serves HTTP only
+            continue
         pattern, rank = compile_route(prefix, trigger.route)
         methods = frozenset(str(getattr(m, "value", m)).upper() for m in trigger.methods or ["GET", "POST"])
         routes.append(Route(pattern, methods, function.get_user_function(), rank))

@@ -13,6 +13,7 @@
     ├── ModelNotFound                 404     model_not_found
     ├── RequestTooLarge               413     request_too_large
     ├── CapExceeded                   429     daily_request_cap_exceeded / daily_token_cap_exceeded / rate_limited
+    ├── InternalError                 500     internal_error (a bug; names the request id)
     ├── UpstreamError                 502     upstream_error
     ├── StorageUnavailable            503     storage_unavailable
     ├── OrganizerApiDisabled          503     organizer_api_disabled
@@ -102,6 +103,18 @@ class CapExceeded(ProxyError):
     def __init__(self, message: str, *, code: str, retry_after: int) -> None:
         super().__init__(message, headers={"retry-after": str(max(1, retry_after))})
         self.code = code
+
+
+class InternalError(ProxyError):
+    status, code, type = 500, "internal_error", "api_error"
+
+
+def internal_error(request_id: str) -> InternalError:
+    return InternalError(
+        f"The proxy failed while handling this request (request id {request_id}); it has been logged. "
+        "Try again, and give the organizer the request id if it keeps happening.",
+        headers={"x-request-id": request_id},
+    )
 
 
 class UpstreamError(ProxyError):

@@ -14,7 +14,6 @@ lookup (0 storage operations when cached, 2 point reads per code per
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -44,6 +43,7 @@ from proxy.errors import (
     StorageUnavailable,
     UpstreamError,
     UpstreamTimeout,
+    internal_error,
 )
 from proxy.events import Event, EventStore
 from proxy.limits import Admission, Ledger, day_of
@@ -65,16 +65,28 @@ def error_response(error: ProxyError) -> Response:
 
 
 def answering(handler: Handler) -> Handler:
-    """Turn a ``ProxyError`` raised by a handler into its OpenAI-shaped response."""
+    """Give the request its id, and turn whatever a handler raises into an OpenAI-shaped answer.
+
+    A ``ProxyError`` becomes its own status and code. Anything else is a bug:
+    it is logged with its traceback and the request id, and the client gets
+    ``500 internal_error`` naming that id, never the Functions worker's bare
+    ``500 text/plain``. Messages and logs never carry the request's content
+    or credential.
+    """
 
     @functools.wraps(handler)
-    async def wrapper(*args: Any, **kwargs: Any) -> Response:
+    async def wrapper(self: Any, request: Request, *args: Any, **kwargs: Any) -> Response:
+        request_id = request.state.request_id = uuid.uuid4().hex
         try:
-            return await handler(*args, **kwargs)
+            return await handler(self, request, *args, **kwargs)
         except ProxyError as error:
             if error.status >= 500:
-                log.warning("%s: %s", error.code, error.message)
+                log.warning("%s: %s (request %s)", error.code, error.message, request_id)
+            error.headers.setdefault("x-request-id", request_id)
             return error_response(error)
+        except Exception:
+            log.exception("internal error in %s (request %s)", handler.__name__, request_id)
+            return error_response(internal_error(request_id))
 
     return wrapper
 
@@ -186,6 +198,7 @@ class Proxy:
         }
         return Response(orjson.dumps(info), media_type=_JSON)
 
+    @answering
     async def health(self, request: Request) -> Response:
         try:
             await guarded(self.tables.events.get_entity("health", "probe"))
@@ -236,7 +249,9 @@ class Proxy:
         else:
             prepared = bodies.prepare_embeddings(payload, user_id)
         estimate = len(prepared.body) // 4 + prepared.max_tokens
-        admission = await self.ledger.admit(event, caller.user, now, estimate)
+        request_id: str = request.state.request_id
+        self.recorder.check_storage()
+        admission = await self.ledger.admit(event, caller.user, now, estimate, request_id)
         record = UsageRecord(
             event_id=event.id,
             user=caller.user,
@@ -244,7 +259,7 @@ class Proxy:
             kind=kind,
             stream=prepared.stream,
             admission=admission,
-            request_id=uuid.uuid4().hex,
+            request_id=request_id,
             started_at=now,
             perf_start=time.perf_counter(),
         )
@@ -255,7 +270,7 @@ class Proxy:
             record.status = error.status
             self.recorder.submit(record)
             raise
-        except asyncio.CancelledError:  # the client went away: give the slot back
+        except BaseException:  # the client went away (cancelled), or a bug: give the slot back
             record.status = 499
             self.recorder.submit(record)
             raise
@@ -263,14 +278,18 @@ class Proxy:
         record.status = response.status_code
         headers = _headers(admission, record.request_id, response)
         if prepared.stream and response.status_code == 200:
-            stream = relay(response, record, prepared.wants_usage, self.recorder.submit)
+            stream = relay(response, record, prepared.wants_usage, self.recorder)
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         try:
             body = await _read_upstream(response, record)
-        finally:
+        except BaseException:
             self.recorder.submit(record)
+            raise
         if response.status_code >= 500:
+            self.recorder.submit(record)
             raise UpstreamError(f"Azure OpenAI failed with status {response.status_code} after retries.")
+        # The answer goes out only once its usage is stored (proxy.usage).
+        await self.recorder.commit(record)
         return Response(body, status_code=response.status_code, headers=headers, media_type=_JSON)
 
 

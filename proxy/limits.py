@@ -13,6 +13,13 @@ One entity per (event, attendee, UTC day) in the ``proxyusage`` table,
 - ``requests``, ``failed``, ``prompt_tokens``, ``completion_tokens``,
   ``total_tokens`` and ``models`` (JSON, the same figures per model): the
   day's recorded usage, which is also what the usage reports read.
+- ``inflight`` (JSON): the requests admitted and not yet settled, as
+  ``{request id: [estimate, minute, admitted at (epoch seconds)]}``, written
+  by the same conditional writes. Settling removes a request's entry, which
+  makes settlement idempotent (a retried write whose first attempt did land
+  finds the entry gone and adds nothing twice). An entry older than the
+  reservation lease belongs to a worker that was killed before it could
+  settle: ``proxy.reconcile`` gives its slot back.
 - ``tpm_minute`` and ``tpm_tokens``: a fixed one-minute window for the tokens
   per minute limit. Before the call the request books an estimate (body size
   / 4 for the prompt, plus the max tokens it may produce); settling replaces
@@ -58,6 +65,9 @@ from proxy.events import Event
 from proxy.storage import Tables
 
 MAX_ATTEMPTS = 200
+
+# (estimate, request id, ticket) of a request waiting for the next group write
+Waiting = tuple[int, str, "asyncio.Future[Admission]"]
 _COUNTERS = ("reserved", "requests", "failed", "prompt_tokens", "completion_tokens", "total_tokens")
 
 
@@ -78,6 +88,7 @@ def has_caps(event: Event) -> bool:
 class Admission:
     """What a request was admitted with: shown in headers and settled later."""
 
+    request_id: str
     day: str
     minute: int
     estimate: int
@@ -106,7 +117,7 @@ class Ledger:
         self._entities = tables.usage_entities
         self._cache: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._waiting: dict[tuple[str, str], list[tuple[int, asyncio.Future[Admission]]]] = {}
+        self._waiting: dict[tuple[str, str], list[Waiting]] = {}
 
     def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -136,7 +147,7 @@ class Ledger:
         self._cache[key] = state
         return state
 
-    async def admit(self, event: Event, user: str, now: datetime, estimate: int) -> Admission:
+    async def admit(self, event: Event, user: str, now: datetime, estimate: int, request_id: str) -> Admission:
         """Reserve one request against the caps, or raise ``CapExceeded``.
 
         Requests of one attendee that arrive while a reservation is being
@@ -146,13 +157,13 @@ class Ledger:
         day = day_of(now)
         minute = int(now.timestamp()) // 60
         if not has_caps(event):
-            return Admission(day, minute, estimate, None, None, reserved=False)
+            return Admission(request_id, day, minute, estimate, None, None, reserved=False)
         key = (event.id, f"{day}|{user}")
         ticket: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
         # Mark a refusal as seen even if its caller went away (client disconnected).
         ticket.add_done_callback(lambda done: done.cancelled() or done.exception())
         waiting = self._waiting.setdefault(key, [])
-        waiting.append((estimate, ticket))
+        waiting.append((estimate, request_id, ticket))
         async with self._lock(key):
             if not ticket.done():
                 group, self._waiting[key] = waiting, []
@@ -168,7 +179,7 @@ class Ledger:
         user: str,
         key: tuple[str, str],
         now: datetime,
-        group: list[tuple[int, asyncio.Future[Admission]]],
+        group: list[Waiting],
     ) -> None:
         day, minute = day_of(now), int(now.timestamp()) // 60
         state = self._cache.get(key)
@@ -179,13 +190,15 @@ class Ledger:
                 fresh = True
             etag, updated = state
             outcomes: list[Admission | CapExceeded] = []
-            for estimate, _ in group:
+            for estimate, request_id, _ in group:
                 refusal = _refusal(event, updated, now, minute, estimate)
                 if refusal is not None:
                     outcomes.append(refusal)
                     continue
-                updated = _admitted(updated, user, day, minute, estimate)
-                outcomes.append(Admission(day, minute, estimate, *_remaining(event, updated), reserved=True))
+                updated = _admitted(updated, user, day, minute, estimate, request_id, now)
+                outcomes.append(
+                    Admission(request_id, day, minute, estimate, *_remaining(event, updated), reserved=True)
+                )
             if not fresh and any(isinstance(o, CapExceeded) for o in outcomes):
                 state = None  # confirm against storage before refusing anyone
                 continue
@@ -197,7 +210,7 @@ class Ledger:
                     await asyncio.sleep(random.uniform(0, 0.005))
                     continue
                 self._cache[key] = (new_etag, updated)
-            for (_, ticket), outcome in zip(group, outcomes, strict=True):
+            for (_, _, ticket), outcome in zip(group, outcomes, strict=True):
                 if isinstance(outcome, CapExceeded):
                     ticket.set_exception(outcome)
                 else:
@@ -224,6 +237,32 @@ class Ledger:
                     continue
                 self._cache[key] = (new_etag, updated)
                 return
+        raise StorageUnavailable("Too much contention on the usage counters.")
+
+    async def release_stale(self, event_id: str, row_key: str, cutoff: float) -> int:
+        """Give back the slots of requests admitted before ``cutoff`` (epoch s) and never settled."""
+        key = (event_id, row_key)
+        async with self._lock(key):
+            for _ in range(MAX_ATTEMPTS):
+                etag, entity = await self._fetch(key)
+                inflight: dict[str, list[int]] = orjson.loads(entity.get("inflight", "{}"))
+                stale = [request_id for request_id, (_, _, admitted) in inflight.items() if admitted < cutoff]
+                if not etag or not stale:
+                    return 0
+                user, day = str(entity.get("user", "")), str(entity.get("day", ""))
+                updated = _base(entity, user, day)
+                for request_id in stale:
+                    estimate, minute, _ = inflight.pop(request_id)
+                    updated["reserved"] = max(0, updated["reserved"] - 1)
+                    if updated["tpm_minute"] == minute:
+                        updated["tpm_tokens"] = max(0, updated["tpm_tokens"] - estimate)
+                updated["inflight"] = orjson.dumps(inflight).decode()
+                try:
+                    self._cache[key] = (await self._write(key, etag, updated), updated)
+                except ResourceModifiedError:
+                    await asyncio.sleep(random.uniform(0, 0.005))
+                    continue
+                return len(stale)
         raise StorageUnavailable("Too much contention on the usage counters.")
 
     async def _write(self, key: tuple[str, str], etag: str, entity: dict[str, Any]) -> str:
@@ -265,9 +304,7 @@ def _refusal(event: Event, entity: dict[str, Any], now: datetime, minute: int, e
     return None
 
 
-def _resolve_all(
-    group: list[tuple[int, asyncio.Future[Admission]]],
-) -> Callable[[asyncio.Future[None]], None]:
+def _resolve_all(group: list[Waiting]) -> Callable[[asyncio.Future[None]], None]:
     """A callback that fails every ticket still open when a group write ends in an error."""
 
     def resolve(write: asyncio.Future[None]) -> None:
@@ -276,7 +313,7 @@ def _resolve_all(
             return
         if not isinstance(error, StorageUnavailable):
             error = StorageUnavailable("The usage counters could not be updated; try again in a moment.")
-        for _, ticket in group:
+        for _, _, ticket in group:
             if not ticket.done():
                 ticket.set_exception(error)
 
@@ -301,12 +338,18 @@ def _base(entity: dict[str, Any], user: str, day: str) -> dict[str, Any]:
     updated["models"] = entity.get("models", "{}")
     updated["tpm_minute"] = int(entity.get("tpm_minute", 0))
     updated["tpm_tokens"] = int(entity.get("tpm_tokens", 0))
+    updated["inflight"] = entity.get("inflight", "{}")
     return updated
 
 
-def _admitted(entity: dict[str, Any], user: str, day: str, minute: int, estimate: int) -> dict[str, Any]:
+def _admitted(
+    entity: dict[str, Any], user: str, day: str, minute: int, estimate: int, request_id: str, now: datetime
+) -> dict[str, Any]:
     updated = _base(entity, user, day)
     updated["reserved"] += 1
+    inflight = orjson.loads(updated["inflight"])
+    inflight[request_id] = [estimate, minute, int(now.timestamp())]
+    updated["inflight"] = orjson.dumps(inflight).decode()
     if updated["tpm_minute"] != minute:
         updated["tpm_minute"], updated["tpm_tokens"] = minute, 0
     updated["tpm_tokens"] += estimate
@@ -315,6 +358,11 @@ def _admitted(entity: dict[str, Any], user: str, day: str, minute: int, estimate
 
 def _settled(entity: dict[str, Any], user: str, admission: Admission, settlement: Settlement) -> dict[str, Any]:
     updated = _base(entity, user, admission.day)
+    if admission.reserved:
+        inflight = orjson.loads(updated["inflight"])
+        if inflight.pop(admission.request_id, None) is None:
+            return entity  # settled already (a retried write that had landed), or given back by the reconciler
+        updated["inflight"] = orjson.dumps(inflight).decode()
     if admission.reserved and not settlement.succeeded:
         updated["reserved"] = max(0, updated["reserved"] - 1)
     if admission.reserved and updated["tpm_minute"] == admission.minute:

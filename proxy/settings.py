@@ -17,6 +17,8 @@ from pathlib import Path
 
 DEFAULT_API_VERSION = "2024-10-21"
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+# functionTimeout in host.json (10 min) plus a minute: no live request is older (proxy.reconcile)
+DEFAULT_LEASE_SECONDS = 660.0
 
 # Settings the app reads, by name. The infra tests check that the Bicep sets
 # exactly these (plus HOST_SETTINGS) on the function app.
@@ -64,6 +66,7 @@ class Settings:
     max_request_bytes: int
     upstream_timeout_seconds: float
     event_cache_seconds: float
+    reservation_lease_seconds: float = DEFAULT_LEASE_SECONDS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, need_upstream: bool = True) -> Settings:
@@ -102,6 +105,7 @@ class Settings:
             max_request_bytes=int(_number(get, "MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES)),
             upstream_timeout_seconds=_number(get, "UPSTREAM_TIMEOUT_SECONDS", 120.0),
             event_cache_seconds=cache_seconds,
+            reservation_lease_seconds=_number(get, "RESERVATION_LEASE_SECONDS", DEFAULT_LEASE_SECONDS),
         )
 
     @classmethod

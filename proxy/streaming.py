@@ -6,6 +6,12 @@ chunk (``"choices": []`` with a ``usage`` object) is read for the record and
 dropped when the client did not ask for it. A stream that breaks off before
 ``data: [DONE]`` ends with an OpenAI-shaped error event, never a clean end, so
 SDKs raise instead of returning a truncated answer.
+
+The last event, ``data: [DONE]``, is held back until the request's usage is
+stored (``UsageRecorder.commit``): a client that saw ``[DONE]`` has its answer
+recorded, whatever happens to the worker next. If storage refuses the record,
+the stream ends with a ``storage_unavailable`` error event instead. A bug
+while relaying ends it with an ``internal_error`` event naming the request id.
 """
 
 from __future__ import annotations
@@ -13,13 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import httpx
 import orjson
 
-from proxy.errors import error_body
-from proxy.usage import UsageRecord
+from proxy.errors import ProxyError, StorageUnavailable, UpstreamError, internal_error
+from proxy.usage import UsageRecord, UsageRecorder
 
 log = logging.getLogger("proxy.streaming")
 
@@ -32,13 +38,14 @@ async def relay(
     response: httpx.Response,
     record: UsageRecord,
     wants_usage: bool,
-    finish: Callable[[UsageRecord], None],
+    recorder: UsageRecorder,
 ) -> AsyncIterator[bytes]:
-    """Yield the client's stream; always closes upstream and finishes the record."""
+    """Yield the client's stream; always closes upstream and stores the record."""
     pending = b""
-    done = False
+    ending = b""  # the [DONE] event, sent once the record is stored
     broken = False
     client_gone = False
+    failure: ProxyError | None = None
     chunks = 0
     try:
         async for data in response.aiter_raw():
@@ -49,35 +56,47 @@ async def relay(
             complete, pending = pending[: end + 2], pending[end + 2 :]
             if _USAGE in complete:
                 complete = _take_usage(complete, record, wants_usage)
-            if _DONE in complete:
-                done = True
             chunks += complete.count(b"\n\n")
+            done_at = complete.find(_DONE)
+            if done_at >= 0:
+                complete, ending = complete[:done_at], complete[done_at:]
             if complete:
                 yield complete
-        if pending.strip().startswith(_DONE):  # a last event without its blank line
-            done = True
-            yield pending.rstrip(b"\r\n") + b"\n\n"
+        if not ending and pending.strip().startswith(_DONE):  # a last event without its blank line
+            ending = pending.rstrip(b"\r\n") + b"\n\n"
     except httpx.TransportError:
         log.warning("upstream stream broke off (request %s)", record.request_id)
         broken = True
     except (GeneratorExit, asyncio.CancelledError):
         client_gone = True  # the client disconnected: nothing more to send
         raise
+    except Exception:
+        log.exception("internal error while relaying a stream (request %s)", record.request_id)
+        failure = internal_error(record.request_id)
     finally:
         await response.aclose()
         record.latency_ms = (time.perf_counter() - record.perf_start) * 1000
-        if not done:
-            record.status = 499 if client_gone else 502
+        if not ending or failure is not None:
+            record.status = 499 if client_gone else 500 if failure is not None else 502
             if record.total_tokens == 0:
                 # No usage chunk arrived: count the events relayed, less the
                 # first (prompt filter) and role chunks, as completion tokens.
                 record.completion_tokens = max(0, chunks - 2)
                 record.total_tokens = record.prompt_tokens + record.completion_tokens
-        finish(record)
-    if not done:
+            recorder.submit(record)
+    if failure is None and ending:
+        try:
+            await recorder.commit(record)
+        except StorageUnavailable as refused:
+            failure = refused
+        else:
+            yield ending
+            return
+    if failure is None:
         reason = "broke off" if broken else "ended without [DONE]"
         message = f"The answer from Azure OpenAI {reason}; it is incomplete. Retry the request."
-        yield b"data: " + error_body(message, "api_error", "upstream_error") + b"\n\n"
+        failure = UpstreamError(message)
+    yield b"data: " + failure.body() + b"\n\n"
 
 
 def _take_usage(complete: bytes, record: UsageRecord, wants_usage: bool) -> bytes:

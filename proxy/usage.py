@@ -1,17 +1,26 @@
 """Usage: recording each upstream request, and the reports organizers read.
 
-Recording happens off the response's critical path. A finished request hands a
-``UsageRecord`` to the ``UsageRecorder``, which writes in batches every
-``FLUSH_SECONDS``: the request log and the attendees' days (``proxy.limits``).
-The log holds one JSON record per upstream request (event, attendee, model,
-kind, stream, tokens, status, latency, time, request id), stored in chunks:
-one ``proxyrequests`` entity per event and flush (``PartitionKey=<event id>``,
-``RowKey="<YYYY-MM-DD>|<first request id>"``, the records in ``records``), so
-a busy worker writes its log in one insert rather than one per request, and
-a retried chunk conflicts instead of being recorded twice. A storage outage delays these writes (retried with
-backoff, without limit) and never drops them; ``drain()`` stores everything
-pending at graceful shutdown. Recorded tokens (for the daily token cap and
-the TPM correction) therefore lag the answers by about ``FLUSH_SECONDS``.
+An answer's end reaches its client only once its usage is stored. A
+finished request hands a ``UsageRecord`` to the ``UsageRecorder`` and waits
+for it (``commit``): the request log and the attendee's day (``proxy.limits``)
+are written for all the records pending at that moment at once, so requests
+that finish together share their writes. The log holds one JSON record per
+upstream request (event, attendee, model, kind, stream, tokens, status,
+latency, time, request id), stored in chunks: one ``proxyrequests`` entity
+per event and write (``PartitionKey=<event id>``,
+``RowKey="<YYYY-MM-DD>|<first request id>"``, the records in ``records``), and
+a retried chunk conflicts instead of being recorded twice. Settling the day
+is idempotent too (``proxy.limits``).
+
+What a kill can do, then: lose nothing a client received in full, since the
+end of every answer waits for its record; charge a request whose record was
+stored an instant before the kill and whose last bytes were still on their
+way; and leave the slot of a request that was cut off reserved, until
+``proxy.reconcile`` gives it back. During a storage outage, an answer whose
+record cannot be stored is withheld (503 ``storage_unavailable``, or an error
+event instead of a stream's ``[DONE]``) and kept as a failed request for a
+retry; new requests are refused before they reach upstream until storage
+takes the backlog, so memory holds only what was in flight.
 
 Reports read the per-attendee day entities of ``proxyusage`` only (one
 partition query per event), never the request log, so they stay fast for
@@ -38,10 +47,10 @@ from proxy.storage import Tables, gathered
 
 log = logging.getLogger("proxy.usage")
 
-FLUSH_SECONDS = 0.2
-CONCURRENT_WRITES = 4
+CONCURRENT_BATCHES = 4
+CONCURRENT_SETTLES = 32
 LOG_CHUNK_CHARS = 30_000  # a string property holds 32 K characters
-MAX_BACKOFF_SECONDS = 10.0
+MAX_BACKOFF_SECONDS = 2.0
 
 GroupBy = Literal["user", "model", "day"]
 GROUPINGS: tuple[GroupBy, ...] = ("user", "model", "day")
@@ -113,75 +122,174 @@ class UsageRecord:
 
 
 class UsageRecorder:
-    """Collects finished requests and stores them in batches, retrying until stored.
+    """Stores finished requests: at once and together (group commit), retrying what fails.
 
-    A flush waits ``flush_seconds`` after the first pending record so that a
-    busy worker writes many records at once: one request-log entity per event
-    (more if its records exceed one property), and one conditional write per
-    attendee and day, however many of that attendee's requests it carries.
+    ``commit`` is for answers being delivered: it returns once the record is
+    stored, so the caller can release the end of the answer after it, and
+    raises ``StorageUnavailable`` when storage refused it. ``submit`` is for
+    requests that ended without a full answer (errors, clients gone): it
+    returns at once and the record is stored in the background.
+
+    Every record pending when a write starts goes into that write: one
+    request-log insert per event and day (more if its records exceed one
+    property), and one conditional write per attendee and day, however many of
+    that attendee's requests it carries. Up to ``CONCURRENT_BATCHES`` writes
+    run at once, so a request that finishes during a write need not wait for
+    it. A record that storage could not take is retried with backoff; while any
+    is waiting, ``check_storage`` refuses new requests, so no answer goes out
+    whose usage cannot be recorded, and the backlog holds at most the requests
+    that were in flight when storage went away.
     """
 
-    def __init__(self, tables: Tables, ledger: Ledger, flush_seconds: float = FLUSH_SECONDS) -> None:
+    def __init__(self, tables: Tables, ledger: Ledger) -> None:
         self._tables = tables
         self._ledger = ledger
-        self._flush_seconds = flush_seconds
         self._pending: list[UsageRecord] = []
-        self._wakeup = asyncio.Event()
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._writing = 0
+        self._backlog: list[UsageRecord] = []
+        self._retrier: asyncio.Task[None] | None = None
+        self._settling = asyncio.Semaphore(CONCURRENT_SETTLES)
         self._idle = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
-        self._closing = False
-        self._writing = asyncio.Semaphore(CONCURRENT_WRITES)
+        self._idle.set()
+        self._batches: set[asyncio.Task[None]] = set()
+
+    @property
+    def _retrying(self) -> bool:
+        return self._retrier is not None and not self._retrier.done()
+
+    @property
+    def unstored(self) -> int:
+        """Records not yet stored: pending, being written or waiting for a retry."""
+        return len(self._pending) + self._writing + len(self._backlog)
+
+    def check_storage(self) -> None:
+        """Refuse a new request while records wait for storage to come back."""
+        if self._retrying:
+            raise StorageUnavailable(
+                "Table Storage cannot be reached right now, so usage cannot be recorded; the request was not "
+                "sent. Try again shortly."
+            )
+
+    async def commit(self, record: UsageRecord) -> None:
+        """Store the record now, with whatever else is pending; raise ``StorageUnavailable`` if refused."""
+        done = asyncio.get_running_loop().create_future()
+        self._waiters[id(record)] = done
+        self._enqueue(record)
+        # Shielded: a caller that goes away must not cancel a write others share.
+        await asyncio.shield(done)
 
     def submit(self, record: UsageRecord) -> None:
-        """Queue a record; never blocks and never raises."""
+        """Queue a record for storing; never blocks and never raises."""
+        self._enqueue(record)
+
+    def _enqueue(self, record: UsageRecord) -> None:
         self._pending.append(record)
         self._idle.clear()
-        self._wakeup.set()
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._run())
-            self._flusher.add_done_callback(_report_crash)
+        if len(self._batches) < CONCURRENT_BATCHES:
+            self._start_batch()
 
-    async def _run(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            if not self._closing:
-                await asyncio.sleep(self._flush_seconds)
-            batch, self._pending = self._pending, []
-            self._wakeup.clear()
-            await self._store(batch)
-            if not self._pending:
-                self._idle.set()
+    def _start_batch(self) -> None:
+        batch, self._pending = self._pending, []
+        self._writing += len(batch)
+        task = asyncio.create_task(self._write_batch(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batch_done)
 
-    async def _store(self, batch: list[UsageRecord]) -> None:
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("usage writer failed", exc_info=task.exception())
+        if self._pending and len(self._batches) < CONCURRENT_BATCHES:
+            self._start_batch()
+        elif not self._batches and not self._pending and not self._retrying:
+            self._idle.set()
+
+    async def _write_batch(self, batch: list[UsageRecord]) -> None:
+        try:
+            await self.write(batch)
+        except StorageUnavailable as error:
+            self._failed(batch, error)
+        except Exception:  # a bug: say so, and let no waiter hang
+            log.exception("usage writer failed; %d records not stored", len(batch))
+        else:
+            for record in batch:
+                self._resolve(record, None)
+        finally:
+            self._writing -= len(batch)
+            for record in batch:  # cancelled, or a bug: the caller answers with an error
+                self._resolve(record, StorageUnavailable("The usage record could not be stored."))
+
+    def _failed(self, batch: list[UsageRecord], error: StorageUnavailable) -> None:
+        """Answer the waiters of records storage did not take, and keep the records for a retry.
+
+        A record that is stored in part (its log entry or its attendee's day)
+        is charged as what it was; one stored not at all is withheld from its
+        client, so it is kept as a failed request (status 503), its slot given
+        back and its tokens counted.
+        """
+        for record in batch:
+            if record.logged and record.settled:
+                self._resolve(record, None)
+                continue
+            if id(record) in self._waiters and not (record.logged or record.settled):
+                record.status = 503
+            self._resolve(record, error)
+            self._backlog.append(record)
+        if not self._retrying:
+            self._retrier = asyncio.create_task(self._retry())
+
+    def _resolve(self, record: UsageRecord, error: StorageUnavailable | None) -> None:
+        waiter = self._waiters.pop(id(record), None)
+        if waiter is None or waiter.done():
+            return
+        if error is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(error)
+
+    async def _retry(self) -> None:
         backoff = 0.1
-        while True:
+        while self._backlog:
+            log.warning(
+                "usage write delayed: storage unavailable; %d records waiting, retrying in %.1f s",
+                len(self._backlog),
+                backoff,
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+            batch, self._backlog = self._backlog, []
+            self._writing += len(batch)
             try:
                 await self.write(batch)
-                return
             except StorageUnavailable:
-                log.warning("usage write delayed: storage unavailable; retrying in %.1f s", backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                self._backlog = batch + self._backlog
+                continue
+            finally:
+                self._writing -= len(batch)
+            log.warning("usage write resumed: %d delayed records stored", len(batch))
+        if not self._batches and not self._pending:
+            self._idle.set()
+        self._retrier = None
 
     async def write(self, batch: list[UsageRecord]) -> None:
-        """Store records now: the request log (once each), then each attendee's day."""
+        """Store records now: each one's log entry and its attendee's day, concurrently."""
         logs: dict[tuple[str, str], list[UsageRecord]] = {}
         for record in batch:
             if record.reached_upstream and not record.logged:
                 logs.setdefault((record.event_id, record.admission.day), []).append(record)
-        for (event_id, day), records in logs.items():
-            for chunk, entries in _log_chunks(records):
-                await self._insert_log(event_id, day, chunk, entries)
         days: dict[tuple[str, str, str], list[UsageRecord]] = {}
         for record in batch:
             if not record.settled:
                 days.setdefault((record.event_id, record.user, record.admission.day), []).append(record)
-        # A few attendees at a time, so that a flush over hundreds of attendees never
-        # holds the event loop away from the requests in flight for long; and every
-        # attendee is waited for before any is retried, so no write is in flight twice.
-        outcomes = await asyncio.gather(
-            *(self._settle(key, records) for key, records in days.items()), return_exceptions=True
-        )
+        writes = [
+            self._insert_log(event_id, day, chunk, entries)
+            for (event_id, day), records in logs.items()
+            for chunk, entries in _log_chunks(records)
+        ]
+        writes.extend(self._settle(key, records) for key, records in days.items())
+        # Every write is waited for before any is retried, so no write is in flight twice.
+        outcomes = await asyncio.gather(*writes, return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -201,31 +309,20 @@ class UsageRecorder:
 
     async def _settle(self, key: tuple[str, str, str], records: list[UsageRecord]) -> None:
         event_id, user, day = key
-        async with self._writing:
+        # A few dozen attendees at a time, so that a write over hundreds of attendees
+        # never holds the event loop away from the requests in flight for long.
+        async with self._settling:
             await self._ledger.settle(event_id, user, day, [(r.admission, r.settlement()) for r in records])
         for record in records:
             record.settled = True
 
     async def drain(self, timeout: float = 30.0) -> bool:
-        """Store everything pending now; True when nothing is left."""
-        if self._flusher is None:
-            return True
-        self._closing = True
-        if self._flusher.done():  # a writer that crashed: start another if anything is left
-            if not self._pending:
-                self._flusher = None
-                return True
-            self._flusher = asyncio.create_task(self._run())
-        self._wakeup.set()
+        """Wait until everything is stored (graceful shutdown); True when nothing is left."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
-            log.error("usage drain timed out with %d records pending", len(self._pending))
+            log.error("usage drain timed out with %d records not stored", self.unstored)
             return False
-        finally:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
-            self._flusher = None
         return True
 
 
@@ -256,12 +353,6 @@ async def report(tables: Tables, event_id: str, by: GroupBy) -> dict[str, Any]:
 def _add(target: dict[str, int], figures: list[int]) -> None:
     for name, value in zip(FIGURES, figures, strict=True):
         target[name] += int(value)
-
-
-def _report_crash(flusher: asyncio.Task[None]) -> None:
-    # A bug in the writer must be seen; the next submit starts a new flusher.
-    if not flusher.cancelled() and flusher.exception() is not None:
-        log.error("usage writer stopped", exc_info=flusher.exception())
 
 
 def _log_chunks(records: list[UsageRecord]) -> list[tuple[list[UsageRecord], str]]:

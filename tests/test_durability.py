@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,10 +21,10 @@ from tests.support import (
     app_env,
     azurite_connection_string,
     eventually,
+    sim_stats,
     start_app,
     start_azurite,
     start_simulator,
-    wait_for,
 )
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -126,36 +125,61 @@ def forwarder(azurite: str) -> Iterator[Forwarder]:
     relay.close()
 
 
-async def test_storage_outage_delays_usage_and_shutdown_drains_it(
-    forwarder: Forwarder, simulator: str, make_event: MakeEvent, tables: Tables
+async def test_storage_outage_withholds_answers_and_keeps_their_usage(
+    forwarder: Forwarder, azurite: str, make_event: MakeEvent, tables: Tables
 ) -> None:
-    service, url = start_app(app_env(azurite_connection_string(forwarder.port), simulator, EVENT_CACHE_SECONDS="60"))
+    """No answer goes out whose usage cannot be stored; what upstream spent is recorded once storage is back."""
+    # Answers that take about half a second, so that storage can go away in the middle of one.
+    simulator, upstream = start_simulator("--tokens-per-second", "40", "--completion-tokens", "20")
+    service, url = start_app(app_env(azurite_connection_string(forwarder.port), upstream, EVENT_CACHE_SECONDS="60"))
     try:
         open_event = await make_event(daily_requests=None)
         capped = await make_event(daily_requests=100)
         client = OpenAI(base_url=f"{url}/api/v1", api_key=open_event.key(), max_retries=0)
         client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
-        await eventually(lambda: report(tables, open_event.event.id, "user"), lambda d: d["totals"]["requests"] == 1)
-
-        forwarder.cut()
-        # An event without caps needs no storage on the critical path: answers keep coming.
-        for _ in range(3):
-            client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
-        list(client.chat.completions.create(**CHAT, stream=True))  # type: ignore[call-overload]
-        # A request that needs storage to be checked fails closed.
-        refused = httpx.post(f"{url}/api/v1/chat/completions", json=CHAT, headers={"api-key": capped.key()})
-        assert refused.status_code == 503 and refused.json()["error"]["code"] == "storage_unavailable"
-        wait_for(lambda: "usage write delayed" in service.text, what="a delayed usage write")
+        # Stored before the answer ended: no waiting.
         assert (await report(tables, open_event.event.id, "user"))["totals"]["requests"] == 1
 
-        service.process.send_signal(signal.SIGTERM)  # shutdown starts while records are pending
+        with httpx.Client(timeout=30) as http:
+            headers = {"api-key": open_event.key()}
+            with http.stream(
+                "POST", f"{url}/api/v1/chat/completions", json={**CHAT, "stream": True}, headers=headers
+            ) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                forwarder.cut()  # storage goes away while the answer is coming
+                events = [line for line in lines if line.startswith("data: ")]
+            assert "data: [DONE]" not in events and '"code":"storage_unavailable"' in events[-1]
+            spent = sim_stats(upstream)["requests"]
+            # Until the withheld record is stored, nothing more goes upstream, capped or not.
+            for key in (open_event.key(), capped.key()):
+                refused = http.post(f"{url}/api/v1/chat/completions", json=CHAT, headers={"api-key": key})
+                assert refused.status_code == 503 and refused.json()["error"]["code"] == "storage_unavailable"
+            assert sim_stats(upstream)["requests"] == spent
+
         forwarder.restore()
-        # uvicorn re-raises the signal once its graceful shutdown is over.
-        assert service.process.wait(40) in (0, -signal.SIGTERM)
-        data = await report(tables, open_event.event.id, "user")
-        assert data["totals"]["requests"] == 5
+        data = await eventually(
+            lambda: report(tables, open_event.event.id, "user"), lambda d: d["totals"]["requests"] == 2, timeout=20
+        )
+        log = await request_log(tables, open_event.event.id)
+        withheld = next(entry for entry in log if entry["stream"])
+        assert withheld["status"] == 503 and withheld["completion_tokens"] > 0
+        assert data["totals"]["total_tokens"] == sum(entry["total_tokens"] for entry in log)
+        day = datetime.now(UTC).strftime("%Y-%m-%d")
+        entity = await tables.usage.get_entity(open_event.event.id, f"{day}|alice")
+        assert entity["failed"] == 1
+        # And answers flow again.
+        answer = await eventually(
+            lambda: asyncio.to_thread(
+                httpx.post, f"{url}/api/v1/chat/completions", json=CHAT, headers={"api-key": capped.key()}
+            ),
+            lambda response: response.status_code == 200,
+            timeout=20,
+        )
+        assert answer.json()["usage"]["total_tokens"] > 0
     finally:
         service.stop()
+        simulator.stop()
 
 
 async def test_fresh_storage_without_usage_tables_works(simulator: str) -> None:

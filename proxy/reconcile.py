@@ -1,0 +1,75 @@
+"""Giving back the daily slots of requests whose worker died before settling them.
+
+A request is admitted with an entry in its attendee's day entity (see
+``proxy.limits``) and settled once its answer is over. The Functions host
+kills workers without warning (scale-in, restart, ``functionTimeout``), so an
+admitted request can lose its worker and never settle. Its entry then stays,
+holding one of the attendee's daily requests. The reconciler, run every
+minute by a timer-triggered function (and by ``python -m proxy.reconcile``),
+reads the day entities of today and yesterday that hold any entry and gives
+back every slot older than the reservation lease.
+
+The lease (``RESERVATION_LEASE_SECONDS``) must be longer than any request can
+live: the host's ``functionTimeout`` (10 minutes in ``host.json``) kills a
+worker whose request runs longer, so the default is that plus one minute. A
+slot is therefore given back between one lease and one lease plus a minute
+after its worker died. Such a request is never counted as used: its answer
+was not delivered in full, since delivery waits for the settlement
+(``proxy.usage``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime, timedelta
+
+from azure.core.exceptions import ResourceNotFoundError
+
+from proxy.limits import Ledger, day_of
+from proxy.settings import Settings
+from proxy.storage import Tables, gathered
+
+log = logging.getLogger("proxy.reconcile")
+
+
+async def reconcile(tables: Tables, ledger: Ledger, lease_seconds: float, now: datetime | None = None) -> int:
+    """Release every reservation older than the lease; the number released."""
+    now = now or datetime.now(UTC)
+    first_day = day_of(now - timedelta(days=1))
+    after_last = day_of(now + timedelta(days=1))
+    query = tables.usage.query_entities(
+        "RowKey ge @first and RowKey lt @after and inflight ne @empty",
+        parameters={"first": first_day, "after": after_last, "empty": "{}"},
+        select=["PartitionKey", "RowKey", "inflight"],
+    )
+    try:
+        holding = await gathered(query)
+    except ResourceNotFoundError:  # no usage table yet: nothing was ever admitted
+        return 0
+    cutoff = (now - timedelta(seconds=lease_seconds)).timestamp()
+    released = 0
+    for entity in holding:
+        released += await ledger.release_stale(entity["PartitionKey"], entity["RowKey"], cutoff)
+    if released:
+        log.warning("gave back %d daily slots held by requests whose worker stopped before settling", released)
+    return released
+
+
+async def _main() -> None:
+    from proxy.handlers import make_credential
+    from proxy.storage import opened
+
+    settings = Settings.for_cli()
+    credential = make_credential(settings)
+    try:
+        async with opened(settings, credential) as tables:
+            released = await reconcile(tables, Ledger(tables), settings.reservation_lease_seconds)
+    finally:
+        if credential is not None:
+            await credential.close()
+    print(f"released {released} reservations older than {settings.reservation_lease_seconds:g} s")
+
+
+if __name__ == "__main__":
+    asyncio.run(_main())
