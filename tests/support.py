@@ -81,6 +81,10 @@ class Service:
     def text(self) -> str:
         return "".join(self.output)
 
+    def wait_for_output(self, needle: str, timeout: float = 10.0) -> None:
+        """Wait until the process has printed ``needle``."""
+        wait_for(lambda: needle in self.text, timeout, f"{needle!r} in the output")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
