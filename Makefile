@@ -2,15 +2,20 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The generated FunctionRpc classes, installed apart: see requirements-worker.txt.
+FUNCPROTOS := azure-functions-runtime-v1==1.2.0
 
 .PHONY: install run test lint format bench package clean
 
 install: $(VENV)/.installed node_modules/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-worker.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python -r requirements-worker.txt
+	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python --upgrade \
+		--target $(VENV)/funcprotos $(FUNCPROTOS)
 	touch $@
 
 node_modules/.installed: package.json package-lock.json

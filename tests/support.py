@@ -133,11 +133,20 @@ def app_env(connection_string: str, upstream: str, **extra: str) -> dict[str, st
 ORGANIZER_KEY = "test-organizer-" + secrets.token_hex(8)
 
 
-def start_app(env: Mapping[str, str]) -> tuple[Service, str]:
-    """The function app in the dev host; returns the service and ``http://host:port``."""
-    service = Service([sys.executable, "-m", "devtools.devhost", "--port", "0"], "proxy listening on ", env)
+def start_app(env: Mapping[str, str], *extra: str, app_dir: Path = ROOT) -> tuple[Service, str]:
+    """The function app under the real Python worker behind the host emulator.
+
+    Returns the service (the emulator; its output includes the worker's) and ``http://host:port``.
+    """
+    args = [sys.executable, "-m", "devtools.funchost", "--port", "0", "--app-dir", str(app_dir), *extra]
+    service = Service(args, "proxy listening on ", env)
     url = service.ready_line.split("listening on ", 1)[1].removesuffix("/api")
     return service, url
+
+
+def worker_pids(service: Service) -> list[int]:
+    """The pids of the workers the emulator has started, in order (from its ``worker started`` lines)."""
+    return [int(line.split("pid=", 1)[1].split()[0]) for line in service.output if line.startswith("worker started")]
 
 
 def sim_stats(simulator: str) -> dict[str, object]:
