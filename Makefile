@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The generated FunctionRpc classes, installed apart: see requirements-worker.txt.
 FUNCPROTOS := azure-functions-runtime-v1==1.2.0
 
-.PHONY: install run test lint format bench package clean
+.PHONY: install run test lint format bench package deploy clean
 
 install: $(VENV)/.installed node_modules/.installed
 
@@ -45,6 +45,12 @@ bench: install
 
 package:
 	$(PYTHON) -m devtools.package
+
+# make deploy RG=my-event-rg LOCATION=eastus2 [PREFIX=evtproxy] [WHAT_IF=1]
+deploy: install
+	@test -n "$(RG)" -a -n "$(LOCATION)" || { echo "usage: make deploy RG=RESOURCE_GROUP LOCATION=REGION [PREFIX=P] [WHAT_IF=1]"; exit 2; }
+	$(BIN)/python -m devtools.deploy --resource-group "$(RG)" --location "$(LOCATION)" \
+		$(if $(PREFIX),--prefix "$(PREFIX)") $(if $(WHAT_IF),--what-if)
 
 clean:
 	rm -rf $(VENV) node_modules dist .azurite

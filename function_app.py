@@ -16,6 +16,7 @@ from azurefunctions.extensions.http.fastapi import Request, Response, StreamingR
 
 from proxy.handlers import Proxy
 from proxy.manage_api import OrganizerApi
+from proxy.probe import ProbeApi
 from proxy.reconcile import reconcile
 from proxy.settings import Settings
 
@@ -42,6 +43,7 @@ ROUTES: list[tuple[str, str, list[str], Handler]] = [
     ("manage_event", "manage/events/{event_id}", ["GET", "PATCH", "DELETE"], organizer.event),
     ("manage_rotate_code", "manage/events/{event_id}/rotate-code", ["POST"], organizer.rotate_code),
     ("manage_usage", "manage/events/{event_id}/usage", ["GET"], organizer.usage),
+    ("manage_probe", "manage/probe", ["POST"], ProbeApi(organizer, proxy.upstream).probe),
     ("not_found", "{*path}", ["GET", "POST", "PUT", "PATCH", "DELETE"], proxy.not_found),
 ]
 

@@ -1,50 +1,64 @@
 // The event proxy in one resource group: a Python function app on Flex Consumption with a
 // user-assigned identity, the storage it keeps its state in, Azure OpenAI with the model
 // deployments it forwards to, and Application Insights. Identity only: no keys anywhere.
+// Every identifier that comes from Azure (role ids, API versions, SKUs, model versions) is
+// checked by tests/test_infra.py against tests/data/azure_sources.json, which names the
+// page each value was copied from.
 targetScope = 'resourceGroup'
 
 @description('Azure region for every resource (it must offer Flex Consumption and the models below).')
 param location string = resourceGroup().location
 
-@description('Short prefix for every resource name: lowercase letters and digits.')
+@description('Short prefix for every resource name: 2 to 9 lowercase letters and digits. Capitals are lowered and hyphens, underscores and dots dropped for the storage account, whose name allows nothing else.')
 @minLength(2)
 @maxLength(9)
 param namePrefix string = 'evtproxy'
 
-@description('Azure OpenAI model deployments, created one at a time: name, model, version, skuName, capacity (thousands of tokens per minute).')
-param modelDeployments array = [
-  {
-    name: 'gpt-4o-mini'
-    model: 'gpt-4o-mini'
-    version: '2024-07-18'
-    skuName: 'GlobalStandard'
-    capacity: 10
-  }
-  {
-    name: 'text-embedding-3-small'
-    model: 'text-embedding-3-small'
-    version: '1'
-    skuName: 'Standard'
-    capacity: 10
-  }
-]
+@description('Azure OpenAI model deployments, created one at a time: name (what events list), model, version, skuName (Standard, GlobalStandard...), capacity (thousands of tokens per minute). Set in main.bicepparam; check what a region offers with az cognitiveservices model list -l REGION.')
+param modelDeployments array
 
 @description('The key organizers present to the HTTP API that manages events. Never written to an output.')
 @secure()
 @minLength(16)
 param organizerKey string
 
-@description('Object id of the deploying user (az ad signed-in-user show --query id -o tsv), granted the data roles so the organizer CLI works from a laptop; empty for none.')
+@description('Object id of the deploying user (az ad signed-in-user show --query id -o tsv), granted Storage Table Data Contributor so the organizer CLI works from a laptop; empty for none.')
 param deployerPrincipalId string = ''
+
+@description('Also grant the deploying user Cognitive Services OpenAI User, to call the models directly (the proxy and its doctor do not need it).')
+param deployerCanCallModels bool = false
+
+@description('Most instances the app scales out to (Flex Consumption accepts 40 to 1000).')
+@minValue(40)
+@maxValue(1000)
+param maximumInstanceCount int = 100
+
+@description('Memory per instance, in MB.')
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+@description('Concurrent HTTP requests one instance takes before Flex Consumption adds another (Python defaults to 1). See README, Scale for a big event.')
+@minValue(1)
+param httpPerInstanceConcurrency int = 32
+
+@description('Instances kept running for the HTTP functions, no cold start; billed while set, so raise it for the event window only.')
+@minValue(0)
+param alwaysReadyInstances int = 0
 
 @description('Tags for every resource.')
 param tags object = {}
 
 var suffix = uniqueString(resourceGroup().id)
 var prefix = toLower(namePrefix)
+// A storage account name is 3 to 24 lowercase letters and digits only.
+var storagePrefix = replace(replace(replace(prefix, '-', ''), '_', ''), '.', '')
 var names = {
   identity: '${prefix}-id-${suffix}'
-  storage: take('${prefix}st${suffix}', 24)
+  storage: take('${storagePrefix}st${suffix}', 24)
   openAi: '${prefix}-oai-${suffix}'
   logAnalytics: '${prefix}-log-${suffix}'
   appInsights: '${prefix}-appi-${suffix}'
@@ -52,24 +66,31 @@ var names = {
   functionApp: '${prefix}-func-${suffix}'
 }
 
+// Built-in role definition ids (Azure built-in roles reference).
 var roleIds = {
   cognitiveServicesOpenAiUser: '5e0bd9bd-7b93-4f28-af87-19fc36ad61bd'
   storageTableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
-  storageBlobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f4cdb15b2fe'
+  storageBlobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
 }
 
-// Data roles the app and the organizer CLI both need: call the models, read and write the
-// tables, and (for the app) read its deployment package from the blob container.
-var dataRoles = [
+// The app calls the models, reads and writes the tables, keeps the Functions host's state
+// and reads its deployment package in blob storage, and sends telemetry (local auth is off
+// on Application Insights).
+var appRoles = [
   { scope: 'openAi', roleId: roleIds.cognitiveServicesOpenAiUser }
   { scope: 'storage', roleId: roleIds.storageTableDataContributor }
   { scope: 'storage', roleId: roleIds.storageBlobDataOwner }
-]
-// The app also sends telemetry to Application Insights, which has local auth off.
-var appRoles = concat(dataRoles, [
   { scope: 'appInsights', roleId: roleIds.monitoringMetricsPublisher }
-])
+]
+// The organizer CLI only reads and writes the tables; calling the models directly is opt-in.
+var deployerTableRoles = [
+  { scope: 'storage', roleId: roleIds.storageTableDataContributor }
+]
+var deployerModelRoles = [
+  { scope: 'openAi', roleId: roleIds.cognitiveServicesOpenAiUser }
+]
+var deployerRoles = deployerCanCallModels ? concat(deployerTableRoles, deployerModelRoles) : deployerTableRoles
 
 resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
   name: names.identity
@@ -123,7 +144,7 @@ module deployerRoleAssignments 'modules/roles.bicep' = if (!empty(deployerPrinci
   params: {
     principalId: deployerPrincipalId
     principalType: 'User'
-    assignments: dataRoles
+    assignments: deployerRoles
     storageAccountName: storage.outputs.name
     openAiAccountName: openAi.outputs.name
     appInsightsName: monitoring.outputs.appInsightsName
@@ -145,6 +166,10 @@ module functionApp 'modules/functionapp.bicep' = {
     appInsightsConnectionString: monitoring.outputs.connectionString
     openAiEndpoint: openAi.outputs.endpoint
     organizerKey: organizerKey
+    maximumInstanceCount: maximumInstanceCount
+    instanceMemoryMB: instanceMemoryMB
+    httpPerInstanceConcurrency: httpPerInstanceConcurrency
+    alwaysReadyInstances: alwaysReadyInstances
   }
   // The host reaches storage and the package container with the identity from its first
   // start, so the roles go in first.
@@ -153,9 +178,11 @@ module functionApp 'modules/functionapp.bicep' = {
   ]
 }
 
-// Named like the app settings, so a deployment's outputs can be exported as they are.
+// Named like the settings the code reads, all used by devtools/deploy.py: the app's name to
+// publish to, its URL and the deployments for the doctor, the endpoints for the organizer
+// CLI and the summary it prints.
 output AZURE_FUNCTION_APP_NAME string = functionApp.outputs.name
 output AZURE_FUNCTION_APP_URL string = functionApp.outputs.url
 output AZURE_OPENAI_ENDPOINT string = openAi.outputs.endpoint
+output AZURE_OPENAI_DEPLOYMENTS array = modelDeployments
 output STORAGE_TABLE_ENDPOINT string = storage.outputs.tableEndpoint
-output AZURE_CLIENT_ID string = identity.properties.clientId

@@ -2,8 +2,37 @@ using './main.bicep'
 
 param namePrefix = 'evtproxy'
 
-// Secrets and per-user values come from the environment or from `-p name=value` on the
-// command line; the CLI can override only parameters this file sets, hence the empty
-// defaults. An empty organizer key fails the template's @minLength(16) check on purpose.
+// What events allow, by deployment name. Each deployment picks its own SKU: a model/SKU
+// pair must be offered in the region (az cognitiveservices model list -l REGION, or the
+// model availability tables). gpt-5.2 2025-12-11 and text-embedding-3-small 1 are both
+// offered as GlobalStandard in eastus2, the README's example region.
+param modelDeployments = [
+  {
+    name: 'gpt-5.2'
+    model: 'gpt-5.2'
+    version: '2025-12-11'
+    skuName: 'GlobalStandard'
+    capacity: 50
+  }
+  {
+    name: 'text-embedding-3-small'
+    model: 'text-embedding-3-small'
+    version: '1'
+    skuName: 'GlobalStandard'
+    capacity: 50
+  }
+]
+
+// Scale (see README, Scale for a big event).
+param maximumInstanceCount = 100
+param instanceMemoryMB = 2048
+param httpPerInstanceConcurrency = 32
+param alwaysReadyInstances = 0
+
+// Secrets and per-user values come from the environment (devtools/deploy.py sets them):
+// the CLI can override only parameters this file sets, and a secret in an environment
+// variable stays out of the process list. An empty organizer key fails the template's
+// @minLength(16) check on purpose.
 param organizerKey = readEnvironmentVariable('ORGANIZER_KEY', '')
 param deployerPrincipalId = readEnvironmentVariable('DEPLOYER_PRINCIPAL_ID', '')
+param deployerCanCallModels = bool(readEnvironmentVariable('DEPLOYER_CAN_CALL_MODELS', 'false'))

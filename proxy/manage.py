@@ -10,6 +10,9 @@ Output is an aligned table by default, one JSON object with ``--json`` (the
 same shapes as ``/api/manage/``), CSV with ``usage --csv``. Errors are one line
 on stderr: exit code 2 for bad input or an unknown event, 1 when storage cannot
 be reached.
+
+``doctor`` is different: it checks a running proxy over HTTP (``proxy.doctor``),
+so it needs only the organizer key and the proxy's URL.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ import orjson
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import ClientAuthenticationError
 
-from proxy import organizer
+from proxy import doctor, organizer
+from proxy.doctor import DEFAULT_URL
 from proxy.errors import ProxyError, StorageUnavailable
 from proxy.events import DEFAULT_DAILY_REQUESTS, DEFAULT_MAX_TOKENS, DEFAULT_MODELS, EventStore
-from proxy.settings import Settings, SettingsError
+from proxy.settings import Settings, SettingsError, cli_values
 from proxy.storage import Tables
 from proxy.usage import FIGURES, GROUPINGS, report_csv
 
@@ -118,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     output = usage.add_mutually_exclusive_group()
     output.add_argument("--csv", action="store_true", help="print CSV")
     output.add_argument("--json", action="store_true", help="print one JSON object")
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check a running proxy before an event",
+        description="Health, storage, organizer key, each event's window and caps, and a one-token probe of "
+        "every model it allows. One line per finding; exit code 1 when something needs fixing.",
+    )
+    doctor.add_argument("--url", default=DEFAULT_URL, help=f"the proxy, without /api (default: {DEFAULT_URL})")
+    doctor.add_argument("--event", metavar="EVENT_ID", help="check this event (default: every event not ended)")
+    doctor.add_argument("--models", type=_models, default=[], metavar="M1,M2", help="also probe these deployments")
     return parser
 
 
@@ -262,8 +276,19 @@ def _fail(code: int, message: str) -> NoReturn:
     raise SystemExit(code)
 
 
+def _doctor(args: argparse.Namespace) -> NoReturn:
+    # The doctor talks HTTP only: it needs the organizer key, not the storage settings.
+    try:
+        key = cli_values().get("ORGANIZER_KEY", "").strip() or None
+    except SettingsError as exc:
+        _fail(2, str(exc))
+    raise SystemExit(doctor.run(args.url, key, args.event, args.models))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.area == "doctor":
+        _doctor(args)
     try:
         settings = Settings.for_cli()
     except SettingsError as exc:

@@ -11,6 +11,7 @@ The key is never logged nor echoed. The operations themselves live in
 - ``POST /events/{id}/rotate-code`` (optional body ``{"code": "..."}``)
 - ``GET /events/{id}/usage?by=user|model|day`` (JSON, or CSV with
   ``Accept: text/csv``); answers for deleted events whose usage was kept.
+- ``POST /probe``: does each model answer? (``proxy.probe``, for the doctor)
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class OrganizerApi:
 
     @answering
     async def events(self, request: Request) -> Response:
-        self._authorize(request)
+        self.authorize(request)
         if request.method == "POST":
             fields = await read_json(request, self.settings.max_request_bytes)
             return _json(await organizer.create_event(self.store, fields), status=201)
@@ -52,7 +53,7 @@ class OrganizerApi:
 
     @answering
     async def event(self, request: Request, event_id: str) -> Response:
-        self._authorize(request)
+        self.authorize(request)
         if request.method == "GET":
             return _json(await organizer.get_event(self.store, event_id))
         if request.method == "PATCH":
@@ -64,7 +65,7 @@ class OrganizerApi:
 
     @answering
     async def rotate_code(self, request: Request, event_id: str) -> Response:
-        self._authorize(request)
+        self.authorize(request)
         fields: dict[str, Any] = {}
         if _has_body(request):
             fields = await read_json(request, self.settings.max_request_bytes)
@@ -75,7 +76,7 @@ class OrganizerApi:
 
     @answering
     async def usage(self, request: Request, event_id: str) -> Response:
-        self._authorize(request)
+        self.authorize(request)
         data = await organizer.usage_report(self.store, self.tables, event_id, request.query_params.get("by", "user"))
         if "text/csv" in request.headers.get("accept", ""):
             filename = f"{data['event_id']}-usage-by-{data['by']}.csv"
@@ -86,7 +87,7 @@ class OrganizerApi:
             )
         return _json(data)
 
-    def _authorize(self, request: Request) -> None:
+    def authorize(self, request: Request) -> None:
         expected = self.settings.organizer_key
         if not expected:
             raise OrganizerApiDisabled(

@@ -111,18 +111,23 @@ class Settings:
     @classmethod
     def for_cli(cls, settings_file: Path = Path("local.settings.json")) -> Settings:
         """The environment first, then ``Values`` of ``local.settings.json``."""
-        merged: dict[str, str] = {}
-        if settings_file.is_file():
-            try:
-                values = json.loads(settings_file.read_text()).get("Values", {})
-            except (OSError, ValueError) as exc:
-                raise SettingsError(f"{settings_file} is not valid JSON: {exc}") from exc
-            merged.update({str(k): str(v) for k, v in values.items()})
-        if os.environ.get("STORAGE_TABLE_ENDPOINT", "").strip() and "STORAGE_CONNECTION_STRING" not in os.environ:
-            # An Azure endpoint given on the command line wins over the file's Azurite connection string.
-            merged.pop("STORAGE_CONNECTION_STRING", None)
-        merged.update(os.environ)
-        return cls.from_env(merged, need_upstream=False)
+        return cls.from_env(cli_values(settings_file), need_upstream=False)
+
+
+def cli_values(settings_file: Path = Path("local.settings.json")) -> dict[str, str]:
+    """What the CLI reads: the environment first, then ``Values`` of ``local.settings.json``."""
+    merged: dict[str, str] = {}
+    if settings_file.is_file():
+        try:
+            values = json.loads(settings_file.read_text()).get("Values", {})
+        except (OSError, ValueError) as exc:
+            raise SettingsError(f"{settings_file} is not valid JSON: {exc}") from exc
+        merged.update({str(k): str(v) for k, v in values.items()})
+    if os.environ.get("STORAGE_TABLE_ENDPOINT", "").strip() and "STORAGE_CONNECTION_STRING" not in os.environ:
+        # An Azure endpoint given on the command line wins over the file's Azurite connection string.
+        merged.pop("STORAGE_CONNECTION_STRING", None)
+    merged.update(os.environ)
+    return merged
 
 
 def _number(get: Callable[[str], str | None], name: str, default: float) -> float:

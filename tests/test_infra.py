@@ -1,7 +1,15 @@
 """Checks on the Bicep under infra/, the deployment package rules and the packaging script.
 
 No Azure here and no Bicep compiler: the templates are parsed with pycep and scanned with
-checkov, and what they set is compared with what the code reads (proxy/settings.py).
+checkov. Every identifier that comes from Azure (role ids, API versions, SKUs, model
+versions, what Flex Consumption forbids and allows) is compared with
+``tests/data/azure_sources.json``, where each value carries the page it was copied from and
+the date; a template value missing there fails. What the templates set is also compared
+with what the code reads (proxy/settings.py) and with what devtools/deploy.py consumes.
+
+What cannot be checked here (quota, a model's availability in *your* region today, the
+platform accepting the whole deployment) is checked on a real subscription with
+``python -m devtools.deploy --what-if``; see the README's deploy section.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from proxy.settings import APP_SETTINGS, HOST_SETTINGS
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
 BICEP_FILES = sorted(INFRA.rglob("*.bicep"))
+SOURCES_FILE = ROOT / "tests" / "data" / "azure_sources.json"
+DEPLOY_SCRIPT = ROOT / "devtools" / "deploy.py"
 
 # The tables the code reads and writes. proxy.storage will export these as TABLE_NAMES;
 # until it exists they are spelled out here.
@@ -42,23 +52,26 @@ LOCAL_ONLY_OR_OPTIONAL = {
     "EVENT_CACHE_SECONDS",
 }
 
-# On Flex Consumption these live in functionAppConfig.runtime; as app settings they make
-# the deployment fail.
-NOT_ON_FLEX = {"FUNCTIONS_EXTENSION_VERSION", "FUNCTIONS_WORKER_RUNTIME"}
+# Outputs for devtools/deploy.py that are not app settings.
+DEPLOY_OUTPUTS = {"AZURE_FUNCTION_APP_NAME", "AZURE_FUNCTION_APP_URL", "AZURE_OPENAI_DEPLOYMENTS"}
 
-FUNCTION_APP_OUTPUTS = {"AZURE_FUNCTION_APP_NAME", "AZURE_FUNCTION_APP_URL"}
+# The region the README deploys to in its examples; every default model/SKU pair must be
+# offered there according to the sources file.
+EXAMPLE_REGION = "eastus2"
 
-ROLE_IDS = {
-    "Cognitive Services OpenAI User": "5e0bd9bd-7b93-4f28-af87-19fc36ad61bd",
-    "Storage Table Data Contributor": "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3",
-    "Storage Blob Data Owner": "b7e6dc6d-f1e8-4753-8033-0f4cdb15b2fe",
-    "Monitoring Metrics Publisher": "3913510d-42f4-4e42-8a64-420c390055eb",
-}
+GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 def _require(module: str) -> None:
     if importlib.util.find_spec(module) is None:
         pytest.fail(f"{module} is not installed: pip install -r requirements-dev.txt")
+
+
+@cache
+def sources() -> dict[str, Any]:
+    """The sourced Azure identifiers (tests/data/azure_sources.json)."""
+    data: dict[str, Any] = json.loads(SOURCES_FILE.read_text())
+    return data
 
 
 @cache
@@ -71,6 +84,29 @@ def parsed(relative: str) -> dict[str, Any]:
     return dict(BicepParser().parse(file_path=INFRA / relative))
 
 
+@cache
+def bicepparam() -> dict[str, Any]:
+    """The values ``infra/main.bicepparam`` assigns, literals only (pycep reads no .bicepparam).
+
+    Each ``param x = <literal>`` is parsed by pycep as the default of ``param x object``;
+    values built from functions (``readEnvironmentVariable``) are left out.
+    """
+    _require("pycep")
+    from pycep import BicepParser
+
+    text = (INFRA / "main.bicepparam").read_text()
+    values: dict[str, Any] = {}
+    for match in re.finditer(r"^param\s+(\w+)\s*=\s*(.*?)(?=^param\s|^//|\Z)", text, re.MULTILINE | re.DOTALL):
+        name, literal = match.group(1), match.group(2).strip()
+        if re.match(r"^[A-Za-z_]\w*\(", literal):
+            continue
+        kind = "array" if literal.startswith("[") else "int" if literal.isdigit() else "string"
+        values[name] = dict(BicepParser().parse(text=f"param {name} {kind} = {literal}\n"))["parameters"][name][
+            "default"
+        ]
+    return values
+
+
 def body(resource: dict[str, Any]) -> dict[str, Any]:
     """A resource's or module's properties, under the loop or condition wrapper if any."""
     config: dict[str, Any] = resource["config"]
@@ -78,6 +114,14 @@ def body(resource: dict[str, Any]) -> dict[str, Any]:
         inner: dict[str, Any] = config["config"]
         return inner
     return config
+
+
+def all_resources() -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every resource declared in every file, existing ones included, with its file."""
+    for path in BICEP_FILES:
+        relative = str(path.relative_to(INFRA))
+        for resource in parsed(relative).get("resources", {}).values():
+            yield relative, resource
 
 
 def resources_of(relative: str, resource_type: str) -> list[dict[str, Any]]:
@@ -102,15 +146,54 @@ def walk(node: Any) -> Iterator[Any]:
             yield from walk(value)
 
 
+def decorator(parameter: dict[str, Any], kind: str) -> Any:
+    found = [d["argument"] for d in parameter["decorators"] if d["type"] == kind]
+    assert found, f"no @{kind} on {parameter}"
+    return found[0]
+
+
+def function_app() -> dict[str, Any]:
+    return only_resource("modules/functionapp.bicep", "Microsoft.Web/sites")
+
+
 def function_app_settings() -> dict[str, Any]:
-    app = only_resource("modules/functionapp.bicep", "Microsoft.Web/sites")
-    entries = app["properties"]["siteConfig"]["appSettings"]
+    entries = function_app()["properties"]["siteConfig"]["appSettings"]
     names = [entry["name"] for entry in entries]
     assert len(names) == len(set(names)), f"app settings set twice: {names}"
     return {entry["name"]: entry["value"] for entry in entries}
 
 
-# (1) Every file parses.
+def model_deployments() -> list[dict[str, Any]]:
+    deployments: list[dict[str, Any]] = bicepparam()["modelDeployments"]
+    assert deployments, "main.bicepparam sets no modelDeployments"
+    return deployments
+
+
+# (1) The sources file itself: every entry names where it came from and when.
+
+
+def test_every_sourced_value_names_its_page_and_date() -> None:
+    def entries(node: Any) -> Iterator[dict[str, Any]]:
+        if isinstance(node, dict):
+            if "url" in node:
+                yield node
+            else:
+                for value in node.values():
+                    yield from entries(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from entries(value)
+
+    found = list(entries({k: v for k, v in sources().items() if k != "about"}))
+    assert len(found) > 20
+    for entry in found:
+        assert entry["url"].startswith("https://"), entry
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", entry["retrieved"]), entry
+    for role in sources()["roles"]:
+        assert GUID.fullmatch(role["id"]) and role["name"], role
+
+
+# (2) Every file parses and the wiring holds.
 
 
 @pytest.mark.parametrize("path", BICEP_FILES, ids=lambda p: str(p.relative_to(INFRA)))
@@ -133,13 +216,318 @@ def test_bicepparam_sets_only_parameters_of_main() -> None:
     text = (INFRA / "main.bicepparam").read_text()
     assert re.search(r"^using '\./main\.bicep'\s*$", text, re.MULTILINE)
     assigned = set(re.findall(r"^param\s+(\w+)\s*=", text, re.MULTILINE))
-    main_parameters = set(parsed("main.bicep")["parameters"])
-    assert assigned <= main_parameters
-    # The CLI can override (-p organizerKey=...) only the parameters the file sets.
-    assert {"organizerKey", "deployerPrincipalId"} <= assigned
+    main_parameters = parsed("main.bicep")["parameters"]
+    assert assigned <= set(main_parameters)
+    # The CLI can override only the parameters the file sets; secrets come from the environment.
+    assert {"organizerKey", "deployerPrincipalId", "modelDeployments"} <= assigned
+    required = {name for name, p in main_parameters.items() if p.get("default") is None}
+    assert required <= assigned, f"main.bicep needs {sorted(required - assigned)} and main.bicepparam omits them"
+    assert "readEnvironmentVariable('ORGANIZER_KEY'" in text
 
 
-# (2) checkov passes.
+# (3) Identifiers from Azure are the ones in the sources file.
+
+
+def test_every_api_version_is_sourced() -> None:
+    known = {entry["type"].lower(): set(entry["versions"]) for entry in sources()["api_versions"]}
+    used = {(path, r["type"], r["api_version"]) for path, r in all_resources()}
+    assert used
+    unsourced = [
+        f"{path}: {kind}@{version}"
+        for path, kind, version in sorted(used)
+        if version not in known.get(kind.lower(), ())
+    ]
+    assert not unsourced, "API versions not in tests/data/azure_sources.json:\n" + "\n".join(unsourced)
+
+
+def test_every_role_id_is_a_sourced_built_in_role_with_the_name_it_is_used_for() -> None:
+    by_id = {role["id"].lower(): role["name"] for role in sources()["roles"]}
+    role_ids: dict[str, str] = parsed("main.bicep")["variables"]["roleIds"]["value"]
+    for key, role_id in role_ids.items():
+        assert role_id.lower() in by_id, f"roleIds.{key} = {role_id} is not a built-in role in the sources file"
+        # roleIds.storageBlobDataOwner must hold the id of 'Storage Blob Data Owner', and so on.
+        assert re.sub(r"[^a-z]", "", by_id[role_id.lower()].lower()) == key.lower(), (key, by_id[role_id.lower()])
+    # The roles devtools/deploy.py accepts as able to assign roles are sourced too.
+    from devtools.deploy import ASSIGNING_ROLES
+
+    for role_id, name in ASSIGNING_ROLES.items():
+        assert by_id.get(role_id) == name, f"devtools/deploy.py: {role_id} is not '{name}' in the sources file"
+    # No GUID anywhere in the templates that is not one of these role ids.
+    stray = {g.lower() for path in BICEP_FILES for g in GUID.findall(path.read_text())} - set(by_id)
+    assert not stray, f"GUIDs in infra/ that are not sourced role ids: {sorted(stray)}"
+
+
+def test_every_sku_is_sourced() -> None:
+    known = {(entry["type"].lower(), entry["name"]) for entry in sources()["skus"]}
+    tiers = {(entry["type"].lower(), entry["name"]): entry.get("tier") for entry in sources()["skus"]}
+    checked = 0
+    for path, resource in all_resources():
+        if resource["existing"]:
+            continue
+        config = body(resource)
+        # Log Analytics keeps its SKU under properties.
+        sku = config.get("sku") or config.get("properties", {}).get("sku")
+        if not isinstance(sku, dict) or not isinstance(sku.get("name"), str):
+            continue
+        if resource["type"] == "Microsoft.CognitiveServices/accounts/deployments":
+            continue  # its SKU comes from the parameters file, checked below
+        key = (resource["type"].lower(), sku["name"])
+        assert key in known, f"{path}: SKU {sku['name']} for {resource['type']} is not in the sources file"
+        if "tier" in sku:
+            assert sku["tier"] == tiers[key], f"{path}: tier {sku['tier']} for {sku['name']}"
+        checked += 1
+    assert checked >= 4
+    deployment_skus = {name for kind, name in known if kind == "microsoft.cognitiveservices/accounts/deployments"}
+    for deployment in model_deployments():
+        assert deployment["skuName"] in deployment_skus, deployment
+
+
+def test_model_defaults_can_be_deployed_today_in_the_example_region() -> None:
+    models = {(m["name"], m["version"]): m for m in sources()["models"]}
+    for deployment in model_deployments():
+        key = (deployment["model"], deployment["version"])
+        assert key in models, f"{key} is not in the sources file: copy it from the retirement tables first"
+        model = models[key]
+        assert model["deployable_after"] is not None, f"{key} takes no new deployments: {model['note']}"
+        assert model["lifecycle"] == "Generally Available", key
+        offered = model["regions"].get(deployment["skuName"], [])
+        assert EXAMPLE_REGION in offered, f"{key} as {deployment['skuName']} is not offered in {EXAMPLE_REGION}"
+        assert isinstance(deployment["capacity"], int) and deployment["capacity"] > 0
+    names = [d["name"] for d in model_deployments()]
+    assert len(names) == len(set(names)), names
+
+
+def test_the_openai_module_takes_sku_and_version_per_deployment() -> None:
+    (deployments,) = resources_of("modules/openai.bicep", "Microsoft.CognitiveServices/accounts/deployments")
+    config = body(deployments)
+    text = json.dumps(config)
+    for field in ("skuName", "capacity", "model", "version", "name"):
+        assert f'"deployment", "operand_2": "{field}"' in text, f"deployments do not read deployment.{field}"
+    assert {"type": "batchSize", "argument": 1} in deployments["decorators"]
+    main_parameters = parsed("main.bicep")["parameters"]
+    assert main_parameters["modelDeployments"]["default"] is None, "the models are chosen in main.bicepparam"
+
+
+# (4) Flex Consumption: nothing it forbids, scale settings inside its documented bounds.
+
+
+def test_site_config_uses_nothing_flex_consumption_forbids() -> None:
+    flex = sources()["flex_consumption"]
+    forbidden = {name.lower() for name in flex["forbidden_site_properties"]["values"]}
+    properties = function_app()["properties"]
+    used = {key.lower() for key in properties["siteConfig"]} | {key.lower() for key in properties}
+    assert not used & forbidden, f"Flex Consumption rejects {sorted(used & forbidden)}"
+    settings = {name.upper() for name in function_app_settings()}
+    banned = {name.upper() for name in flex["forbidden_app_settings"]["values"]}
+    assert not settings & banned, f"app settings Flex Consumption replaces: {sorted(settings & banned)}"
+
+
+def test_function_app_is_flex_consumption_python() -> None:
+    plan = resources_of("modules/functionapp.bicep", "Microsoft.Web/serverfarms")[0]
+    assert body(plan)["kind"] == "functionapp"
+    assert body(plan)["properties"]["reserved"] is True
+    app = function_app()
+    assert app["kind"] == "functionapp,linux"
+    assert app["identity"]["type"] == "UserAssigned"
+    properties = app["properties"]
+    assert properties["httpsOnly"] is True
+    assert properties["siteConfig"]["minTlsVersion"] == "1.2"
+    config = properties["functionAppConfig"]
+    assert config["runtime"]["name"] == "python"
+    assert config["runtime"]["version"] in sources()["flex_consumption"]["runtimes"]["python"]
+    assert config["deployment"]["storage"]["type"] == "blobContainer"
+    assert config["deployment"]["storage"]["authentication"]["type"] == "UserAssignedIdentity"
+
+
+def test_scale_settings_are_explicit_and_inside_flex_bounds() -> None:
+    flex = sources()["flex_consumption"]
+    bounds = flex["maximum_instance_count"]
+    memory = set(flex["instance_memory_mb"]["values"])
+    scale = function_app()["properties"]["functionAppConfig"]["scaleAndConcurrency"]
+    assert scale["triggers"]["http"]["perInstanceConcurrency"] == "httpPerInstanceConcurrency"
+    assert scale["maximumInstanceCount"] == "maximumInstanceCount"
+    assert scale["instanceMemoryMB"] == "instanceMemoryMB"
+    always_ready = parsed("modules/functionapp.bicep")["variables"]["alwaysReady"]["value"]
+    assert [group["name"] for group in always_ready] == ["http"]
+    assert "http" in flex["scale_groups"]["values"]
+    for relative in ("main.bicep", "modules/functionapp.bicep"):
+        parameters = parsed(relative)["parameters"]
+        count = parameters["maximumInstanceCount"]
+        assert decorator(count, "min_value") == bounds["min"], relative
+        assert decorator(count, "max_value") == bounds["max"], relative
+        assert bounds["min"] <= count["default"] <= bounds["max"]
+        assert set(decorator(parameters["instanceMemoryMB"], "allowed")) <= memory, relative
+        assert decorator(parameters["httpPerInstanceConcurrency"], "min_value") >= 1
+    chosen = bicepparam()
+    assert bounds["min"] <= chosen["maximumInstanceCount"] <= bounds["max"]
+    assert chosen["instanceMemoryMB"] in memory
+    # Python's default of 1 would mean one instance, and one cold start, per stream.
+    assert chosen["httpPerInstanceConcurrency"] > 1
+    assert chosen["alwaysReadyInstances"] == 0, "always-ready instances bill around the clock; set them per event"
+    main_parameters = parsed("main.bicep")["parameters"]
+    assert main_parameters["httpPerInstanceConcurrency"]["default"] == chosen["httpPerInstanceConcurrency"]
+
+
+# (5) App settings match proxy/settings.py.
+
+
+def test_function_app_sets_only_known_settings() -> None:
+    unknown = set(function_app_settings()) - set(APP_SETTINGS) - set(HOST_SETTINGS)
+    assert not unknown, f"not in APP_SETTINGS or HOST_SETTINGS of proxy/settings.py: {sorted(unknown)}"
+
+
+def test_function_app_sets_every_setting_the_app_needs_in_azure() -> None:
+    banned = set(sources()["flex_consumption"]["forbidden_app_settings"]["values"])
+    needed = (set(APP_SETTINGS) - LOCAL_ONLY_OR_OPTIONAL) | (set(HOST_SETTINGS) - banned)
+    missing = needed - set(function_app_settings())
+    assert not missing, f"the function app does not set {sorted(missing)}"
+
+
+def test_function_app_uses_identities_not_keys() -> None:
+    settings = function_app_settings()
+    assert not LOCAL_ONLY_OR_OPTIONAL & set(settings)
+    assert settings["AzureWebJobsStorage__credential"] == "managedidentity"
+    assert settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"] == "ClientId=${identityClientId};Authorization=AAD"
+    assert settings["AZURE_CLIENT_ID"] == settings["AzureWebJobsStorage__clientId"] == "identityClientId"
+    assert settings["PYTHON_ENABLE_INIT_INDEXING"] == "1"
+    assert settings["ORGANIZER_KEY"] == "organizerKey"
+    organizer_key = parsed("modules/functionapp.bicep")["parameters"]["organizerKey"]
+    assert {"type": "secure"} in organizer_key["decorators"]
+
+
+# (6) Names and outputs.
+
+
+def test_storage_name_is_valid_whatever_the_prefix() -> None:
+    """A storage account takes 3-24 lowercase letters and digits: the name is derived, not trusted."""
+    main = parsed("main.bicep")
+    prefix = main["parameters"]["namePrefix"]
+    assert decorator(prefix, "min_length") >= 2 and decorator(prefix, "max_length") <= 9
+    lowered = {"function": {"type": "to_lower", "parameters": {"string_to_change": "namePrefix"}}}
+    assert main["variables"]["prefix"]["value"] == lowered
+    dropped = [
+        node["function"]["parameters"]["old_string"]
+        for node in walk(main["variables"]["storagePrefix"]["value"])
+        if isinstance(node, dict) and node.get("function", {}).get("type") == "replace"
+    ]
+    assert {"-", "_", "."} <= set(dropped), dropped
+    storage = main["variables"]["names"]["value"]["storage"]["function"]
+    assert storage["type"] == "take" and storage["parameters"]["number_to_take"] == 24
+    assert storage["parameters"]["original_value"].startswith("${storagePrefix}")
+
+
+def test_no_dead_outputs() -> None:
+    """Each module output feeds main.bicep; each main output is read by devtools/deploy.py."""
+    main_text = (INFRA / "main.bicep").read_text()
+    modules = {m["detail"]["path"]: symbol for symbol, m in parsed("main.bicep")["modules"].items()}
+    for path, symbol in modules.items():
+        for name in parsed(path).get("outputs", {}):
+            assert f"{symbol}.outputs.{name}" in main_text, f"{path}: output {name} is never used"
+    deploy = DEPLOY_SCRIPT.read_text()
+    for name in parsed("main.bicep")["outputs"]:
+        assert re.search(f"[\"']{name}[\"']", deploy), f"main.bicep output {name} is not read by devtools/deploy.py"
+
+
+def test_outputs_are_named_like_the_settings() -> None:
+    outputs = set(parsed("main.bicep")["outputs"])
+    assert outputs <= set(APP_SETTINGS) | set(HOST_SETTINGS) | DEPLOY_OUTPUTS
+    assert DEPLOY_OUTPUTS | {"STORAGE_TABLE_ENDPOINT"} <= outputs
+
+
+def test_no_output_reveals_the_organizer_key() -> None:
+    main_parameters = parsed("main.bicep")["parameters"]
+    assert {"type": "secure"} in main_parameters["organizerKey"]["decorators"]
+    for path in BICEP_FILES:
+        outputs = parsed(str(path.relative_to(INFRA))).get("outputs", {})
+        for name, output in outputs.items():
+            assert "organizer" not in name.lower(), f"{path.name}: output {name}"
+            text = json.dumps(output["value"]).lower()
+            assert "organizer" not in text, f"{path.name}: output {name} uses the organizer key"
+
+
+# (7) Roles and identity-only access.
+
+
+def test_role_assignments_are_scoped_guid_named_and_typed() -> None:
+    assignments = resources_of("modules/roles.bicep", "Microsoft.Authorization/roleAssignments")
+    existing = {name for name, r in parsed("modules/roles.bicep")["resources"].items() if r["existing"]}
+    for assignment in assignments:
+        config = body(assignment)
+        assert config["name"]["function"]["type"] == "guid"
+        guid_parameters = config["name"]["function"]["parameters"]
+        assert guid_parameters["base_string"]["operator"]["operands"] == {
+            "operand_1": config["scope"],
+            "operand_2": "id",
+        }
+        assert guid_parameters["extra_string_1"] == "principalId"
+        assert config["scope"] in existing
+        assert config["properties"]["principalType"] == "principalType"
+    allowed = parsed("modules/roles.bicep")["parameters"]["principalType"]["decorators"]
+    assert {"type": "allowed", "argument": ["ServicePrincipal", "User", "Group"]} in allowed
+
+
+def _role_keys(node: Any) -> set[str]:
+    return {
+        n["operator"]["operands"]["operand_2"]
+        for n in walk(node)
+        if isinstance(n, dict) and n.get("operator", {}).get("operands", {}).get("operand_1") == "roleIds"
+    }
+
+
+def test_identity_gets_what_it_needs_and_the_deployer_least_privilege() -> None:
+    main = parsed("main.bicep")
+    variables = main["variables"]
+    modules = {body(m)["name"]: m for m in main["modules"].values() if m["detail"]["path"] == "modules/roles.bicep"}
+    app, deployer = body(modules["roles-app"]), body(modules["roles-deployer"])
+    assert app["params"]["principalType"] == "ServicePrincipal"
+    assert deployer["params"]["principalType"] == "User"
+    assert deployer["params"]["principalId"] == "deployerPrincipalId"
+    condition = json.dumps(modules["roles-deployer"]["config"]["condition"])
+    assert '"empty"' in condition and "deployerPrincipalId" in condition
+    assert main["parameters"]["deployerPrincipalId"]["default"] == ""
+    assert app["params"]["assignments"] == "appRoles"
+    assert _role_keys(variables["appRoles"]) == {
+        "cognitiveServicesOpenAiUser",
+        "storageTableDataContributor",
+        "storageBlobDataOwner",
+        "monitoringMetricsPublisher",
+    }
+    # The organizer CLI needs the tables; the models only if asked; never the blobs.
+    assert deployer["params"]["assignments"] == "deployerRoles"
+    assert _role_keys(variables["deployerTableRoles"]) == {"storageTableDataContributor"}
+    assert _role_keys(variables["deployerModelRoles"]) == {"cognitiveServicesOpenAiUser"}
+    choice = variables["deployerRoles"]["value"]["operator"]["operands"]
+    assert choice["condition"] == "deployerCanCallModels" and choice["false_value"] == "deployerTableRoles"
+    assert main["parameters"]["deployerCanCallModels"]["default"] is False
+
+
+def test_storage_is_entra_id_only_with_the_tables_the_code_uses() -> None:
+    account = only_resource("modules/storage.bicep", "Microsoft.Storage/storageAccounts")["properties"]
+    assert account["allowSharedKeyAccess"] is False
+    assert account["allowBlobPublicAccess"] is False
+    assert account["minimumTlsVersion"] == "TLS1_2"
+    assert account["supportsHttpsTrafficOnly"] is True
+    parameters = parsed("modules/storage.bicep")["parameters"]
+    assert tuple(parameters["tableNames"]["default"]) == EXPECTED_TABLES
+    tables = only_resource("modules/storage.bicep", "Microsoft.Storage/storageAccounts/tableServices/tables")
+    assert tables["name"] == "tableName"
+    assert parameters["deploymentContainerName"]["default"] == "deployments"
+
+
+def test_openai_has_local_auth_off() -> None:
+    account = only_resource("modules/openai.bicep", "Microsoft.CognitiveServices/accounts")
+    assert account["kind"] == "OpenAI"
+    assert account["properties"]["disableLocalAuth"] is True
+    assert account["properties"]["customSubDomainName"] == "name"
+
+
+def test_app_insights_has_local_auth_off() -> None:
+    insights = only_resource("modules/monitoring.bicep", "Microsoft.Insights/components")
+    assert insights["properties"]["DisableLocalAuth"] is True
+    assert insights["properties"]["WorkspaceResourceId"]["operator"]["operands"]["operand_2"] == "id"
+
+
+# (8) checkov passes.
 
 
 def test_checkov_passes() -> None:
@@ -174,152 +562,6 @@ def test_every_checkov_skip_gives_a_reason() -> None:
     assert skips, "expected the skips documented in the modules"
     unexplained = [(name, check) for name, check, reason in skips if len(reason) < 20]
     assert not unexplained
-
-
-# (3) App settings match proxy/settings.py.
-
-
-def test_function_app_sets_only_known_settings() -> None:
-    unknown = set(function_app_settings()) - set(APP_SETTINGS) - set(HOST_SETTINGS)
-    assert not unknown, f"not in APP_SETTINGS or HOST_SETTINGS of proxy/settings.py: {sorted(unknown)}"
-
-
-def test_function_app_sets_every_setting_the_app_needs_in_azure() -> None:
-    needed = (set(APP_SETTINGS) - LOCAL_ONLY_OR_OPTIONAL) | (set(HOST_SETTINGS) - NOT_ON_FLEX)
-    missing = needed - set(function_app_settings())
-    assert not missing, f"the function app does not set {sorted(missing)}"
-
-
-def test_function_app_uses_identities_not_keys() -> None:
-    settings = function_app_settings()
-    assert not (NOT_ON_FLEX | LOCAL_ONLY_OR_OPTIONAL) & set(settings)
-    assert settings["AzureWebJobsStorage__credential"] == "managedidentity"
-    assert settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"] == "ClientId=${identityClientId};Authorization=AAD"
-    assert settings["AZURE_CLIENT_ID"] == settings["AzureWebJobsStorage__clientId"] == "identityClientId"
-    assert settings["PYTHON_ENABLE_INIT_INDEXING"] == "1"
-    assert settings["ORGANIZER_KEY"] == "organizerKey"
-    organizer_key = parsed("modules/functionapp.bicep")["parameters"]["organizerKey"]
-    assert {"type": "secure"} in organizer_key["decorators"]
-    api_version = parsed("modules/functionapp.bicep")["parameters"]["openAiApiVersion"]
-    assert api_version["default"] == "2024-10-21"
-
-
-def test_function_app_is_flex_consumption_python() -> None:
-    plan = resources_of("modules/functionapp.bicep", "Microsoft.Web/serverfarms")[0]
-    assert body(plan)["sku"] == {"name": "FC1", "tier": "FlexConsumption"}
-    assert body(plan)["kind"] == "functionapp"
-    assert body(plan)["properties"]["reserved"] is True
-    app = only_resource("modules/functionapp.bicep", "Microsoft.Web/sites")
-    assert app["kind"] == "functionapp,linux"
-    assert app["identity"]["type"] == "UserAssigned"
-    properties = app["properties"]
-    assert properties["httpsOnly"] is True
-    assert properties["siteConfig"]["minTlsVersion"] == "1.2"
-    assert properties["siteConfig"]["ftpsState"] == "Disabled"
-    config = properties["functionAppConfig"]
-    assert config["runtime"] == {"name": "python", "version": "3.11"}
-    assert config["deployment"]["storage"]["type"] == "blobContainer"
-    assert config["deployment"]["storage"]["authentication"]["type"] == "UserAssignedIdentity"
-    assert set(config["scaleAndConcurrency"]) == {"maximumInstanceCount", "instanceMemoryMB"}
-
-
-# (4) Outputs.
-
-
-def test_outputs_are_named_like_the_settings() -> None:
-    outputs = set(parsed("main.bicep")["outputs"])
-    assert outputs <= set(APP_SETTINGS) | set(HOST_SETTINGS) | FUNCTION_APP_OUTPUTS
-    expected = FUNCTION_APP_OUTPUTS | {"AZURE_OPENAI_ENDPOINT", "STORAGE_TABLE_ENDPOINT", "AZURE_CLIENT_ID"}
-    assert outputs == expected
-
-
-def test_no_output_reveals_the_organizer_key() -> None:
-    main_parameters = parsed("main.bicep")["parameters"]
-    assert {"type": "secure"} in main_parameters["organizerKey"]["decorators"]
-    for path in BICEP_FILES:
-        outputs = parsed(str(path.relative_to(INFRA))).get("outputs", {})
-        for name, output in outputs.items():
-            assert "organizer" not in name.lower(), f"{path.name}: output {name}"
-            text = json.dumps(output["value"]).lower()
-            assert "organizer" not in text, f"{path.name}: output {name} uses the organizer key"
-
-
-# (5) Roles and identity-only access.
-
-
-def test_role_assignments_are_scoped_guid_named_and_typed() -> None:
-    assignments = resources_of("modules/roles.bicep", "Microsoft.Authorization/roleAssignments")
-    existing = {name for name, r in parsed("modules/roles.bicep")["resources"].items() if r["existing"]}
-    for assignment in assignments:
-        config = body(assignment)
-        assert config["name"]["function"]["type"] == "guid"
-        guid_parameters = config["name"]["function"]["parameters"]
-        assert guid_parameters["base_string"]["operator"]["operands"] == {
-            "operand_1": config["scope"],
-            "operand_2": "id",
-        }
-        assert guid_parameters["extra_string_1"] == "principalId"
-        assert config["scope"] in existing
-        assert config["properties"]["principalType"] == "principalType"
-    allowed = parsed("modules/roles.bicep")["parameters"]["principalType"]["decorators"]
-    assert {"type": "allowed", "argument": ["ServicePrincipal", "User", "Group"]} in allowed
-
-
-def test_identity_and_deployer_get_the_roles() -> None:
-    main = parsed("main.bicep")
-    role_ids = main["variables"]["roleIds"]["value"]
-    assert set(role_ids.values()) == set(ROLE_IDS.values())
-    modules = {body(m)["name"]: m for m in main["modules"].values() if m["detail"]["path"] == "modules/roles.bicep"}
-    app, deployer = body(modules["roles-app"]), body(modules["roles-deployer"])
-    assert app["params"]["principalType"] == "ServicePrincipal"
-    assert deployer["params"]["principalType"] == "User"
-    assert deployer["params"]["principalId"] == "deployerPrincipalId"
-    condition = json.dumps(modules["roles-deployer"]["config"]["condition"])
-    assert '"empty"' in condition and "deployerPrincipalId" in condition
-    assert main["parameters"]["deployerPrincipalId"]["default"] == ""
-    # The deployer gets the data roles; the identity gets those and the telemetry role.
-    assert app["params"]["assignments"] == "appRoles"
-    assert deployer["params"]["assignments"] == "dataRoles"
-    data_roles = json.dumps(main["variables"]["dataRoles"]["value"])
-    app_roles = json.dumps(main["variables"]["appRoles"]["value"])
-    for key in ("cognitiveServicesOpenAiUser", "storageTableDataContributor", "storageBlobDataOwner"):
-        assert key in data_roles
-    assert "monitoringMetricsPublisher" not in data_roles
-    assert "dataRoles" in app_roles and "monitoringMetricsPublisher" in app_roles
-
-
-def test_storage_is_entra_id_only_with_the_tables_the_code_uses() -> None:
-    account = only_resource("modules/storage.bicep", "Microsoft.Storage/storageAccounts")["properties"]
-    assert account["allowSharedKeyAccess"] is False
-    assert account["allowBlobPublicAccess"] is False
-    assert account["minimumTlsVersion"] == "TLS1_2"
-    assert account["supportsHttpsTrafficOnly"] is True
-    parameters = parsed("modules/storage.bicep")["parameters"]
-    assert tuple(parameters["tableNames"]["default"]) == EXPECTED_TABLES
-    tables = only_resource("modules/storage.bicep", "Microsoft.Storage/storageAccounts/tableServices/tables")
-    assert tables["name"] == "tableName"
-    assert parameters["deploymentContainerName"]["default"] == "deployments"
-
-
-def test_openai_has_local_auth_off_and_deploys_models_one_at_a_time() -> None:
-    account = only_resource("modules/openai.bicep", "Microsoft.CognitiveServices/accounts")
-    assert account["kind"] == "OpenAI"
-    assert account["sku"] == {"name": "S0"}
-    assert account["properties"]["disableLocalAuth"] is True
-    assert account["properties"]["customSubDomainName"] == "name"
-    (deployments,) = resources_of("modules/openai.bicep", "Microsoft.CognitiveServices/accounts/deployments")
-    assert {"type": "batchSize", "argument": 1} in deployments["decorators"]
-    models = parsed("main.bicep")["parameters"]["modelDeployments"]["default"]
-    assert [(m["name"], m["model"], m["version"], m["skuName"], m["capacity"]) for m in models] == [
-        ("gpt-4o-mini", "gpt-4o-mini", "2024-07-18", "GlobalStandard", 10),
-        ("text-embedding-3-small", "text-embedding-3-small", "1", "Standard", 10),
-    ]
-
-
-def test_app_insights_has_local_auth_off() -> None:
-    insights = only_resource("modules/monitoring.bicep", "Microsoft.Insights/components")
-    assert insights["properties"]["DisableLocalAuth"] is True
-    assert insights["properties"]["WorkspaceResourceId"]["operator"]["operands"]["operand_2"] == "id"
 
 
 # (6) .funcignore and the package.

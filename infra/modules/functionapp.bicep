@@ -27,8 +27,8 @@ param openAiApiVersion string = '2024-10-21'
 @secure()
 param organizerKey string
 
-@description('Most instances the app scales out to.')
-@minValue(1)
+@description('Most instances the app scales out to; Flex Consumption accepts 40 to 1000.')
+@minValue(40)
 @maxValue(1000)
 param maximumInstanceCount int = 100
 
@@ -40,7 +40,23 @@ param maximumInstanceCount int = 100
 ])
 param instanceMemoryMB int = 2048
 
-resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+@description('Concurrent HTTP requests per instance before the platform adds one; Python apps get 1 unless told otherwise.')
+@minValue(1)
+param httpPerInstanceConcurrency int
+
+@description('Always-ready instances for the HTTP scale group (named http by the platform); 0 for none.')
+@minValue(0)
+param alwaysReadyInstances int = 0
+
+// The HTTP functions form one scale group, which the platform names 'http'.
+var alwaysReady = [
+  {
+    name: 'http'
+    instanceCount: alwaysReadyInstances
+  }
+]
+
+resource storage 'Microsoft.Storage/storageAccounts@2024-01-01' existing = {
   name: storageAccountName
 }
 
@@ -64,6 +80,7 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
   // checkov:skip=CKV_AZURE_17: Attendees call with the OpenAI SDK and an event key; they have no client certificates.
   // checkov:skip=CKV_AZURE_212: Flex Consumption scales to zero between events; always-ready instances for failover would be billed while nobody calls.
   // checkov:skip=CKV_AZURE_213: App Service health check is not available on Flex Consumption; the platform replaces failed instances.
+  // checkov:skip=CKV_AZURE_78: Flex Consumption has no FTP endpoint and rejects siteConfig.ftpsState (listed among the Flex Consumption deprecations).
   name: appName
   location: location
   tags: tags
@@ -92,18 +109,25 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
       scaleAndConcurrency: {
         maximumInstanceCount: maximumInstanceCount
         instanceMemoryMB: instanceMemoryMB
+        alwaysReady: (alwaysReadyInstances > 0) ? alwaysReady : []
+        triggers: {
+          http: {
+            perInstanceConcurrency: httpPerInstanceConcurrency
+          }
+        }
       }
       runtime: {
         name: 'python'
         version: '3.11'
       }
     }
+    // Only properties Flex Consumption accepts: ftpsState, alwaysOn, linuxFxVersion,
+    // functionAppScaleLimit and the rest of its deprecation list are rejected or moved to
+    // functionAppConfig (checked by tests/test_infra.py). FUNCTIONS_EXTENSION_VERSION and
+    // FUNCTIONS_WORKER_RUNTIME are not app settings here either: runtime carries them.
     siteConfig: {
       minTlsVersion: '1.2'
-      ftpsState: 'Disabled'
       http20Enabled: true
-      // FUNCTIONS_EXTENSION_VERSION and FUNCTIONS_WORKER_RUNTIME are not app settings on
-      // Flex Consumption: functionAppConfig.runtime carries them.
       appSettings: [
         {
           name: 'AzureWebJobsStorage__accountName'

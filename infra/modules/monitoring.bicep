@@ -8,7 +8,7 @@ param tags object = {}
 @description('Days the workspace keeps logs.')
 param retentionInDays int = 30
 
-resource logAnalytics 'Microsoft.OperationalInsights/workspaces@2023-09-01' = {
+resource logAnalytics 'Microsoft.OperationalInsights/workspaces@2025-02-01' = {
   name: logAnalyticsName
   location: location
   tags: tags
@@ -33,7 +33,6 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' = {
 }
 
 output appInsightsName string = appInsights.name
-output appInsightsId string = appInsights.id
 // The connection string holds only the ingestion endpoint and instrumentation key, which is
 // an identifier, not a credential, once local auth is off.
 output connectionString string = appInsights.properties.ConnectionString

@@ -3,7 +3,7 @@ param name string
 param location string
 param tags object = {}
 
-@description('Model deployments: name, model, version, skuName, capacity.')
+@description('Model deployments: name, model, version, skuName (the deployment type, per deployment), capacity.')
 param modelDeployments array
 
 resource account 'Microsoft.CognitiveServices/accounts@2024-10-01' = {
@@ -47,5 +47,4 @@ resource deployments 'Microsoft.CognitiveServices/accounts/deployments@2024-10-0
 }]
 
 output name string = account.name
-output id string = account.id
 output endpoint string = account.properties.endpoint

@@ -18,7 +18,7 @@ param storageAccountName string
 param openAiAccountName string
 param appInsightsName string
 
-resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+resource storage 'Microsoft.Storage/storageAccounts@2024-01-01' existing = {
   name: storageAccountName
 }
 

@@ -1,0 +1,139 @@
+"""The organizer's probe, ``POST /api/manage/probe``: does each model answer through this proxy?
+
+It sends one tiny request per deployment upstream, with the app's own identity and
+upstream client, exactly as an attendee's request would travel, but outside any
+event: no event is opened, no attendee cap or usage is touched. ``proxy.doctor``
+calls it before an event. Authenticated with the organizer key, like the rest of
+``/api/manage/``.
+
+Body: ``{"event": "EVENT_ID"}`` (probe the models that event allows) or
+``{"models": ["name", ...]}``. Answer: ``{"results": [{"model", "ok", "operation",
+"status", "latency_ms", "error"}]}``, 200 whatever the models answered.
+
+A deployment is tried as chat first (embeddings first when its name says
+"embedding"); Azure answers 400 ``OperationNotSupported`` for the wrong one, and
+the other is tried. Chat asks for one completion token with
+``max_completion_tokens`` (which reasoning models require), falling back to
+``max_tokens`` for a model that refuses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy import organizer
+from proxy.errors import InvalidRequest, ProxyError
+from proxy.handlers import answering
+from proxy.manage_api import OrganizerApi
+from proxy.payload import read_json
+from proxy.upstream import Upstream
+
+CHAT = "chat/completions"
+EMBEDDINGS = "embeddings"
+MAX_MODELS = 32
+_PROMPT = [{"role": "user", "content": "Reply with one word: ok"}]
+
+
+class ProbeApi:
+    """``POST /api/manage/probe`` on the worker's organizer API and upstream client."""
+
+    def __init__(self, organizer_api: OrganizerApi, upstream: Upstream) -> None:
+        self.api, self.upstream = organizer_api, upstream
+
+    @answering
+    async def probe(self, request: Request) -> Response:
+        self.api.authorize(request)
+        fields = await read_json(request, self.api.settings.max_request_bytes)
+        models = await self._models(fields)
+        results = await asyncio.gather(*(self.probe_model(model) for model in models))
+        return Response(orjson.dumps({"results": list(results)}), media_type="application/json")
+
+    async def _models(self, fields: dict[str, Any]) -> list[str]:
+        unknown = sorted(set(fields) - {"event", "models"})
+        if unknown:
+            raise InvalidRequest(f"Unknown field '{unknown[0]}': send 'event' or 'models'.", param=unknown[0])
+        if ("event" in fields) == ("models" in fields):
+            raise InvalidRequest("Send either 'event' (an event id) or 'models' (deployment names).")
+        if "event" in fields:
+            event = await organizer.get_event(self.api.store, str(fields["event"]))
+            return [str(model) for model in event["models"]]
+        models = fields["models"]
+        if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+            raise InvalidRequest("'models' must be a non-empty array of deployment names.", param="models")
+        if len(models) > MAX_MODELS:
+            raise InvalidRequest(f"At most {MAX_MODELS} models per probe.", param="models")
+        return list(dict.fromkeys(models))
+
+    async def probe_model(self, model: str) -> dict[str, Any]:
+        """One deployment: the first operation that answers, or why none did."""
+        operations = (EMBEDDINGS, CHAT) if "embed" in model.lower() else (CHAT, EMBEDDINGS)
+        result: dict[str, Any] = {}
+        for operation in operations:
+            result = await self._call(model, operation)
+            if result["ok"] or result.get("error_code") != "OperationNotSupported":
+                return result
+        return result
+
+    async def _call(self, model: str, operation: str) -> dict[str, Any]:
+        bodies: list[dict[str, Any]]
+        if operation == CHAT:
+            bodies = [{"messages": _PROMPT, "max_completion_tokens": 1}, {"messages": _PROMPT, "max_tokens": 1}]
+        else:
+            bodies = [{"input": "ok"}]
+        answer: dict[str, Any] = {}
+        for body in bodies:
+            answer = await self._send(model, operation, body)
+            refused_field = next((f for f in ("max_completion_tokens",) if f in body), None)
+            if answer["ok"] or refused_field is None or refused_field not in str(answer.get("error", "")):
+                return answer
+        return answer
+
+    async def _send(self, model: str, operation: str, body: dict[str, Any]) -> dict[str, Any]:
+        kind = "chat" if operation == CHAT else "embeddings"
+        started = time.perf_counter()
+        try:
+            response = await self.upstream.send(model, operation, orjson.dumps(body), uuid.uuid4().hex)
+            try:
+                content = await response.aread()
+            finally:
+                await response.aclose()
+        except ProxyError as error:
+            return _result(model, kind, error.status, started, error.message, error.code)
+        if response.status_code == 200:
+            return _result(model, kind, 200, started)
+        code, message = _upstream_error(content)
+        if response.status_code == 400 and "output limit" in message:
+            # A reasoning model answered but one token was too few to finish: it is deployed and serving.
+            return _result(model, kind, 200, started)
+        return _result(model, kind, response.status_code, started, message or f"HTTP {response.status_code}", code)
+
+
+def _result(
+    model: str, kind: str, status: int, started: float, error: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "ok": error is None,
+        "operation": kind,
+        "status": status,
+        "latency_ms": round((time.perf_counter() - started) * 1000),
+        "error": error,
+        "error_code": code,
+    }
+
+
+def _upstream_error(content: bytes) -> tuple[str | None, str]:
+    try:
+        error = orjson.loads(content).get("error") or {}
+    except (orjson.JSONDecodeError, AttributeError):
+        return None, content[:200].decode(errors="replace")
+    if not isinstance(error, dict):
+        return None, str(error)[:200]
+    return error.get("code"), str(error.get("message", ""))[:300]

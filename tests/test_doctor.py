@@ -1,0 +1,128 @@
+"""``python -m proxy.manage doctor`` and the probe behind it, against the real stack.
+
+The app runs in the dev host over Azurite and the simulator (tests/conftest.py); the
+doctor runs as the organizer would run it, as a separate process.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy.doctor import diagnose
+from tests.conftest import MakeEvent
+from tests.support import ORGANIZER_KEY, ROOT, app_env, sim_stats, start_app, start_azurite
+
+
+def doctor(app: str, *args: str, key: str = ORGANIZER_KEY, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "ORGANIZER_KEY": key, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "proxy.manage", "doctor", "--url", app, *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def problems(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("PROBLEM")]
+
+
+async def test_healthy_stack_every_model_answers(app: str, make_event: MakeEvent, tmp_path: Path) -> None:
+    created = await make_event(models=("gpt-4o-mini", "text-embedding-3-small"), name="Doctor day")
+    result = doctor(app, "--event", created.event.id, cwd=tmp_path)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"doctor: {app}"
+    assert any(line.startswith("ok") and "reaches its Table Storage" in line for line in lines)
+    assert any(line.startswith("ok") and "organizer key accepted" in line for line in lines)
+    summary = next(line for line in lines if line.startswith("info") and created.event.id in line)
+    assert "'Doctor day': open now" in summary and "models gpt-4o-mini, text-embedding-3-small" in summary
+    assert "max_tokens 4096" in summary and "requests/attendee/day 1000" in summary
+    assert any("gpt-4o-mini answers (chat" in line for line in lines)
+    assert any("text-embedding-3-small answers (embeddings" in line for line in lines)
+    assert lines[-1] == "All good." and not problems(result.stdout)
+
+
+async def test_probe_does_not_open_the_event_to_attendees(
+    app: str, simulator: str, make_event: MakeEvent, http: httpx.Client
+) -> None:
+    tomorrow = datetime.now(UTC) + timedelta(days=1)
+    created = await make_event(models=("gpt-4o-mini",), starts_at=tomorrow, ends_at=tomorrow + timedelta(hours=8))
+    before = sim_stats(simulator)["by_deployment"]["gpt-4o-mini"]  # type: ignore[index]
+    headers = {"authorization": f"Bearer {ORGANIZER_KEY}"}
+    answer = http.post(f"{app}/api/manage/probe", headers=headers, json={"event": created.event.id})
+    assert answer.status_code == 200, answer.text
+    (result,) = answer.json()["results"]
+    assert result["model"] == "gpt-4o-mini" and result["ok"] and result["operation"] == "chat"
+    assert sim_stats(simulator)["by_deployment"]["gpt-4o-mini"] == before + 1  # type: ignore[index]
+    # Attendees still get the event's own answer, and nothing was counted for anyone.
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    refused = http.post(f"{app}/api/v1/chat/completions", headers={"api-key": created.key()}, json=chat)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "event_not_started"
+    usage = http.get(f"{app}/api/manage/events/{created.event.id}/usage", headers=headers).json()
+    assert usage["totals"]["requests"] == 0
+
+
+def test_probe_needs_the_organizer_key_and_a_well_formed_body(app: str, http: httpx.Client) -> None:
+    assert http.post(f"{app}/api/manage/probe", json={"models": ["gpt-4o-mini"]}).status_code == 401
+    headers = {"authorization": f"Bearer {ORGANIZER_KEY}"}
+    for body in ({}, {"models": []}, {"models": "gpt-4o-mini"}, {"event": "x", "models": ["a"]}, {"model": "a"}):
+        answer = http.post(f"{app}/api/manage/probe", headers=headers, json=body)
+        assert answer.status_code == 400, body
+        assert answer.json()["error"]["code"] == "invalid_request"
+
+
+async def test_missing_deployment_is_one_problem_with_what_to_do(
+    app: str, make_event: MakeEvent, tmp_path: Path
+) -> None:
+    created = await make_event(models=("gpt-4o-mini", "gpt-5.2"))
+    result = doctor(app, "--event", created.event.id, cwd=tmp_path)
+    print(result.stdout)
+    assert result.returncode == 1
+    (problem,) = problems(result.stdout)
+    assert f"event {created.event.id}: gpt-5.2 does not answer: 404 DeploymentNotFound" in problem
+    assert "modelDeployments in infra/main.bicepparam" in problem
+    assert f"events update {created.event.id} --models" in problem
+    assert any(line.startswith("ok") and "gpt-4o-mini answers" in line for line in result.stdout.splitlines())
+    assert result.stdout.splitlines()[-1] == "1 problem(s)."
+
+
+def test_wrong_organizer_key(app: str, tmp_path: Path) -> None:
+    result = doctor(app, key="not-the-organizer-key", cwd=tmp_path)
+    print(result.stdout)
+    assert result.returncode == 1
+    (problem,) = problems(result.stdout)
+    assert f"the organizer key is refused by {app}" in problem and "appsettings list" in problem
+    assert "not-the-organizer-key" not in result.stdout
+
+
+def test_unknown_event_and_no_url(app: str, tmp_path: Path) -> None:
+    result = doctor(app, "--event", "no-such-event", cwd=tmp_path)
+    assert result.returncode == 1 and "no event with id 'no-such-event'" in result.stdout
+    result = doctor("http://127.0.0.1:9", cwd=tmp_path)
+    assert result.returncode == 1
+    (problem,) = problems(result.stdout)
+    assert "does not answer at http://127.0.0.1:9" in problem and "make run" in problem
+
+
+@pytest.fixture
+def app_without_storage(simulator: str) -> str:
+    """An app whose Azurite has been stopped."""
+    azurite, connection_string = start_azurite()
+    service, url = start_app(app_env(connection_string, simulator))
+    azurite.stop()
+    yield url  # type: ignore[misc]
+    service.stop()
+
+
+def test_storage_down(app_without_storage: str, tmp_path: Path) -> None:
+    with httpx.Client(timeout=60) as client:
+        findings = diagnose(client, app_without_storage, ORGANIZER_KEY)
+    lines = [finding.line() for finding in findings]
+    print("\n".join(lines))
+    (problem,) = lines
+    assert problem.startswith("PROBLEM") and "cannot reach its Table Storage" in problem
+    assert "Azurite" in problem and "Storage Table Data Contributor" in problem
