@@ -228,8 +228,7 @@ class FrontEnd:
                 ]
                 await send({"type": "http.response.start", "status": answer.status, "headers": response_headers})
                 started = True
-                async for chunk in answer.content.iter_any():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await relay_body(answer.content, send)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except (aiohttp.ClientError, WorkerGone) as error:
             if started:
@@ -248,6 +247,23 @@ class FrontEnd:
                     raise
                 await asyncio.sleep(min(0.05 * (attempt + 1), 0.25))
         raise AssertionError("unreachable")
+
+
+async def relay_body(content: aiohttp.StreamReader, send: Send) -> None:
+    """Send the worker's body on as it arrives, including what came just before its connection broke.
+
+    aiohttp raises a broken connection's error before handing over bytes it had already
+    received (when both arrive in one loop iteration); YARP forwards those bytes first, so
+    this does too, then lets the error cut the client's response.
+    """
+    try:
+        async for chunk in content.iter_any():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except aiohttp.ClientPayloadError:
+        received = content._read_nowait(-1)
+        if received:
+            await send({"type": "http.response.body", "body": received, "more_body": True})
+        raise
 
 
 def report_failure(function: str, invocation_id: str, done: asyncio.Future[Any]) -> None:

@@ -1,12 +1,18 @@
-"""``make run``: the whole local stack in one command, stopped by Ctrl-C.
+"""``make run``: the whole local stack in one command, stopped by Ctrl-C or by closing its terminal.
 
 Starts Azurite (tables persisted in ``.azurite/``), the Azure OpenAI simulator
 (unless ``AZURE_OPENAI_ENDPOINT`` names a real resource), and the function app
 on ``http://localhost:$PROXY_PORT`` (7071): with ``func start`` when Azure
-Functions Core Tools are installed, else in the dev host. It writes the
-settings it uses into ``local.settings.json`` (so ``func start`` and the
-organizer CLI reach the same storage), opens the demo event ``DEMO-EVENT`` for
-the next seven days and prints a ready-to-paste credential, curl and Python.
+Functions Core Tools are installed, else under the real Python worker behind the
+host emulator (``devtools/funchost.py``). It writes the settings it uses into
+``local.settings.json`` (so ``func start`` and the organizer CLI reach the same
+storage), opens the demo event ``DEMO-EVENT`` for the next seven days and
+prints a ready-to-paste credential, curl and Python.
+
+The children run in sessions of their own, so it is this process that stops
+them all: on Ctrl-C (SIGINT), SIGTERM, or SIGHUP when its terminal closes. If
+one of them dies (Azurite, the simulator or the app), it says which and how,
+and stops the rest.
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ DEMO_CODE = "DEMO-EVENT"
 DEMO_ID = "demo-event"
 SIMULATOR_KEY = "simulator-key"
 PLACEHOLDER_KEY = "change-me-organizer-key"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+WHAT_IT_MEANS = {
+    "Azurite": "the proxy cannot reach Table Storage and would answer 503 storage_unavailable",
+    "the simulator": "the proxy has no upstream and would answer 502 upstream_error",
+}
 
 
 def port_open(port: int) -> bool:
@@ -69,7 +80,14 @@ class Stack:
         self.children.append((name, process))
         return process
 
+    def died(self) -> tuple[str, subprocess.Popen[bytes]] | None:
+        """The first child that has exited, if any."""
+        return next(((name, p) for name, p in self.children if p.poll() is not None), None)
+
     def stop(self) -> None:
+        # A second Ctrl-C or a hang-up while stopping must not leave children behind.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         for name, process in reversed(self.children):
             if process.poll() is None:
                 print(f"stopping {name}", flush=True)
@@ -136,7 +154,7 @@ Demo event credential:  {key}
 Organizer key{note}: {organizer_key}
   .venv/bin/python -m proxy.manage events list
   .venv/bin/python -m proxy.manage usage {DEMO_ID} --by user
-Ctrl-C stops everything.
+Ctrl-C stops everything, and so does closing this terminal.
 ================================================================================
 """.strip("\n")
 
@@ -145,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the local stack (make run).")
     parser.add_argument("--settings-file", type=Path, default=ROOT / "local.settings.json")
     parser.add_argument("--data-dir", type=Path, default=ROOT / ".azurite")
-    parser.add_argument("--no-func", action="store_true", help="use the dev host even if func is installed")
+    parser.add_argument("--no-func", action="store_true", help="use the host emulator even if func is installed")
     args = parser.parse_args(argv)
 
     port = int(os.environ.get("PROXY_PORT", "7071"))
@@ -163,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     try:
         if port_open(port):
             raise SystemExit(f"port {port} is busy: stop what runs there or set PROXY_PORT")
@@ -172,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Azurite (or another table service) already listens on {table_port}; using it", flush=True)
         else:
             args.data_dir.mkdir(exist_ok=True)
-            # The Functions host also wants blobs and queues (AzureWebJobsStorage); the dev host only tables.
+            # The Functions host also wants blobs and queues (AzureWebJobsStorage); the emulator only tables.
             command = azurite.command(table_port, data_dir=args.data_dir, with_blobs_and_queues=bool(func))
-            process = stack.start("azurite", [*command, "--silent"])
+            process = stack.start("Azurite", [*command, "--silent"])
             wait_until("Azurite", lambda: port_open(table_port), 30, process)
         connection_string = azurite.connection_string(table_port)
         values.update(
@@ -193,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             if port_open(simulator_port):
                 raise SystemExit(f"port {simulator_port} is busy: set SIMULATOR_PORT to another port")
             process = stack.start(
-                "simulator",
+                "the simulator",
                 [sys.executable, "-m", "devtools.simulator", "--port", str(simulator_port), "--api-key", SIMULATOR_KEY],
             )
             wait_until("the simulator", lambda: port_open(simulator_port), 30, process)
@@ -204,9 +223,13 @@ def main(argv: list[str] | None = None) -> int:
 
         env = {**os.environ, **values}
         if func:
-            process = stack.start("func", [func, "start", "--port", str(port)], env)
+            process = stack.start("the function app (func start)", [func, "start", "--port", str(port)], env)
         else:
-            process = stack.start("dev host", [sys.executable, "-m", "devtools.devhost", "--port", str(port)], env)
+            process = stack.start(
+                "the function app (host emulator)",
+                [sys.executable, "-m", "devtools.funchost", "--port", str(port), "--app-dir", str(ROOT)],
+                env,
+            )
         base = f"http://localhost:{port}"
 
         def healthy() -> bool:
@@ -220,9 +243,17 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(open_demo_event(settings))
         print(banner(base, organizer_key, generated, values["AZURE_OPENAI_ENDPOINT"]), flush=True)
         print(f"settings written to {args.settings_file}", flush=True)
-        while process.poll() is None:
+        while (died := stack.died()) is None:
             time.sleep(0.5)
-        return process.returncode or 0
+        name, child = died
+        what = WHAT_IT_MEANS.get(name, "the proxy is not serving")
+        print(
+            f"\n{name} (pid {child.pid}) exited with code {child.returncode}: {what}. Stopping everything;"
+            " run make run again (its output above says why it stopped).",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     except KeyboardInterrupt:
         return 0
     finally:
