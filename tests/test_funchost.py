@@ -189,7 +189,9 @@ def test_timers_fire_with_a_timer_request(tmp_path: Path) -> None:
 
 def test_ncrontab_schedules() -> None:
     moment = datetime(2026, 11, 22, 9, 59, 58, 500_000, tzinfo=UTC)  # a Sunday
-    assert Schedule.parse("*/5 * * * * *").next_after(moment) == moment.replace(hour=10, minute=0, second=0, microsecond=0)
+    assert Schedule.parse("*/5 * * * * *").next_after(moment) == moment.replace(
+        hour=10, minute=0, second=0, microsecond=0
+    )
     assert Schedule.parse("0 30 9 * * 1-5").next_after(moment) == datetime(2026, 11, 23, 9, 30, tzinfo=UTC)
     assert Schedule.parse("15 * * * * 0").next_after(moment) == datetime(2026, 11, 22, 10, 0, 15, tzinfo=UTC)
     with pytest.raises(ValueError, match="six fields"):
