@@ -11,6 +11,8 @@ TARGET_LABELS = {
     "direct": "direct to simulator",
     "proxy": "this proxy, caps",
     "proxy_nocaps": "this proxy, no caps",
+    "worker": "this proxy, caps, real worker + host emulator",
+    "worker_nocaps": "this proxy, no caps, real worker + host emulator",
     "litellm": "LiteLLM proxy",
 }
 
@@ -134,6 +136,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
     rows = math.ceil(len(scenarios) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.8 * rows), squeeze=False)
     colors = {"direct": "#555555", "proxy": "#1f77b4", "proxy_nocaps": "#2ca02c", "litellm": "#d62728"}
+    colors.update(worker="#9467bd", worker_nocaps="#8c564b")
     for ax, scenario in zip(axes.flat, scenarios, strict=False):
         for row in (r for r in result["results"] if r["scenario"] == scenario):
             points = row["distribution_ms"]

@@ -2,10 +2,12 @@
 
     python -m bench.run [--seconds 6] [--warmup 1.5] [--no-litellm] [--only chat_c1,...]
 
-Starts Azurite, the simulator (no added latency), this proxy in the dev host
-(as ``make run`` hosts it without Core Tools) and LiteLLM's proxy (its own
-venv, no database, a master key, the simulator as an Azure OpenAI
-deployment). Then, scenario by scenario, drives each target with the same
+Starts Azurite, the simulator (no added latency), this proxy twice: in the
+plain ASGI dev host (``proxy`` targets) and under the real Python worker
+behind the host emulator, as ``make run`` hosts it without Core Tools
+(``worker`` targets: Azure's request path, host and worker, short of the
+platform), and LiteLLM's proxy (its own venv, no database, a master key, the
+simulator as an Azure OpenAI deployment). Then, scenario by scenario, drives each target with the same
 generator: ``wrk`` for plain requests, ``bench.stream_client`` for streams.
 Writes ``bench/results/latest.json`` and ``bench/results/latency.png`` and
 prints the table; ``bench/README.md`` explains every figure.
@@ -31,7 +33,7 @@ import psutil
 from bench import report
 from bench.imports import import_times
 from bench.load import Measured, Target, run_stream, run_wrk, wrk_path
-from bench.procs import BENCH, Proc, Sampler, ensure_litellm, http_ok, litellm_version, quiesce, spawn
+from bench.procs import BENCH, ROOT, Proc, Sampler, ensure_litellm, http_ok, litellm_version, quiesce, spawn
 from devtools.azurite import command as azurite_command
 from devtools.azurite import connection_string as azurite_connection_string
 from tests.support import free_port
@@ -75,12 +77,13 @@ class Stack:
     azurite: Proc
     simulator: Proc
     proxy: Proc
+    worker: Proc | None
     litellm: Proc | None
     urls: dict[str, str]
     codes: dict[str, str]
 
     def procs(self) -> list[Proc]:
-        return [p for p in (self.azurite, self.simulator, self.proxy, self.litellm) if p is not None]
+        return [p for p in (self.azurite, self.simulator, self.proxy, self.worker, self.litellm) if p is not None]
 
     def stop(self) -> None:
         for proc in reversed(self.procs()):
@@ -164,7 +167,7 @@ def litellm_env() -> dict[str, str]:
 def start(log_dir: Path, litellm_python: Path | None) -> Stack:
     port = free_port()
     azurite = spawn("azurite", [*azurite_command(port), "--disableProductStyleUrl", "--silent"], log_dir)
-    stack = Stack(azurite, azurite, azurite, None, {}, {})  # filled in below; stop() works at every step
+    stack = Stack(azurite, azurite, azurite, None, None, {}, {})  # filled in below; stop() works at every step
     try:
         connection_string = azurite_connection_string(port)
         azurite.wait_ready(http_ok(f"http://127.0.0.1:{port}/devstoreaccount1/Tables"), 60)
@@ -190,6 +193,19 @@ def start(log_dir: Path, litellm_python: Path | None) -> Stack:
         proxy_url = f"http://127.0.0.1:{port}"
         stack.proxy.wait_ready(http_ok(f"{proxy_url}/api/health"))
         stack.urls = {"direct": simulator_url, "proxy": proxy_url, "proxy_nocaps": proxy_url}
+
+        # The same app under the real worker behind the host emulator (its process tree: host and worker).
+        port = free_port()
+        stack.worker = spawn(
+            "worker",
+            [sys.executable, "-m", "devtools.funchost", "--port", str(port), "--app-dir", str(ROOT)],
+            log_dir,
+            app_env(connection_string, simulator_url),
+        )
+        worker_url = f"http://127.0.0.1:{port}"
+        stack.worker.wait_ready(http_ok(f"{worker_url}/api/health"))
+        stack.urls.update(worker=worker_url, worker_nocaps=worker_url)
+        stack.codes.update(worker=stack.codes["proxy"], worker_nocaps=stack.codes["proxy_nocaps"])
 
         if litellm_python is not None:
             config = log_dir / "litellm.yaml"
@@ -296,6 +312,9 @@ def _target_proc(stack: Stack, name: str) -> Proc:
     if name == "litellm":
         assert stack.litellm is not None
         return stack.litellm
+    if name.startswith("worker"):
+        assert stack.worker is not None
+        return stack.worker
     return stack.proxy
 
 
@@ -367,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         processes = {
             "simulator": stack.simulator,
             "proxy": stack.proxy,
+            "worker": stack.worker,
             "azurite": stack.azurite,
             "litellm": stack.litellm,
         }
