@@ -21,7 +21,8 @@ Python app that uses the HTTP streams extension:
 - invokes timer-triggered functions on their NCRONTAB schedule (``--timer-interval`` makes
   every timer fire every N seconds instead; 0 turns timers off).
 
-    python -m devtools.funchost --port 7071 [--app-dir .] [--timer-interval SECONDS]
+    python -m devtools.funchost --port 7071 [--app-dir .] [--settings-file local.settings.json]
+        [--timer-interval SECONDS]
 
 It prints ``worker started pid=N`` each time a worker is ready (so tests can kill it) and,
 once, ``proxy listening on http://HOST:PORT/api``.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -444,7 +446,17 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="fire timer-triggered functions every N seconds instead of on their schedule (0: never)",
     )
+    parser.add_argument(
+        "--settings-file",
+        type=Path,
+        default=None,
+        help="a local.settings.json whose Values are app settings, as func start reads them (the environment wins)",
+    )
     args = parser.parse_args(argv)
+    if args.settings_file is not None:
+        values = json.loads(args.settings_file.read_text()).get("Values", {})
+        for name, value in values.items():
+            os.environ.setdefault(name, str(value))
     return asyncio.run(serve(args))
 
 
