@@ -215,6 +215,14 @@ def _probe(
         model = result["model"]
         if result["ok"]:
             yield Finding("ok", f"{owner}: {model} answers ({result['operation']}, {result['latency_ms']} ms)")
+            if result.get("refuses_max_tokens"):
+                yield Finding(
+                    "problem",
+                    f"{owner}: {model} refuses max_tokens, which the proxy sets when a request names neither "
+                    "max_tokens nor max_completion_tokens",
+                    "tell attendees to send max_completion_tokens with this model, or allow a model that takes "
+                    "max_tokens",
+                )
         else:
             yield Finding("problem", f"{owner}: {model} does not answer: {_why(result)}", _model_fix(result, owner))
 

@@ -14,7 +14,10 @@ A deployment is tried as chat first (embeddings first when its name says
 "embedding"); Azure answers 400 ``OperationNotSupported`` for the wrong one, and
 the other is tried. Chat asks for one completion token with
 ``max_completion_tokens`` (which reasoning models require), falling back to
-``max_tokens`` for a model that refuses it.
+``max_tokens`` for a model that refuses it. When ``max_completion_tokens``
+works, a second one-token request tells whether the model refuses ``max_tokens``
+(reasoning models do): the answer's ``refuses_max_tokens`` says so, because the
+proxy caps a request that names neither field with ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -82,17 +85,14 @@ class ProbeApi:
         return result
 
     async def _call(self, model: str, operation: str) -> dict[str, Any]:
-        bodies: list[dict[str, Any]]
-        if operation == CHAT:
-            bodies = [{"messages": _PROMPT, "max_completion_tokens": 1}, {"messages": _PROMPT, "max_tokens": 1}]
-        else:
-            bodies = [{"input": "ok"}]
-        answer: dict[str, Any] = {}
-        for body in bodies:
-            answer = await self._send(model, operation, body)
-            refused_field = next((f for f in ("max_completion_tokens",) if f in body), None)
-            if answer["ok"] or refused_field is None or refused_field not in str(answer.get("error", "")):
-                return answer
+        if operation == EMBEDDINGS:
+            return await self._send(model, operation, {"input": "ok"})
+        answer = await self._send(model, operation, {"messages": _PROMPT, "max_completion_tokens": 1})
+        if not answer["ok"] and "max_completion_tokens" in str(answer.get("error", "")):
+            return await self._send(model, operation, {"messages": _PROMPT, "max_tokens": 1})
+        if answer["ok"]:
+            legacy = await self._send(model, operation, {"messages": _PROMPT, "max_tokens": 1})
+            answer["refuses_max_tokens"] = not legacy["ok"] and "max_tokens" in str(legacy.get("error", ""))
         return answer
 
     async def _send(self, model: str, operation: str, body: dict[str, Any]) -> dict[str, Any]:

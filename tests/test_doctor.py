@@ -57,7 +57,10 @@ async def test_probe_does_not_open_the_event_to_attendees(
     assert answer.status_code == 200, answer.text
     (result,) = answer.json()["results"]
     assert result["model"] == "gpt-4o-mini" and result["ok"] and result["operation"] == "chat"
-    assert sim_stats(simulator)["by_deployment"]["gpt-4o-mini"] == before + 1  # type: ignore[index]
+    assert result["refuses_max_tokens"] is False
+    # One request with max_completion_tokens, one with max_tokens, both a single token.
+    assert sim_stats(simulator)["by_deployment"]["gpt-4o-mini"] == before + 2  # type: ignore[index]
+    assert sim_stats(simulator)["last_body"]["max_tokens"] == 1  # type: ignore[index]
     # Attendees still get the event's own answer, and nothing was counted for anyone.
     chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     refused = http.post(f"{app}/api/v1/chat/completions", headers={"api-key": created.key()}, json=chat)
@@ -126,3 +129,25 @@ def test_storage_down(app_without_storage: str, tmp_path: Path) -> None:
     (problem,) = lines
     assert problem.startswith("PROBLEM") and "cannot reach its Table Storage" in problem
     assert "Azurite" in problem and "Storage Table Data Contributor" in problem
+
+
+def test_a_model_that_refuses_max_tokens_is_a_problem() -> None:
+    """Reasoning models (the default gpt-5.2) refuse max_tokens, which the simulator accepts: the
+    proxy's answer for such a model is stood in for here, the doctor's reading of it is real."""
+    health = {"status": "ok", "storage": "ok"}
+    probe = {"results": [{"model": "gpt-5.2", "ok": True, "operation": "chat", "status": 200, "latency_ms": 380,
+                          "error": None, "error_code": None, "refuses_max_tokens": True}]}  # fmt: skip
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/health":
+            return httpx.Response(200, json=health)
+        if request.url.path == "/api/manage/events":
+            return httpx.Response(200, json={"object": "list", "data": []})
+        return httpx.Response(200, json=probe)
+
+    with httpx.Client(transport=httpx.MockTransport(answer)) as client:
+        findings = diagnose(client, "https://app.example", ORGANIZER_KEY, models=["gpt-5.2"])
+    lines = [finding.line() for finding in findings]
+    assert lines[-2].startswith("ok") and "gpt-5.2 answers (chat, 380 ms)" in lines[-2]
+    assert lines[-1].startswith("PROBLEM") and "gpt-5.2 refuses max_tokens" in lines[-1]
+    assert "send max_completion_tokens" in lines[-1]
