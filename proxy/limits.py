@@ -14,12 +14,14 @@ One entity per (event, attendee, UTC day) in the ``proxyusage`` table,
   ``total_tokens`` and ``models`` (JSON, the same figures per model): the
   day's recorded usage, which is also what the usage reports read.
 - ``inflight`` (JSON): the requests admitted and not yet settled, as
-  ``{request id: [estimate, minute, admitted at (epoch seconds)]}``, written
-  by the same conditional writes. Settling removes a request's entry, which
-  makes settlement idempotent (a retried write whose first attempt did land
-  finds the entry gone and adds nothing twice). An entry older than the
+  ``{request id: [estimate, minute, admitted at (epoch seconds), released]}``,
+  written by the same conditional writes. Settling removes a request's entry,
+  which makes settlement idempotent (a retried write whose first attempt did
+  land finds the entry gone and adds nothing twice). An entry older than the
   reservation lease belongs to a worker that was killed before it could
-  settle: ``proxy.reconcile`` gives its slot back.
+  settle: ``proxy.reconcile`` gives its slot back and marks it released (a
+  request that outlived its lease after all takes its slot again when it
+  settles), and forgets it one lease later.
 - ``tpm_minute`` and ``tpm_tokens``: a fixed one-minute window for the tokens
   per minute limit. Before the call the request books an estimate (body size
   / 4 for the prompt, plus the max tokens it may produce); settling replaces
@@ -51,6 +53,7 @@ attendee costs one write per round trip, not one per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,13 +61,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.core import MatchConditions
+from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import TableTransactionError, UpdateMode
 
 from proxy.errors import CapExceeded, StorageUnavailable
 from proxy.events import Event
 from proxy.storage import Tables
 
 MAX_ATTEMPTS = 200
+MAX_OPERATIONS = 100  # per entity group transaction
+_UNCHANGED = MatchConditions.IfNotModified
+_UNAVAILABLE = "Table Storage cannot be reached right now; usage could not be stored."
 
 # (estimate, request id, ticket) of a request waiting for the next group write
 Waiting = tuple[int, str, "asyncio.Future[Admission]"]
@@ -95,6 +103,17 @@ class Admission:
     remaining_requests: int | None
     remaining_tokens: int | None
     reserved: bool
+
+
+@dataclass(slots=True)
+class Finished:
+    """A finished request as the ledger stores it: its day's figures and its log entry."""
+
+    user: str
+    admission: Admission
+    settlement: Settlement
+    log: dict[str, Any] | None
+    stored: bool = False
 
 
 @dataclass(slots=True)
@@ -218,44 +237,120 @@ class Ledger:
             return
         raise StorageUnavailable("Too much contention on the usage counters; try again in a moment.")
 
-    async def settle(self, event_id: str, user: str, day: str, finished: list[tuple[Admission, Settlement]]) -> None:
-        """Add finished requests' figures to one attendee's day, in one write (retried on races)."""
-        key = (event_id, f"{day}|{user}")
-        async with self._lock(key):
-            state = self._cache.get(key)
+    async def settle(self, event_id: str, finished: list[Finished]) -> None:
+        """Add finished requests to their attendees' days and store their log entries, atomically.
+
+        One entity group transaction per event (``MAX_OPERATIONS`` operations
+        at most, more transactions beyond): each attendee's day replaced under
+        its ETag, and each request's log entry inserted. Either all of it is
+        stored or none, so the log and the days always agree. A log entry that
+        already exists means an earlier attempt whose answer was lost did
+        land; that request is done. Races with other instances are retried.
+        """
+        part: list[Finished] = []
+        users: set[str] = set()
+        for item in finished:
+            operations = len(users | {item.user}) + len(part) + 1
+            if part and operations > MAX_OPERATIONS:
+                await self._transact(event_id, part)
+                part, users = [], set()
+            part.append(item)
+            users.add(item.user)
+        if part:
+            await self._transact(event_id, part)
+
+    async def _transact(self, event_id: str, finished: list[Finished]) -> None:
+        keys = sorted({(event_id, f"{item.admission.day}|{item.user}") for item in finished})
+        pending = list(finished)
+        async with contextlib.AsyncExitStack() as locks:
+            for key in keys:  # in order: two writers never wait for each other's locks
+                await locks.enter_async_context(self._lock(key))
             for _ in range(MAX_ATTEMPTS):
-                if state is None:
-                    state = await self._fetch(key)
-                etag, updated = state
-                for admission, settlement in finished:
-                    updated = _settled(updated, user, admission, settlement)
+                operations: list[tuple[str, Any, dict[str, Any]]] = []
+                updates: list[tuple[tuple[str, str], dict[str, Any]]] = []
+                for key in keys:
+                    state = self._cache.get(key) or await self._fetch(key)
+                    etag, updated = state
+                    for item in pending:
+                        if (event_id, f"{item.admission.day}|{item.user}") == key:
+                            updated = _settled(updated, item.user, item.admission, item.settlement)
+                    if updated is state[1]:
+                        continue
+                    updates.append((key, updated))
+                    if etag:
+                        options = {
+                            "mode": UpdateMode.REPLACE,
+                            "etag": etag,
+                            "match_condition": MatchConditions.IfNotModified,
+                        }
+                        operations.append(("update", updated, options))
+                    else:
+                        operations.append(("create", updated, {}))
+                logged = [item for item in pending if item.log is not None]
+                operations.extend(("create", item.log, {}) for item in logged)
+                if not operations:
+                    for item in pending:
+                        item.stored = True
+                    return
                 try:
-                    new_etag = await self._write(key, etag, updated)
-                except (ResourceModifiedError, ResourceExistsError):
-                    state = None
-                    await asyncio.sleep(random.uniform(0, 0.005))
+                    results = await self._submit(operations)
+                except TableTransactionError as error:
+                    failed = error.index - len(updates)
+                    if error.status_code == 409 and 0 <= failed < len(logged):
+                        logged[failed].stored = True  # by an earlier attempt, with its settlement
+                        pending.remove(logged[failed])
+                    else:  # another instance wrote a day first (412, or 409 on a create): read it again
+                        for key, _ in updates:
+                            self._cache.pop(key, None)
+                        await asyncio.sleep(random.uniform(0, 0.005))
                     continue
-                self._cache[key] = (new_etag, updated)
+                for (key, updated), result in zip(updates, results, strict=False):
+                    self._cache[key] = (str(result["etag"]), updated)
+                for item in pending:
+                    item.stored = True
                 return
         raise StorageUnavailable("Too much contention on the usage counters.")
 
-    async def release_stale(self, event_id: str, row_key: str, cutoff: float) -> int:
-        """Give back the slots of requests admitted before ``cutoff`` (epoch s) and never settled."""
+    async def _submit(self, operations: list[tuple[str, Any, dict[str, Any]]]) -> list[dict[str, Any]]:
+        table = self._tables.usage
+        try:
+            try:
+                return list(await table.submit_transaction(operations))  # type: ignore[arg-type]
+            except TableTransactionError as error:
+                if error.status_code != 404:
+                    raise
+                await self._tables.ensure()  # no table yet: an empty Azurite, say
+                return list(await table.submit_transaction(operations))  # type: ignore[arg-type]
+        except TableTransactionError as error:
+            if error.status_code in (409, 412):
+                raise
+            raise StorageUnavailable(_UNAVAILABLE) from error
+        except (AzureError, OSError) as error:
+            raise StorageUnavailable(_UNAVAILABLE) from error
+
+    async def release_stale(self, event_id: str, row_key: str, cutoff: float, forget_before: float) -> int:
+        """Give back the slots of requests admitted before ``cutoff`` (epoch s) and never settled.
+
+        Entries released before ``forget_before`` are dropped: their worker is long gone.
+        """
         key = (event_id, row_key)
         async with self._lock(key):
             for _ in range(MAX_ATTEMPTS):
                 etag, entity = await self._fetch(key)
                 inflight: dict[str, list[int]] = orjson.loads(entity.get("inflight", "{}"))
-                stale = [request_id for request_id, (_, _, admitted) in inflight.items() if admitted < cutoff]
-                if not etag or not stale:
+                stale = [rid for rid, entry in inflight.items() if entry[2] < cutoff and not _released(entry)]
+                forgotten = [rid for rid, entry in inflight.items() if entry[2] < forget_before and _released(entry)]
+                if not etag or not (stale or forgotten):
                     return 0
-                user, day = str(entity.get("user", "")), str(entity.get("day", ""))
-                updated = _base(entity, user, day)
+                updated = _base(entity, str(entity.get("user", "")), str(entity.get("day", "")))
                 for request_id in stale:
-                    estimate, minute, _ = inflight.pop(request_id)
+                    estimate, minute = inflight[request_id][:2]
+                    inflight[request_id] = [estimate, minute, inflight[request_id][2], 1]
                     updated["reserved"] = max(0, updated["reserved"] - 1)
                     if updated["tpm_minute"] == minute:
                         updated["tpm_tokens"] = max(0, updated["tpm_tokens"] - estimate)
+                for request_id in forgotten:
+                    del inflight[request_id]
                 updated["inflight"] = orjson.dumps(inflight).decode()
                 try:
                     self._cache[key] = (await self._write(key, etag, updated), updated)
@@ -348,7 +443,7 @@ def _admitted(
     updated = _base(entity, user, day)
     updated["reserved"] += 1
     inflight = orjson.loads(updated["inflight"])
-    inflight[request_id] = [estimate, minute, int(now.timestamp())]
+    inflight[request_id] = [estimate, minute, int(now.timestamp()), 0]
     updated["inflight"] = orjson.dumps(inflight).decode()
     if updated["tpm_minute"] != minute:
         updated["tpm_minute"], updated["tpm_tokens"] = minute, 0
@@ -356,18 +451,26 @@ def _admitted(
     return updated
 
 
+def _released(entry: list[int]) -> bool:
+    return len(entry) > 3 and entry[3] == 1
+
+
 def _settled(entity: dict[str, Any], user: str, admission: Admission, settlement: Settlement) -> dict[str, Any]:
     updated = _base(entity, user, admission.day)
     if admission.reserved:
         inflight = orjson.loads(updated["inflight"])
-        if inflight.pop(admission.request_id, None) is None:
-            return entity  # settled already (a retried write that had landed), or given back by the reconciler
+        entry = inflight.pop(admission.request_id, None)
+        if entry is None:
+            return entity  # settled already: a retried write whose first attempt had landed
         updated["inflight"] = orjson.dumps(inflight).decode()
-    if admission.reserved and not settlement.succeeded:
-        updated["reserved"] = max(0, updated["reserved"] - 1)
-    if admission.reserved and updated["tpm_minute"] == admission.minute:
-        corrected = updated["tpm_tokens"] - admission.estimate + settlement.total_tokens
-        updated["tpm_tokens"] = max(0, corrected)
+        released = _released(entry)
+        if settlement.succeeded and released:
+            updated["reserved"] += 1  # it outlived its lease after all: it takes its slot again
+        elif not settlement.succeeded and not released:
+            updated["reserved"] = max(0, updated["reserved"] - 1)
+        if updated["tpm_minute"] == admission.minute:
+            booked = 0 if released else admission.estimate
+            updated["tpm_tokens"] = max(0, updated["tpm_tokens"] - booked + settlement.total_tokens)
     if not settlement.reached_upstream:
         return updated
     updated["requests"] += 1

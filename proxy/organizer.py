@@ -15,8 +15,8 @@ the field; an unknown event raises ``NotFound``.
   on every instance within ``EVENT_CACHE_SECONDS``.
 - ``delete_event``: removes the event and its code, so the code stops working.
 
-Decision: deleting an event keeps its usage (the ``proxyusage`` and
-``proxyrequests`` rows), so ``usage_report`` still answers for a deleted
+Decision: deleting an event keeps its usage (its ``proxyusage`` rows: the
+attendees' days and the request log), so ``usage_report`` still answers for a deleted
 event's id; it is 404 only when the event does not exist *and* has no usage.
 Switching an event off (``active: false``) is the reversible way to close it.
 """

@@ -7,7 +7,8 @@ admitted request can lose its worker and never settle. Its entry then stays,
 holding one of the attendee's daily requests. The reconciler, run every
 minute by a timer-triggered function (and by ``python -m proxy.reconcile``),
 reads the day entities of today and yesterday that hold any entry and gives
-back every slot older than the reservation lease.
+back every slot older than the reservation lease. Should such a request
+settle after all (it outlived the lease), it takes its slot again then.
 
 The lease (``RESERVATION_LEASE_SECONDS``) must be longer than any request can
 live: the host's ``functionTimeout`` (10 minutes in ``host.json``) kills a
@@ -48,9 +49,10 @@ async def reconcile(tables: Tables, ledger: Ledger, lease_seconds: float, now: d
     except ResourceNotFoundError:  # no usage table yet: nothing was ever admitted
         return 0
     cutoff = (now - timedelta(seconds=lease_seconds)).timestamp()
+    forget_before = cutoff - lease_seconds
     released = 0
     for entity in holding:
-        released += await ledger.release_stale(entity["PartitionKey"], entity["RowKey"], cutoff)
+        released += await ledger.release_stale(entity["PartitionKey"], entity["RowKey"], cutoff, forget_before)
     if released:
         log.warning("gave back %d daily slots held by requests whose worker stopped before settling", released)
     return released

@@ -2,15 +2,15 @@
 
 An answer's end reaches its client only once its usage is stored. A
 finished request hands a ``UsageRecord`` to the ``UsageRecorder`` and waits
-for it (``commit``): the request log and the attendee's day (``proxy.limits``)
-are written for all the records pending at that moment at once, so requests
-that finish together share their writes. The log holds one JSON record per
-upstream request (event, attendee, model, kind, stream, tokens, status,
-latency, time, request id), stored in chunks: one ``proxyrequests`` entity
-per event and write (``PartitionKey=<event id>``,
-``RowKey="<YYYY-MM-DD>|<first request id>"``, the records in ``records``), and
-a retried chunk conflicts instead of being recorded twice. Settling the day
-is idempotent too (``proxy.limits``).
+for it (``commit``); all the records pending at that moment are stored
+together, so requests that finish together share their writes. Both halves
+of a record live in ``proxyusage``, in its event's partition: the request's
+log entry (``RowKey="log|<YYYY-MM-DD>|<request id>"``: attendee, model, kind,
+stream, status, tokens, latency, time) and its attendee's day
+(``RowKey="<YYYY-MM-DD>|<user>"``, see ``proxy.limits``). One entity group
+transaction per event writes both, so the log and the days never disagree,
+and a retried write finds the log entry already there instead of counting a
+request twice.
 
 What a kill can do, then: lose nothing a client received in full, since the
 end of every answer waits for its record; charge a request whose record was
@@ -22,15 +22,14 @@ event instead of a stream's ``[DONE]``) and kept as a failed request for a
 retry; new requests are refused before they reach upstream until storage
 takes the backlog, so memory holds only what was in flight.
 
-Reports read the per-attendee day entities of ``proxyusage`` only (one
-partition query per event), never the request log, so they stay fast for
-large events.
+Reports read the per-attendee day entities only (one partition range query
+per event, ``RowKey`` below ``log|``), never the request log, so they stay
+fast for large events.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 import io
 import logging
@@ -39,17 +38,30 @@ from datetime import datetime
 from typing import Any, Literal
 
 import orjson
-from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.core.exceptions import ResourceNotFoundError
 
 from proxy.errors import StorageUnavailable
-from proxy.limits import Admission, Ledger, Settlement
+from proxy.limits import Admission, Finished, Ledger, Settlement
 from proxy.storage import Tables, gathered
 
 log = logging.getLogger("proxy.usage")
 
 CONCURRENT_BATCHES = 4
 CONCURRENT_SETTLES = 32
-LOG_CHUNK_CHARS = 30_000  # a string property holds 32 K characters
+LOG_PREFIX = "log|"  # request-log rows sort after the days ("YYYY-MM-DD|user") in each partition
+LOG_FIELDS = (
+    "request_id",
+    "time",
+    "user",
+    "model",
+    "kind",
+    "stream",
+    "status",
+    "latency_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+)
 MAX_BACKOFF_SECONDS = 2.0
 
 GroupBy = Literal["user", "model", "day"]
@@ -76,12 +88,13 @@ class UsageRecord:
     completion_tokens: int = 0
     total_tokens: int = 0
     reached_upstream: bool = False
-    logged: bool = field(default=False, repr=False)
-    settled: bool = field(default=False, repr=False)
+    stored: bool = field(default=False, repr=False)
 
-    def log_entry(self) -> dict[str, Any]:
-        """This request as one JSON record of the request log."""
+    def log_entity(self) -> dict[str, Any]:
+        """This request's entry in the request log."""
         return {
+            "PartitionKey": self.event_id,
+            "RowKey": f"{LOG_PREFIX}{self.admission.day}|{self.request_id}",
             "request_id": self.request_id,
             "time": self.started_at.isoformat(),
             "user": self.user,
@@ -109,6 +122,10 @@ class UsageRecord:
         self.prompt_tokens, self.completion_tokens = prompt, completion
         self.total_tokens = total if isinstance(total, int) else prompt + completion
         return True
+
+    def finished(self) -> Finished:
+        log_entity = self.log_entity() if self.reached_upstream else None
+        return Finished(self.user, self.admission, self.settlement(), log_entity)
 
     def settlement(self) -> Settlement:
         return Settlement(
@@ -223,16 +240,16 @@ class UsageRecorder:
     def _failed(self, batch: list[UsageRecord], error: StorageUnavailable) -> None:
         """Answer the waiters of records storage did not take, and keep the records for a retry.
 
-        A record that is stored in part (its log entry or its attendee's day)
-        is charged as what it was; one stored not at all is withheld from its
-        client, so it is kept as a failed request (status 503), its slot given
-        back and its tokens counted.
+        A record storage did not take is withheld from its client, so it is
+        kept as a failed request (status 503): its slot given back, its tokens
+        counted. (Storage may have taken it after all, its answer lost: then
+        the retry finds its log entry and the record stays as first stored.)
         """
         for record in batch:
-            if record.logged and record.settled:
+            if record.stored:
                 self._resolve(record, None)
                 continue
-            if id(record) in self._waiters and not (record.logged or record.settled):
+            if id(record) in self._waiters:
                 record.status = 503
             self._resolve(record, error)
             self._backlog.append(record)
@@ -273,48 +290,29 @@ class UsageRecorder:
         self._retrier = None
 
     async def write(self, batch: list[UsageRecord]) -> None:
-        """Store records now: each one's log entry and its attendee's day, concurrently."""
-        logs: dict[tuple[str, str], list[UsageRecord]] = {}
+        """Store records now: per event, their log entries and attendees' days in one transaction."""
+        events: dict[str, list[UsageRecord]] = {}
         for record in batch:
-            if record.reached_upstream and not record.logged:
-                logs.setdefault((record.event_id, record.admission.day), []).append(record)
-        days: dict[tuple[str, str, str], list[UsageRecord]] = {}
-        for record in batch:
-            if not record.settled:
-                days.setdefault((record.event_id, record.user, record.admission.day), []).append(record)
-        writes = [
-            self._insert_log(event_id, day, chunk, entries)
-            for (event_id, day), records in logs.items()
-            for chunk, entries in _log_chunks(records)
-        ]
-        writes.extend(self._settle(key, records) for key, records in days.items())
+            if not record.stored:
+                events.setdefault(record.event_id, []).append(record)
         # Every write is waited for before any is retried, so no write is in flight twice.
-        outcomes = await asyncio.gather(*writes, return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(self._settle(event_id, records) for event_id, records in events.items()), return_exceptions=True
+        )
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    async def _insert_log(self, event_id: str, day: str, chunk: list[UsageRecord], entries: str) -> None:
-        entity = {
-            "PartitionKey": event_id,
-            # Keyed by its first request: a retried chunk conflicts instead of repeating.
-            "RowKey": f"{day}|{chunk[0].request_id}",
-            "count": len(chunk),
-            "records": entries,
-        }
-        with contextlib.suppress(ResourceExistsError):
-            await self._tables.insert(self._tables.requests, entity)
-        for record in chunk:
-            record.logged = True
-
-    async def _settle(self, key: tuple[str, str, str], records: list[UsageRecord]) -> None:
-        event_id, user, day = key
-        # A few dozen attendees at a time, so that a write over hundreds of attendees
-        # never holds the event loop away from the requests in flight for long.
-        async with self._settling:
-            await self._ledger.settle(event_id, user, day, [(r.admission, r.settlement()) for r in records])
-        for record in records:
-            record.settled = True
+    async def _settle(self, event_id: str, records: list[UsageRecord]) -> None:
+        finished = [record.finished() for record in records]
+        try:
+            # A few dozen events at a time, so that a write over many events never
+            # holds the event loop away from the requests in flight for long.
+            async with self._settling:
+                await self._ledger.settle(event_id, finished)
+        finally:
+            for record, item in zip(records, finished, strict=True):
+                record.stored = item.stored
 
     async def drain(self, timeout: float = 30.0) -> bool:
         """Wait until everything is stored (graceful shutdown); True when nothing is left."""
@@ -330,7 +328,9 @@ async def report(tables: Tables, event_id: str, by: GroupBy) -> dict[str, Any]:
     """``{"event_id", "totals", "rows"}`` grouped by user, model or day (DESIGN)."""
     rows: dict[str, dict[str, int]] = {}
     totals = dict.fromkeys(FIGURES, 0)
-    entities = tables.usage.query_entities("PartitionKey eq @pk", parameters={"pk": event_id})
+    entities = tables.usage.query_entities(
+        "PartitionKey eq @pk and RowKey lt @log", parameters={"pk": event_id, "log": LOG_PREFIX}
+    )
     try:
         for entity in await gathered(entities):
             if by == "model":
@@ -355,33 +355,17 @@ def _add(target: dict[str, int], figures: list[int]) -> None:
         target[name] += int(value)
 
 
-def _log_chunks(records: list[UsageRecord]) -> list[tuple[list[UsageRecord], str]]:
-    """Records in groups whose JSON fits one string property, with that JSON."""
-    chunks: list[tuple[list[UsageRecord], str]] = []
-    chunk: list[UsageRecord] = []
-    encoded: list[bytes] = []
-    size = 2
-    for record in records:
-        entry = orjson.dumps(record.log_entry())
-        if chunk and size + len(entry) + 1 > LOG_CHUNK_CHARS:
-            chunks.append((chunk, (b"[" + b",".join(encoded) + b"]").decode()))
-            chunk, encoded, size = [], [], 2
-        chunk.append(record)
-        encoded.append(entry)
-        size += len(entry) + 1
-    if chunk:
-        chunks.append((chunk, (b"[" + b",".join(encoded) + b"]").decode()))
-    return chunks
-
-
 async def request_log(tables: Tables, event_id: str) -> list[dict[str, Any]]:
-    """Every recorded request of an event."""
-    entities = tables.requests.query_entities("PartitionKey eq @pk", parameters={"pk": event_id})
+    """Every recorded request of an event, oldest day first."""
+    entities = tables.usage.query_entities(
+        "PartitionKey eq @pk and RowKey gt @first and RowKey lt @after",
+        parameters={"pk": event_id, "first": LOG_PREFIX, "after": LOG_PREFIX[:-1] + chr(ord(LOG_PREFIX[-1]) + 1)},
+    )
     try:
-        chunks = await gathered(entities)
+        rows = await gathered(entities)
     except ResourceNotFoundError:
         return []
-    return [entry for entity in chunks for entry in orjson.loads(entity["records"])]
+    return [{name: row[name] for name in LOG_FIELDS} for row in rows]
 
 
 def report_csv(data: dict[str, Any]) -> str:
