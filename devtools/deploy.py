@@ -25,7 +25,8 @@ The steps, each one ``az`` call (a redeploy runs the same steps and changes only
 6. A wait for ``/api/health`` to report storage reachable: new role assignments take a
    few minutes to apply, and until then the app's identity is refused.
 7. ``python -m proxy.manage doctor --url URL --models ...``: health, organizer key, and a
-   one-token request to every deployed model through the proxy.
+   one-token request to every deployed model through the proxy; run again twice, a minute
+   apart, while it finds a problem (a role assignment may still be applying).
 
 Failures end with one line saying what to do, and exit code 1.
 """
@@ -56,6 +57,7 @@ PARAMETERS = "infra/main.bicepparam"
 PACKAGE = "dist/app.zip"
 DEPLOYMENT_NAME = "event-proxy"
 PREFIX = re.compile(r"[a-z][a-z0-9]{1,8}")
+DOCTOR_ATTEMPTS = 3
 
 # Built-in roles that may create role assignments (ids from the Azure built-in roles
 # reference, also listed in tests/data/azure_sources.json).
@@ -251,13 +253,16 @@ def deploy(args: argparse.Namespace, az: Az) -> int:
     wait_until_healthy(url, args.wait, args.interval)
 
     models = ",".join(d["name"] for d in outputs["AZURE_OPENAI_DEPLOYMENTS"])
-    print("Running the doctor")
-    doctor = subprocess.run(
-        [sys.executable, "-m", "proxy.manage", "doctor", "--url", url, "--models", models],
-        cwd=ROOT,
-        env={**os.environ, "ORGANIZER_KEY": key, "STORAGE_TABLE_ENDPOINT": outputs["STORAGE_TABLE_ENDPOINT"]},
-        check=False,
-    )
+    doctor_env = {**os.environ, "ORGANIZER_KEY": key, "STORAGE_TABLE_ENDPOINT": outputs["STORAGE_TABLE_ENDPOINT"]}
+    command = [sys.executable, "-m", "proxy.manage", "doctor", "--url", url, "--models", models]
+    for attempt in range(1, DOCTOR_ATTEMPTS + 1):
+        print("Running the doctor")
+        doctor = subprocess.run(command, cwd=ROOT, env=doctor_env, check=False)
+        if doctor.returncode == 0 or attempt == DOCTOR_ATTEMPTS:
+            break
+        # The identity's Azure OpenAI role can apply minutes after its storage roles.
+        print(f"  again in {4 * args.interval:.0f} s, in case a role assignment is still being applied")
+        time.sleep(4 * args.interval)
     print()
     print(f"Proxy:           {url}/api/v1  (attendees: OpenAI(base_url=..., api_key='CODE/name'))")
     print(f"Organizer page:  {url}/api/manage/portal")

@@ -247,3 +247,15 @@ def test_prerequisites(
     result = run_deploy(env, *args)
     assert result.returncode == 1
     assert result.stderr.startswith(expected), result.stderr
+
+
+def test_a_model_that_does_not_answer_fails_the_deploy_after_retries(app: str, tmp_path: Path) -> None:
+    env, _ = fake_az(tmp_path, app)
+    env["ORGANIZER_KEY"] = ORGANIZER_KEY
+    state = json.loads(Path(env["FAKE_AZ_STATE"]).read_text())
+    state["outputs"]["AZURE_OPENAI_DEPLOYMENTS"] = [{"name": "gpt-5.2"}]
+    Path(env["FAKE_AZ_STATE"]).write_text(json.dumps(state))
+    result = run_deploy(env)
+    assert result.returncode == 1
+    assert result.stdout.count("Running the doctor") == 3
+    assert "PROBLEM  deployment: gpt-5.2 does not answer: 404 DeploymentNotFound" in result.stdout
