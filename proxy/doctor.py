@@ -9,9 +9,9 @@ a deployed app (``--url https://NAME.azurewebsites.net``, which
    own identity (managed identity in Azure, Azurite locally).
 2. ``GET /api/manage/events``: the organizer key (``ORGANIZER_KEY``, from the
    environment or ``local.settings.json``) is accepted.
-3. For the event given with ``--event``, or else every event that has not ended:
-   its window and caps, summarised, and whether it is switched on.
-4. ``POST /api/manage/probe``: every model the event allows (or every name given
+3. For the event given with ``--event``, or else (without ``--models``) every event
+   that has not ended: its window and caps, summarised, and whether it is switched on.
+4. ``POST /api/manage/probe``: every model the event allows (and every name given
    with ``--models``) answers a one-token request through the proxy, with the
    app's identity and upstream, without opening the event to attendees and
    without touching anyone's caps or usage (``proxy.probe``).
@@ -102,9 +102,11 @@ def _checks(
             )
         _expect_ok(answer, "reading the event")
         events = [answer.json()]
+    elif models:
+        events = []  # deployments by name, as devtools/deploy.py asks after a deployment
     else:
         events = [e for e in listing.json()["data"] if _parse(e["end"]) > now]
-        if not events and not models:
+        if not events:
             yield Finding(
                 "info",
                 "no event that has not ended, so no model was probed",

@@ -130,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
         "every model it allows. One line per finding; exit code 1 when something needs fixing.",
     )
     doctor.add_argument("--url", default=DEFAULT_URL, help=f"the proxy, without /api (default: {DEFAULT_URL})")
-    doctor.add_argument("--event", metavar="EVENT_ID", help="check this event (default: every event not ended)")
-    doctor.add_argument("--models", type=_models, default=[], metavar="M1,M2", help="also probe these deployments")
+    doctor.add_argument(
+        "--event", metavar="EVENT_ID", help="check this event (default, without --models: every event not ended)"
+    )
+    doctor.add_argument("--models", type=_models, default=[], metavar="M1,M2", help="probe these deployments")
     return parser
 
 
