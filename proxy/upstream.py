@@ -56,6 +56,7 @@ class Upstream:
 
     def __init__(self, settings: Settings, client: httpx.AsyncClient, auth: UpstreamAuth) -> None:
         self._base = f"{settings.openai_endpoint}/openai/deployments/"
+        self._v1 = f"{settings.openai_endpoint}/openai/v1/"
         self._query = f"?api-version={settings.openai_api_version}"
         self._client = client
         self._auth = auth
@@ -67,18 +68,36 @@ class Upstream:
 
     async def send(self, deployment: str, operation: str, body: bytes, request_id: str) -> httpx.Response:
         """POST to upstream; the caller reads or streams the response and closes it."""
+        url = f"{self._base}{deployment}/{operation}{self._query}"
+        return await self._send("POST", url, body, request_id, deployment)
+
+    async def send_v1(
+        self,
+        method: str,
+        path: str,
+        request_id: str,
+        *,
+        body: bytes | None = None,
+        query: dict[str, str] | None = None,
+        label: str = "the Responses API",
+    ) -> httpx.Response:
+        """Call Azure OpenAI's v1 API, ``/openai/v1/<path>`` (the Responses API); ``label`` names it in errors.
+
+        The v1 API takes no dated ``api-version``, so ``AZURE_OPENAI_API_VERSION``
+        does not apply here. Source:
+        https://learn.microsoft.com/en-us/azure/foundry/openai/api-version-lifecycle
+        """
+        url = str(httpx.URL(f"{self._v1}{path}", params=query or None))
+        return await self._send(method, url, body, request_id, label)
+
+    async def _send(
+        self, method: str, url: str, body: bytes | None, request_id: str, deployment: str
+    ) -> httpx.Response:
         name, value = await self._auth.header()
-        request = self._client.build_request(
-            "POST",
-            f"{self._base}{deployment}/{operation}{self._query}",
-            content=body,
-            headers={
-                "content-type": "application/json",
-                "accept-encoding": "identity",
-                "x-ms-client-request-id": request_id,
-                name: value,
-            },
-        )
+        headers = {"accept-encoding": "identity", "x-ms-client-request-id": request_id, name: value}
+        if body is not None:
+            headers["content-type"] = "application/json"
+        request = self._client.build_request(method, url, content=body, headers=headers)
         for attempt in range(1, CONNECT_ATTEMPTS + 1):
             try:
                 response = await self._client.send(request, stream=True)

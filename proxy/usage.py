@@ -76,7 +76,7 @@ class UsageRecord:
     event_id: str
     user: str
     model: str
-    kind: Literal["chat", "embeddings"]
+    kind: Literal["chat", "embeddings", "responses"]
     stream: bool
     admission: Admission
     request_id: str
