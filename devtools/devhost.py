@@ -1,4 +1,10 @@
-"""A small ASGI host for the registered Azure Functions, for machines without Core Tools.
+"""A plain ASGI host for the registered Azure Functions: the proxy alone, without Azure's request path.
+
+Only the benchmark uses it now (``bench/run.py``'s ``proxy`` rows), to measure the proxy
+itself next to the same app behind the host emulator (``worker`` rows). ``make run`` and
+the tests run the functions under the real Python worker behind ``devtools/funchost.py``,
+which behaves like the Functions host; this one does not (no body limit, no
+``functionTimeout``, exceptions become uvicorn's 500, and it drains on shutdown).
 
 It imports ``function_app``, reads the HTTP triggers registered on its
 ``FunctionApp`` (one route table: the app's own), serves them with uvicorn
