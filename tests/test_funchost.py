@@ -158,8 +158,23 @@ def test_a_stop_signal_kills_the_worker_mid_stream() -> None:
         with pytest.raises(httpx.HTTPError):
             for _ in chunks:
                 pass
-    with pytest.raises(ProcessLookupError):
-        os.kill(worker, 0)
+    wait_for(lambda: not alive(worker), timeout=5, what="the worker to be gone")
+
+
+def test_a_worker_does_not_outlive_its_host() -> None:
+    service, _ = start_app(base_env(), "--timer-interval", "0", app_dir=APPS / "routes")
+    worker = worker_pids(service)[-1]
+    service.stop(signal.SIGKILL)
+    wait_for(lambda: not alive(worker), timeout=10, what="the orphaned worker to exit")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    return "zombie" not in status.lower()  # exited, not yet reaped
 
 
 def test_indexing_failure_stops_the_host_with_the_error() -> None:
