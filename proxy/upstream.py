@@ -78,7 +78,7 @@ class Upstream:
         request_id: str,
         *,
         body: bytes | None = None,
-        query: dict[str, str] | None = None,
+        query: list[tuple[str, str]] | None = None,
         label: str = "the Responses API",
     ) -> httpx.Response:
         """Call Azure OpenAI's v1 API, ``/openai/v1/<path>`` (the Responses API); ``label`` names it in errors.

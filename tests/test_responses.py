@@ -1,0 +1,162 @@
+"""The Responses API through the real app: the official SDK unchanged, usage, and privacy between attendees."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from proxy.payload import pseudonym
+from proxy.storage import Tables
+from proxy.usage import report, request_log
+from tests.conftest import MakeEvent
+from tests.support import eventually, sim_stats
+
+MODEL = "gpt-4o-mini"
+
+
+def client(app: str, key: str) -> OpenAI:
+    return OpenAI(base_url=f"{app}/api/v1", api_key=key, max_retries=0)
+
+
+async def test_create_stream_retrieve_chain_delete_with_the_sdk(
+    app: str, simulator: str, make_event: MakeEvent
+) -> None:
+    created = await make_event(max_tokens=64)
+    sdk = client(app, created.key())
+
+    first = sdk.responses.create(model=MODEL, input="Name three rivers", instructions="Be brief")
+    assert first.status == "completed" and first.output_text and first.usage is not None
+    sent: Any = sim_stats(simulator)["last_body"]
+    # The cap is set when the client sends none; upstream sees a pseudonym, not the name.
+    assert sent["max_output_tokens"] == 64 and sent["user"] == pseudonym(created.event.id, "alice")
+
+    events = list(sdk.responses.create(model=MODEL, input="And three lakes", stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    streamed = events[-1].response  # type: ignore[union-attr]
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == streamed.output_text == first.output_text
+    assert streamed.usage is not None and streamed.usage.total_tokens > 0
+
+    with sdk.responses.stream(model=MODEL, input="Stream with the helper") as stream:
+        final = stream.get_final_response()
+    assert final.output_text == first.output_text
+
+    second = sdk.responses.create(model=MODEL, input="Which is longest?", previous_response_id=first.id)
+    assert sim_stats(simulator)["last_body"]["previous_response_id"] == first.id  # type: ignore[index]
+    # Upstream counted the first turn as input of the second.
+    assert second.usage is not None and first.usage.input_tokens < second.usage.input_tokens
+
+    assert sdk.responses.retrieve(first.id).output_text == first.output_text
+    assert sdk.responses.retrieve(streamed.id).id == streamed.id
+    items = list(sdk.responses.input_items.list(second.id))
+    assert [item.type for item in items] == ["message"]
+
+    sdk.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.create(model=MODEL, input="again", previous_response_id=first.id)
+
+
+async def test_usage_matches_upstream_and_is_stored_before_the_end(
+    app: str, simulator: str, make_event: MakeEvent, tables: Tables
+) -> None:
+    created = await make_event()
+    before = sim_stats(simulator)["usage"]
+    for user in ("ann", "ben"):
+        sdk = client(app, created.key(user))
+        sdk.responses.create(model=MODEL, input="Count to three")
+        list(sdk.responses.create(model=MODEL, input="Count to four", stream=True))
+    after = sim_stats(simulator)["usage"]
+    upstream = {k: after[k] - before[k] for k in after}  # type: ignore[index]
+
+    # Stored before each answer ended: no waiting.
+    log = await request_log(tables, created.event.id)
+    assert sorted((e["user"], e["stream"]) for e in log) == [
+        ("ann", False),
+        ("ann", True),
+        ("ben", False),
+        ("ben", True),
+    ]
+    assert all(e["kind"] == "responses" and e["status"] == 200 and e["model"] == MODEL for e in log)
+    data = await report(tables, created.event.id, "user")
+    assert data["totals"] == {"requests": 4, **upstream}
+    assert [row["key"] for row in data["rows"]] == ["ann", "ben"]
+
+
+async def test_another_attendee_or_event_sees_nothing(app: str, make_event: MakeEvent) -> None:
+    created, elsewhere = await make_event(), await make_event()
+    alice = client(app, created.key("alice"))
+    mine = alice.responses.create(model=MODEL, input="my secret plan")
+    streamed = list(alice.responses.create(model=MODEL, input="my other plan", stream=True))[-1].response  # type: ignore[union-attr]
+    never = "resp_" + "0" * 48
+
+    def not_found(sdk: OpenAI, response_id: str) -> list[str]:
+        """The messages of every way to reach a response, each of which must be a 404."""
+        messages = []
+        for call in (
+            lambda: sdk.responses.retrieve(response_id),
+            lambda: sdk.responses.input_items.list(response_id),
+            lambda: sdk.responses.delete(response_id),
+            lambda: sdk.responses.create(model=MODEL, input="go on", previous_response_id=response_id),
+        ):
+            with pytest.raises(openai.NotFoundError) as raised:
+                call()
+            messages.append(raised.value.message.replace(response_id, "ID"))
+        return messages
+
+    bob = client(app, created.key("bob"))
+    alice_elsewhere = client(app, elsewhere.key("alice"))
+    baseline = not_found(bob, never)
+    for response_id in (mine.id, streamed.id):
+        # The same answers as for an id that never existed: nothing tells that it does.
+        assert not_found(bob, response_id) == baseline
+        assert not_found(alice_elsewhere, response_id) == baseline
+    assert alice.responses.retrieve(mine.id).output_text == mine.output_text  # bob's delete did nothing
+    assert alice.responses.retrieve(streamed.id).id == streamed.id
+    with pytest.raises(openai.NotFoundError):
+        bob.responses.retrieve("not an id/../x")
+
+
+async def test_fields_the_proxy_refuses(app: str, make_event: MakeEvent) -> None:
+    created = await make_event(max_tokens=100)
+    key = created.key()
+    cases: list[tuple[dict[str, Any], int, str, str]] = [
+        ({"conversation": "conv_123"}, 400, "invalid_request", "conversation"),
+        ({"background": True}, 400, "invalid_request", "background"),
+        ({"session_id": "s1"}, 400, "invalid_request", "session_id"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, 400, "invalid_request", "input"),
+        ({"max_output_tokens": 101}, 400, "max_tokens_exceeds_cap", "max_output_tokens"),
+        ({"max_output_tokens": "many"}, 400, "invalid_request", "max_output_tokens"),
+        ({"model": "gpt-5"}, 404, "model_not_found", "model"),
+    ]
+    with httpx.Client(timeout=30) as http:
+        for extra, status, code, param in cases:
+            body = {"model": MODEL, "input": "hi", **extra}
+            answer = http.post(f"{app}/api/v1/responses", json=body, headers={"api-key": key})
+            assert answer.status_code == status, (extra, answer.text)
+            error = answer.json()["error"]
+            assert (error["code"], error["param"]) == (code, param), error
+            assert param in error["message"] or code == "model_not_found"
+
+
+async def test_unstored_and_broken_responses(app: str, make_event: MakeEvent, tables: Tables) -> None:
+    created = await make_event()
+    sdk = client(app, created.key())
+    unstored = sdk.responses.create(model=MODEL, input="forget me", store=False)
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve(unstored.id)
+
+    with pytest.raises(openai.APIError) as raised:
+        list(sdk.responses.create(model=MODEL, input="SIM_BREAK_STREAM", stream=True))
+    assert "incomplete" in raised.value.message
+    # A broken stream is recorded in the background, as failed: its slot is given back.
+    log = await eventually(
+        lambda: request_log(tables, created.event.id), lambda log: len(log) == 2, what="two logged requests"
+    )
+    assert sorted(e["status"] for e in log) == [200, 502]
