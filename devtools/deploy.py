@@ -265,7 +265,7 @@ def deploy(args: argparse.Namespace, az: Az) -> int:
         time.sleep(4 * args.interval)
     print()
     print(f"Proxy:           {url}/api/v1  (attendees: OpenAI(base_url=..., api_key='CODE/name'))")
-    print(f"Organizer page:  {url}/api/manage/portal")
+    print(f"Organizer API:   {url}/api/manage/events  (Authorization: Bearer ORGANIZER_KEY)")
     print(f"Azure OpenAI:    {outputs['AZURE_OPENAI_ENDPOINT']}  (deployments: {models})")
     print(f"Organizer CLI:   STORAGE_TABLE_ENDPOINT={outputs['STORAGE_TABLE_ENDPOINT']} python -m proxy.manage ...")
     if new_key:
