@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from openai import OpenAI
+from openai import AzureOpenAI, OpenAI
 
 from proxy.payload import pseudonym
 from proxy.storage import Tables
@@ -160,3 +160,19 @@ async def test_unstored_and_broken_responses(app: str, make_event: MakeEvent, ta
         lambda: request_log(tables, created.event.id), lambda log: len(log) == 2, what="two logged requests"
     )
     assert sorted(e["status"] for e in log) == [200, 502]
+
+
+async def test_azure_clients(app: str, make_event: MakeEvent) -> None:
+    key = (await make_event()).key()
+    for endpoint in (f"{app}/api/v1", f"{app}/api"):
+        sdk = AzureOpenAI(azure_endpoint=endpoint, api_key=key, api_version="preview", max_retries=0)
+        answer = sdk.responses.create(model=MODEL, input="hello from Azure")
+        events = list(
+            sdk.responses.create(model=MODEL, input="hello again", stream=True, previous_response_id=answer.id)
+        )
+        assert events[-1].type == "response.completed"
+        assert sdk.responses.retrieve(answer.id).output_text == answer.output_text
+        assert len(list(sdk.responses.input_items.list(answer.id))) == 1
+        sdk.responses.delete(answer.id)
+        with pytest.raises(openai.NotFoundError):
+            sdk.responses.retrieve(answer.id)
