@@ -57,6 +57,8 @@ ROUTES: list[tuple[str, str, list[str], Handler]] = [
     ("manage_event", "manage/events/{event_id}", ["GET", "PATCH", "DELETE"], organizer.event),
     ("manage_rotate_code", "manage/events/{event_id}/rotate-code", ["POST"], organizer.rotate_code),
     ("manage_usage", "manage/events/{event_id}/usage", ["GET"], organizer.usage),
+    ("manage_attendees", "manage/events/{event_id}/attendees", ["GET"], organizer.attendees),
+    ("manage_attendee", "manage/events/{event_id}/attendees/{user}", ["PATCH"], organizer.attendee),
     ("manage_probe", "manage/probe", ["POST"], ProbeApi(organizer, proxy.upstream).probe),
     ("not_found", "{*path}", ["GET", "POST", "PUT", "PATCH", "DELETE"], proxy.not_found),
 ]
@@ -72,6 +74,7 @@ def _register(name: str, route: str, methods: list[str], handler: Handler) -> No
 
 for _route in ROUTES:
     _register(*_route)
+proxy.know_routes([(route, methods) for _, route, methods, _ in ROUTES])  # for 405 method_not_allowed
 
 
 @app.function_name("reconcile")

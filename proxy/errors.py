@@ -9,10 +9,14 @@
     ├── EventNotStarted               403     event_not_started
     ├── EventEnded                    403     event_ended
     ├── EventDisabled                 403     event_disabled
+    ├── AttendeeBlocked               403     attendee_blocked
+    ├── AttendeeLimitReached          403     attendee_limit_reached
     ├── NotFound                      404     not_found
     ├── ModelNotFound                 404     model_not_found
+    ├── MethodNotAllowed              405     method_not_allowed (with ``Allow``)
     ├── RequestTooLarge               413     request_too_large
-    ├── CapExceeded                   429     daily_request_cap_exceeded / daily_token_cap_exceeded / rate_limited
+    ├── CapExceeded                   429     daily_request_cap_exceeded / daily_token_cap_exceeded /
+    │                                         rate_limited / event_budget_exhausted (with ``Retry-After``)
     ├── InternalError                 500     internal_error (a bug; names the request id)
     ├── UpstreamError                 502     upstream_error
     ├── StorageUnavailable            503     storage_unavailable
@@ -83,12 +87,30 @@ class EventDisabled(ProxyError):
     status, code, type = 403, "event_disabled", "permission_error"
 
 
+class AttendeeBlocked(ProxyError):
+    status, code, type = 403, "attendee_blocked", "permission_error"
+
+
+class AttendeeLimitReached(ProxyError):
+    status, code, type = 403, "attendee_limit_reached", "permission_error"
+
+
 class NotFound(ProxyError):
     status, code = 404, "not_found"
 
 
 class ModelNotFound(ProxyError):
     status, code = 404, "model_not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status, code = 405, "method_not_allowed"
+
+    def __init__(self, method: str, path: str, allowed: list[str]) -> None:
+        super().__init__(
+            f"{path} does not take {method}; it takes {', '.join(allowed)}.",
+            headers={"allow": ", ".join(allowed)},
+        )
 
 
 class RequestTooLarge(ProxyError):

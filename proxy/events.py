@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import orjson
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
@@ -41,8 +42,10 @@ DEFAULT_MAX_TOKENS = 4096
 DEFAULT_DAILY_REQUESTS = 1000
 GENERATED_CODE_BYTES = 12  # 16 URL-safe characters
 NEGATIVE_CACHE_SECONDS = 5.0
+KNOWN_VALID_SECONDS = 3600.0
 
 _EVENT_PK = "event"
+_OPTIONAL_CAPS = ("daily_requests", "daily_tokens", "tpm", "event_requests", "event_tokens", "max_attendees")
 _CODE_PK = "code"
 
 
@@ -71,6 +74,10 @@ class Event:
     daily_requests: int | None = DEFAULT_DAILY_REQUESTS
     daily_tokens: int | None = None
     tpm: int | None = None
+    event_requests: int | None = None
+    event_tokens: int | None = None
+    max_attendees: int | None = None
+    blocked: tuple[str, ...] = ()
     active: bool = True
     description: str = ""
     organizer: str = ""
@@ -93,6 +100,9 @@ class Event:
             "daily_requests": self.daily_requests,
             "daily_tokens": self.daily_tokens,
             "tpm": self.tpm,
+            "event_requests": self.event_requests,
+            "event_tokens": self.event_tokens,
+            "max_attendees": self.max_attendees,
             "active": self.active,
             "description": self.description,
             "organizer": self.organizer,
@@ -114,14 +124,13 @@ class Event:
             "description": self.description,
             "organizer": self.organizer,
             "created_at": self.created_at,
+            "blocked": orjson.dumps(self.blocked).decode(),
         }
         # Table Storage has no null: an absent property means "no cap".
-        if self.daily_requests is not None:
-            entity["daily_requests"] = self.daily_requests
-        if self.daily_tokens is not None:
-            entity["daily_tokens"] = self.daily_tokens
-        if self.tpm is not None:
-            entity["tpm"] = self.tpm
+        for name in _OPTIONAL_CAPS:
+            value = getattr(self, name)
+            if value is not None:
+                entity[name] = value
         return entity
 
     @classmethod
@@ -138,6 +147,10 @@ class Event:
             daily_requests=_optional_int(entity.get("daily_requests")),
             daily_tokens=_optional_int(entity.get("daily_tokens")),
             tpm=_optional_int(entity.get("tpm")),
+            event_requests=_optional_int(entity.get("event_requests")),
+            event_tokens=_optional_int(entity.get("event_tokens")),
+            max_attendees=_optional_int(entity.get("max_attendees")),
+            blocked=tuple(orjson.loads(entity.get("blocked") or "[]")),
             active=bool(entity.get("active", True)),
             description=entity.get("description") or "",
             organizer=entity.get("organizer") or "",
@@ -237,6 +250,7 @@ class EventStore:
         self._cache_seconds = cache_seconds
         self._clock = clock
         self._by_code: dict[str, tuple[float, Event | None]] = {}
+        self._valid: dict[str, float] = {}  # code hash: until when it counts as known valid
 
     async def by_code(self, code: str) -> Event | None:
         """The event whose code this is, or None. Cached; at most two point reads."""
@@ -250,7 +264,20 @@ class EventStore:
         if len(self._by_code) > 10_000:
             self._by_code.clear()
         self._by_code[code_hash] = (now + ttl, event)
+        if event is not None:
+            if len(self._valid) > 10_000:
+                self._valid.clear()
+            self._valid[code_hash] = now + KNOWN_VALID_SECONDS
         return event
+
+    def knows(self, code: str) -> bool:
+        """Whether this worker found the code valid within the last ``KNOWN_VALID_SECONDS``.
+
+        Failed-lookup throttling (``proxy.guessing``) lets such codes through, so
+        that attendees never pay for a guesser on their address.
+        """
+        until = self._valid.get(hash_code(code))
+        return until is not None and until > self._clock()
 
     async def _lookup(self, code_hash: str) -> Event | None:
         try:

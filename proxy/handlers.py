@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -31,12 +32,15 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from proxy import payload as bodies
+from proxy.attendees import Roster
+from proxy.budget import has_budget
 from proxy.credentials import read_credential
 from proxy.errors import (
     EventDisabled,
     EventEnded,
     EventNotStarted,
     InvalidEventCode,
+    MethodNotAllowed,
     ModelNotFound,
     NotFound,
     ProxyError,
@@ -46,7 +50,8 @@ from proxy.errors import (
     internal_error,
 )
 from proxy.events import Event, EventStore
-from proxy.limits import Admission, Ledger, day_of
+from proxy.guessing import FailedLookups, client_address
+from proxy.limits import Admission, Ledger, booked_tokens, day_of
 from proxy.responses import Owner, ResponsesApi
 from proxy.settings import Settings
 from proxy.storage import Tables, guarded
@@ -124,11 +129,22 @@ class Proxy:
         self.tables = tables
         self.events = EventStore(tables, settings.event_cache_seconds)
         self.ledger = Ledger(tables)
+        self.roster = Roster(tables)
+        self.failed_lookups = FailedLookups(settings.failed_lookups_per_minute)
+        self._routes: list[tuple[re.Pattern[str], list[str]]] = []
         self.recorder = UsageRecorder(tables, self.ledger)
         self.upstream = upstream
         self.responses = ResponsesApi(tables, upstream, self.recorder)
         self._credential = credential
         self._clock = clock
+
+    def know_routes(self, routes: list[tuple[str, list[str]]]) -> None:
+        """The registered routes (under ``/api/``) and their methods, for 405 ``method_not_allowed``."""
+        for route, methods in routes:
+            if route.startswith("{*"):
+                continue  # the catch-all
+            pattern = re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(route))
+            self._routes.append((re.compile(f"/api/{pattern}/?"), methods))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Proxy:
@@ -179,6 +195,7 @@ class Proxy:
     @answering
     async def models(self, request: Request) -> Response:
         caller = await self._caller(request)
+        self._check_open(caller.event, self._clock())
         created = int(caller.event.created_at.timestamp())
         data = [{"id": m, "object": "model", "created": created, "owned_by": "event"} for m in caller.event.models]
         return Response(orjson.dumps({"object": "list", "data": data}), media_type=_JSON)
@@ -189,6 +206,8 @@ class Proxy:
         event, now = caller.event, self._clock()
         today = await self.ledger.read(event.id, caller.user, day_of(now))
         reserved, tokens = int(today.get("reserved", 0)), int(today.get("total_tokens", 0))
+        is_open = event.active and event.starts_at <= now < event.ends_at
+        event_budget = await self.ledger.budget_totals(event) if has_budget(event) else None
         info = {
             "name": event.name,
             "description": event.description,
@@ -197,7 +216,7 @@ class Proxy:
             "start_local": event.local(event.starts_at),
             "end_local": event.local(event.ends_at),
             "time_zone": event.time_zone,
-            "open": event.active and event.starts_at <= now < event.ends_at,
+            "open": is_open,
             "active": event.active,
             "models": list(event.models),
             "caps": {
@@ -205,8 +224,14 @@ class Proxy:
                 "daily_requests": event.daily_requests,
                 "daily_tokens": event.daily_tokens,
                 "tpm": event.tpm,
+                "event_requests": event.event_requests,
+                "event_tokens": event.event_tokens,
+                "max_attendees": event.max_attendees,
             },
+            # Whether the whole event's budget is used up; not how much others used.
+            "event_budget_exhausted": bool(event_budget and event_budget["exhausted"]),
             "user": caller.user,
+            "blocked": caller.user in event.blocked,
             "usage_today": {
                 "day": day_of(now),
                 "requests": int(today.get("requests", 0)),
@@ -214,10 +239,13 @@ class Proxy:
                 "completion_tokens": int(today.get("completion_tokens", 0)),
                 "total_tokens": tokens,
             },
+            # Nothing remains outside the window; tokens count the estimates of requests in flight.
             "remaining_today": {
                 "requests": None if event.daily_requests is None else max(0, event.daily_requests - reserved),
-                "tokens": None if event.daily_tokens is None else max(0, event.daily_tokens - tokens),
-            },
+                "tokens": None if event.daily_tokens is None else max(0, event.daily_tokens - booked_tokens(today)),
+            }
+            if is_open
+            else {"requests": 0, "tokens": 0},
         }
         return Response(orjson.dumps(info), media_type=_JSON)
 
@@ -233,6 +261,9 @@ class Proxy:
 
     @answering
     async def not_found(self, request: Request, path: str = "") -> Response:
+        for pattern, methods in self._routes:
+            if pattern.fullmatch(request.url.path):
+                raise MethodNotAllowed(request.method, request.url.path, methods)
         raise NotFound(
             f"No route {request.method} {request.url.path}. Use /api/v1/chat/completions, "
             "/api/v1/embeddings or /api/v1/models with an OpenAI client."
@@ -242,8 +273,12 @@ class Proxy:
 
     async def _caller(self, request: Request) -> Caller:
         credential = read_credential(request.headers)
+        address = client_address(request.headers.get("x-forwarded-for"), request.client and request.client.host)
+        if not self.events.knows(credential.code):
+            self.failed_lookups.check(address)  # guessing from this address: no lookup (proxy.guessing)
         event = await self.events.by_code(credential.code)
         if event is None:
+            self.failed_lookups.failed(address)
             raise InvalidEventCode("This event code is not known. Check the code the organizer shared.")
         return Caller(event, credential.user)
 
@@ -276,10 +311,15 @@ class Proxy:
             prepared = await self.responses.prepare(payload, owner, event.max_tokens, user_id)
         else:
             prepared = bodies.prepare_embeddings(payload, user_id)
-        estimate = len(prepared.body) // 4 + prepared.max_tokens
+        # What the request may cost: its body's bytes / 4 for the prompt, and max_tokens for each of n choices.
+        choices = payload.get("n")
+        estimate = len(prepared.body) // 4 + prepared.max_tokens * (
+            choices if type(choices) is int and choices > 0 else 1
+        )
         request_id: str = request.state.request_id
         self.recorder.check_storage()
-        admission = await self.ledger.admit(event, caller.user, now, estimate, request_id)
+        await self.roster.admit(event, caller.user)
+        admission = await self.ledger.admit_all(event, caller.user, now, estimate, request_id)
         record = UsageRecord(
             event_id=event.id,
             user=caller.user,
@@ -323,7 +363,7 @@ class Proxy:
             raise
         if response.status_code >= 500:
             self.recorder.submit(record)
-            raise UpstreamError(f"Azure OpenAI failed with status {response.status_code} after retries.")
+            raise UpstreamError(f"Azure OpenAI failed with status {response.status_code}{_attempts(response)}.")
         # The answer goes out only once its usage is stored (proxy.usage).
         if kind == "responses":
             await self.responses.deliver(body, response.status_code, record, owner)
@@ -352,6 +392,12 @@ async def _read_upstream(response: httpx.Response, record: UsageRecord) -> bytes
         else:
             record.take_usage(answer.get("usage") if isinstance(answer, dict) else None)
     return body
+
+
+def _attempts(response: httpx.Response) -> str:
+    """How many times the request was sent, for a 502's message (``proxy.upstream`` retries some statuses)."""
+    attempts = int(response.extensions.get("proxy_attempts", 1))
+    return f" on each of {attempts} attempts" if attempts > 1 else " (not retried: only 502, 503 and 504 are)"
 
 
 def _headers(admission: Admission, request_id: str, response: httpx.Response) -> dict[str, str]:

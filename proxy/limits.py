@@ -54,8 +54,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -65,9 +66,12 @@ from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableTransactionError, UpdateMode
 
+from proxy import budget
 from proxy.errors import CapExceeded, StorageUnavailable
 from proxy.events import Event
 from proxy.storage import Tables
+
+log = logging.getLogger("proxy.limits")
 
 MAX_ATTEMPTS = 200
 MAX_OPERATIONS = 100  # per entity group transaction
@@ -75,7 +79,8 @@ _UNCHANGED = MatchConditions.IfNotModified
 _UNAVAILABLE = "Table Storage cannot be reached right now; usage could not be stored."
 
 # (estimate, request id, ticket) of a request waiting for the next group write
-Waiting = tuple[int, str, "asyncio.Future[Admission]"]
+Waiting = tuple[int, str, "asyncio.Future[Any]"]
+MAX_MOVES = 8  # spare moved into the home shard, per group write, before refusing
 _COUNTERS = ("reserved", "requests", "failed", "prompt_tokens", "completion_tokens", "total_tokens")
 
 
@@ -103,6 +108,7 @@ class Admission:
     remaining_requests: int | None
     remaining_tokens: int | None
     reserved: bool
+    shard: str | None = None  # the event budget's shard it was admitted on (proxy.budget)
 
 
 @dataclass(slots=True)
@@ -137,6 +143,9 @@ class Ledger:
         self._cache: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._waiting: dict[tuple[str, str], list[Waiting]] = {}
+        # The shard of event budgets this worker admits on (proxy.budget).
+        self._home = random.randrange(budget.SHARDS)
+        self._releases: set[asyncio.Task[None]] = set()
 
     def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -178,7 +187,63 @@ class Ledger:
         if not has_caps(event):
             return Admission(request_id, day, minute, estimate, None, None, reserved=False)
         key = (event.id, f"{day}|{user}")
-        ticket: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
+        result: Admission = await self._grouped(
+            key, estimate, request_id, lambda group: self._admit_group(event, user, key, now, group)
+        )
+        return result
+
+    async def admit_all(self, event: Event, user: str, now: datetime, estimate: int, request_id: str) -> Admission:
+        """Admit against the attendee's caps and the event's budget (both at once), or raise ``CapExceeded``.
+
+        When one admits and the other refuses, what was taken is given back
+        in the background.
+        """
+        if not budget.has_budget(event):
+            return await self.admit(event, user, now, estimate, request_id)
+        attendee, shard = await asyncio.gather(
+            self.admit(event, user, now, estimate, request_id),
+            self.admit_budget(event, now, estimate, request_id),
+            return_exceptions=True,
+        )
+        if isinstance(attendee, Admission) and isinstance(shard, str):
+            attendee.shard = shard
+            return attendee
+        day, minute = day_of(now), int(now.timestamp()) // 60
+        taken = attendee if isinstance(attendee, Admission) else Admission(request_id, day, minute, estimate, None,
+                                                                             None, reserved=False)  # fmt: skip
+        taken.shard = shard if isinstance(shard, str) else None
+        if taken.reserved or taken.shard is not None:
+            untaken = Settlement("", 0, 0, 0, reached_upstream=False, succeeded=False)
+            release = asyncio.create_task(self.settle(event.id, [Finished(user, taken, untaken, None)]))
+            self._releases.add(release)
+            release.add_done_callback(self._released)
+        error = attendee if isinstance(attendee, BaseException) else shard
+        assert isinstance(error, BaseException)
+        raise error
+
+    def _released(self, task: asyncio.Task[None]) -> None:
+        self._releases.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The reconciler gives it back once its lease is over.
+            log.warning("a refused request's reservation was not given back: %s", task.exception())
+
+    async def admit_budget(self, event: Event, now: datetime, estimate: int, request_id: str) -> str:
+        """Reserve one request and its estimate on this worker's shard of the event's budget; its row key."""
+        key = (event.id, budget.shard_row(self._home))
+        result: str = await self._grouped(
+            key, estimate, request_id, lambda group: self._admit_shard_group(event, key, now, group)
+        )
+        return result
+
+    async def _grouped(
+        self,
+        key: tuple[str, str],
+        estimate: int,
+        request_id: str,
+        write_group: Callable[[list[Waiting]], Awaitable[None]],
+    ) -> Any:
+        """Wait for a turn on ``key``; whoever gets it writes for everyone waiting (group commit)."""
+        ticket: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         # Mark a refusal as seen even if its caller went away (client disconnected).
         ticket.add_done_callback(lambda done: done.cancelled() or done.exception())
         waiting = self._waiting.setdefault(key, [])
@@ -187,10 +252,89 @@ class Ledger:
             if not ticket.done():
                 group, self._waiting[key] = waiting, []
                 # Shielded: a leader whose client goes away must not strand the others.
-                write = asyncio.ensure_future(self._admit_group(event, user, key, now, group))
+                write = asyncio.ensure_future(write_group(group))
                 write.add_done_callback(_resolve_all(group))
                 await asyncio.shield(write)
         return ticket.result()
+
+    async def _admit_shard_group(self, event: Event, key: tuple[str, str], now: datetime, group: list[Waiting]) -> None:
+        state = self._cache.get(key)
+        fresh, moves_left = False, MAX_MOVES
+        shards: dict[int, dict[str, Any]] = {}
+        refusal: CapExceeded | None = None
+        for _ in range(MAX_ATTEMPTS):
+            if state is None:
+                state = await self._fetch(key)
+                fresh = True
+            etag, updated = state
+            if not etag:
+                updated = budget.empty_shard(key[0], budget.shard_index(key[1]))
+            outcomes: list[int | None] = []  # None: admitted; else the estimate refused
+            for estimate, request_id, _ in group:
+                if budget.fits(event, updated, estimate):
+                    updated = budget.admitted(updated, request_id, estimate, int(now.timestamp()))
+                    outcomes.append(None)
+                else:
+                    outcomes.append(estimate)
+            refused = [estimate for estimate in outcomes if estimate is not None]
+            if refused and not fresh:
+                state = None  # confirm against storage before refusing anyone
+                continue
+            if refused and refusal is None and moves_left:
+                moves_left -= 1
+                shards = await self._shards(key[0])
+                want, least = (len(refused), sum(refused)), (1, min(refused))
+                plan = budget.moves(event, shards, budget.shard_index(key[1]), want, least)
+                if plan is None:
+                    refusal = budget.exhausted(event, shards, min(refused))
+                else:
+                    if plan:
+                        await self._move(key[0], shards, plan)
+                    state = None  # read this shard again: spare moved in, or storage had it already
+                    continue
+            if updated is not state[1] and None in outcomes:
+                try:
+                    new_etag = await self._write(key, etag, updated)
+                except (ResourceModifiedError, ResourceExistsError):
+                    state, fresh = None, False
+                    await asyncio.sleep(random.uniform(0, 0.005))
+                    continue
+                self._cache[key] = (new_etag, updated)
+            for (estimate, _, ticket), outcome in zip(group, outcomes, strict=True):
+                if outcome is None:
+                    ticket.set_result(key[1])
+                else:
+                    ticket.set_exception(refusal or budget.exhausted(event, shards, estimate))
+            return
+        raise StorageUnavailable("Too much contention on the event's budget; try again in a moment.")
+
+    async def budget_totals(self, event: Event) -> dict[str, Any]:
+        """The event's budgets and what is used of them (``proxy.budget.totals``): one range query."""
+        return budget.totals(event, list((await self._shards(event.id)).values()))
+
+    async def _shards(self, event_id: str) -> dict[int, dict[str, Any]]:
+        return await budget.read_shards(self._tables, event_id)
+
+    async def _move(self, event_id: str, shards: dict[int, dict[str, Any]], plan: dict[int, tuple[int, int]]) -> None:
+        """Move spare between shards in one transaction; a lost race leaves things as they were."""
+        operations: list[tuple[str, Any, dict[str, Any]]] = []
+        written: list[tuple[tuple[str, str], dict[str, Any]]] = []
+        for index, gives in sorted(plan.items()):
+            shard = shards[index]
+            updated = budget.moved(shard, gives)
+            written.append(((event_id, updated["RowKey"]), updated))
+            if shard["etag"]:
+                options = {"mode": UpdateMode.REPLACE, "etag": shard["etag"], "match_condition": _UNCHANGED}
+                operations.append(("update", updated, options))
+            else:
+                operations.append(("create", updated, {}))
+        try:
+            results = await self._submit(operations)
+        except TableTransactionError:
+            await asyncio.sleep(random.uniform(0, 0.005))
+            return
+        for (key, updated), result in zip(written, results, strict=False):
+            self._cache[key] = (str(result["etag"]), updated)
 
     async def _admit_group(
         self,
@@ -248,19 +392,19 @@ class Ledger:
         land; that request is done. Races with other instances are retried.
         """
         part: list[Finished] = []
-        users: set[str] = set()
+        rows: set[str] = set()
         for item in finished:
-            operations = len(users | {item.user}) + len(part) + 1
+            operations = len(rows | set(_rows(item))) + len(part) + 1
             if part and operations > MAX_OPERATIONS:
                 await self._transact(event_id, part)
-                part, users = [], set()
+                part, rows = [], set()
             part.append(item)
-            users.add(item.user)
+            rows.update(_rows(item))
         if part:
             await self._transact(event_id, part)
 
     async def _transact(self, event_id: str, finished: list[Finished]) -> None:
-        keys = sorted({(event_id, f"{item.admission.day}|{item.user}") for item in finished})
+        keys = sorted({(event_id, row) for item in finished for row in _rows(item)})
         pending = list(finished)
         async with contextlib.AsyncExitStack() as locks:
             for key in keys:  # in order: two writers never wait for each other's locks
@@ -272,7 +416,15 @@ class Ledger:
                     state = self._cache.get(key) or await self._fetch(key)
                     etag, updated = state
                     for item in pending:
-                        if (event_id, f"{item.admission.day}|{item.user}") == key:
+                        if key[1] == item.admission.shard:
+                            updated = budget.settled(
+                                updated,
+                                item.admission.request_id,
+                                item.settlement.total_tokens,
+                                item.settlement.reached_upstream,
+                                item.settlement.succeeded,
+                            )
+                        elif key[1] == _day_row(item):
                             updated = _settled(updated, item.user, item.admission, item.settlement)
                     if updated is state[1]:
                         continue
@@ -342,16 +494,10 @@ class Ledger:
                 forgotten = [rid for rid, entry in inflight.items() if entry[2] < forget_before and _released(entry)]
                 if not etag or not (stale or forgotten):
                     return 0
-                updated = _base(entity, str(entity.get("user", "")), str(entity.get("day", "")))
-                for request_id in stale:
-                    estimate, minute = inflight[request_id][:2]
-                    inflight[request_id] = [estimate, minute, inflight[request_id][2], 1]
-                    updated["reserved"] = max(0, updated["reserved"] - 1)
-                    if updated["tpm_minute"] == minute:
-                        updated["tpm_tokens"] = max(0, updated["tpm_tokens"] - estimate)
-                for request_id in forgotten:
-                    del inflight[request_id]
-                updated["inflight"] = orjson.dumps(inflight).decode()
+                if row_key.startswith(budget.SHARD_PREFIX):
+                    updated = budget.released(entity, stale, forgotten)
+                else:
+                    updated = self._released_day(entity, inflight, stale, forgotten)
                 try:
                     self._cache[key] = (await self._write(key, etag, updated), updated)
                 except ResourceModifiedError:
@@ -359,6 +505,22 @@ class Ledger:
                     continue
                 return len(stale)
         raise StorageUnavailable("Too much contention on the usage counters.")
+
+    @staticmethod
+    def _released_day(
+        entity: dict[str, Any], inflight: dict[str, list[int]], stale: list[str], forgotten: list[str]
+    ) -> dict[str, Any]:
+        updated = _base(entity, str(entity.get("user", "")), str(entity.get("day", "")))
+        for request_id in stale:
+            estimate, minute = inflight[request_id][:2]
+            inflight[request_id] = [estimate, minute, inflight[request_id][2], 1]
+            updated["reserved"] = max(0, updated["reserved"] - 1)
+            if updated["tpm_minute"] == minute:
+                updated["tpm_tokens"] = max(0, updated["tpm_tokens"] - estimate)
+        for request_id in forgotten:
+            del inflight[request_id]
+        updated["inflight"] = orjson.dumps(inflight).decode()
+        return updated
 
     async def _write(self, key: tuple[str, str], etag: str, entity: dict[str, Any]) -> str:
         if etag:
@@ -370,6 +532,15 @@ class Ledger:
             return await self._entities.insert(entity)
 
 
+def _day_row(item: Finished) -> str:
+    return f"{item.admission.day}|{item.user}"
+
+
+def _rows(item: Finished) -> tuple[str, ...]:
+    """The rows a finished request changes: its attendee's day, and its shard of the event's budget."""
+    return (_day_row(item),) if item.admission.shard is None else (_day_row(item), item.admission.shard)
+
+
 def _refusal(event: Event, entity: dict[str, Any], now: datetime, minute: int, estimate: int) -> CapExceeded | None:
     if event.daily_requests is not None and entity.get("reserved", 0) >= event.daily_requests:
         return CapExceeded(
@@ -378,7 +549,7 @@ def _refusal(event: Event, entity: dict[str, Any], now: datetime, minute: int, e
             code="daily_request_cap_exceeded",
             retry_after=seconds_to_midnight(now),
         )
-    if event.daily_tokens is not None and entity.get("total_tokens", 0) >= event.daily_tokens:
+    if event.daily_tokens is not None and booked_tokens(entity) >= event.daily_tokens:
         return CapExceeded(
             f"You have used your {event.daily_tokens} tokens for today in '{event.name}'. "
             f"The budget resets at 00:00 UTC ({event.local(_next_midnight(now))}).",
@@ -418,8 +589,14 @@ def _resolve_all(group: list[Waiting]) -> Callable[[asyncio.Future[None]], None]
 def _remaining(event: Event, entity: dict[str, Any]) -> tuple[int | None, int | None]:
     """Requests and tokens left today under the event's caps (None: no cap)."""
     requests = None if event.daily_requests is None else event.daily_requests - entity["reserved"]
-    tokens = None if event.daily_tokens is None else max(0, event.daily_tokens - entity.get("total_tokens", 0))
+    tokens = None if event.daily_tokens is None else max(0, event.daily_tokens - booked_tokens(entity))
     return requests, tokens
+
+
+def booked_tokens(entity: dict[str, Any]) -> int:
+    """The day's tokens as the daily token cap counts them: recorded, plus the estimates in flight."""
+    inflight: dict[str, list[int]] = orjson.loads(entity.get("inflight", "{}"))
+    return int(entity.get("total_tokens", 0)) + sum(e[0] for e in inflight.values() if not _released(e))
 
 
 def _next_midnight(now: datetime) -> datetime:
@@ -456,6 +633,8 @@ def _released(entry: list[int]) -> bool:
 
 
 def _settled(entity: dict[str, Any], user: str, admission: Admission, settlement: Settlement) -> dict[str, Any]:
+    if not admission.reserved and not settlement.reached_upstream:
+        return entity  # nothing taken and nothing used: a request refused by the event's budget, say
     updated = _base(entity, user, admission.day)
     if admission.reserved:
         inflight = orjson.loads(updated["inflight"])

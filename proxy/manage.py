@@ -82,6 +82,11 @@ def _event_options(parser: argparse.ArgumentParser, *, creating: bool) -> None:
            type=_number, metavar="N")  # fmt: skip
     option("--daily-tokens", f"tokens per attendee and UTC day{clear}", "no cap", type=_number, metavar="N")
     option("--tpm", f"tokens per minute per attendee{clear}", "no limit", type=_number, metavar="N")
+    option("--event-requests", f"requests for the whole event, all attendees{clear}", "no budget",
+           type=_number, metavar="N")  # fmt: skip
+    option("--event-tokens", f"tokens for the whole event, all attendees{clear}", "no budget",
+           type=_number, metavar="N")  # fmt: skip
+    option("--max-attendees", f"distinct attendee names{clear}", "no limit", type=_number, metavar="N")
     option("--description", "shown to attendees at /api/v1/event", metavar="TEXT")
     option("--organizer", "who runs the event", metavar="TEXT")
     if creating:
@@ -115,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     action("enable", "Switch an event back on.")
     delete = action("delete", "Delete an event and its code; its usage is kept for reports.")
     delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    attendees = commands.add_parser("attendees", help="list an event's attendees, block or unblock one")
+    verbs = attendees.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    listing = verbs.add_parser("list", help="names seen: first seen, requests, tokens, blocked")
+    listing.add_argument("event_id", metavar="EVENT_ID")
+    listing.add_argument("--json", action="store_true", help="print one JSON object")
+    for verb, text in (("block", "refuse this name's requests (403 attendee_blocked)"), ("unblock", "let it in again")):
+        sub = verbs.add_parser(verb, help=text, description=f"{text.capitalize()}; applies within a minute.")
+        sub.add_argument("event_id", metavar="EVENT_ID")
+        sub.add_argument("user", metavar="USER")
+        sub.add_argument("--json", action="store_true", help="print one JSON object")
 
     usage = commands.add_parser("usage", help="an event's usage", description="Usage of an event, totals last.")
     usage.add_argument("event_id", metavar="EVENT_ID")
@@ -150,6 +166,13 @@ async def run(args: argparse.Namespace, store: EventStore, tables: Tables) -> No
         else:
             _print(args, data, _usage_table)
         return
+    if args.area == "attendees":
+        if args.action == "list":
+            _print(args, await organizer.list_attendees(store, tables, args.event_id), _attendees_table)
+        else:
+            blocked = await organizer.set_blocked(store, args.event_id, args.user, args.action == "block")
+            _print(args, blocked, _blocked)
+        return
     action: str = args.action
     if action == "create":
         _print(args, await organizer.create_event(store, _fields(args)), _created)
@@ -159,7 +182,8 @@ async def run(args: argparse.Namespace, store: EventStore, tables: Tables) -> No
         _print(args, await organizer.get_event(store, args.id), _details)
     elif action in ("update", "disable", "enable"):
         fields = _fields(args) if action == "update" else {"active": action == "enable"}
-        _print(args, await organizer.update_event(store, args.id, fields), _details)
+        shown = _details if action == "update" else _switched
+        _print(args, await organizer.update_event(store, args.id, fields), shown)
     elif action == "rotate-code":
         _print(args, await organizer.rotate_code(store, args.id, args.code), _rotated)
     elif action == "delete":
@@ -226,6 +250,29 @@ def _details(event: dict[str, Any]) -> str:
     return _table(None, rows, (False, False))
 
 
+def _switched(event: dict[str, Any]) -> str:
+    state = "on" if event["active"] else "off"
+    return (
+        f"Switched event {event['id']} {state}; this applies on every instance within a minute "
+        f"(EVENT_CACHE_SECONDS).\n{_details(event)}"
+    )
+
+
+def _attendees_table(data: dict[str, Any]) -> str:
+    limit = "" if data["max_attendees"] is None else f" of at most {data['max_attendees']}"
+    if not data["data"]:
+        return f"No attendees yet{limit}."
+    header = ("USER", "FIRST SEEN", "REQUESTS", "TOTAL TOKENS", "BLOCKED")
+    rows = [(a["user"], a["first_seen"], a["requests"], a["total_tokens"], "yes" if a["blocked"] else "")
+            for a in data["data"]]  # fmt: skip
+    return f"{data['count']} attendees{limit}.\n" + _table(header, rows, (False, False, True, True, False))
+
+
+def _blocked(data: dict[str, Any]) -> str:
+    done = "Blocked" if data["blocked"] else "Unblocked"
+    return f"{done} '{data['user']}' in event {data['event_id']}; this applies on every instance within a minute."
+
+
 def _share_hint(code: str) -> str:
     return (
         f"Event code: {code}\n"
@@ -246,7 +293,15 @@ def _usage_table(data: dict[str, Any]) -> str:
     header = (data["by"].upper(), *(name.upper().replace("_", " ") for name in FIGURES))
     rows = [(row["key"], *(row[name] for name in FIGURES)) for row in data["rows"]]
     rows.append(("TOTAL", *(data["totals"][name] for name in FIGURES)))
-    return _table(header, rows, (False, *(True for _ in FIGURES)))
+    table = _table(header, rows, (False, *(True for _ in FIGURES)))
+    if "budget" in data:
+        figures = data["budget"]
+        for name in ("requests", "tokens"):
+            if figures[name]["limit"] is not None:
+                table += f"\nEvent budget, {name}: {figures[name]['used']} used of {figures[name]['limit']}"
+        if figures["exhausted"]:
+            table += "\nThe event's budget is used up: attendees get 429 event_budget_exhausted."
+    return table
 
 
 # Entry point

@@ -11,6 +11,8 @@ The key is never logged nor echoed. The operations themselves live in
 - ``POST /events/{id}/rotate-code`` (optional body ``{"code": "..."}``)
 - ``GET /events/{id}/usage?by=user|model|day`` (JSON, or CSV with
   ``Accept: text/csv``); answers for deleted events whose usage was kept.
+- ``GET /events/{id}/attendees``; ``PATCH /events/{id}/attendees/{user}`` with
+  ``{"blocked": true|false}``
 - ``POST /probe``: does each model answer? (``proxy.probe``, for the doctor)
 """
 
@@ -24,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy import organizer
-from proxy.errors import InvalidRequest, NotFound, OrganizerApiDisabled, Unauthorized
+from proxy.errors import InvalidRequest, MethodNotAllowed, OrganizerApiDisabled, Unauthorized
 from proxy.events import EventStore
 from proxy.handlers import answering
 from proxy.payload import read_json
@@ -49,7 +51,7 @@ class OrganizerApi:
             return _json(await organizer.create_event(self.store, fields), status=201)
         if request.method == "GET":
             return _json(await organizer.list_events(self.store))
-        raise _no_method(request)
+        raise _no_method(request, ["GET", "POST"])
 
     @answering
     async def event(self, request: Request, event_id: str) -> Response:
@@ -61,7 +63,7 @@ class OrganizerApi:
             return _json(await organizer.update_event(self.store, event_id, fields))
         if request.method == "DELETE":
             return _json(await organizer.delete_event(self.store, event_id))
-        raise _no_method(request)
+        raise _no_method(request, ["GET", "PATCH", "DELETE"])
 
     @answering
     async def rotate_code(self, request: Request, event_id: str) -> Response:
@@ -87,6 +89,23 @@ class OrganizerApi:
             )
         return _json(data)
 
+    @answering
+    async def attendees(self, request: Request, event_id: str) -> Response:
+        self.authorize(request)
+        return _json(await organizer.list_attendees(self.store, self.tables, event_id))
+
+    @answering
+    async def attendee(self, request: Request, event_id: str, user: str) -> Response:
+        """``PATCH {"blocked": true|false}``: block or unblock one name."""
+        self.authorize(request)
+        fields = await read_json(request, self.settings.max_request_bytes)
+        for name in fields:
+            if name != "blocked":
+                raise InvalidRequest(f"Unknown field '{name}': only 'blocked' may be sent.", param=str(name))
+        if "blocked" not in fields:
+            raise InvalidRequest("'blocked' is required: true or false.", param="blocked")
+        return _json(await organizer.set_blocked(self.store, event_id, user, fields["blocked"]))
+
     def authorize(self, request: Request) -> None:
         expected = self.settings.organizer_key
         if not expected:
@@ -110,5 +129,5 @@ def _has_body(request: Request) -> bool:
     return length.strip() != "0"
 
 
-def _no_method(request: Request) -> NotFound:
-    return NotFound(f"No route {request.method} {request.url.path}.")
+def _no_method(request: Request, allowed: list[str]) -> MethodNotAllowed:
+    return MethodNotAllowed(request.method, request.url.path, allowed)

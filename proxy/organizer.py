@@ -14,6 +14,13 @@ the field; an unknown event raises ``NotFound``.
 - ``rotate_code``: a new code (given or generated); the old one stops working
   on every instance within ``EVENT_CACHE_SECONDS``.
 - ``delete_event``: removes the event and its code, so the code stops working.
+- ``list_attendees``, ``set_blocked``: the names seen (``proxy.attendees``)
+  and blocking one; a block applies on every instance within
+  ``EVENT_CACHE_SECONDS``.
+
+A code the organizer chooses must not be easy to guess (``proxy.guessing``);
+an event whose ``end`` is already past is refused on create (an update may
+move it there: that closes the event).
 
 Decision: deleting an event keeps its usage (its ``proxyusage`` rows: the
 attendees' days and the request log), so ``usage_report`` still answers for a deleted
@@ -23,11 +30,14 @@ Switching an event off (``active: false``) is the reversible way to close it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
+from proxy.attendees import roster
+from proxy.budget import has_budget, read_shards, totals
 from proxy.errors import InvalidRequest, NotFound
 from proxy.events import (
     DEFAULT_DAILY_REQUESTS,
@@ -46,6 +56,7 @@ from proxy.events import (
     new_event_id,
     parse_time,
 )
+from proxy.guessing import check_chosen_code
 from proxy.storage import Tables
 from proxy.usage import GROUPINGS, GroupBy, report
 
@@ -61,18 +72,23 @@ EVENT_FIELDS = frozenset(
         "daily_requests",
         "daily_tokens",
         "tpm",
+        "event_requests",
+        "event_tokens",
+        "max_attendees",
         "active",
         "description",
         "organizer",
     }
 )
-_CLEARABLE = frozenset({"daily_requests", "daily_tokens", "tpm"})
+_CLEARABLE = frozenset({"daily_requests", "daily_tokens", "tpm", "event_requests", "event_tokens", "max_attendees"})
+USER_PATTERN = re.compile(r"[A-Za-z0-9._@+-]{1,128}")  # as in the credential (proxy.credentials)
+MAX_BLOCKED = 500
 
 
 async def create_event(store: EventStore, fields: Mapping[str, Any]) -> dict[str, Any]:
     """Validate and store a new event; the result holds its code, shown only now."""
     _check_known(fields)
-    code = generate_code() if fields.get("code") is None else check_code(fields["code"])
+    code = generate_code() if fields.get("code") is None else _chosen_code(fields["code"])
     if "start" not in fields or "end" not in fields:
         missing = "start" if "start" not in fields else "end"
         raise InvalidRequest(
@@ -93,11 +109,19 @@ async def create_event(store: EventStore, fields: Mapping[str, Any]) -> dict[str
         ),
         daily_tokens=check_positive(fields.get("daily_tokens"), "daily_tokens", optional=True),
         tpm=check_positive(fields.get("tpm"), "tpm", optional=True),
+        event_requests=check_positive(fields.get("event_requests"), "event_requests", optional=True),
+        event_tokens=check_positive(fields.get("event_tokens"), "event_tokens", optional=True),
+        max_attendees=check_positive(fields.get("max_attendees"), "max_attendees", optional=True),
         active=_boolean(fields.get("active", True)),
         description=check_text(fields.get("description"), "description"),
         organizer=check_text(fields.get("organizer"), "organizer", limit=200),
     )
     _check_window(event.starts_at, event.ends_at)
+    if event.ends_at <= datetime.now(UTC):
+        raise InvalidRequest(
+            f"'end' ({event.ends_at.isoformat()}) is already past: the event would never open. Give a later end.",
+            param="end",
+        )
     await store.create(event)
     return {**event.public(), "code": code}
 
@@ -125,7 +149,7 @@ async def update_event(store: EventStore, event_id: str, fields: Mapping[str, An
 
 async def rotate_code(store: EventStore, event_id: str, new_code: str | None = None) -> dict[str, Any]:
     """Give the event a new code (``{"id", "code"}``, shown only now); the old one stops working."""
-    code = generate_code() if new_code is None else check_code(new_code)
+    code = generate_code() if new_code is None else _chosen_code(new_code)
     event = await store.get(event_id)
     if hash_code(code) == event.code_hash:
         raise InvalidRequest("That is the event's current code; choose a different one.", param="code")
@@ -160,13 +184,60 @@ async def usage_report(store: EventStore, tables: Tables, event_id: str, by: Any
     grouping = check_grouping(by)
     check_event_id(event_id)
     try:
-        await store.get(event_id)
+        event = await store.get(event_id)
     except NotFound:
         data = await report(tables, event_id, grouping)
         if not data["rows"]:
             raise
         return data
-    return await report(tables, event_id, grouping)
+    data = await report(tables, event_id, grouping)
+    if has_budget(event):
+        # The event's totals against its budgets (requests admitted; tokens recorded plus in flight).
+        data["budget"] = totals(event, list((await read_shards(tables, event_id)).values()))
+    return data
+
+
+async def list_attendees(store: EventStore, tables: Tables, event_id: str) -> dict[str, Any]:
+    """Every name seen in the event (and every blocked one): first seen, requests and tokens, blocked."""
+    event = await store.get(event_id)
+    seen = await roster(tables, event_id)
+    usage = {row["key"]: row for row in (await report(tables, event_id, "user"))["rows"]}
+    data = []
+    for user in sorted(set(seen) | set(usage) | set(event.blocked)):
+        figures = usage.get(user, {})
+        first = seen.get(user)
+        data.append(
+            {
+                "user": user,
+                "first_seen": None if first is None else first.astimezone(UTC).isoformat(),
+                "requests": figures.get("requests", 0),
+                "total_tokens": figures.get("total_tokens", 0),
+                "blocked": user in event.blocked,
+            }
+        )
+    return {"event_id": event.id, "object": "list", "max_attendees": event.max_attendees, "count": len(seen),
+            "data": data}  # fmt: skip
+
+
+async def set_blocked(store: EventStore, event_id: str, user: Any, blocked: Any) -> dict[str, Any]:
+    """Block or unblock one attendee name (``{"event_id", "user", "blocked"}``); applies within EVENT_CACHE_SECONDS."""
+    if not isinstance(user, str) or not USER_PATTERN.fullmatch(user):
+        raise InvalidRequest("'user' must be an attendee name: 1 to 128 of A-Z a-z 0-9 . _ @ + -", param="user")
+    if not isinstance(blocked, bool):
+        raise InvalidRequest("'blocked' must be true or false", param="blocked")
+    event = await store.get(event_id)
+    names = set(event.blocked) | {user} if blocked else set(event.blocked) - {user}
+    if len(names) > MAX_BLOCKED:
+        raise InvalidRequest(f"At most {MAX_BLOCKED} names can be blocked per event.", param="user")
+    if names != set(event.blocked):
+        await store.save(replace(event, blocked=tuple(sorted(names))))
+    return {"event_id": event.id, "user": user, "blocked": blocked}
+
+
+def _chosen_code(value: Any) -> str:
+    code = check_code(value)
+    check_chosen_code(code, generate_code)
+    return code
 
 
 def _check_known(fields: Mapping[str, Any]) -> None:

@@ -6,8 +6,9 @@ kills workers without warning (scale-in, restart, ``functionTimeout``), so an
 admitted request can lose its worker and never settle. Its entry then stays,
 holding one of the attendee's daily requests. The reconciler, run every
 minute by a timer-triggered function (and by ``python -m proxy.reconcile``),
-reads the day entities of today and yesterday that hold any entry and gives
-back every slot older than the reservation lease. Should such a request
+reads the day entities of today and yesterday that hold any entry, and the
+shards of event budgets that do (``proxy.budget``), and gives back every slot
+and estimate older than the reservation lease. Should such a request
 settle after all (it outlived the lease), it takes its slot again then.
 
 The lease (``RESERVATION_LEASE_SECONDS``) must be longer than any request can
@@ -24,9 +25,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
 
+from proxy.budget import SHARD_END, SHARD_PREFIX
 from proxy.limits import Ledger, day_of
 from proxy.settings import Settings
 from proxy.storage import Tables, gathered
@@ -39,15 +42,18 @@ async def reconcile(tables: Tables, ledger: Ledger, lease_seconds: float, now: d
     now = now or datetime.now(UTC)
     first_day = day_of(now - timedelta(days=1))
     after_last = day_of(now + timedelta(days=1))
-    query = tables.usage.query_entities(
-        "RowKey ge @first and RowKey lt @after and inflight ne @empty",
-        parameters={"first": first_day, "after": after_last, "empty": "{}"},
-        select=["PartitionKey", "RowKey", "inflight"],
-    )
-    try:
-        holding = await gathered(query)
-    except ResourceNotFoundError:  # no usage table yet: nothing was ever admitted
-        return 0
+    holding: list[dict[str, Any]] = []
+    # The attendees' days of yesterday and today, and the shards of event budgets (proxy.budget).
+    for first, after in ((first_day, after_last), (SHARD_PREFIX, SHARD_END)):
+        query = tables.usage.query_entities(
+            "RowKey ge @first and RowKey lt @after and inflight ne @empty",
+            parameters={"first": first, "after": after, "empty": "{}"},
+            select=["PartitionKey", "RowKey", "inflight"],
+        )
+        try:
+            holding += await gathered(query)
+        except ResourceNotFoundError:  # no usage table yet: nothing was ever admitted
+            return 0
     cutoff = (now - timedelta(seconds=lease_seconds)).timestamp()
     forget_before = cutoff - lease_seconds
     released = 0

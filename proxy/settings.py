@@ -19,6 +19,7 @@ DEFAULT_API_VERSION = "2024-10-21"
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 # functionTimeout in host.json (10 min) plus a minute: no live request is older (proxy.reconcile)
 DEFAULT_LEASE_SECONDS = 660.0
+DEFAULT_FAILED_LOOKUPS = 10
 
 # Settings the app reads, by name. The infra tests check that the Bicep sets
 # exactly these (plus HOST_SETTINGS) on the function app.
@@ -67,6 +68,8 @@ class Settings:
     upstream_timeout_seconds: float
     event_cache_seconds: float
     reservation_lease_seconds: float = DEFAULT_LEASE_SECONDS
+    # Unknown event codes a client address may send per minute (proxy.guessing).
+    failed_lookups_per_minute: int = DEFAULT_FAILED_LOOKUPS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, need_upstream: bool = True) -> Settings:
@@ -106,6 +109,7 @@ class Settings:
             upstream_timeout_seconds=_number(get, "UPSTREAM_TIMEOUT_SECONDS", 120.0),
             event_cache_seconds=cache_seconds,
             reservation_lease_seconds=_number(get, "RESERVATION_LEASE_SECONDS", DEFAULT_LEASE_SECONDS),
+            failed_lookups_per_minute=int(_number(get, "FAILED_LOOKUPS_PER_MINUTE", DEFAULT_FAILED_LOOKUPS)),
         )
 
     @classmethod

@@ -118,6 +118,7 @@ class Upstream:
                 await response.aclose()
                 await asyncio.sleep(0.1 * attempt)
                 continue
+            response.extensions["proxy_attempts"] = attempt  # named in a 502's message
             return response
         raise AssertionError("unreachable")
 

@@ -84,20 +84,25 @@ async def test_failed_request_gives_its_slot_back(app: str, http: httpx.Client, 
     assert [chat(http, app, key).status_code for _ in range(3)] == [200, 200, 429]
 
 
-async def test_daily_token_cap(app: str, http: httpx.Client, make_event: MakeEvent) -> None:
-    key = (await make_event(daily_tokens=20)).key()
-    first = chat(http, app, key)
-    assert first.status_code == 200 and first.headers["x-ratelimit-remaining-tokens"] == "20"
-    spent = first.json()["usage"]["total_tokens"]
-    assert spent < 20
-    info = await eventually(lambda: event_info(app, key), lambda i: i["usage_today"]["total_tokens"] == spent)
-    assert info["remaining_today"]["tokens"] == 20 - spent
-    assert chat(http, app, key).status_code == 200  # below the cap when it starts: allowed
-    await eventually(lambda: event_info(app, key), lambda i: i["usage_today"]["total_tokens"] >= 20)
-    refused = chat(http, app, key)
-    assert refused.status_code == 429
-    assert refused.json()["error"]["code"] == "daily_token_cap_exceeded" and "20 tokens" in refused.text
-    assert int(refused.headers["retry-after"]) > 0
+async def test_daily_token_cap_sees_each_answer_before_the_next_request(
+    app: str, http: httpx.Client, make_event: MakeEvent
+) -> None:
+    cap = 40
+    key = (await make_event(daily_tokens=cap, max_tokens=16)).key()
+    spent: list[int] = []
+    for _ in range(10):
+        response = chat(http, app, key)
+        if response.status_code != 200:
+            break
+        spent.append(response.json()["usage"]["total_tokens"])
+        # Recorded before the answer ended, in-flight estimates included: nothing left means 0.
+        assert int(response.headers["x-ratelimit-remaining-tokens"]) <= max(0, cap - sum(spent))
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "daily_token_cap_exceeded" and f"{cap} tokens" in response.text
+    assert int(response.headers["retry-after"]) > 0
+    assert sum(spent[:-1]) < cap <= sum(spent)  # the last request started below the cap, and no other did after
+    info = await event_info(app, key)
+    assert info["usage_today"]["total_tokens"] == sum(spent) and info["remaining_today"]["tokens"] == 0
 
 
 async def test_tokens_per_minute(app: str, http: httpx.Client, make_event: MakeEvent) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -18,8 +19,19 @@ from tests.support import eventually, sim_stats
 MODEL = "gpt-4o-mini"
 
 
+_OPEN: list[OpenAI] = []
+
+
 def client(app: str, key: str) -> OpenAI:
-    return OpenAI(base_url=f"{app}/api/v1", api_key=key, max_retries=0)
+    _OPEN.append(OpenAI(base_url=f"{app}/api/v1", api_key=key, max_retries=0))
+    return _OPEN[-1]
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
 
 
 async def test_create_stream_retrieve_chain_delete_with_the_sdk(
@@ -166,6 +178,7 @@ async def test_azure_clients(app: str, make_event: MakeEvent) -> None:
     key = (await make_event()).key()
     for endpoint in (f"{app}/api/v1", f"{app}/api"):
         sdk = AzureOpenAI(azure_endpoint=endpoint, api_key=key, api_version="preview", max_retries=0)
+        _OPEN.append(sdk)
         answer = sdk.responses.create(model=MODEL, input="hello from Azure")
         events = list(
             sdk.responses.create(model=MODEL, input="hello again", stream=True, previous_response_id=answer.id)

@@ -1,0 +1,186 @@
+"""Attendees of an event: the roster of names seen, ``max_attendees``, and blocked names.
+
+Rows in the event's ``proxyusage`` partition (prefixes that sort after the
+request log's ``log|``, so the reports' ``RowKey lt 'log|'`` never sees them):
+
+- ``RowKey="user|<name>"``: one per distinct name that sent a request, with
+  ``first_seen``;
+- ``RowKey="roster"``: ``count``, the number of those names.
+
+A new name is registered by one entity group transaction that inserts its row
+and raises the roster's count under its ETag, refused (403
+``attendee_limit_reached``) when the count has reached ``max_attendees``: two
+instances can never both take the last place. Names new to a worker at the
+same moment are registered together, one transaction for all of them (group
+commit); only the first request of each name ever writes here. A worker
+remembers the names it has seen, so a known name costs nothing, and a name new
+to this worker costs one point read.
+
+Blocked names are kept on the event itself (``proxy.events``), which every
+worker caches for ``EVENT_CACHE_SECONDS``: a block or an unblock takes effect
+within that time, at no cost per request. A blocked name keeps its place on
+the roster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import AzureError, ResourceNotFoundError
+from azure.data.tables import TableTransactionError, UpdateMode
+
+from proxy.errors import AttendeeBlocked, AttendeeLimitReached, StorageUnavailable
+from proxy.events import Event
+from proxy.storage import Tables, gathered
+
+USER_PREFIX = "user|"
+USER_END = "user}"
+ROSTER_ROW = "roster"
+MAX_NAMES_PER_WRITE = 99  # an entity group transaction holds 100 operations, one of them the roster
+MAX_ATTEMPTS = 100
+_KNOWN_LIMIT = 200_000
+
+
+class Roster:
+    """Registers attendee names per event, exact under ``max_attendees`` across instances."""
+
+    def __init__(self, tables: Tables) -> None:
+        self._tables = tables
+        self._known: set[tuple[str, str]] = set()
+        self._waiting: dict[str, list[tuple[str, asyncio.Future[None]]]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def admit(self, event: Event, user: str) -> None:
+        """Let a name in: raise ``AttendeeBlocked``, or ``AttendeeLimitReached`` for a new name past the limit."""
+        if user in event.blocked:
+            raise AttendeeBlocked(
+                f"The organizer of '{event.name}' has blocked the name '{user}'. Ask them if this is a mistake."
+            )
+        if (event.id, user) in self._known:
+            return
+        try:
+            await self._tables.usage_entities.get(event.id, USER_PREFIX + user)
+        except ResourceNotFoundError:
+            await self._register(event, user)
+        self._remember(event.id, user)
+
+    def _remember(self, event_id: str, user: str) -> None:
+        if len(self._known) > _KNOWN_LIMIT:
+            self._known.clear()
+        self._known.add((event_id, user))
+
+    async def _register(self, event: Event, user: str) -> None:
+        ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ticket.add_done_callback(lambda done: done.cancelled() or done.exception())
+        waiting = self._waiting.setdefault(event.id, [])
+        waiting.append((user, ticket))
+        lock = self._locks.setdefault(event.id, asyncio.Lock())
+        async with lock:
+            if not ticket.done():
+                group, self._waiting[event.id] = waiting, []
+                write = asyncio.ensure_future(self._register_group(event, group))
+                await asyncio.shield(write)
+        await ticket
+
+    async def _register_group(self, event: Event, group: list[tuple[str, asyncio.Future[None]]]) -> None:
+        try:
+            names = list(dict.fromkeys(user for user, _ in group))
+            refused: set[str] = set()
+            while names:
+                batch, names = names[:MAX_NAMES_PER_WRITE], names[MAX_NAMES_PER_WRITE:]
+                refused |= await self._insert(event, batch)
+        except Exception as error:
+            failure = error if isinstance(error, StorageUnavailable) else StorageUnavailable(
+                "The attendee list could not be updated; try again in a moment."
+            )  # fmt: skip
+            for _, ticket in group:
+                if not ticket.done():
+                    ticket.set_exception(failure)
+            if not isinstance(error, StorageUnavailable):
+                raise
+            return
+        for user, ticket in group:
+            if ticket.done():
+                continue
+            if user in refused:
+                ticket.set_exception(
+                    AttendeeLimitReached(
+                        f"'{event.name}' is limited to {event.max_attendees} attendees, and they have all joined "
+                        f"already; the name '{user}' is not one of them. Use the name you joined with, or ask the "
+                        "organizer."
+                    )
+                )
+            else:
+                ticket.set_result(None)
+
+    async def _insert(self, event: Event, names: list[str]) -> set[str]:
+        """Register names (at most 99) in one transaction with the roster; the names refused."""
+        for _ in range(MAX_ATTEMPTS):
+            etag, count = await self._roster(event.id)
+            room = len(names) if event.max_attendees is None else max(0, event.max_attendees - count)
+            taken, refused = names[:room], set(names[room:])
+            if not taken:
+                return refused
+            roster = {"PartitionKey": event.id, "RowKey": ROSTER_ROW, "count": count + len(taken)}
+            condition = {"mode": UpdateMode.REPLACE, "etag": etag, "match_condition": MatchConditions.IfNotModified}
+            operations: list[tuple[str, Any, dict[str, Any]]] = [
+                ("update", roster, condition) if etag else ("create", roster, {})
+            ]
+            now = datetime.now(UTC)
+            for user in taken:
+                row = {"PartitionKey": event.id, "RowKey": USER_PREFIX + user, "user": user, "first_seen": now}
+                operations.append(("create", row, {}))
+            try:
+                await self._submit(operations)
+            except TableTransactionError as error:
+                if error.status_code == 409 and error.index >= 1:
+                    # Registered meanwhile by another instance: it is in, and needs no place.
+                    known = taken[error.index - 1]
+                    self._remember(event.id, known)
+                    names = [name for name in names if name != known]
+                elif error.status_code not in (409, 412):
+                    raise StorageUnavailable("The attendee list could not be updated.") from error
+                await asyncio.sleep(random.uniform(0, 0.005))
+                continue
+            return refused
+        raise StorageUnavailable("Too much contention on the attendee list; try again in a moment.")
+
+    async def _roster(self, event_id: str) -> tuple[str, int]:
+        try:
+            etag, entity = await self._tables.usage_entities.get(event_id, ROSTER_ROW)
+        except ResourceNotFoundError:
+            return "", 0
+        return etag, int(entity.get("count", 0))
+
+    async def _submit(self, operations: list[tuple[str, Any, dict[str, Any]]]) -> None:
+        table = self._tables.usage
+        try:
+            try:
+                await table.submit_transaction(operations)
+            except TableTransactionError as error:
+                if error.status_code != 404:
+                    raise
+                await self._tables.ensure()
+                await table.submit_transaction(operations)
+        except TableTransactionError:
+            raise
+        except (AzureError, OSError) as error:
+            raise StorageUnavailable("Table Storage cannot be reached right now.") from error
+
+
+async def roster(tables: Tables, event_id: str) -> dict[str, datetime]:
+    """The names registered for an event, with when each was first seen."""
+    query = tables.usage.query_entities(
+        "PartitionKey eq @pk and RowKey ge @first and RowKey lt @after",
+        parameters={"pk": event_id, "first": USER_PREFIX, "after": USER_END},
+        select=["user", "first_seen"],
+    )
+    try:
+        rows = await gathered(query)
+    except ResourceNotFoundError:
+        return {}
+    return {str(row["user"]): row["first_seen"] for row in rows}

@@ -1,0 +1,250 @@
+"""Chat sessions: the conversation the proxy keeps for a chat completion's ``session_id``.
+
+A chat completion may carry ``session_id`` (1 to 128 of ``A-Z a-z 0-9 . _ -``).
+The proxy takes it out of the body (it is never sent upstream), prepends the
+conversation kept under that id, and keeps the new turn once the answer is in.
+The client sends only its new message; upstream sees the whole conversation,
+and its tokens count against the caps like any prompt (they are in the body
+the cap reservation estimates, and in upstream's ``usage``).
+
+Storage: the ``proxyrequests`` table, by key, ``PartitionKey=<event id>``,
+``RowKey="session|<attendee>|<session id>"``: the same id from another
+attendee, or in another event, is another session. The turns are JSON, UTF-8,
+in binary properties ``turns0``, ``turns1``... of at most 60,000 bytes each
+(Table Storage allows 64 KiB per property and 1 MiB per entity), with
+``expires_at``.
+
+What upstream receives: the request's own ``system``/``developer`` messages
+first (so instructions are not repeated turn after turn), then the kept turns,
+oldest first, then the request's other messages. A turn is the request's
+non-system messages and the assistant's answer (choice 0; for a stream, its
+content and tool calls put together from the deltas).
+
+Bounds (``proxy.settings``; one default for every event until organizers can
+set them per event): at most ``SESSION_MAX_TURNS`` turns (20) and
+``SESSION_MAX_CHARS`` characters of their JSON (60,000), the oldest turns
+dropped first (a single turn larger than the whole bound is not kept); a
+session is forgotten ``SESSION_TTL_SECONDS`` (24 h) after its last turn.
+
+The turn is stored before the answer ends (before the body is released, or a
+stream's ``data: [DONE]``), so the next request sees it; two turns finishing
+at once on one session are both kept (conditional writes on the ETag, merged on
+conflict). If storage refuses, the answer is withheld like one whose usage
+cannot be recorded (``storage_unavailable``). ``DELETE /api/v1/sessions/{id}``
+forgets one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import UpdateMode
+
+from proxy.errors import InvalidRequest, StorageUnavailable
+from proxy.payload import chat_messages
+from proxy.storage import Tables, guarded
+from proxy.usage import UsageRecord, UsageRecorder
+
+SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+ROW_PREFIX = "session|"
+CHUNK_BYTES = 60_000
+MAX_BYTES = 15 * CHUNK_BYTES  # under the 1 MiB entity limit, whatever SESSION_MAX_CHARS says
+SYSTEM_ROLES = frozenset({"system", "developer"})
+SAVE_ATTEMPTS = 5
+
+Turns = list[list[dict[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    max_turns: int
+    max_chars: int
+    ttl_seconds: float
+
+
+def check_session_id(value: Any) -> str:
+    if not isinstance(value, str) or not SESSION_ID.fullmatch(value):
+        raise InvalidRequest("'session_id' must be 1 to 128 of A-Z a-z 0-9 . _ -", param="session_id")
+    return value
+
+
+def bounded(turns: Turns, limits: SessionLimits) -> Turns:
+    """The newest turns within the bounds, oldest dropped first (and within what one entity holds)."""
+    encoded = [orjson.dumps(turn) for turn in turns]
+    chars = [len(raw.decode()) for raw in encoded]
+    start, total, size = 0, sum(chars), sum(len(raw) + 1 for raw in encoded)
+    while start < len(turns) and (
+        len(turns) - start > limits.max_turns or total > limits.max_chars or size > MAX_BYTES
+    ):
+        total -= chars[start]
+        size -= len(encoded[start]) + 1
+        start += 1
+    return turns[start:]
+
+
+class Sessions:
+    """Loads, prepends and stores the attendees' chat sessions."""
+
+    def __init__(
+        self, tables: Tables, limits: SessionLimits, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ) -> None:
+        self._tables = tables
+        self.limits = limits
+        self._clock = clock
+
+    async def open(self, payload: dict[str, Any], event_id: str, user: str) -> Turn | None:
+        """Take ``session_id`` out of a chat body and prepend its conversation; None without one."""
+        if "session_id" not in payload:
+            return None
+        session_id = check_session_id(payload.pop("session_id"))
+        messages = chat_messages(payload)
+        key = (event_id, f"{ROW_PREFIX}{user}|{session_id}")
+        etag, history = await self._load(key)
+        system = [m for m in messages if _is_system(m)]
+        sent = [m for m in messages if not _is_system(m)]
+        payload["messages"] = [*system, *(m for turn in history for m in turn), *sent]
+        return Turn(self, key, etag, history, sent)
+
+    async def forget(self, event_id: str, user: str, session_id: str) -> bool:
+        """Delete one session; False if there was none."""
+        key = f"{ROW_PREFIX}{user}|{check_session_id(session_id)}"
+        try:  # delete_entity does not say whether there was one
+            await guarded(self._tables.requests.get_entity(event_id, key, select=["PartitionKey"]))
+        except ResourceNotFoundError:
+            return False
+        await guarded(self._tables.requests.delete_entity(event_id, key))
+        return True
+
+    async def history(self, event_id: str, user: str, session_id: str) -> Turns:
+        """The turns kept for a session (empty if none or expired)."""
+        return (await self._load((event_id, f"{ROW_PREFIX}{user}|{check_session_id(session_id)}")))[1]
+
+    async def _load(self, key: tuple[str, str]) -> tuple[str | None, Turns]:
+        try:
+            entity = await guarded(self._tables.requests.get_entity(*key))
+        except ResourceNotFoundError:
+            return None, []
+        etag = str(entity.metadata["etag"])
+        expires = entity.get("expires_at")
+        if isinstance(expires, datetime) and expires <= self._clock():
+            return etag, []
+        raw = b"".join(bytes(entity[f"turns{i}"]) for i in range(int(entity.get("chunks", 0))))
+        turns = orjson.loads(raw) if raw else []
+        return etag, turns if isinstance(turns, list) else []
+
+    async def save(self, turn: Turn, answer: dict[str, Any]) -> None:
+        """Append a turn, within the bounds; merged with a concurrent turn rather than overwriting it."""
+        new = [*turn.sent, answer]
+        etag, history = turn.etag, turn.history
+        table = self._tables.requests
+        for _ in range(SAVE_ATTEMPTS):
+            entity = self._entity(turn.key, bounded([*history, new], self.limits))
+            try:
+                if etag is None:
+                    await self._tables.insert(table, entity)
+                else:
+                    await guarded(
+                        table.update_entity(
+                            entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
+                        )
+                    )
+                return
+            except (ResourceExistsError, ResourceModifiedError):
+                etag, history = await self._load(turn.key)
+        raise StorageUnavailable("The chat session is being written by many requests at once; try again.")
+
+    def _entity(self, key: tuple[str, str], turns: Turns) -> dict[str, Any]:
+        raw = orjson.dumps(turns)
+        chunks = [raw[i : i + CHUNK_BYTES] for i in range(0, len(raw), CHUNK_BYTES)]
+        entity: dict[str, Any] = {
+            "PartitionKey": key[0],
+            "RowKey": key[1],
+            "chunks": len(chunks),
+            "turn_count": len(turns),
+            "expires_at": self._clock() + timedelta(seconds=self.limits.ttl_seconds),
+        }
+        entity.update({f"turns{i}": chunk for i, chunk in enumerate(chunks)})
+        return entity
+
+
+@dataclass
+class Turn:
+    """One request's turn in a session: what it sent, and the answer as it arrives."""
+
+    sessions: Sessions
+    key: tuple[str, str]
+    etag: str | None
+    history: Turns
+    sent: list[dict[str, Any]]
+    _content: list[str] = field(default_factory=list)
+    _tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _streamed: bool = False
+
+    def observe(self, complete: bytes) -> None:
+        """Read the answer's deltas from complete stream events (choice 0)."""
+        self._streamed = True
+        for event in complete.split(b"\n\n"):
+            if not event.startswith(b"data: {"):
+                continue
+            try:
+                chunk = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                continue
+            for choice in chunk.get("choices") or ():
+                if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                    self._take_delta(choice.get("delta") or {})
+
+    def _take_delta(self, delta: dict[str, Any]) -> None:
+        if isinstance(delta.get("content"), str):
+            self._content.append(delta["content"])
+        for call in delta.get("tool_calls") or ():
+            if not isinstance(call, dict):
+                continue
+            kept = self._tool_calls.setdefault(
+                int(call.get("index", 0)), {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+            kept["id"] = call.get("id") or kept["id"]
+            kept["type"] = call.get("type") or kept["type"]
+            function = call.get("function") or {}
+            kept["function"]["name"] += function.get("name") or ""
+            kept["function"]["arguments"] += function.get("arguments") or ""
+
+    def answer(self, body: bytes | None) -> dict[str, Any] | None:
+        """The assistant message to keep: from a non-streamed body, or the deltas seen."""
+        if body is not None:
+            try:
+                message = orjson.loads(body)["choices"][0]["message"]
+            except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+                return None
+            if not isinstance(message, dict):
+                return None
+            return {k: message[k] for k in ("role", "content", "tool_calls") if message.get(k) is not None}
+        if not self._streamed:
+            return None
+        kept: dict[str, Any] = {"role": "assistant", "content": "".join(self._content) or None}
+        if self._tool_calls:
+            kept["tool_calls"] = [self._tool_calls[i] for i in sorted(self._tool_calls)]
+        return kept
+
+    async def commit(self, record: UsageRecord, recorder: UsageRecorder, body: bytes | None = None) -> None:
+        """Keep the turn (a successful answer only), then commit the usage record: before the answer ends."""
+        answer = self.answer(body) if 200 <= record.status < 300 else None
+        if answer is not None:
+            try:
+                await self.sessions.save(self, answer)
+            except StorageUnavailable:
+                record.status = 503  # the answer is withheld: a failed request
+                recorder.submit(record)
+                raise
+        await recorder.commit(record)
+
+
+def _is_system(message: Any) -> bool:
+    return isinstance(message, dict) and message.get("role") in SYSTEM_ROLES

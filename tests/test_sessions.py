@@ -1,0 +1,157 @@
+"""Chat sessions (``session_id``) through the real app: the SDK and curl send only the new message."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from openai import OpenAI
+
+from proxy.sessions import SessionLimits, bounded
+from proxy.storage import Tables
+from proxy.usage import request_log
+from tests.conftest import MakeEvent
+from tests.support import app_env, sim_stats, start_app
+
+MODEL = "gpt-4o-mini"
+SYSTEM = {"role": "system", "content": "You are a travel guide."}
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def upstream_messages(simulator: str) -> list[dict[str, Any]]:
+    body: Any = sim_stats(simulator)["last_body"]
+    assert "session_id" not in body  # never sent upstream
+    return list(body["messages"])
+
+
+def contents(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"]) for m in messages]
+
+
+@pytest.fixture(scope="module")
+def small_app(azurite: str, simulator: str) -> Iterator[str]:
+    """An app whose sessions keep 2 turns for 2 seconds."""
+    env = app_env(azurite, simulator, EVENT_CACHE_SECONDS="1", SESSION_MAX_TURNS="2", SESSION_TTL_SECONDS="2")
+    service, url = start_app(env)
+    yield url
+    service.stop()
+
+
+async def test_three_turns_with_the_sdk(app: str, simulator: str, make_event: MakeEvent, tables: Tables) -> None:
+    created = await make_event()
+    sdk = OpenAI(base_url=f"{app}/api/v1", api_key=created.key(), max_retries=0)
+    session = {"session_id": "trip.planning-1"}
+
+    first = sdk.chat.completions.create(model=MODEL, messages=[SYSTEM, user("Where to go?")], extra_body=session)  # type: ignore[list-item]
+    answer1 = first.choices[0].message.content
+    assert contents(upstream_messages(simulator)) == [("system", SYSTEM["content"]), ("user", "Where to go?")]
+
+    chunks = sdk.chat.completions.create(
+        model=MODEL,
+        messages=[SYSTEM, user("And when?")],  # type: ignore[list-item]
+        extra_body=session,
+        stream=True,
+    )
+    answer2 = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert answer2 == answer1
+
+    sdk.chat.completions.create(model=MODEL, messages=[SYSTEM, user("For how long?")], extra_body=session)  # type: ignore[list-item]
+    # Upstream saw the whole conversation, the instructions once, first; the client sent only the new message.
+    assert contents(upstream_messages(simulator)) == [
+        ("system", SYSTEM["content"]),
+        ("user", "Where to go?"),
+        ("assistant", answer1),
+        ("user", "And when?"),
+        ("assistant", answer2),
+        ("user", "For how long?"),
+    ]
+    # The kept turns are prompt tokens like any other, recorded from upstream's usage.
+    log = await request_log(tables, created.event.id)
+    prompts = [e["prompt_tokens"] for e in sorted(log, key=lambda e: e["time"])]
+    assert len(prompts) == 3 and prompts[0] < prompts[1] < prompts[2]
+
+
+async def test_sessions_are_private_to_attendee_and_event(app: str, simulator: str, make_event: MakeEvent) -> None:
+    created, elsewhere = await make_event(), await make_event()
+    session = {"session_id": "shared-name"}
+
+    def ask(key: str, text: str) -> list[tuple[str, str]]:
+        sdk = OpenAI(base_url=f"{app}/api/v1", api_key=key, max_retries=0)
+        sdk.chat.completions.create(model=MODEL, messages=[user(text)], extra_body=session)  # type: ignore[list-item]
+        return contents(upstream_messages(simulator))
+
+    ask(created.key("alice"), "alice's secret")
+    assert ask(created.key("bob"), "bob here") == [("user", "bob here")]
+    assert ask(elsewhere.key("alice"), "alice elsewhere") == [("user", "alice elsewhere")]
+    assert [m[1] for m in ask(created.key("alice"), "alice again")][::2] == ["alice's secret", "alice again"]
+
+
+async def test_three_turns_with_curl_and_forgetting(app: str, simulator: str, make_event: MakeEvent) -> None:
+    key = (await make_event()).key()
+
+    def curl(text: str, session_id: str = "curl-1") -> dict[str, Any]:
+        body = {"model": MODEL, "messages": [user(text)], "session_id": session_id}
+        out = subprocess.run(
+            [
+                *("curl", "-sS", f"{app}/api/v1/chat/completions", "-H", f"api-key: {key}"),
+                *("-H", "content-type: application/json", "-d", orjson.dumps(body).decode()),
+            ],
+            capture_output=True,
+            check=True,
+            timeout=30,
+        )
+        answer: dict[str, Any] = orjson.loads(out.stdout)
+        return answer
+
+    for text in ("one", "two", "three"):
+        curl(text)
+    assert [m for m in contents(upstream_messages(simulator)) if m[0] == "user"] == [
+        ("user", "one"),
+        ("user", "two"),
+        ("user", "three"),
+    ]
+
+    with httpx.Client(timeout=30) as http:
+        forgotten = http.delete(f"{app}/api/v1/sessions/curl-1", headers={"api-key": key})
+        assert forgotten.status_code == 200 and forgotten.json()["deleted"] is True
+        again = http.delete(f"{app}/api/v1/sessions/curl-1", headers={"api-key": key})
+        assert again.status_code == 404 and again.json()["error"]["code"] == "not_found"
+        bad = http.post(
+            f"{app}/api/v1/chat/completions",
+            json={"model": MODEL, "messages": [user("x")], "session_id": "no spaces/allowed"},
+            headers={"api-key": key},
+        )
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "session_id"
+    curl("four")
+    assert contents(upstream_messages(simulator)) == [("user", "four")]
+
+
+async def test_bound_drops_oldest_turns_and_sessions_expire(
+    small_app: str, simulator: str, make_event: MakeEvent
+) -> None:
+    sdk = OpenAI(base_url=f"{small_app}/api/v1", api_key=(await make_event()).key(), max_retries=0)
+    for text in ("one", "two", "three", "four"):
+        sdk.chat.completions.create(model=MODEL, messages=[user(text)], extra_body={"session_id": "s"})  # type: ignore[list-item]
+    # Two turns kept: "one" was dropped before "four" went up.
+    assert [m[1] for m in contents(upstream_messages(simulator)) if m[0] == "user"] == ["two", "three", "four"]
+    time.sleep(2.5)
+    sdk.chat.completions.create(model=MODEL, messages=[user("five")], extra_body={"session_id": "s"})  # type: ignore[list-item]
+    assert contents(upstream_messages(simulator)) == [("user", "five")]
+
+
+def test_character_bound_keeps_the_newest_turns() -> None:
+    turn = [{"role": "user", "content": "x" * 100}, {"role": "assistant", "content": "y" * 100}]
+    size = len(orjson.dumps(turn))
+    limits = SessionLimits(max_turns=10, max_chars=3 * size, ttl_seconds=60)
+    turns = [[{**m, "n": i} for m in turn] for i in range(5)]
+    kept = bounded(turns, limits)
+    assert [t[0]["n"] for t in kept] == [3, 4]  # three would be just over, with the numbers added
+    assert bounded([[{"role": "user", "content": "z" * (4 * size)}]], limits) == []
