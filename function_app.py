@@ -37,6 +37,7 @@ ROUTES: list[tuple[str, str, list[str], Handler]] = [
     ("responses", "v1/responses", ["POST"], proxy.create_response),
     ("response", "v1/responses/{response_id}", ["GET", "DELETE"], proxy.stored_response),
     ("response_input_items", "v1/responses/{response_id}/input_items", ["GET"], proxy.response_input_items),
+    ("session", "v1/sessions/{session_id}", ["DELETE"], proxy.forget_session),
     ("azure_responses", "openai/responses", ["POST"], proxy.create_response),
     ("azure_response", "openai/responses/{response_id}", ["GET", "DELETE"], proxy.stored_response),
     ("azure_response_input_items", "openai/responses/{response_id}/input_items", ["GET"], proxy.response_input_items),

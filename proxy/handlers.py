@@ -53,6 +53,7 @@ from proxy.events import Event, EventStore
 from proxy.guessing import FailedLookups, client_address
 from proxy.limits import Admission, Ledger, booked_tokens, day_of
 from proxy.responses import Owner, ResponsesApi
+from proxy.sessions import SessionLimits, Sessions
 from proxy.settings import Settings
 from proxy.storage import Tables, guarded
 from proxy.streaming import relay
@@ -135,6 +136,8 @@ class Proxy:
         self.recorder = UsageRecorder(tables, self.ledger)
         self.upstream = upstream
         self.responses = ResponsesApi(tables, upstream, self.recorder)
+        limits = SessionLimits(settings.session_max_turns, settings.session_max_chars, settings.session_ttl_seconds)
+        self.sessions = Sessions(tables, limits, clock)
         self._credential = credential
         self._clock = clock
 
@@ -183,6 +186,15 @@ class Proxy:
     @answering
     async def response_input_items(self, request: Request, response_id: str) -> Response:
         return await self._stored(request, response_id, "/input_items")
+
+    @answering
+    async def forget_session(self, request: Request, session_id: str) -> Response:
+        """``DELETE /v1/sessions/{id}``: forget one of the caller's chat sessions (``proxy.sessions``)."""
+        caller = await self._caller(request)
+        if not await self.sessions.forget(caller.event.id, caller.user, session_id):
+            raise NotFound(f"No chat session '{session_id}' is kept for you in this event.", param="session_id")
+        forgotten = {"id": session_id, "object": "session.deleted", "deleted": True}
+        return Response(orjson.dumps(forgotten), media_type=_JSON)
 
     async def _stored(self, request: Request, response_id: str, suffix: str) -> Response:
         caller = await self._caller(request)
@@ -305,6 +317,7 @@ class Proxy:
             )
         user_id = bodies.pseudonym(event.id, caller.user)
         owner = Owner(event.id, caller.user)
+        session = await self.sessions.open(payload, event.id, caller.user) if kind == "chat" else None
         if kind == "chat":
             prepared = bodies.prepare_chat(payload, event.max_tokens, user_id)
         elif kind == "responses":
@@ -354,7 +367,7 @@ class Proxy:
             if kind == "responses":
                 stream = self.responses.relay(response, record, owner)
             else:
-                stream = relay(response, record, prepared.wants_usage, self.recorder)
+                stream = relay(response, record, prepared.wants_usage, self.recorder, session)
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         try:
             body = await _read_upstream(response, record)
@@ -367,6 +380,8 @@ class Proxy:
         # The answer goes out only once its usage is stored (proxy.usage).
         if kind == "responses":
             await self.responses.deliver(body, response.status_code, record, owner)
+        elif session is not None:
+            await session.commit(record, self.recorder, body)
         else:
             await self.recorder.commit(record)
         return Response(body, status_code=response.status_code, headers=headers, media_type=_JSON)

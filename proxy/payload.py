@@ -77,7 +77,8 @@ class Prepared:
     max_tokens: int
 
 
-def prepare_chat(payload: dict[str, Any], cap: int, user_id: str) -> Prepared:
+def chat_messages(payload: dict[str, Any]) -> list[Any]:
+    """``messages`` as a non-empty list, parsed in place when it arrived as a JSON string."""
     messages = payload.get("messages")
     if isinstance(messages, str):
         try:
@@ -87,6 +88,11 @@ def prepare_chat(payload: dict[str, Any], cap: int, user_id: str) -> Prepared:
         payload["messages"] = messages
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty array of messages.", param="messages")
+    return messages
+
+
+def prepare_chat(payload: dict[str, Any], cap: int, user_id: str) -> Prepared:
+    chat_messages(payload)
     stop = payload.get("stop")
     if stop is not None and not isinstance(stop, str | list):
         raise InvalidRequest("'stop' must be a string or an array of strings.", param="stop")

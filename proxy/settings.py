@@ -20,6 +20,11 @@ DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 # functionTimeout in host.json (10 min) plus a minute: no live request is older (proxy.reconcile)
 DEFAULT_LEASE_SECONDS = 660.0
 DEFAULT_FAILED_LOOKUPS = 10
+# Chat sessions (``session_id``, ``proxy.sessions``): the bound on what is kept and prepended, and for how
+# long after its last turn. Defaults for every event until organizers can set them per event.
+DEFAULT_SESSION_MAX_TURNS = 20
+DEFAULT_SESSION_MAX_CHARS = 60_000
+DEFAULT_SESSION_TTL_SECONDS = 24 * 3600.0
 
 # Settings the app reads, by name. The infra tests check that the Bicep sets
 # exactly these (plus HOST_SETTINGS) on the function app.
@@ -70,6 +75,9 @@ class Settings:
     reservation_lease_seconds: float = DEFAULT_LEASE_SECONDS
     # Unknown event codes a client address may send per minute (proxy.guessing).
     failed_lookups_per_minute: int = DEFAULT_FAILED_LOOKUPS
+    session_max_turns: int = DEFAULT_SESSION_MAX_TURNS
+    session_max_chars: int = DEFAULT_SESSION_MAX_CHARS
+    session_ttl_seconds: float = DEFAULT_SESSION_TTL_SECONDS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, need_upstream: bool = True) -> Settings:
@@ -110,6 +118,9 @@ class Settings:
             event_cache_seconds=cache_seconds,
             reservation_lease_seconds=_number(get, "RESERVATION_LEASE_SECONDS", DEFAULT_LEASE_SECONDS),
             failed_lookups_per_minute=int(_number(get, "FAILED_LOOKUPS_PER_MINUTE", DEFAULT_FAILED_LOOKUPS)),
+            session_max_turns=int(_number(get, "SESSION_MAX_TURNS", DEFAULT_SESSION_MAX_TURNS)),
+            session_max_chars=int(_number(get, "SESSION_MAX_CHARS", DEFAULT_SESSION_MAX_CHARS)),
+            session_ttl_seconds=_number(get, "SESSION_TTL_SECONDS", DEFAULT_SESSION_TTL_SECONDS),
         )
 
     @classmethod

@@ -12,6 +12,8 @@ stored (``UsageRecorder.commit``): a client that saw ``[DONE]`` has its answer
 recorded, whatever happens to the worker next. If storage refuses the record,
 the stream ends with a ``storage_unavailable`` error event instead. A bug
 while relaying ends it with an ``internal_error`` event naming the request id.
+A chat session's turn (``proxy.sessions``) is read from the events as they
+pass and stored before ``[DONE]`` too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import httpx
 import orjson
 
 from proxy.errors import ProxyError, StorageUnavailable, UpstreamError, internal_error
+from proxy.sessions import Turn
 from proxy.usage import UsageRecord, UsageRecorder
 
 log = logging.getLogger("proxy.streaming")
@@ -39,8 +42,9 @@ async def relay(
     record: UsageRecord,
     wants_usage: bool,
     recorder: UsageRecorder,
+    session: Turn | None = None,
 ) -> AsyncIterator[bytes]:
-    """Yield the client's stream; always closes upstream and stores the record."""
+    """Yield the client's stream; always closes upstream and stores the record (and the session's turn)."""
     pending = b""
     ending = b""  # the [DONE] event, sent once the record is stored
     broken = False
@@ -54,6 +58,8 @@ async def relay(
             if end < 0:
                 continue
             complete, pending = pending[: end + 2], pending[end + 2 :]
+            if session is not None:
+                session.observe(complete)
             if _USAGE in complete:
                 complete = _take_usage(complete, record, wants_usage)
             chunks += complete.count(b"\n\n")
@@ -86,7 +92,7 @@ async def relay(
             recorder.submit(record)
     if failure is None and ending:
         try:
-            await recorder.commit(record)
+            await (recorder.commit(record) if session is None else session.commit(record, recorder))
         except StorageUnavailable as refused:
             failure = refused
         else:
