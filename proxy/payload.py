@@ -4,8 +4,9 @@ Every field the client sent is forwarded untouched except ``stream_options``
 (``include_usage`` is added to streams), ``max_tokens`` /
 ``max_completion_tokens`` (checked against the event's cap, set to it when the
 client sent neither) and ``user`` (replaced by a pseudonym of event and
-attendee). ``messages`` may arrive as a JSON string holding the array and
-``stop`` as a string or an array; both are normalised.
+attendee); ``session_id`` is kept by ``proxy.sessions`` and never forwarded.
+``messages`` may arrive as a JSON string holding the array and ``stop`` as a
+string or an array; both are normalised.
 """
 
 from __future__ import annotations
@@ -129,5 +130,7 @@ def prepare_chat(payload: dict[str, Any], cap: int, user_id: str) -> Prepared:
 def prepare_embeddings(payload: dict[str, Any], user_id: str) -> Prepared:
     if "input" not in payload:
         raise InvalidRequest("'input' is required: a string or an array of strings.", param="input")
+    if "session_id" in payload:  # never sent upstream (proxy.sessions)
+        raise InvalidRequest("'session_id' is for chat completions, not embeddings.", param="session_id")
     payload["user"] = user_id
     return Prepared(orjson.dumps(payload), False, False, 0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -10,6 +12,7 @@ import openai
 import pytest
 from openai import AzureOpenAI, OpenAI
 
+from proxy.events import EventStore
 from proxy.payload import pseudonym
 from proxy.storage import Tables
 from proxy.usage import report, request_log
@@ -189,3 +192,22 @@ async def test_azure_clients(app: str, make_event: MakeEvent) -> None:
         sdk.responses.delete(answer.id)
         with pytest.raises(openai.NotFoundError):
             sdk.responses.retrieve(answer.id)
+
+
+async def test_caps_and_window_apply(app: str, make_event: MakeEvent, tables: Tables) -> None:
+    created = await make_event(daily_requests=2)
+    sdk = client(app, created.key())
+    kept = sdk.responses.create(model=MODEL, input="one")
+    list(sdk.responses.create(model=MODEL, input="two", stream=True))
+    with pytest.raises(openai.RateLimitError) as refused:
+        sdk.responses.create(model=MODEL, input="three")
+    assert refused.value.code == "daily_request_cap_exceeded"
+    # Reading a stored response costs no request.
+    assert sdk.responses.retrieve(kept.id).id == kept.id
+
+    await EventStore(tables, 0).save(replace(created.event, active=False))
+    await asyncio.sleep(1.5)  # the app caches events for a second
+    with pytest.raises(openai.PermissionDeniedError):
+        sdk.responses.retrieve(kept.id)
+    # Deleting what one stored stays possible once the event is off.
+    sdk.responses.delete(kept.id)

@@ -155,3 +155,11 @@ def test_character_bound_keeps_the_newest_turns() -> None:
     kept = bounded(turns, limits)
     assert [t[0]["n"] for t in kept] == [3, 4]  # three would be just over, with the numbers added
     assert bounded([[{"role": "user", "content": "z" * (4 * size)}]], limits) == []
+
+
+async def test_session_id_is_refused_where_it_has_no_meaning(app: str, make_event: MakeEvent) -> None:
+    key = (await make_event()).key()
+    with httpx.Client(timeout=30) as http:
+        embeddings = {"model": "text-embedding-3-small", "input": "x", "session_id": "s"}
+        answer = http.post(f"{app}/api/v1/embeddings", json=embeddings, headers={"api-key": key})
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "session_id"
