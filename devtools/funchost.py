@@ -101,6 +101,8 @@ class Supervisor:
         """Wait for the worker to die and start another, as the host does, until stopped."""
         worker = first
         while True:
+            if self.stopping:  # stopped while this worker was starting
+                worker.kill()
             timers = TimerRunner(worker, self.timer_interval)
             timers.start()
             code = await worker.process.wait()
@@ -122,9 +124,9 @@ class Supervisor:
                 await asyncio.wait_for(self.ready.wait(), WORKER_WAIT)
         return self.worker if self.ready.is_set() else None
 
-    def kill(self, reason: str) -> None:
-        worker = self.worker
-        if worker is not None and worker.process.returncode is None and not worker.gone:
+    def kill(self, worker: Worker, reason: str) -> None:
+        """Kill ``worker`` if it is still the one serving (a late timer must not kill its successor)."""
+        if worker is self.worker and worker.process.returncode is None and not worker.gone:
             print(f"killing worker pid={worker.pid}: {reason}", flush=True)
             self.ready.clear()
             worker.kill()
@@ -210,7 +212,7 @@ class FrontEnd:
         timer = None
         if self.function_timeout is not None:
             reason = f"functionTimeout ({self.function_timeout:g} s) expired for {route.name} ({invocation_id})"
-            timer = asyncio.get_running_loop().call_later(self.function_timeout, self.supervisor.kill, reason)
+            timer = asyncio.get_running_loop().call_later(self.function_timeout, self.supervisor.kill, worker, reason)
         try:
             await self._forward(worker, scope, body, invocation_id, send)
         finally:
