@@ -2,9 +2,9 @@
 
 Every field the client sent is forwarded untouched except ``stream_options``
 (``include_usage`` is added to streams), ``max_tokens`` /
-``max_completion_tokens`` (checked against the event's cap, set to it when the
-client sent neither) and ``user`` (replaced by a pseudonym of event and
-attendee); ``session_id`` is kept by ``proxy.sessions`` and never forwarded.
+``max_completion_tokens`` (checked against the event's cap; when the client
+sent neither, ``max_completion_tokens`` is set to it) and ``user`` (replaced
+by a pseudonym of event and attendee); ``session_id`` is kept by ``proxy.sessions`` and never forwarded.
 ``messages`` may arrive as a JSON string holding the array and ``stop`` as a
 string or an array; both are normalised.
 """
@@ -116,7 +116,9 @@ def prepare_chat(payload: dict[str, Any], cap: int, user_id: str) -> Prepared:
             )
         asked = value if asked is None else max(asked, value)
     if asked is None:
-        payload["max_tokens"] = cap
+        # max_completion_tokens, not max_tokens: reasoning models (o-series, gpt-5) refuse max_tokens,
+        # and the others take either (Azure OpenAI GA API 2024-10-21 and later).
+        payload["max_completion_tokens"] = cap
     options = payload.pop("stream_options", None)
     wants_usage = isinstance(options, dict) and options.get("include_usage") is True
     if stream:
