@@ -39,6 +39,10 @@ APP_SETTINGS: tuple[str, ...] = (
     "MAX_REQUEST_BYTES",
     "UPSTREAM_TIMEOUT_SECONDS",
     "EVENT_CACHE_SECONDS",
+    "RESERVATION_LEASE_SECONDS",
+    "SESSION_MAX_TURNS",
+    "SESSION_MAX_CHARS",
+    "SESSION_TTL_SECONDS",
 )
 
 # Settings read by the Functions host or the language worker, not by our code.

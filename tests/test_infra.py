@@ -30,6 +30,7 @@ import pytest
 
 from devtools.package import build, is_ignored, package_files, parse_ignore
 from proxy.settings import APP_SETTINGS, HOST_SETTINGS
+from proxy.storage import TABLE_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
@@ -37,19 +38,20 @@ BICEP_FILES = sorted(INFRA.rglob("*.bicep"))
 SOURCES_FILE = ROOT / "tests" / "data" / "azure_sources.json"
 DEPLOY_SCRIPT = ROOT / "devtools" / "deploy.py"
 
-# The tables the code reads and writes. proxy.storage will export these as TABLE_NAMES;
-# until it exists they are spelled out here.
-EXPECTED_TABLES = ("proxyevents", "proxyusage", "proxyrequests")
 
 # Settings the app reads that the Bicep must not set in Azure: the API key and connection
-# string are for local runs (Azure uses the managed identity), and the three limits have
-# defaults in proxy/settings.py that suit Azure.
+# string are for local runs (Azure uses the managed identity), and the limits have
+# defaults in proxy/settings.py that suit Azure (the reservation lease follows host.json's functionTimeout).
 LOCAL_ONLY_OR_OPTIONAL = {
     "AZURE_OPENAI_API_KEY",
     "STORAGE_CONNECTION_STRING",
+    "SESSION_MAX_TURNS",
+    "SESSION_MAX_CHARS",
+    "SESSION_TTL_SECONDS",
     "MAX_REQUEST_BYTES",
     "UPSTREAM_TIMEOUT_SECONDS",
     "EVENT_CACHE_SECONDS",
+    "RESERVATION_LEASE_SECONDS",
 }
 
 # Outputs for devtools/deploy.py that are not app settings.
@@ -516,7 +518,7 @@ def test_storage_is_entra_id_only_with_the_tables_the_code_uses() -> None:
     assert account["minimumTlsVersion"] == "TLS1_2"
     assert account["supportsHttpsTrafficOnly"] is True
     parameters = parsed("modules/storage.bicep")["parameters"]
-    assert tuple(parameters["tableNames"]["default"]) == EXPECTED_TABLES
+    assert tuple(parameters["tableNames"]["default"]) == TABLE_NAMES  # the tables the code reads and writes
     tables = only_resource("modules/storage.bicep", "Microsoft.Storage/storageAccounts/tableServices/tables")
     assert tables["name"] == "tableName"
     assert parameters["deploymentContainerName"]["default"] == "deployments"
