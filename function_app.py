@@ -3,13 +3,15 @@
 Python v2 programming model with the HTTP streams extension, so answers stream
 chunk by chunk (needs ``PYTHON_ENABLE_INIT_INDEXING=1``). A timer-triggered
 function gives back every minute the daily slots of requests whose worker was
-killed before they settled. The services are
+killed before they settled, and another every hour deletes the chat sessions
+past their time to live. The services are
 created once per worker, when this module is imported; a missing setting fails
 here, at cold start, with a message that names it. The dev host
 (``devtools/devhost.py``) serves the functions registered here, unchanged.
 """
 
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response, StreamingResponse
@@ -18,6 +20,7 @@ from proxy.handlers import Proxy
 from proxy.manage_api import OrganizerApi
 from proxy.probe import ProbeApi
 from proxy.reconcile import reconcile
+from proxy.sessions import purge_expired
 from proxy.settings import Settings
 
 settings = Settings.from_env()
@@ -83,3 +86,10 @@ proxy.know_routes([(route, methods) for _, route, methods, _ in ROUTES])  # for 
 async def reconcile_reservations(timer: func.TimerRequest) -> None:
     """Give back the daily slots of requests whose worker was killed (``proxy.reconcile``)."""
     await reconcile(proxy.tables, proxy.ledger, settings.reservation_lease_seconds)
+
+
+@app.function_name("forget_sessions")
+@app.timer_trigger(schedule="0 17 * * * *", arg_name="timer", use_monitor=False)
+async def forget_expired_sessions(timer: func.TimerRequest) -> None:
+    """Delete the chat sessions past their time to live, hourly (``proxy.sessions``)."""
+    await purge_expired(proxy.tables, datetime.now(UTC))

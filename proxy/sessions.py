@@ -31,11 +31,13 @@ stream's ``data: [DONE]``), so the next request sees it; two turns finishing
 at once on one session are both kept (conditional writes on the ETag, merged on
 conflict). If storage refuses, the answer is withheld like one whose usage
 cannot be recorded (``storage_unavailable``). ``DELETE /api/v1/sessions/{id}``
-forgets one.
+forgets one, and a timer (``purge_expired``, hourly) deletes those past their
+time to live, so a forgotten conversation is gone from storage too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,7 +51,7 @@ from azure.data.tables import UpdateMode
 
 from proxy.errors import InvalidRequest, StorageUnavailable
 from proxy.payload import chat_messages
-from proxy.storage import Tables, guarded
+from proxy.storage import Tables, gathered, guarded
 from proxy.usage import UsageRecord, UsageRecorder
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -244,6 +246,31 @@ class Turn:
                 recorder.submit(record)
                 raise
         await recorder.commit(record)
+
+
+async def purge_expired(tables: Tables, now: datetime) -> int:
+    """Delete every session whose time to live has passed; how many were deleted."""
+    expired = tables.requests.query_entities(
+        "RowKey ge @first and RowKey lt @after and expires_at lt @now",
+        parameters={"first": ROW_PREFIX, "after": ROW_PREFIX[:-1] + chr(ord(ROW_PREFIX[-1]) + 1), "now": now},
+        select=["PartitionKey", "RowKey"],
+    )
+    try:
+        rows = await gathered(expired)
+    except ResourceNotFoundError:  # no table yet
+        return 0
+    for row in rows:
+        # A session written again since the query keeps its new turns: delete only what is still expired.
+        with contextlib.suppress(ResourceNotFoundError, ResourceModifiedError):
+            await guarded(
+                tables.requests.delete_entity(
+                    row["PartitionKey"],
+                    row["RowKey"],
+                    etag=row.metadata["etag"],
+                    match_condition=MatchConditions.IfNotModified,
+                )
+            )
+    return len(rows)
 
 
 def _is_system(message: Any) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -12,7 +13,7 @@ import orjson
 import pytest
 from openai import OpenAI
 
-from proxy.sessions import SessionLimits, bounded
+from proxy.sessions import SessionLimits, bounded, purge_expired
 from proxy.storage import Tables
 from proxy.usage import request_log
 from tests.conftest import MakeEvent
@@ -163,3 +164,18 @@ async def test_session_id_is_refused_where_it_has_no_meaning(app: str, make_even
         embeddings = {"model": "text-embedding-3-small", "input": "x", "session_id": "s"}
         answer = http.post(f"{app}/api/v1/embeddings", json=embeddings, headers={"api-key": key})
         assert answer.status_code == 400 and answer.json()["error"]["param"] == "session_id"
+
+
+async def test_expired_sessions_are_deleted_from_storage(small_app: str, make_event: MakeEvent, tables: Tables) -> None:
+    created = await make_event()
+    for name in ("old", "fresh"):
+        sdk = OpenAI(base_url=f"{small_app}/api/v1", api_key=created.key(name), max_retries=0)
+        sdk.chat.completions.create(model=MODEL, messages=[user("remember me")], extra_body={"session_id": "s"})  # type: ignore[list-item]
+        sdk.close()
+        if name == "old":
+            time.sleep(2.5)  # past the small app's time to live
+    rows = tables.requests.query_entities("PartitionKey eq @pk", parameters={"pk": created.event.id})
+    assert sorted([row["RowKey"] async for row in rows]) == ["session|fresh|s", "session|old|s"]
+    assert await purge_expired(tables, datetime.now(UTC)) >= 1
+    rows = tables.requests.query_entities("PartitionKey eq @pk", parameters={"pk": created.event.id})
+    assert [row["RowKey"] async for row in rows] == ["session|fresh|s"]
