@@ -63,6 +63,7 @@ ROUTES: list[tuple[str, str, list[str], Handler]] = [
     ("manage_usage", "manage/events/{event_id}/usage", ["GET"], organizer.usage),
     ("manage_attendees", "manage/events/{event_id}/attendees", ["GET"], organizer.attendees),
     ("manage_attendee", "manage/events/{event_id}/attendees/{user}", ["PATCH"], organizer.attendee),
+    ("manage_openapi", "manage/openapi.json", ["GET"], organizer.openapi),
     ("manage_probe", "manage/probe", ["POST"], ProbeApi(organizer, proxy.upstream).probe),
     ("not_found", "{*path}", ["GET", "POST", "PUT", "PATCH", "DELETE"], proxy.not_found),
 ]

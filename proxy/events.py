@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import orjson
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
@@ -34,9 +34,7 @@ from azure.data.tables import UpdateMode
 from proxy.errors import InvalidRequest, NotFound
 from proxy.storage import Tables, gathered, guarded
 
-CODE_PATTERN = re.compile(r"[A-Za-z0-9_-]{4,64}")
 EVENT_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
-MODEL_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DEFAULT_MODELS = ("gpt-4o-mini", "text-embedding-3-small")
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_DAILY_REQUESTS = 1000
@@ -164,71 +162,6 @@ def _utc(value: datetime) -> datetime:
 
 def _optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
-
-
-# Validation of organizer input: each failure is a 400 naming the field.
-
-
-def parse_time(value: Any, param: str) -> datetime:
-    """ISO 8601 with an explicit offset, returned in UTC."""
-    if not isinstance(value, str):
-        raise InvalidRequest(f"'{param}' must be an ISO 8601 string with an offset", param=param)
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidRequest(
-            f"'{param}' is not ISO 8601: {value!r} (example: 2026-11-21T09:00:00+01:00)", param=param
-        ) from None
-    if moment.tzinfo is None:
-        raise InvalidRequest(f"'{param}' needs a UTC offset, e.g. {value}+00:00 or {value}Z", param=param)
-    return moment.astimezone(UTC)
-
-
-def check_code(value: Any) -> str:
-    if not isinstance(value, str) or not CODE_PATTERN.fullmatch(value):
-        raise InvalidRequest("'code' must be 4 to 64 of A-Z a-z 0-9 _ -", param="code")
-    return value
-
-
-def check_time_zone(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise InvalidRequest("'time_zone' must be an IANA time zone such as Europe/Paris", param="time_zone")
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise InvalidRequest(
-            f"'time_zone' {value!r} is not an IANA time zone (e.g. Europe/Paris, America/New_York, UTC)",
-            param="time_zone",
-        ) from None
-    return value
-
-
-def check_models(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [m.strip() for m in value.split(",") if m.strip()]
-    if not isinstance(value, list | tuple) or not value:
-        raise InvalidRequest("'models' must list at least one deployment name", param="models")
-    for model in value:
-        if not isinstance(model, str) or not MODEL_PATTERN.fullmatch(model):
-            raise InvalidRequest(f"'models' holds an invalid deployment name: {model!r}", param="models")
-    return tuple(dict.fromkeys(value))
-
-
-def check_positive(value: Any, param: str, *, optional: bool = False) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidRequest(f"'{param}' must be a positive integer", param=param)
-    return value
-
-
-def check_text(value: Any, param: str, *, required: bool = False, limit: int = 1000) -> str:
-    if value is None and not required:
-        return ""
-    if not isinstance(value, str) or (required and not value.strip()) or len(value) > limit:
-        need = "a non-empty string" if required else "a string"
-        raise InvalidRequest(f"'{param}' must be {need} of at most {limit} characters", param=param)
-    return value.strip()
 
 
 def check_event_id(value: str) -> str:

@@ -13,6 +13,7 @@ The key is never logged nor echoed. The operations themselves live in
   ``Accept: text/csv``); answers for deleted events whose usage was kept.
 - ``GET /events/{id}/attendees``; ``PATCH /events/{id}/attendees/{user}`` with
   ``{"blocked": true|false}``
+- ``GET /openapi.json``: the schema of all of the above (``proxy.models``)
 - ``POST /probe``: does each model answer? (``proxy.probe``, for the doctor)
 """
 
@@ -26,9 +27,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy import organizer
-from proxy.errors import InvalidRequest, MethodNotAllowed, OrganizerApiDisabled, Unauthorized
+from proxy.errors import MethodNotAllowed, OrganizerApiDisabled, Unauthorized
 from proxy.events import EventStore
 from proxy.handlers import answering
+from proxy.models import AttendeePatch, RotateCode, openapi, validated
 from proxy.payload import read_json
 from proxy.settings import Settings
 from proxy.storage import Tables
@@ -42,6 +44,7 @@ class OrganizerApi:
 
     def __init__(self, settings: Settings, tables: Tables, events: EventStore) -> None:
         self.settings, self.tables, self.store = settings, tables, events
+        self._schema = openapi()
 
     @answering
     async def events(self, request: Request) -> Response:
@@ -71,10 +74,8 @@ class OrganizerApi:
         fields: dict[str, Any] = {}
         if _has_body(request):
             fields = await read_json(request, self.settings.max_request_bytes)
-        for name in fields:
-            if name != "code":
-                raise InvalidRequest(f"Unknown field '{name}': only 'code' may be sent.", param=str(name))
-        return _json(await organizer.rotate_code(self.store, event_id, fields.get("code")))
+        body = validated(RotateCode, fields)
+        return _json(await organizer.rotate_code(self.store, event_id, body.code))
 
     @answering
     async def usage(self, request: Request, event_id: str) -> Response:
@@ -98,13 +99,14 @@ class OrganizerApi:
     async def attendee(self, request: Request, event_id: str, user: str) -> Response:
         """``PATCH {"blocked": true|false}``: block or unblock one name."""
         self.authorize(request)
-        fields = await read_json(request, self.settings.max_request_bytes)
-        for name in fields:
-            if name != "blocked":
-                raise InvalidRequest(f"Unknown field '{name}': only 'blocked' may be sent.", param=str(name))
-        if "blocked" not in fields:
-            raise InvalidRequest("'blocked' is required: true or false.", param="blocked")
-        return _json(await organizer.set_blocked(self.store, event_id, user, fields["blocked"]))
+        body = validated(AttendeePatch, await read_json(request, self.settings.max_request_bytes))
+        return _json(await organizer.set_blocked(self.store, event_id, user, body.blocked))
+
+    @answering
+    async def openapi(self, request: Request) -> Response:
+        """``GET /openapi.json``: this API's schema, from the models that validate it (``proxy.models``)."""
+        self.authorize(request)
+        return _json(self._schema)
 
     def authorize(self, request: Request) -> None:
         expected = self.settings.organizer_key

@@ -40,108 +40,64 @@ from proxy.attendees import roster
 from proxy.budget import has_budget, read_shards, totals
 from proxy.errors import InvalidRequest, NotFound
 from proxy.events import (
-    DEFAULT_DAILY_REQUESTS,
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_MODELS,
     Event,
     EventStore,
-    check_code,
     check_event_id,
-    check_models,
-    check_positive,
-    check_text,
-    check_time_zone,
     generate_code,
     hash_code,
     new_event_id,
-    parse_time,
 )
 from proxy.guessing import check_chosen_code
+from proxy.models import AttendeePatch, EventCreate, EventUpdate, RotateCode, validated
 from proxy.storage import Tables
 from proxy.usage import GROUPINGS, GroupBy, report
 
-EVENT_FIELDS = frozenset(
-    {
-        "name",
-        "code",
-        "start",
-        "end",
-        "time_zone",
-        "models",
-        "max_tokens",
-        "daily_requests",
-        "daily_tokens",
-        "tpm",
-        "event_requests",
-        "event_tokens",
-        "max_attendees",
-        "active",
-        "description",
-        "organizer",
-    }
-)
-_CLEARABLE = frozenset({"daily_requests", "daily_tokens", "tpm", "event_requests", "event_tokens", "max_attendees"})
+EVENT_FIELDS = frozenset(EventCreate.model_fields)
 USER_PATTERN = re.compile(r"[A-Za-z0-9._@+-]{1,128}")  # as in the credential (proxy.credentials)
 MAX_BLOCKED = 500
 
 
 async def create_event(store: EventStore, fields: Mapping[str, Any]) -> dict[str, Any]:
     """Validate and store a new event; the result holds its code, shown only now."""
-    _check_known(fields)
-    code = generate_code() if fields.get("code") is None else _chosen_code(fields["code"])
-    if "start" not in fields or "end" not in fields:
-        missing = "start" if "start" not in fields else "end"
+    new = validated(EventCreate, fields)
+    code = generate_code() if new.code is None else _chosen(new.code)
+    _check_window(new.start, new.end)
+    if new.end <= datetime.now(UTC):
         raise InvalidRequest(
-            f"'{missing}' is required: ISO 8601 with an offset, e.g. 2026-11-21T09:00:00+01:00", param=missing
-        )
-    name = check_text(fields.get("name"), "name", required=True, limit=200)
-    event = Event(
-        id=new_event_id(name),
-        name=name,
-        code_hash=hash_code(code),
-        starts_at=parse_time(fields["start"], "start"),
-        ends_at=parse_time(fields["end"], "end"),
-        time_zone=check_time_zone(fields.get("time_zone", "UTC")),
-        models=check_models(fields.get("models", list(DEFAULT_MODELS))),
-        max_tokens=_positive(fields.get("max_tokens", DEFAULT_MAX_TOKENS), "max_tokens"),
-        daily_requests=check_positive(
-            fields.get("daily_requests", DEFAULT_DAILY_REQUESTS), "daily_requests", optional=True
-        ),
-        daily_tokens=check_positive(fields.get("daily_tokens"), "daily_tokens", optional=True),
-        tpm=check_positive(fields.get("tpm"), "tpm", optional=True),
-        event_requests=check_positive(fields.get("event_requests"), "event_requests", optional=True),
-        event_tokens=check_positive(fields.get("event_tokens"), "event_tokens", optional=True),
-        max_attendees=check_positive(fields.get("max_attendees"), "max_attendees", optional=True),
-        active=_boolean(fields.get("active", True)),
-        description=check_text(fields.get("description"), "description"),
-        organizer=check_text(fields.get("organizer"), "organizer", limit=200),
-    )
-    _check_window(event.starts_at, event.ends_at)
-    if event.ends_at <= datetime.now(UTC):
-        raise InvalidRequest(
-            f"'end' ({event.ends_at.isoformat()}) is already past: the event would never open. Give a later end.",
+            f"'end' ({new.end.isoformat()}) is already past: the event would never open. Give a later end.",
             param="end",
         )
+    values = new.model_dump(exclude={"code", "start", "end", "models"})
+    event = Event(
+        id=new_event_id(new.name),
+        code_hash=hash_code(code),
+        starts_at=new.start,
+        ends_at=new.end,
+        models=tuple(new.models),
+        **values,
+    )
     await store.create(event)
     return {**event.public(), "code": code}
 
 
 async def update_event(store: EventStore, event_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
     """Change the given fields of an event (PATCH); returns the public event."""
-    _check_known(fields)
     if "code" in fields:
         raise InvalidRequest(
             "'code' cannot be changed by an update: use rotate-code (POST /api/manage/events/ID/rotate-code "
             "or 'python -m proxy.manage events rotate-code ID').",
             param="code",
         )
+    changes = validated(EventUpdate, fields).changes()
     event = await store.get(event_id)
-    changes: dict[str, Any] = {}
-    for name, value in fields.items():
-        if value is None and name not in _CLEARABLE | {"description", "organizer"}:
-            raise InvalidRequest(f"'{name}' cannot be null", param=name)
-        changes.update(_validated(name, value))
-    updated = replace(event, **changes)
+    renamed = {"start": "starts_at", "end": "ends_at"}
+    attributes = {renamed.get(name, name): value for name, value in changes.items()}
+    if "models" in attributes:
+        attributes["models"] = tuple(attributes["models"])
+    for text in ("description", "organizer"):
+        if text in attributes and attributes[text] is None:
+            attributes[text] = ""
+    updated = replace(event, **attributes)
     _check_window(updated.starts_at, updated.ends_at)
     await store.save(updated)
     return updated.public()
@@ -149,7 +105,8 @@ async def update_event(store: EventStore, event_id: str, fields: Mapping[str, An
 
 async def rotate_code(store: EventStore, event_id: str, new_code: str | None = None) -> dict[str, Any]:
     """Give the event a new code (``{"id", "code"}``, shown only now); the old one stops working."""
-    code = generate_code() if new_code is None else _chosen_code(new_code)
+    asked = validated(RotateCode, {"code": new_code}).code
+    code = generate_code() if asked is None else _chosen(asked)
     event = await store.get(event_id)
     if hash_code(code) == event.code_hash:
         raise InvalidRequest("That is the event's current code; choose a different one.", param="code")
@@ -223,8 +180,7 @@ async def set_blocked(store: EventStore, event_id: str, user: Any, blocked: Any)
     """Block or unblock one attendee name (``{"event_id", "user", "blocked"}``); applies within EVENT_CACHE_SECONDS."""
     if not isinstance(user, str) or not USER_PATTERN.fullmatch(user):
         raise InvalidRequest("'user' must be an attendee name: 1 to 128 of A-Z a-z 0-9 . _ @ + -", param="user")
-    if not isinstance(blocked, bool):
-        raise InvalidRequest("'blocked' must be true or false", param="blocked")
+    blocked = validated(AttendeePatch, {"blocked": blocked}).blocked
     event = await store.get(event_id)
     names = set(event.blocked) | {user} if blocked else set(event.blocked) - {user}
     if len(names) > MAX_BLOCKED:
@@ -234,49 +190,9 @@ async def set_blocked(store: EventStore, event_id: str, user: Any, blocked: Any)
     return {"event_id": event.id, "user": user, "blocked": blocked}
 
 
-def _chosen_code(value: Any) -> str:
-    code = check_code(value)
+def _chosen(code: str) -> str:
     check_chosen_code(code, generate_code)
     return code
-
-
-def _check_known(fields: Mapping[str, Any]) -> None:
-    for name in fields:
-        if name not in EVENT_FIELDS:
-            raise InvalidRequest(
-                f"Unknown field '{name}'. Known fields: {', '.join(sorted(EVENT_FIELDS))}.", param=str(name)
-            )
-
-
-def _validated(name: str, value: Any) -> dict[str, Any]:
-    """One updated field as ``Event`` attributes."""
-    if name == "name":
-        return {"name": check_text(value, "name", required=True, limit=200)}
-    if name in ("start", "end"):
-        return {f"{name}s_at": parse_time(value, name)}
-    if name == "time_zone":
-        return {"time_zone": check_time_zone(value)}
-    if name == "models":
-        return {"models": check_models(value)}
-    if name == "max_tokens":
-        return {"max_tokens": _positive(value, name)}
-    if name in _CLEARABLE:
-        return {name: check_positive(value, name, optional=True)}
-    if name == "active":
-        return {"active": _boolean(value)}
-    return {name: check_text(value, name, limit=1000 if name == "description" else 200)}
-
-
-def _positive(value: Any, param: str) -> int:
-    checked = check_positive(value, param)
-    assert checked is not None
-    return checked
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidRequest("'active' must be true or false", param="active")
-    return value
 
 
 def _check_window(start: datetime, end: datetime) -> None:

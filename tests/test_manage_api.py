@@ -270,3 +270,47 @@ async def test_report_of_500_attendees_is_fast(tables: Tables) -> None:
     assert elapsed < 1.0
     by_model = await report(tables, speed_event, "model")
     assert by_model["rows"] == [{"key": "gpt-4o-mini", **by_model["totals"]}]
+
+
+def test_budget_fields_round_trip_and_are_strict(http: httpx.Client, app: str) -> None:
+    created = new_event(http, app, event_requests=500, event_tokens=200_000, max_attendees=40)
+    assert (created["event_requests"], created["event_tokens"], created["max_attendees"]) == (500, 200_000, 40)
+    url = f"{app}/api/manage/events/{created['id']}"
+    patched = http.patch(url, json={"event_tokens": None, "max_attendees": 60}, headers=AUTH).json()
+    assert patched["event_tokens"] is None and patched["max_attendees"] == 60 and patched["event_requests"] == 500
+    for fields, param in (
+        ({"event_requests": "5"}, "event_requests"),  # strict: a string is not a number
+        ({"max_attendees": 0}, "max_attendees"),
+        ({"event_tokens": 1.5}, "event_tokens"),
+        ({"active": 1}, "active"),
+        ({"name": None}, "name"),
+    ):
+        refused = http.patch(url, json=fields, headers=AUTH)
+        assert refused.status_code == 400, fields
+        assert refused.json()["error"]["param"] == param and param in refused.json()["error"]["message"]
+    past = {"start": "2020-01-01T09:00:00+00:00", "end": "2020-01-01T17:00:00+00:00"}
+    ended = http.post(f"{app}/api/manage/events", json={"name": "Past", **past}, headers=AUTH)
+    assert ended.status_code == 400 and ended.json()["error"]["param"] == "end"
+    assert "already past" in ended.json()["error"]["message"]
+
+
+def test_openapi_schema_describes_the_answers(http: httpx.Client, app: str) -> None:
+    from proxy.models import AttendeeList, EventCreated, EventList, EventOut, UsageReport
+
+    assert http.get(f"{app}/api/manage/openapi.json").status_code == 401
+    schema = http.get(f"{app}/api/manage/openapi.json", headers=AUTH).json()
+    assert schema["openapi"].startswith("3.1")
+    assert set(schema["paths"]) >= {"/events", "/events/{event_id}", "/events/{event_id}/attendees/{user}"}
+    create = schema["components"]["schemas"]["EventCreate"]
+    assert create["additionalProperties"] is False and set(create["required"]) == {"name", "start", "end"}
+    assert "event_tokens" in create["properties"] and "max_attendees" in create["properties"]
+    # Every answer matches the model the schema publishes for it.
+    created = new_event(http, app, event_requests=10)
+    EventCreated.model_validate(created)
+    EventOut.model_validate(http.get(f"{app}/api/manage/events/{created['id']}", headers=AUTH).json())
+    EventList.model_validate(http.get(f"{app}/api/manage/events", headers=AUTH).json())
+    chat(app, f"{created['code']}/ada")
+    usage = http.get(f"{app}/api/manage/events/{created['id']}/usage", headers=AUTH).json()
+    assert UsageReport.model_validate(usage).budget is not None and usage["budget"]["requests"]["used"] == 1
+    attendees = http.get(f"{app}/api/manage/events/{created['id']}/attendees", headers=AUTH).json()
+    assert AttendeeList.model_validate(attendees).count == 1

@@ -178,6 +178,35 @@ def test_cli_and_api_answer_alike(cli: Cli, app: str, http: httpx.Client) -> Non
     assert cli_created.keys() == api_created.keys()
 
 
+def test_attendees_and_budgets_answer_alike(cli: Cli, app: str, http: httpx.Client) -> None:
+    created = ok(cli("events", "create", "--name", "Budgets", *window(), "--event-requests", "50",
+                     "--event-tokens", "90000", "--max-attendees", "3", "--json"))  # fmt: skip
+    event_id = created["id"]
+    assert (created["event_requests"], created["event_tokens"], created["max_attendees"]) == (50, 90000, 3)
+    with OpenAI(base_url=f"{app}/api/v1", api_key=f"{created['code']}/bob", max_retries=0) as client:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    api = f"{app}/api/manage/events/{event_id}"
+    assert ok(cli("attendees", "list", event_id, "--json")) == http.get(f"{api}/attendees", headers=AUTH).json()
+    blocked = ok(cli("attendees", "block", event_id, "eve", "--json"))
+    assert blocked == http.patch(f"{api}/attendees/eve", json={"blocked": True}, headers=AUTH).json()
+    assert blocked == {"event_id": event_id, "user": "eve", "blocked": True}
+    listed = ok(cli("attendees", "list", event_id, "--json"))
+    assert [(a["user"], a["requests"], a["blocked"]) for a in listed["data"]] == [("bob", 1, False), ("eve", 0, True)]
+    assert listed["count"] == 1 and listed["max_attendees"] == 3
+    assert ok(cli("attendees", "unblock", event_id, "eve", "--json"))["blocked"] is False
+    readable = cli("attendees", "list", event_id)
+    assert readable.returncode == 0 and "bob" in readable.stdout and "of at most 3" in readable.stdout
+    assert ok(cli("usage", event_id, "--json")) == http.get(f"{api}/usage", headers=AUTH).json()
+    usage = cli("usage", event_id)
+    assert "Event budget, requests: 1 used of 50" in usage.stdout
+    switched = cli("events", "disable", event_id)
+    assert switched.returncode == 0 and "within a minute" in switched.stdout
+    cleared = ok(cli("events", "update", event_id, "--event-tokens", "none", "--json"))
+    assert cleared["event_tokens"] is None and cleared["event_requests"] == 50
+    weak = cli("events", "create", "--name", "Weak", *window(), "--code", "hackathon2026")
+    assert weak.returncode == 2 and "too easy to guess" in weak.stderr
+
+
 def test_settings_come_from_local_settings_json(azurite: str, tmp_path: Path) -> None:
     values = {"Values": {"STORAGE_CONNECTION_STRING": azurite, "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9"}}
     (tmp_path / "local.settings.json").write_bytes(orjson.dumps(values))

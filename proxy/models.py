@@ -1,0 +1,366 @@
+"""The organizer API's bodies and answers as pydantic models, and their OpenAPI schema.
+
+``EventCreate`` and ``EventUpdate`` validate an event's fields, from the HTTP
+API and the CLI alike; ``EventOut``, ``UsageReport``, ``AttendeeList`` and the
+others describe the answers, so ``GET /api/manage/openapi.json`` publishes
+what the code checks. Unknown fields are refused, and every failure becomes a
+400 ``invalid_request`` whose ``param`` names the field (``invalid``).
+
+Integers and booleans are strict (``"5"`` is not 5, ``"yes"`` is not true):
+organizers see the mistake instead of a guess. Times are ISO 8601 with an
+offset, stored in UTC. Attendee requests are not validated here: their checks
+stay hand-written in ``proxy.payload``, which is faster on the hot path (README
+*Performance*).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
+from pydantic.json_schema import models_json_schema
+
+from proxy.errors import InvalidRequest
+from proxy.events import DEFAULT_DAILY_REQUESTS, DEFAULT_MAX_TOKENS, DEFAULT_MODELS
+
+M = TypeVar("M", bound=BaseModel)
+CODE_PATTERN = r"^[A-Za-z0-9_-]{4,64}$"
+MODEL_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Fields that null clears (no cap); the texts too, as empty.
+CLEARABLE = frozenset({"daily_requests", "daily_tokens", "tpm", "event_requests", "event_tokens", "max_attendees"})
+
+
+def _utc_time(value: Any) -> datetime:
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 string with an offset")
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"is not ISO 8601: {value!r} (example: 2026-11-21T09:00:00+01:00)") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"needs a UTC offset, e.g. {value}+00:00 or {value}Z")
+    return moment.astimezone(UTC)
+
+
+def _models(value: Any) -> Any:
+    if isinstance(value, str):
+        return [m.strip() for m in value.split(",") if m.strip()]
+    return value
+
+
+def _text(value: Any) -> Any:
+    return "" if value is None else value
+
+
+Positive = Annotated[StrictInt, Field(gt=0)]
+Time = Annotated[datetime, BeforeValidator(_utc_time), Field(json_schema_extra={"format": "date-time"})]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Text = Annotated[str, BeforeValidator(_text), StringConstraints(strip_whitespace=True, max_length=1000)]
+ShortText = Annotated[str, BeforeValidator(_text), StringConstraints(strip_whitespace=True, max_length=200)]
+Code = Annotated[str, StringConstraints(pattern=CODE_PATTERN)]
+Models = Annotated[list[str], BeforeValidator(_models), Field(min_length=1)]
+
+
+class _Fields(BaseModel):
+    """Validation shared by create and update."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("time_zone", check_fields=False)
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone (e.g. Europe/Paris, America/New_York, UTC)") from None
+        return value
+
+    @field_validator("models", check_fields=False)
+    @classmethod
+    def _deployments(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        for model in value:
+            if not MODEL_PATTERN.fullmatch(model):
+                raise ValueError(f"holds an invalid deployment name: {model!r}")
+        return list(dict.fromkeys(value))
+
+
+class EventCreate(_Fields):
+    """``POST /events`` and ``events create``: a new event."""
+
+    name: Name
+    code: Code | None = Field(None, description="4-64 of A-Z a-z 0-9 _ -, not easy to guess; generated when absent")
+    start: Time
+    end: Time
+    time_zone: str = "UTC"
+    models: Models = Field(default_factory=lambda: list(DEFAULT_MODELS))
+    max_tokens: Positive = DEFAULT_MAX_TOKENS
+    daily_requests: Positive | None = DEFAULT_DAILY_REQUESTS
+    daily_tokens: Positive | None = None
+    tpm: Positive | None = None
+    event_requests: Positive | None = None
+    event_tokens: Positive | None = None
+    max_attendees: Positive | None = None
+    active: StrictBool = True
+    description: Text = ""
+    organizer: ShortText = ""
+
+
+class EventUpdate(_Fields):
+    """``PATCH /events/{id}`` and ``events update``: only the fields given change; null clears a cap."""
+
+    name: Name | None = None
+    start: Time | None = None
+    end: Time | None = None
+    time_zone: str | None = None
+    models: Models | None = None
+    max_tokens: Positive | None = None
+    daily_requests: Positive | None = None
+    daily_tokens: Positive | None = None
+    tpm: Positive | None = None
+    event_requests: Positive | None = None
+    event_tokens: Positive | None = None
+    max_attendees: Positive | None = None
+    active: StrictBool | None = None
+    description: Text | None = None
+    organizer: ShortText | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The fields given, with null refused where it means nothing."""
+        given = {name: getattr(self, name) for name in self.model_fields_set}
+        for name, value in given.items():
+            if value is None and name not in CLEARABLE | {"description", "organizer"}:
+                raise InvalidRequest(f"'{name}' cannot be null", param=name)
+        return given
+
+
+class RotateCode(BaseModel):
+    """``POST /events/{id}/rotate-code``: the new code, or none for a generated one."""
+
+    model_config = ConfigDict(extra="forbid")
+    code: Code | None = None
+
+
+class AttendeePatch(BaseModel):
+    """``PATCH /events/{id}/attendees/{user}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    blocked: StrictBool
+
+
+class EventOut(BaseModel):
+    """An event as organizers see it (never its code)."""
+
+    id: str
+    name: str
+    start: datetime
+    end: datetime
+    time_zone: str
+    models: list[str]
+    max_tokens: int
+    daily_requests: int | None
+    daily_tokens: int | None
+    tpm: int | None
+    event_requests: int | None
+    event_tokens: int | None
+    max_attendees: int | None
+    active: bool
+    description: str
+    organizer: str
+    created_at: datetime
+
+
+class EventCreated(EventOut):
+    code: str = Field(description="shown only in this answer: only a hash is stored")
+
+
+class EventList(BaseModel):
+    object: Literal["list"]
+    data: list[EventOut]
+
+
+class CodeRotated(BaseModel):
+    id: str
+    code: str
+
+
+class EventDeleted(BaseModel):
+    id: str
+    deleted: Literal[True]
+
+
+class Figures(BaseModel):
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class UsageRow(Figures):
+    key: str = Field(description="the user, model, day or backend")
+
+
+class BudgetUse(BaseModel):
+    limit: int | None
+    used: int
+
+
+class EventBudget(BaseModel):
+    requests: BudgetUse = Field(description="requests admitted")
+    tokens: BudgetUse = Field(description="tokens recorded, plus the estimates of requests in flight")
+    exhausted: bool
+
+
+class UsageReport(BaseModel):
+    event_id: str
+    by: str
+    totals: Figures
+    rows: list[UsageRow]
+    budget: EventBudget | None = Field(None, description="present when the event has a budget")
+
+
+class Attendee(BaseModel):
+    user: str
+    first_seen: datetime | None
+    requests: int
+    total_tokens: int
+    blocked: bool
+
+
+class AttendeeList(BaseModel):
+    event_id: str
+    object: Literal["list"]
+    max_attendees: int | None
+    count: int = Field(description="distinct names seen")
+    data: list[Attendee]
+
+
+class AttendeeBlocked(BaseModel):
+    event_id: str
+    user: str
+    blocked: bool
+
+
+class ErrorBody(BaseModel):
+    class Error(BaseModel):
+        message: str
+        type: str
+        code: str
+        param: str | None
+
+    error: Error
+
+
+def validated(model: type[M], fields: Any) -> M:
+    """``model`` from organizer input, or ``InvalidRequest`` naming the first bad field."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise invalid(model, exc) from None
+
+
+def invalid(model: type[BaseModel], exc: ValidationError) -> InvalidRequest:
+    error = exc.errors(include_url=False)[0]
+    param = str(error["loc"][0]) if error["loc"] else None
+    if error["type"] == "extra_forbidden":
+        known = ", ".join(sorted(model.model_fields))
+        return InvalidRequest(f"Unknown field '{param}'. Known fields: {known}.", param=param)
+    if error["type"] == "missing":
+        hint = ": ISO 8601 with an offset, e.g. 2026-11-21T09:00:00+01:00" if param in ("start", "end") else ""
+        return InvalidRequest(f"'{param}' is required{hint}", param=param)
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if param == "code" and error["type"] == "string_pattern_mismatch":
+        message = "must be 4 to 64 of A-Z a-z 0-9 _ -"
+    elif error["type"] in ("int_type", "greater_than", "int_from_float"):
+        message = "must be a positive integer"
+    elif error["type"] == "bool_type":
+        message = "must be true or false"
+    return InvalidRequest(f"'{param}' {message[:1].lower()}{message[1:]}", param=param)
+
+
+def openapi() -> dict[str, Any]:
+    """The organizer API's OpenAPI 3.1 document."""
+    models: list[type[BaseModel]] = [
+        EventCreate, EventUpdate, RotateCode, AttendeePatch, EventOut, EventCreated, EventList, CodeRotated,
+        EventDeleted, UsageReport, AttendeeList, AttendeeBlocked, ErrorBody,
+    ]  # fmt: skip
+    _, schemas = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
+    components = schemas["$defs"]
+
+    def ref(name: str) -> dict[str, Any]:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def answer(name: str, what: str, status: str = "200") -> dict[str, Any]:
+        errors = {
+            code: {"description": text, "content": {"application/json": {"schema": ref("ErrorBody")}}}
+            for code, text in (("400", "invalid_request, param names the field"), ("401", "unauthorized"),
+                               ("404", "not_found"), ("503", "storage_unavailable or organizer_api_disabled"))
+        }  # fmt: skip
+        return {status: {"description": what, "content": {"application/json": {"schema": ref(name)}}}, **errors}
+
+    def body(name: str, required: bool = True) -> dict[str, Any]:
+        return {"required": required, "content": {"application/json": {"schema": ref(name)}}}
+
+    event_id = {"name": "event_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    user = {"name": "user", "in": "path", "required": True, "schema": {"type": "string"}}
+    by = {"name": "by", "in": "query", "schema": {"enum": ["user", "model", "day", "backend"], "default": "user"}}
+    paths = {
+        "/events": {
+            "post": {"summary": "Create an event", "requestBody": body("EventCreate"),
+                     "responses": answer("EventCreated", "the event, with its code shown once", "201")},
+            "get": {"summary": "List events", "responses": answer("EventList", "every event")},
+        },
+        "/events/{event_id}": {
+            "parameters": [event_id],
+            "get": {"summary": "Show an event", "responses": answer("EventOut", "the event")},
+            "patch": {"summary": "Change an event", "requestBody": body("EventUpdate"),
+                      "responses": answer("EventOut", "the event changed")},
+            "delete": {"summary": "Delete an event (its usage is kept)",
+                       "responses": answer("EventDeleted", "deleted")},
+        },
+        "/events/{event_id}/rotate-code": {
+            "parameters": [event_id],
+            "post": {"summary": "Give the event a new code", "requestBody": body("RotateCode", required=False),
+                     "responses": answer("CodeRotated", "the new code, shown once")},
+        },
+        "/events/{event_id}/usage": {
+            "parameters": [event_id, by],
+            "get": {"summary": "Usage (CSV with Accept: text/csv)", "responses": answer("UsageReport", "the report")},
+        },
+        "/events/{event_id}/attendees": {
+            "parameters": [event_id],
+            "get": {"summary": "Attendees seen", "responses": answer("AttendeeList", "the attendees")},
+        },
+        "/events/{event_id}/attendees/{user}": {
+            "parameters": [event_id, user],
+            "patch": {"summary": "Block or unblock a name", "requestBody": body("AttendeePatch"),
+                      "responses": answer("AttendeeBlocked", "done; applies within EVENT_CACHE_SECONDS")},
+        },
+    }  # fmt: skip
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Event proxy: organizer API", "version": "1"},
+        "servers": [{"url": "/api/manage"}],
+        "security": [{"organizerKey": []}],
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"organizerKey": {"type": "http", "scheme": "bearer", "description": "ORGANIZER_KEY"}},
+        },
+    }
