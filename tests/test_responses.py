@@ -17,7 +17,8 @@ from proxy.payload import pseudonym
 from proxy.storage import Tables
 from proxy.usage import report, request_log
 from tests.conftest import MakeEvent
-from tests.support import eventually, sim_stats
+from tests.support import app_env, azurite_connection_string, eventually, sim_stats, start_app, start_simulator
+from tests.test_durability import Forwarder
 
 MODEL = "gpt-4o-mini"
 
@@ -211,3 +212,38 @@ async def test_caps_and_window_apply(app: str, make_event: MakeEvent, tables: Ta
         sdk.responses.retrieve(kept.id)
     # Deleting what one stored stays possible once the event is off.
     sdk.responses.delete(kept.id)
+
+
+async def test_storage_outage_fails_closed(azurite: str, make_event: MakeEvent) -> None:
+    """No stream completes whose usage cannot be stored, and an unreadable owner is a 503, never a 404."""
+    relay = Forwarder(int(azurite.split("TableEndpoint=http://127.0.0.1:")[1].split("/")[0]))
+    simulator, upstream = start_simulator("--tokens-per-second", "40", "--completion-tokens", "20")
+    service, url = start_app(app_env(azurite_connection_string(relay.port), upstream, EVENT_CACHE_SECONDS="60"))
+    try:
+        created = await make_event(daily_requests=None)
+        sdk = client(url, created.key())
+        kept = sdk.responses.create(model=MODEL, input="before the outage")
+        body = {"model": MODEL, "input": "during the outage", "stream": True}
+        with httpx.stream("POST", f"{url}/api/v1/responses", json=body, headers={"api-key": created.key()}) as r:
+            lines = r.iter_lines()
+            assert next(lines) == "event: response.created"
+            relay.cut()  # storage goes away while the answer is coming
+            rest = [line for line in lines if line]
+        assert "event: response.completed" not in rest and rest[-2] == "event: error"
+        assert '"code":"storage_unavailable"' in rest[-1]
+        with pytest.raises(openai.InternalServerError) as unavailable:
+            sdk.responses.retrieve(kept.id)
+        assert unavailable.value.status_code == 503
+        relay.restore()
+        again = await eventually(
+            lambda: asyncio.to_thread(
+                httpx.get, f"{url}/api/v1/responses/{kept.id}", headers={"api-key": created.key()}
+            ),
+            lambda response: response.status_code == 200,
+            timeout=20,
+        )
+        assert again.json()["id"] == kept.id
+    finally:
+        service.stop()
+        simulator.stop()
+        relay.close()
