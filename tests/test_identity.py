@@ -178,7 +178,9 @@ def test_table_storage_through_managed_identity(
 
     now = datetime.now(UTC)
     window = ["--start", (now - timedelta(hours=1)).isoformat(), "--end", (now + timedelta(hours=1)).isoformat()]
-    created = manage("events", "create", "--name", "Identity", "--code", "MI-CODE-1", "--daily-requests", "3", *window)
+    created = manage(
+        "events", "create", "--name", "Identity", "--code", "MI-Kettle-37", "--daily-requests", "3", *window
+    )
     before = len(identity.requests)
     app, url = start_app(env)
     try:
@@ -187,7 +189,7 @@ def test_table_storage_through_managed_identity(
                 http.post(
                     f"{url}/api/v1/chat/completions",
                     json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-                    headers={"api-key": "MI-CODE-1/alice"},
+                    headers={"api-key": "MI-Kettle-37/alice"},
                 ).status_code
                 for _ in range(4)
             ]
