@@ -18,6 +18,7 @@ from azurefunctions.extensions.http.fastapi import Request, Response, StreamingR
 
 from proxy.handlers import Proxy
 from proxy.manage_api import OrganizerApi
+from proxy.pages import Pages
 from proxy.probe import ProbeApi
 from proxy.reconcile import reconcile
 from proxy.sessions import purge_expired
@@ -26,6 +27,7 @@ from proxy.settings import Settings
 settings = Settings.from_env()
 proxy = Proxy.from_settings(settings)
 organizer = OrganizerApi(settings, proxy.tables, proxy.events)
+pages = Pages()
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 
@@ -65,6 +67,8 @@ ROUTES: list[tuple[str, str, list[str], Handler]] = [
     ("manage_attendee", "manage/events/{event_id}/attendees/{user}", ["PATCH"], organizer.attendee),
     ("manage_openapi", "manage/openapi.json", ["GET"], organizer.openapi),
     ("manage_probe", "manage/probe", ["POST"], ProbeApi(organizer, proxy.upstream).probe),
+    ("portal", "portal/{*asset}", ["GET"], pages.portal),  # the attendee page and the pages' assets
+    ("manage_portal", "manage/portal", ["GET"], pages.manage),
     ("not_found", "{*path}", ["GET", "POST", "PUT", "PATCH", "DELETE"], proxy.not_found),
 ]
 

@@ -1,0 +1,292 @@
+"""The attendee and organizer pages in a real headless Chromium, against the app behind the host emulator.
+
+Chromium is Debian's ``chromium`` package (``.ci/run`` installs it when missing), driven by
+Playwright through ``executable_path``: Playwright's own browser download is not used. A missing
+browser fails these tests with the command that installs it; nothing is skipped.
+
+Screenshots of each page at desktop and phone widths are kept in ``tests/artifacts/`` (gitignored).
+Every wait is a condition with a timeout (Playwright's ``expect``), never a bare sleep.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
+
+from devtools.package import is_ignored, parse_ignore
+from proxy.pages import CONTENT_SECURITY_POLICY
+from tests.conftest import MakeEvent
+from tests.support import ORGANIZER_KEY, ROOT
+
+ARTIFACTS = ROOT / "tests" / "artifacts"
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+WAIT_MS = 15_000  # the longest any condition is waited for (the organizer page refreshes usage every 5 s)
+
+
+def chromium_path() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.fail("Debian's chromium is needed for the page tests: apt-get update && apt-get install -y chromium")
+    return found
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as driver:
+        launched = await driver.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        yield launched
+        await launched.close()
+
+
+class Watched:
+    """A browser context whose pages' script errors and CSP violations are collected."""
+
+    def __init__(self, context: BrowserContext) -> None:
+        self.context = context
+        self.problems: list[str] = []
+
+    async def page(self) -> Page:
+        page = await self.context.new_page()
+        page.on("pageerror", lambda error: self.problems.append(f"script error: {error}"))
+        page.on(
+            "console",
+            lambda message: (
+                self.problems.append(f"console: {message.text}")
+                if "Content Security Policy" in message.text or "Refused to" in message.text
+                else None
+            ),
+        )
+        return page
+
+
+@pytest.fixture
+async def browsing(browser: Browser) -> AsyncIterator[Watched]:
+    context = await browser.new_context(viewport=DESKTOP, timezone_id="Europe/Paris", accept_downloads=True)
+    await context.grant_permissions(["clipboard-read", "clipboard-write"])
+    context.set_default_timeout(WAIT_MS)
+    watched = Watched(context)
+    yield watched
+    await context.close()
+    assert watched.problems == [], "the pages broke a rule of their own CSP or threw"
+
+
+async def screenshots(page: Page, name: str) -> None:
+    """The page at desktop and phone widths, kept as test artefacts."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    size = page.viewport_size or DESKTOP
+    await page.set_viewport_size(DESKTOP)
+    await page.screenshot(path=ARTIFACTS / f"{name}-desktop.png", full_page=True)
+    await page.set_viewport_size(PHONE)
+    await page.screenshot(path=ARTIFACTS / f"{name}-phone.png", full_page=True)
+    # Nothing may be wider than a phone's screen (tables scroll inside their own box).
+    assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    await page.set_viewport_size(size)
+
+
+async def sign_in_attendee(page: Page, app: str, credential: str) -> None:
+    await page.goto(f"{app}/api/portal")
+    await page.get_by_label("Your credential").fill(credential)
+    await page.get_by_role("button", name="Show my event").click()
+
+
+async def chat(page: Page, prompt: str) -> None:
+    """Send one playground message and wait for its answer's token count."""
+    answers = page.locator(".message.assistant")
+    before = await answers.count()
+    await page.get_by_label("Your message").fill(prompt)
+    await page.get_by_role("button", name="Send").click()
+    await expect(answers.nth(before).locator(".used")).to_contain_text(re.compile(r"Used \d+ tokens"))
+
+
+async def test_attendee_sees_the_event_and_chats_in_the_playground(
+    app: str, make_event: MakeEvent, browsing: Watched
+) -> None:
+    created = await make_event(name="Browser workshop", description="Bring a laptop.", daily_requests=5,
+                               daily_tokens=50_000, time_zone="Europe/Paris")  # fmt: skip
+    page = await browsing.page()
+    await sign_in_attendee(page, app, created.key("ada"))
+
+    await expect(page.locator("#event-name")).to_have_text("Browser workshop")
+    await expect(page.locator("#event-state")).to_have_text("Open")
+    await expect(page.locator("#countdown")).to_contain_text("Closes in 7 h")
+    await expect(page.locator("#event-zone")).to_have_text("Europe/Paris")
+    await expect(page.locator("#remaining-requests")).to_have_text("5 of 5")
+    await expect(page.locator("#remaining-tokens")).to_have_text("50,000 of 50,000")
+    await expect(page.locator("#models")).to_contain_text("gpt-4o-mini")
+    # The credential is in this tab's storage and the snippets, never in the address.
+    assert created.code not in page.url
+    assert await page.evaluate("sessionStorage.getItem('eventproxy.attendee')") == created.key("ada")
+    await expect(page.locator("#snippets")).to_contain_text(f'base_url="{app}/api/v1", api_key="{created.key("ada")}"')
+    await page.get_by_role("button", name="Copy the curl snippet").click()
+    copied = await page.evaluate("navigator.clipboard.readText()")
+    assert copied.startswith(f"curl {app}/api/v1/chat/completions") and created.key("ada") in copied
+
+    await chat(page, "Say hello to the workshop")
+    assistant = page.locator(".message.assistant").first
+    assert (await assistant.locator(".text").inner_text()).strip()
+    await expect(page.locator("#remaining-requests")).to_have_text("4 of 5")
+    await expect(page.locator("#used-requests")).to_have_text("1")
+    used = int((await page.locator("#used-tokens").inner_text()).replace(",", ""))
+    assert used > 0
+    await expect(page.locator("#remaining-tokens")).to_have_text(f"{50_000 - used:,} of 50,000")
+    await screenshots(page, "attendee")
+
+    # Stop: the simulator holds this answer back for 20 s; the page aborts it.
+    await page.get_by_label("Your message").fill("Wait for it SIM_SLOW_MS=20000")
+    await page.get_by_role("button", name="Send").click()
+    await expect(page.get_by_role("button", name="Stop")).to_be_enabled()
+    await page.get_by_role("button", name="Stop").click()
+    await expect(page.locator("#chat-status")).to_contain_text("Stopped.")
+    await expect(page.get_by_role("button", name="Send")).to_be_enabled()
+
+    # A reload keeps the tab signed in; signing out forgets the credential.
+    await page.reload()
+    await expect(page.locator("#event-name")).to_have_text("Browser workshop")
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(page.get_by_label("Your credential")).to_be_visible()
+    assert await page.evaluate("sessionStorage.length") == 0
+
+    # The proxy's own message for a code it does not know.
+    await page.get_by_label("Your credential").fill("NOSUCHCODE123/ada")
+    await page.get_by_role("button", name="Show my event").click()
+    await expect(page.get_by_role("alert")).to_contain_text("This event code is not known")
+
+
+async def test_organizer_runs_an_event_from_the_page(app: str, browsing: Watched) -> None:
+    manage = await browsing.page()
+    await manage.goto(f"{app}/api/manage/portal")
+    await manage.get_by_label("Organizer key").fill("wrong-key")
+    await manage.get_by_role("button", name="Sign in").click()
+    await expect(manage.get_by_role("alert")).to_contain_text("organizer key")
+    await manage.get_by_label("Organizer key").fill(ORGANIZER_KEY)
+    await manage.get_by_role("button", name="Sign in").click()
+    await expect(manage.get_by_role("heading", name="Events")).to_be_visible()
+    assert ORGANIZER_KEY not in manage.url
+
+    name = f"Page event {secrets.token_hex(3)}"
+    await manage.get_by_role("button", name="New event").click()
+    await expect(manage.get_by_label("Time zone (IANA)")).to_have_value("Europe/Paris")
+    await manage.get_by_label("Name", exact=True).fill(name)
+    await manage.get_by_label("Description", exact=True).fill("Made in a browser.")
+    await manage.get_by_label("Requests per day").fill("20")
+    await manage.get_by_label("Other models, comma-separated").fill("gpt-4o-mini")
+    await manage.get_by_role("button", name="Create event").click()
+
+    code_box = manage.locator("#code-value")
+    await expect(code_box).to_have_text(re.compile(r"^[A-Za-z0-9_-]{16,}$"))
+    code = await code_box.inner_text()
+    await manage.get_by_role("button", name="Copy code").click()
+    assert await manage.evaluate("navigator.clipboard.readText()") == code
+    await expect(manage.locator("#detail-state")).to_have_text("Open")
+    await expect(manage.locator("#events")).to_contain_text(name)
+    await manage.get_by_role("button", name="I have copied it").click()
+
+    attendee = await browsing.page()
+    await sign_in_attendee(attendee, app, f"{code}/grace")
+    await expect(attendee.locator("#event-name")).to_have_text(name)
+    await expect(attendee.locator("#remaining-requests")).to_have_text("20 of 20")
+    await chat(attendee, "Hello from the organizer's test")
+    await expect(attendee.locator("#remaining-requests")).to_have_text("19 of 20")
+
+    # Usage shows up by itself (live refresh), per attendee, then per model and per day.
+    rows = manage.locator("#usage-table tbody tr")
+    await expect(rows.filter(has_text="grace")).to_have_count(1)
+    await expect(rows.filter(has_text="grace").locator("td").nth(1)).to_have_text("1")
+    await expect(manage.locator("#usage-chart svg")).to_be_visible()
+    await expect(manage.locator("#attendees-table")).to_contain_text("grace")
+    await manage.get_by_role("button", name="Per model").click()
+    await expect(rows.filter(has_text="gpt-4o-mini")).to_have_count(1)
+    await manage.get_by_role("button", name="Per attendee").click()
+    async with manage.expect_download() as download_info:
+        await manage.get_by_role("button", name="Download CSV").click()
+    download = await download_info.value
+    assert download.suggested_filename.endswith("-usage-by-user.csv")
+    csv_text = Path(await download.path()).read_text()
+    assert csv_text.splitlines()[0].startswith("key,") or "requests" in csv_text.splitlines()[0]
+    assert any(line.startswith("grace,") for line in csv_text.splitlines())
+    await screenshots(manage, "organizer")
+
+    # Rotate: confirmed in a dialog, the new code shown once; the old one stops working.
+    await manage.get_by_role("button", name="Rotate code").click()
+    await manage.locator("#confirm").get_by_role("button", name="Rotate code").click()
+    await expect(code_box).not_to_have_text(code)
+    await expect(code_box).to_have_text(re.compile(r"^[A-Za-z0-9_-]{16,}$"))
+    new_code = await code_box.inner_text()
+    await attendee.reload()
+    await expect(attendee.get_by_role("alert")).to_contain_text("This event code is not known")
+    await attendee.get_by_label("Your credential").fill(f"{new_code}/grace")
+    await attendee.get_by_role("button", name="Show my event").click()
+    await expect(attendee.locator("#remaining-requests")).to_have_text("19 of 20")
+
+    # Disable: confirmed; the attendee page reports it, and the playground gets the proxy's refusal.
+    await manage.get_by_role("button", name="Disable").click()
+    await manage.locator("#confirm").get_by_role("button", name="Disable").click()
+    await expect(manage.locator("#detail-state")).to_have_text("Disabled")
+    await expect(manage.get_by_role("button", name="Enable")).to_be_visible()
+    await attendee.reload()
+    await expect(attendee.locator("#event-state")).to_have_text("Switched off")
+    await expect(attendee.locator("#countdown")).to_contain_text("switched this event off")
+    await attendee.get_by_label("Your message").fill("Still there?")
+    await attendee.get_by_role("button", name="Send").click()
+    await expect(attendee.locator(".message.failed")).to_contain_text("switched off by its organizer")
+    await screenshots(attendee, "attendee-disabled")
+
+    # Block one click; delete, confirmed.
+    await manage.get_by_role("button", name="Block grace").click()
+    await expect(manage.get_by_role("button", name="Unblock grace")).to_be_visible()
+    await manage.get_by_role("button", name="Delete").click()
+    await manage.locator("#confirm").get_by_role("button", name="Delete event").click()
+    await expect(manage.get_by_role("alert")).to_contain_text("is deleted")
+    await expect(manage.locator("#events")).not_to_contain_text(name)
+
+
+def test_pages_and_assets_carry_strict_headers(app: str, http: httpx.Client) -> None:
+    for path in ("/api/portal", "/api/manage/portal"):
+        page = http.get(app + path)
+        assert page.status_code == 200
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        assert "script-src 'self'" in CONTENT_SECURITY_POLICY and "unsafe" not in CONTENT_SECURITY_POLICY
+        assert "frame-ancestors 'none'" in CONTENT_SECURITY_POLICY
+        assert page.headers["x-frame-options"] == "DENY"
+        assert page.headers["referrer-policy"] == "no-referrer"
+        assert page.headers["x-content-type-options"] == "nosniff"
+        assert page.headers["cache-control"] == "no-cache"
+        # No inline script or style, nothing from another origin.
+        assert not re.search(r"<script(?![^>]*\bsrc=)", page.text)
+        assert "style=" not in page.text and "<style" not in page.text
+        assert not re.search(r"(src|href)=\"(https?:)?//", page.text)
+        again = http.get(app + path, headers={"if-none-match": page.headers["etag"]})
+        assert again.status_code == 304 and again.content == b""
+
+        for asset in re.findall(r"(?:src|href)=\"(/api/portal/[^\"]+)\"", page.text):
+            fresh = http.get(app + asset)
+            assert fresh.status_code == 200, asset
+            assert fresh.headers["cache-control"] == "public, max-age=31536000, immutable"
+            assert fresh.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+            expected = {"css": "text/css", "js": "text/javascript", "svg": "image/svg+xml"}
+            assert fresh.headers["content-type"].startswith(expected[asset.split("?")[0].rsplit(".", 1)[1]])
+            unversioned = http.get(app + asset.split("?")[0])
+            assert unversioned.headers["cache-control"] == "no-cache"
+            assert unversioned.content == fresh.content
+
+    missing = http.get(f"{app}/api/portal/nothing.js")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert http.get(f"{app}/api/portal/../function_app.py").status_code == 404
+
+
+def test_page_assets_ship_in_the_package() -> None:
+    rules = parse_ignore((ROOT / ".funcignore").read_text())
+    static = ROOT / "proxy" / "static"
+    files = sorted(path.name for path in static.iterdir())
+    assert {"portal.html", "manage.html", "site.css", "common.js", "portal.js", "manage.js"} <= set(files)
+    for name in files:
+        assert not is_ignored(f"proxy/static/{name}", rules), name
