@@ -141,6 +141,8 @@ def banner(base: str, organizer_key: str, generated: bool, upstream: str) -> str
 ================================================================================
 Event proxy running at {base}/api   (upstream: {upstream})
 Demo event credential:  {key}
+Attendee page:          {base}/api/portal
+Organizer page:         {base}/api/manage/portal
 
   curl {base}/api/v1/chat/completions \\
     -H "openai-event-code: {key}" -H "content-type: application/json" \\
