@@ -75,6 +75,7 @@ ROUTES: list[tuple[str, str, list[str], Handler]] = [
 
 def _register(name: str, route: str, methods: list[str], handler: Handler) -> None:
     async def function(req: Request) -> StreamingResponse:
+        req.state.route = route  # the template, not the path, for the access log (proxy.access)
         return await handler(req, **req.path_params)
 
     function.__name__ = name

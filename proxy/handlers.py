@@ -32,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from proxy import payload as bodies
+from proxy.access import Access, AccessLog, access_log, configure_access_log
 from proxy.attendees import Roster
 from proxy.budget import has_budget
 from proxy.credentials import read_credential
@@ -57,6 +58,7 @@ from proxy.sessions import SessionLimits, Sessions
 from proxy.settings import Settings
 from proxy.storage import Tables, guarded
 from proxy.streaming import relay
+from proxy.telemetry import Telemetry
 from proxy.upstream import Upstream, UpstreamAuth
 from proxy.usage import UsageRecord, UsageRecorder
 
@@ -72,28 +74,40 @@ def error_response(error: ProxyError) -> Response:
 
 
 def answering(handler: Handler) -> Handler:
-    """Give the request its id, and turn whatever a handler raises into an OpenAI-shaped answer.
+    """Give the request its id, turn whatever a handler raises into an OpenAI-shaped answer, log its access line.
 
     A ``ProxyError`` becomes its own status and code. Anything else is a bug:
     it is logged with its traceback and the request id, and the client gets
     ``500 internal_error`` naming that id, never the Functions worker's bare
     ``500 text/plain``. Messages and logs never carry the request's content
-    or credential.
+    or credential. Every answer carries ``x-request-id``, and the access line
+    (``proxy.access``) that has the same id is written when the answer ends.
     """
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Request, *args: Any, **kwargs: Any) -> Response:
         request_id = request.state.request_id = uuid.uuid4().hex
+        lines = access_log()
+        access = request.state.access = Access.start(request, request_id, kwargs)
+        lines.telemetry.start(access)
         try:
-            return await handler(self, request, *args, **kwargs)
+            with lines.telemetry.current(access):
+                response = await handler(self, request, *args, **kwargs)
         except ProxyError as error:
             if error.status >= 500:
                 log.warning("%s: %s (request %s)", error.code, error.message, request_id)
-            error.headers.setdefault("x-request-id", request_id)
-            return error_response(error)
+            access.error = error.code
+            response = error_response(error)
         except Exception:
             log.exception("internal error in %s (request %s)", handler.__name__, request_id)
-            return error_response(internal_error(request_id))
+            access.error = "internal_error"
+            response = error_response(internal_error(request_id))
+        except BaseException:  # cancelled: the client went away before its answer
+            access.status, access.error = 499, access.error or "client_disconnected"
+            lines.finish(access)
+            raise
+        response.headers.setdefault("x-request-id", request_id)
+        return lines.respond(access, response)
 
     return wrapper
 
@@ -125,6 +139,7 @@ class Proxy:
         upstream: Upstream,
         credential: AsyncTokenCredential | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         self.tables = tables
@@ -133,7 +148,10 @@ class Proxy:
         self.roster = Roster(tables)
         self.failed_lookups = FailedLookups(settings.failed_lookups_per_minute)
         self._routes: list[tuple[re.Pattern[str], list[str]]] = []
-        self.recorder = UsageRecorder(tables, self.ledger)
+        self.telemetry = telemetry or Telemetry()
+        self.recorder = UsageRecorder(tables, self.ledger, self.telemetry)
+        # What the access log names the backend when upstream does not say (one endpoint).
+        self.backend_name = httpx.URL(settings.openai_endpoint).netloc.decode() if settings.openai_endpoint else ""
         self.upstream = upstream
         self.responses = ResponsesApi(tables, upstream, self.recorder)
         limits = SessionLimits(settings.session_max_turns, settings.session_max_chars, settings.session_ttl_seconds)
@@ -154,7 +172,9 @@ class Proxy:
         credential = make_credential(settings)
         auth = UpstreamAuth(settings.openai_api_key, credential)
         upstream = Upstream(settings, Upstream.client(settings), auth)
-        return cls(settings, Tables.create(settings, credential), upstream, credential)
+        telemetry = Telemetry.from_settings(settings)
+        configure_access_log(AccessLog(settings.log_format, telemetry))
+        return cls(settings, Tables.create(settings, credential), upstream, credential, telemetry=telemetry)
 
     async def aclose(self) -> None:
         """Graceful shutdown: store pending usage, then close the clients."""
@@ -285,13 +305,17 @@ class Proxy:
 
     async def _caller(self, request: Request) -> Caller:
         credential = read_credential(request.headers)
+        access: Access = request.state.access
+        access.attendee = credential.user
         address = client_address(request.headers.get("x-forwarded-for"), request.client and request.client.host)
         if not self.events.knows(credential.code):
             self.failed_lookups.check(address)  # guessing from this address: no lookup (proxy.guessing)
-        event = await self.events.by_code(credential.code)
+        with self.telemetry.span("event lookup"):
+            event = await self.events.by_code(credential.code)
         if event is None:
             self.failed_lookups.failed(address)
             raise InvalidEventCode("This event code is not known. Check the code the organizer shared.")
+        access.event_id = event.id
         return Caller(event, credential.user)
 
     def _check_open(self, event: Event, now: datetime) -> None:
@@ -310,6 +334,8 @@ class Proxy:
         self._check_open(event, now)
         payload = await bodies.read_json(request, self.settings.max_request_bytes)
         model = bodies.requested_model(payload, deployment)
+        access: Access = request.state.access
+        access.model = model
         if model not in event.models:
             raise ModelNotFound(
                 f"The model '{model}' is not available in '{event.name}'. Available: {', '.join(event.models)}.",
@@ -330,9 +356,11 @@ class Proxy:
             choices if type(choices) is int and choices > 0 else 1
         )
         request_id: str = request.state.request_id
+        access.stream = prepared.stream
         self.recorder.check_storage()
-        await self.roster.admit(event, caller.user)
-        admission = await self.ledger.admit_all(event, caller.user, now, estimate, request_id)
+        with self.telemetry.span("cap reservation"):
+            await self.roster.admit(event, caller.user)
+            admission = await self.ledger.admit_all(event, caller.user, now, estimate, request_id)
         record = UsageRecord(
             event_id=event.id,
             user=caller.user,
@@ -344,14 +372,16 @@ class Proxy:
             started_at=now,
             perf_start=time.perf_counter(),
         )
+        access.record = record
         operation = "chat/completions" if kind == "chat" else "embeddings"
         try:
-            if kind == "responses":
-                response = await self.upstream.send_v1(
-                    "POST", "responses", record.request_id, body=prepared.body, label=model
-                )
-            else:
-                response = await self.upstream.send(model, operation, prepared.body, record.request_id)
+            with self.telemetry.span("upstream call", {"proxy.model": model}):
+                if kind == "responses":
+                    response = await self.upstream.send_v1(
+                        "POST", "responses", record.request_id, body=prepared.body, label=model
+                    )
+                else:
+                    response = await self.upstream.send(model, operation, prepared.body, record.request_id)
         except ProxyError as error:
             record.status = error.status
             self.recorder.submit(record)
@@ -360,6 +390,8 @@ class Proxy:
             record.status = 499
             self.recorder.submit(record)
             raise
+        access.backend = str(response.extensions.get("proxy_backend") or self.backend_name)
+        access.upstream_attempts = int(response.extensions.get("proxy_attempts", 1))
         record.reached_upstream = True
         record.status = response.status_code
         headers = _headers(admission, record.request_id, response)

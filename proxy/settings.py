@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 DEFAULT_API_VERSION = "2024-10-21"
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
@@ -43,6 +44,10 @@ APP_SETTINGS: tuple[str, ...] = (
     "SESSION_MAX_TURNS",
     "SESSION_MAX_CHARS",
     "SESSION_TTL_SECONDS",
+    "LOG_FORMAT",
+    # Read by the Functions host too; here, for the app's own telemetry (proxy.telemetry).
+    "APPLICATIONINSIGHTS_CONNECTION_STRING",
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
 )
 
 # Settings read by the Functions host or the language worker, not by our code.
@@ -50,12 +55,15 @@ HOST_SETTINGS: tuple[str, ...] = (
     "AzureWebJobsStorage__accountName",
     "AzureWebJobsStorage__credential",
     "AzureWebJobsStorage__clientId",
-    "APPLICATIONINSIGHTS_CONNECTION_STRING",
-    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
     "PYTHON_ENABLE_INIT_INDEXING",
     "FUNCTIONS_EXTENSION_VERSION",
     "FUNCTIONS_WORKER_RUNTIME",
 )
+
+
+# The access log's lines (proxy.access): logfmt for people, json for machines.
+LogFormat = Literal["logfmt", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = ("logfmt", "json")
 
 
 class SettingsError(ValueError):
@@ -82,6 +90,12 @@ class Settings:
     session_max_turns: int = DEFAULT_SESSION_MAX_TURNS
     session_max_chars: int = DEFAULT_SESSION_MAX_CHARS
     session_ttl_seconds: float = DEFAULT_SESSION_TTL_SECONDS
+    log_format: LogFormat = "logfmt"
+    # Telemetry to Application Insights (proxy.telemetry); None: off, nothing exported nor imported.
+    appinsights_connection_string: str | None = None
+    # From APPLICATIONINSIGHTS_AUTHENTICATION_STRING "Authorization=AAD;ClientId=ID": the managed identity
+    # that authenticates the telemetry ("" for the system-assigned one); None: the connection string alone.
+    appinsights_identity: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, need_upstream: bool = True) -> Settings:
@@ -125,6 +139,9 @@ class Settings:
             session_max_turns=int(_number(get, "SESSION_MAX_TURNS", DEFAULT_SESSION_MAX_TURNS)),
             session_max_chars=int(_number(get, "SESSION_MAX_CHARS", DEFAULT_SESSION_MAX_CHARS)),
             session_ttl_seconds=_number(get, "SESSION_TTL_SECONDS", DEFAULT_SESSION_TTL_SECONDS),
+            log_format=_log_format(get("LOG_FORMAT")),
+            appinsights_connection_string=get("APPLICATIONINSIGHTS_CONNECTION_STRING"),
+            appinsights_identity=_appinsights_identity(get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING")),
         )
 
     @classmethod
@@ -147,6 +164,26 @@ def cli_values(settings_file: Path = Path("local.settings.json")) -> dict[str, s
         merged.pop("STORAGE_CONNECTION_STRING", None)
     merged.update(os.environ)
     return merged
+
+
+def _log_format(raw: str | None) -> LogFormat:
+    for known in LOG_FORMATS:
+        if (raw or "logfmt").lower() == known:
+            return known
+    raise SettingsError(f"LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {raw!r}")
+
+
+def _appinsights_identity(raw: str | None) -> str | None:
+    """``Authorization=AAD;ClientId=ID`` -> ``ID`` (``""`` without ClientId); None when not set."""
+    if raw is None:
+        return None
+    pairs = dict(part.split("=", 1) for part in raw.split(";") if "=" in part)
+    pairs = {key.strip().lower(): value.strip() for key, value in pairs.items()}
+    if pairs.get("authorization", "").upper() != "AAD":
+        raise SettingsError(
+            "APPLICATIONINSIGHTS_AUTHENTICATION_STRING must read Authorization=AAD;ClientId=<the identity's client id>"
+        )
+    return pairs.get("clientid", "")
 
 
 def _number(get: Callable[[str], str | None], name: str, default: float) -> float:

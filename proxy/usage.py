@@ -43,6 +43,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from proxy.errors import StorageUnavailable
 from proxy.limits import Admission, Finished, Ledger, Settlement
 from proxy.storage import Tables, gathered
+from proxy.telemetry import Telemetry
 
 log = logging.getLogger("proxy.usage")
 
@@ -158,8 +159,9 @@ class UsageRecorder:
     that were in flight when storage went away.
     """
 
-    def __init__(self, tables: Tables, ledger: Ledger) -> None:
+    def __init__(self, tables: Tables, ledger: Ledger, telemetry: Telemetry | None = None) -> None:
         self._tables = tables
+        self._telemetry = telemetry or Telemetry()
         self._ledger = ledger
         self._pending: list[UsageRecord] = []
         self._waiters: dict[int, asyncio.Future[None]] = {}
@@ -194,7 +196,8 @@ class UsageRecorder:
         self._waiters[id(record)] = done
         self._enqueue(record)
         # Shielded: a caller that goes away must not cancel a write others share.
-        await asyncio.shield(done)
+        with self._telemetry.span("usage commit"):
+            await asyncio.shield(done)
 
     def submit(self, record: UsageRecord) -> None:
         """Queue a record for storing; never blocks and never raises."""
