@@ -135,8 +135,12 @@ async def open_demo_event(settings: Settings) -> Event:
 
 
 def banner(base: str, organizer_key: str, generated: bool, upstream: str) -> str:
+    """What to paste; the organizer key only when this run generated it, never one it was given (a secret)."""
     key = f"{DEMO_CODE}/alice"
-    note = " (generated; set ORGANIZER_KEY to choose it)" if generated else ""
+    if generated:
+        shown = f"(generated; set ORGANIZER_KEY to choose it): {organizer_key}"
+    else:
+        shown = "the one you set (ORGANIZER_KEY, or Values of local.settings.json), not shown"
     return f"""
 ================================================================================
 Event proxy running at {base}/api   (upstream: {upstream})
@@ -153,7 +157,8 @@ Organizer page:         {base}/api/manage/portal
   print(client.chat.completions.create(model="gpt-4o-mini",
         messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)
 
-Organizer key{note}: {organizer_key}
+Organizer key {shown}
+Each request prints one access line (LOG_FORMAT=json for JSON lines).
   .venv/bin/python -m proxy.manage events list
   .venv/bin/python -m proxy.manage usage {DEMO_ID} --by user
 Ctrl-C stops everything, and so does closing this terminal.

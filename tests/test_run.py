@@ -8,13 +8,15 @@ import socket
 import sys
 from pathlib import Path
 
+import httpx
+
 from tests.support import Service, free_port, wait_for, worker_pids
 
 
-def start_stack(tmp_path: Path) -> tuple[Service, tuple[int, int, int]]:
+def start_stack(tmp_path: Path, **extra: str) -> tuple[Service, tuple[int, int, int]]:
     ports = port, table_port, sim_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "STORAGE_", "ORGANIZER_", "IDENTITY_"))}
-    env.update(PROXY_PORT=str(port), AZURITE_TABLE_PORT=str(table_port), SIMULATOR_PORT=str(sim_port))
+    env.update(PROXY_PORT=str(port), AZURITE_TABLE_PORT=str(table_port), SIMULATOR_PORT=str(sim_port), **extra)
     args = [sys.executable, "-m", "devtools.run", "--settings-file", str(tmp_path / "s.json"), "--no-func"]
     service = Service([*args, "--data-dir", str(tmp_path / "azurite")], "Ctrl-C stops everything", env)
     return service, ports
@@ -63,3 +65,21 @@ def test_a_dead_azurite_is_noticed_and_named(tmp_path: Path) -> None:
     assert "Azurite (pid" in service.text and "exited with code" in service.text
     assert "cannot reach Table Storage" in service.text
     assert not listening(port) and not listening(sim_port)
+
+
+def test_a_supplied_organizer_key_is_never_printed(tmp_path: Path) -> None:
+    """The banner says which key to use without echoing it; requests print access lines, not the key."""
+    supplied = "supplied-organizer-key-" + os.urandom(6).hex()
+    service, (port, _, _) = start_stack(tmp_path, ORGANIZER_KEY=supplied)
+    try:
+        base = f"http://127.0.0.1:{port}/api"
+        listed = httpx.get(f"{base}/manage/events", headers={"authorization": f"Bearer {supplied}"})
+        chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}
+        answered = httpx.post(f"{base}/v1/chat/completions", json=chat, headers={"api-key": "DEMO-EVENT/alice"})
+        assert listed.status_code == answered.status_code == 200
+        for response in (listed, answered):
+            service.wait_for_output(f"request_id={response.headers['x-request-id']}")
+    finally:
+        service.stop()
+    assert "Organizer key the one you set" in service.text
+    assert supplied not in service.text and "DEMO-EVENT/alice" in service.text  # the demo credential is shown
