@@ -71,6 +71,9 @@ async def test_create_stream_retrieve_chain_delete_with_the_sdk(
     assert sdk.responses.retrieve(streamed.id).id == streamed.id
     items = list(sdk.responses.input_items.list(second.id))
     assert [item.type for item in items] == ["message"]
+    sdk.responses.input_items.list(second.id, order="asc", limit=5)
+    # Paging passes through; the v1 API gets no dated api-version.
+    assert sim_stats(simulator)["last_query"] == {"order": "asc", "limit": "5"}
 
     sdk.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError):

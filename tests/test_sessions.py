@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 from collections.abc import Iterator
@@ -179,3 +180,19 @@ async def test_expired_sessions_are_deleted_from_storage(small_app: str, make_ev
     assert await purge_expired(tables, datetime.now(UTC)) >= 1
     rows = tables.requests.query_entities("PartitionKey eq @pk", parameters={"pk": created.event.id})
     assert [row["RowKey"] async for row in rows] == ["session|fresh|s"]
+
+
+async def test_turns_finishing_at_once_are_all_kept(app: str, simulator: str, make_event: MakeEvent) -> None:
+    key = (await make_event()).key()
+
+    async def turn(http: httpx.AsyncClient, text: str) -> None:
+        body = {"model": MODEL, "messages": [user(text)], "session_id": "busy"}
+        answer = await http.post(f"{app}/api/v1/chat/completions", json=body, headers={"api-key": key})
+        assert answer.status_code == 200, answer.text
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        await asyncio.gather(*(turn(http, f"message {n}") for n in range(5)))
+        await turn(http, "last")
+    sent = [text for role, text in contents(upstream_messages(simulator)) if role == "user"]
+    # Written with conditional writes: a turn that lost a race was merged, not overwritten.
+    assert sorted(sent[:-1]) == [f"message {n}" for n in range(5)] and sent[-1] == "last"
