@@ -298,7 +298,7 @@ class Proxy:
                 raise MethodNotAllowed(request.method, request.url.path, methods)
         raise NotFound(
             f"No route {request.method} {request.url.path}. Use /api/v1/chat/completions, "
-            "/api/v1/embeddings or /api/v1/models with an OpenAI client."
+            "/api/v1/responses, /api/v1/embeddings or /api/v1/models with an OpenAI client."
         )
 
     # The shared path of chat and embeddings
