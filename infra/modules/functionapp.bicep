@@ -150,6 +150,11 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
           value: 'ClientId=${identityClientId};Authorization=AAD'
         }
         {
+          // One JSON object per access line (proxy.access): the workbook's queries parse them.
+          name: 'LOG_FORMAT'
+          value: 'json'
+        }
+        {
           name: 'PYTHON_ENABLE_INIT_INDEXING'
           value: '1'
         }
