@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("FUNCTIONS_WORKER_RUNTIME", "python")
     app_dir = str(args.functions_uri.resolve())
     os.chdir(app_dir)
-    sys.path.insert(0, app_dir)
+    if app_dir not in sys.path:
+        sys.path.insert(0, app_dir)
     configure_logging()
 
     protos = funcprotos.load()

@@ -48,7 +48,7 @@ class Service:
 
     def __init__(self, args: list[str], ready: str, env: Mapping[str, str] | None = None) -> None:
         self.output: list[str] = []
-        self._lines: queue.Queue[str] = queue.Queue()
+        self._lines: queue.Queue[str | None] = queue.Queue()  # None: the output ended
         self.process = subprocess.Popen(
             args,
             cwd=ROOT,
@@ -67,6 +67,9 @@ class Service:
             except queue.Empty:
                 self.stop()
                 raise RuntimeError(f"{args[:3]} did not start:\n{self.text}") from None
+            if line is None:  # it exited (or closed its output) without the ready line: no point waiting
+                code = self.stop()
+                raise RuntimeError(f"{args[:3]} exited with code {code} before it was ready:\n{self.text}")
             if ready in line:
                 self.ready_line = line.strip()
                 return
@@ -76,6 +79,7 @@ class Service:
         for line in self.process.stdout:
             self.output.append(line)
             self._lines.put(line)
+        self._lines.put(None)
 
     @property
     def text(self) -> str:

@@ -216,3 +216,11 @@ def test_ncrontab_schedules() -> None:
 def test_route_precedence_is_aspnet_inbound_order() -> None:
     digits = {t: compile_template("api", t)[1] for t in ("v1/models", "v1/{x}", "v1/{x:int}", "{*path}")}
     assert digits == {"v1/models": (1, 1, 1), "v1/{x}": (1, 1, 3), "v1/{x:int}": (1, 1, 2), "{*path}": (1, 4)}
+
+
+def test_an_app_that_cannot_start_fails_its_test_at_once() -> None:
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited with code 1 before it was ready") as failure:
+        start_app(base_env(), app_dir=APPS / "broken")
+    assert "broken on purpose" in str(failure.value)
+    assert time.monotonic() - started < 20, "no waiting for a ready line that cannot come"
