@@ -20,11 +20,19 @@ Magic words in the last user message (chat and responses):
 * ``SIM_BREAK_STREAM``    -> streams abort the connection after 2 token chunks
 * ``SIM_SLOW_MS=<n>``     -> extra n ms latency before responding
 
+Quotas, so that several instances can stand for backends in different regions
+(``AZURE_OPENAI_BACKENDS``): ``--rpm-limit`` and ``--tpm-limit`` answer 429 with
+``retry-after``, ``retry-after-ms`` and ``x-ratelimit-remaining-*`` once a
+minute's requests or tokens are used; ``--throttle-fraction F`` answers that
+share of chat and embeddings requests 429 whatever the quota, evenly spread
+(0.5: every second one), asking for ``--throttle-retry-ms``; ``--fail-status
+503`` answers every one with that status, a backend that is down.
+
 CLI::
 
     python -m devtools.simulator --host 127.0.0.1 --port 0 [--latency-ms N] [--ttft-ms N]
-        [--tokens-per-second N] [--rpm-limit N] [--api-key K] [--bearer-token T]
-        [--completion-tokens N]
+        [--tokens-per-second N] [--rpm-limit N] [--tpm-limit N] [--throttle-fraction F]
+        [--throttle-retry-ms N] [--fail-status S] [--api-key K] [--bearer-token T] [--completion-tokens N]
 
 Options may also come from ``SIM_LATENCY_MS``, ``SIM_TTFT_MS``, ``SIM_TOKENS_PER_SECOND``,
 ``SIM_RPM_LIMIT``, ``SIM_API_KEY``, ``SIM_BEARER_TOKEN`` (the CLI wins).
@@ -122,11 +130,16 @@ class SimulatorConfig:
     tokens_per_second: float = 0
     completion_tokens: int = 12
     rpm_limit: int = 0
+    tpm_limit: int = 0
+    throttle_fraction: float = 0.0
+    throttle_retry_ms: float = 1000.0
+    fail_status: int = 0
 
 
 @dataclass
 class _Stats:
     requests: int = 0
+    throttled: int = 0
     by_deployment: dict[str, int] = field(default_factory=dict)
     authorizations: set[str] = field(default_factory=set)
     last_body: Any = None
@@ -142,6 +155,7 @@ class _Stats:
     def as_json(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
+            "throttled": self.throttled,
             "by_deployment": self.by_deployment,
             "authorizations": sorted(self.authorizations),
             "last_body": self.last_body,
@@ -161,6 +175,7 @@ class Simulator:
         self._window_start = time.monotonic()
         self._window_count = 0
         self._window_tokens = 0
+        self._throttle_credit = 0.0
 
     # -- ASGI entry point -------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -185,6 +200,8 @@ class Simulator:
         else:
             remaining_req = REQUESTS_UNLIMITED
             remaining_tok = max(0, TOKENS_PER_MINUTE_UNLIMITED - self._window_tokens)
+        if self.config.tpm_limit > 0:
+            remaining_tok = max(0, self.config.tpm_limit - self._window_tokens)
         return rate_limit_headers(remaining_req, remaining_tok)
 
     async def _send_json(
@@ -249,9 +266,24 @@ class Simulator:
             self._window_start = now
             self._window_count = 0
             self._window_tokens = 0
-        if self.config.rpm_limit <= 0:
+        wait = self._throttle() or self._over_quota(now)
+        if wait is not None:
+            self.stats.throttled += 1
+        return wait
+
+    def _throttle(self) -> float | None:
+        """Every request that brings the share of throttled ones up to ``throttle_fraction``."""
+        self._throttle_credit += self.config.throttle_fraction
+        if self._throttle_credit < 1:
             return None
-        if self._window_count >= self.config.rpm_limit:
+        self._throttle_credit -= 1
+        return self.config.throttle_retry_ms / 1000
+
+    def _over_quota(self, now: float) -> float | None:
+        """The wait until the minute's window ends, when its requests or tokens are used up."""
+        cfg = self.config
+        tokens_out = cfg.tpm_limit > 0 and self._window_tokens >= cfg.tpm_limit
+        if tokens_out or (cfg.rpm_limit > 0 and self._window_count >= cfg.rpm_limit):
             return max(0.001, self._window_start + 60 - now)
         self._window_count += 1
         return None
@@ -315,6 +347,10 @@ class Simulator:
             parse_failed = False
 
         api_version = query.get("api-version", "")
+        if self.config.fail_status:
+            failed = self.config.fail_status
+            await self._send_json(send, failed, error_body(str(failed), MSG_SERVER_ERROR))
+            return
         wait = self._rate_limited()
         if wait is not None:
             seconds = math.ceil(wait)
@@ -661,6 +697,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=float(_env("SIM_TOKENS_PER_SECOND") or 0),
     )
     parser.add_argument("--rpm-limit", type=int, default=int(_env("SIM_RPM_LIMIT") or 0))
+    parser.add_argument("--tpm-limit", type=int, default=int(_env("SIM_TPM_LIMIT") or 0))
+    parser.add_argument("--throttle-fraction", type=float, default=0.0, help="share of requests answered 429")
+    parser.add_argument("--throttle-retry-ms", type=float, default=1000.0, help="the wait those 429s ask for")
+    parser.add_argument("--fail-status", type=int, default=0, help="answer every request with this status")
     parser.add_argument("--api-key", default=_env("SIM_API_KEY"))
     parser.add_argument("--bearer-token", default=_env("SIM_BEARER_TOKEN"))
     parser.add_argument("--completion-tokens", type=int, default=12)
@@ -693,6 +733,10 @@ def main(argv: list[str] | None = None) -> None:
         tokens_per_second=args.tokens_per_second,
         completion_tokens=args.completion_tokens,
         rpm_limit=args.rpm_limit,
+        tpm_limit=args.tpm_limit,
+        throttle_fraction=args.throttle_fraction,
+        throttle_retry_ms=args.throttle_retry_ms,
+        fail_status=args.fail_status,
     )
     _serve(create_app(config), args.host, args.port)
 

@@ -17,6 +17,7 @@
     ├── RequestTooLarge               413     request_too_large
     ├── CapExceeded                   429     daily_request_cap_exceeded / daily_token_cap_exceeded /
     │                                         rate_limited / event_budget_exhausted (with ``Retry-After``)
+    ├── UpstreamThrottled             429     rate_limited (every backend at its quota; ``Retry-After``)
     ├── InternalError                 500     internal_error (a bug; names the request id)
     ├── UpstreamError                 502     upstream_error
     ├── StorageUnavailable            503     storage_unavailable
@@ -29,6 +30,8 @@ secret: no event code, token or key is ever formatted into one.
 """
 
 from __future__ import annotations
+
+import math
 
 import orjson
 
@@ -141,6 +144,17 @@ def internal_error(request_id: str) -> InternalError:
 
 class UpstreamError(ProxyError):
     status, code, type = 502, "upstream_error", "api_error"
+
+
+class UpstreamThrottled(ProxyError):
+    """Every backend for the model is cooled down after a 429 (``proxy.backends``); the shortest wait is sent."""
+
+    status, code, type = 429, "rate_limited", "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        seconds, milliseconds = max(1, math.ceil(retry_after)), max(1, math.ceil(retry_after * 1000))
+        headers = {"retry-after": str(seconds), "retry-after-ms": str(milliseconds)}
+        super().__init__(message, headers=headers)
 
 
 class StorageUnavailable(ProxyError):

@@ -59,7 +59,7 @@ from proxy.settings import Settings
 from proxy.storage import Tables, guarded
 from proxy.streaming import relay
 from proxy.telemetry import Telemetry
-from proxy.upstream import Upstream, UpstreamAuth
+from proxy.upstream import Upstream
 from proxy.usage import UsageRecord, UsageRecorder
 
 log = logging.getLogger("proxy")
@@ -114,7 +114,7 @@ def answering(handler: Handler) -> Handler:
 
 def make_credential(settings: Settings) -> AsyncTokenCredential | None:
     """The Azure credential, when upstream or storage needs one (imported only then)."""
-    if settings.openai_api_key and settings.storage_connection_string:
+    if all(backend.api_key for backend in settings.backends) and settings.storage_connection_string:
         return None
     from azure.identity.aio import DefaultAzureCredential
 
@@ -170,8 +170,7 @@ class Proxy:
     @classmethod
     def from_settings(cls, settings: Settings) -> Proxy:
         credential = make_credential(settings)
-        auth = UpstreamAuth(settings.openai_api_key, credential)
-        upstream = Upstream(settings, Upstream.client(settings), auth)
+        upstream = Upstream(settings, Upstream.client(settings), credential)
         telemetry = Telemetry.from_settings(settings)
         configure_access_log(AccessLog(settings.log_format, telemetry))
         return cls(settings, Tables.create(settings, credential), upstream, credential, telemetry=telemetry)
@@ -394,6 +393,7 @@ class Proxy:
         access.upstream_attempts = int(response.extensions.get("proxy_attempts", 1))
         record.reached_upstream = True
         record.status = response.status_code
+        record.backend = str(response.extensions.get("proxy_backend", ""))
         headers = _headers(admission, record.request_id, response)
         if prepared.stream and response.status_code == 200:
             if kind == "responses":

@@ -11,8 +11,9 @@ One entity per (event, attendee, UTC day) in the ``proxyusage`` table,
   A request that fails (upstream error, timeout, broken stream, client gone)
   gives its slot back when its usage is settled.
 - ``requests``, ``failed``, ``prompt_tokens``, ``completion_tokens``,
-  ``total_tokens`` and ``models`` (JSON, the same figures per model): the
-  day's recorded usage, which is also what the usage reports read.
+  ``total_tokens``, ``models`` and ``backends`` (JSON, the same figures per
+  model and per upstream backend): the day's recorded usage, which is also
+  what the usage reports read.
 - ``inflight`` (JSON): the requests admitted and not yet settled, as
   ``{request id: [estimate, minute, admitted at (epoch seconds), released]}``,
   written by the same conditional writes. Settling removes a request's entry,
@@ -132,6 +133,7 @@ class Settlement:
     total_tokens: int
     reached_upstream: bool
     succeeded: bool
+    backend: str = ""  # the upstream backend that answered (proxy.backends)
 
 
 class Ledger:
@@ -608,6 +610,7 @@ def _base(entity: dict[str, Any], user: str, day: str) -> dict[str, Any]:
     for name in _COUNTERS:
         updated[name] = int(entity.get(name, 0))
     updated["models"] = entity.get("models", "{}")
+    updated["backends"] = entity.get("backends", "{}")
     updated["tpm_minute"] = int(entity.get("tpm_minute", 0))
     updated["tpm_tokens"] = int(entity.get("tpm_tokens", 0))
     updated["inflight"] = entity.get("inflight", "{}")
@@ -663,4 +666,9 @@ def _settled(entity: dict[str, Any], user: str, admission: Admission, settlement
     for index, value in enumerate((1, *figures)):
         row[index] += value
     updated["models"] = orjson.dumps(models).decode()
+    backends: dict[str, list[int]] = orjson.loads(updated["backends"])
+    row = backends.setdefault(settlement.backend, [0, 0, 0, 0])
+    for index, value in enumerate((1, *figures)):
+        row[index] += value
+    updated["backends"] = orjson.dumps(backends).decode()
     return updated

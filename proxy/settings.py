@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from proxy.backends import Backend, parse_backends, single_backend
+
 DEFAULT_API_VERSION = "2024-10-21"
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 # functionTimeout in host.json (10 min) plus a minute: no live request is older (proxy.reconcile)
@@ -96,6 +98,8 @@ class Settings:
     # From APPLICATIONINSIGHTS_AUTHENTICATION_STRING "Authorization=AAD;ClientId=ID": the managed identity
     # that authenticates the telemetry ("" for the system-assigned one); None: the connection string alone.
     appinsights_identity: str | None = None
+    # AZURE_OPENAI_BACKENDS, or AZURE_OPENAI_ENDPOINT as the one backend (proxy.backends).
+    backends: tuple[Backend, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, need_upstream: bool = True) -> Settings:
@@ -107,12 +111,23 @@ class Settings:
             return value or None
 
         endpoint = get("AZURE_OPENAI_ENDPOINT")
-        if endpoint is None and need_upstream:
+        listed = get("AZURE_OPENAI_BACKENDS")
+        if endpoint is None and listed is None and need_upstream:
             raise SettingsError(
                 "AZURE_OPENAI_ENDPOINT is not set: give the Azure OpenAI endpoint, e.g. https://NAME.openai.azure.com"
+                " (or several in AZURE_OPENAI_BACKENDS)"
             )
         if endpoint is not None and not endpoint.startswith(("https://", "http://")):
             raise SettingsError("AZURE_OPENAI_ENDPOINT must start with https:// (or http:// for a local simulator)")
+        api_key = get("AZURE_OPENAI_API_KEY")
+        backends: tuple[Backend, ...] = ()
+        if listed is not None:
+            try:
+                backends = parse_backends(listed, get)
+            except ValueError as exc:
+                raise SettingsError(f"AZURE_OPENAI_BACKENDS {exc}") from None
+        elif endpoint is not None:
+            backends = (single_backend(endpoint.rstrip("/"), api_key),)
         table_endpoint = get("STORAGE_TABLE_ENDPOINT")
         connection_string = get("STORAGE_CONNECTION_STRING")
         if table_endpoint is None and connection_string is None:
@@ -124,8 +139,8 @@ class Settings:
         if not 0 <= cache_seconds <= 60:
             raise SettingsError("EVENT_CACHE_SECONDS must be between 0 and 60 (changes must apply within 60 s)")
         return cls(
-            openai_endpoint=(endpoint or "").rstrip("/"),
-            openai_api_key=get("AZURE_OPENAI_API_KEY"),
+            openai_endpoint=(endpoint or (backends[0].endpoint if backends else "")).rstrip("/"),
+            openai_api_key=api_key,
             openai_api_version=get("AZURE_OPENAI_API_VERSION") or DEFAULT_API_VERSION,
             client_id=get("AZURE_CLIENT_ID"),
             table_endpoint=table_endpoint,
@@ -142,6 +157,7 @@ class Settings:
             log_format=_log_format(get("LOG_FORMAT")),
             appinsights_connection_string=get("APPLICATIONINSIGHTS_CONNECTION_STRING"),
             appinsights_identity=_appinsights_identity(get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING")),
+            backends=backends,
         )
 
     @classmethod

@@ -1,25 +1,46 @@
-"""Upstream Azure OpenAI: the pooled HTTP client, its credential, and the call.
+"""Upstream Azure OpenAI: the pooled HTTP client, the backends' credentials, and the call with failover.
 
-One ``httpx.AsyncClient`` per worker, over aiohttp's pool (``proxy.transport``). Upstream is called with a bearer token
-from ``azure-identity`` (managed identity in Azure, developer credentials
-locally), or with ``AZURE_OPENAI_API_KEY`` when that is set; the token is
-cached by ``proxy.tokens``. Client headers are never forwarded:
-the attendee's credential holds the event code.
+One ``httpx.AsyncClient`` per worker, over aiohttp's pool (``proxy.transport``),
+serves every backend. A backend is called with a bearer token from
+``azure-identity`` (managed identity in Azure, developer credentials locally;
+one token for all backends, cached by ``proxy.tokens``), or with its own key
+when one is configured (``AZURE_OPENAI_API_KEY``, or a backend's
+``api_key_setting``). Client headers are never forwarded: the attendee's
+credential holds the event code.
 
-Transport failures become ``UpstreamError`` (502) after retries, timeouts
-become ``UpstreamTimeout`` (504); upstream's own error answers pass through
-with their status and body.
+``send`` tries the backends that serve the model in the order
+``proxy.backends.Health`` gives (best priority first, by weight within it),
+and moves on to the next on a 429 (cooling that backend down for its
+``retry-after-ms`` / ``retry-after``), a 5xx, a connection failure or a
+timeout, all before anything reaches the client: a response is returned only
+once a backend has answered with something that is not one of those, so a
+stream that fails after its headers ends with an error event instead
+(``proxy.streaming``). Every attempt shares the request's time budget,
+``UPSTREAM_TIMEOUT_SECONDS`` from the first: a backend that uses it all up
+leaves none for the next. With a single backend, connection failures and 502,
+503 and 504 are retried on it, up to ``CONNECT_ATTEMPTS`` sends in all.
+
+When nothing succeeded: if any backend was throttled (now, or cooled down
+before), the client gets 429 with the shortest wait among them, upstream's own
+answer when one came (its ``retry-after`` headers set to that wait), else
+``UpstreamThrottled``; otherwise the last failure, as before: a 5xx answer
+(which ``proxy.handlers`` turns into 502), ``UpstreamError`` (502) or
+``UpstreamTimeout`` (504). Upstream's other answers (4xx) pass through with
+their status and body, from the first backend that gave one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+from collections.abc import Callable
 
 import httpx
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import ClientAuthenticationError
 
-from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.backends import Backend, Health, Plan, retry_after_seconds
+from proxy.errors import ProxyError, UpstreamError, UpstreamThrottled, UpstreamTimeout
 from proxy.settings import Settings
 from proxy.tokens import BearerToken
 from proxy.transport import AiohttpTransport
@@ -27,16 +48,17 @@ from proxy.transport import AiohttpTransport
 SCOPE = "https://cognitiveservices.azure.com/.default"
 CONNECT_ATTEMPTS = 3
 RETRY_STATUSES = frozenset({502, 503, 504})
+MIN_ATTEMPT_SECONDS = 0.5  # less than this left of the budget: no further attempt
 
 
 class UpstreamAuth:
-    """The header that authenticates the proxy to Azure OpenAI: its key, or a bearer token."""
+    """The header that authenticates the proxy to one backend: its key, or the shared bearer token."""
 
-    def __init__(self, api_key: str | None, credential: AsyncTokenCredential | None) -> None:
-        if api_key is None and credential is None:
+    def __init__(self, api_key: str | None, token: BearerToken | None) -> None:
+        if api_key is None and token is None:
             raise ValueError("either an API key or a credential is needed for upstream")
         self._api_key = api_key
-        self._token = None if credential is None else BearerToken(credential, SCOPE)
+        self._token = token
 
     async def header(self) -> tuple[str, str]:
         if self._api_key is not None:
@@ -52,14 +74,26 @@ class UpstreamAuth:
 
 
 class Upstream:
-    """Sends a prepared body to a deployment and returns the (streaming) response."""
+    """Sends a prepared body to a model's backends and returns the first usable (streaming) response."""
 
-    def __init__(self, settings: Settings, client: httpx.AsyncClient, auth: UpstreamAuth) -> None:
-        self._base = f"{settings.openai_endpoint}/openai/deployments/"
-        self._v1 = f"{settings.openai_endpoint}/openai/v1/"
+    def __init__(
+        self,
+        settings: Settings,
+        client: httpx.AsyncClient,
+        credential: AsyncTokenCredential | None,
+        health: Health | None = None,
+    ) -> None:
+        if not settings.backends:
+            raise ValueError("no upstream backend is configured")
+        token = None if credential is None else BearerToken(credential, SCOPE)
+        self.backends = settings.backends
+        self.health = health or Health()
+        self._auth = {backend.name: UpstreamAuth(backend.api_key, token) for backend in self.backends}
         self._query = f"?api-version={settings.openai_api_version}"
+        self._budget = settings.upstream_timeout_seconds
         self._client = client
-        self._auth = auth
+        # Stored responses live on the resource that made them: the Responses API uses one backend.
+        self._primary = min(self.backends, key=lambda backend: (backend.priority, -backend.weight))
 
     @staticmethod
     def client(settings: Settings) -> httpx.AsyncClient:
@@ -67,9 +101,17 @@ class Upstream:
         return httpx.AsyncClient(transport=transport)
 
     async def send(self, deployment: str, operation: str, body: bytes, request_id: str) -> httpx.Response:
-        """POST to upstream; the caller reads or streams the response and closes it."""
-        url = f"{self._base}{deployment}/{operation}{self._query}"
-        return await self._send("POST", url, body, request_id, deployment)
+        """POST to a backend serving the model ``deployment``; the caller reads or streams the response and closes it.
+
+        The response's ``extensions`` name the backend (``proxy_backend``) and
+        the number of sends (``proxy_attempts``).
+        """
+
+        def url(backend: Backend) -> str:
+            return f"{backend.endpoint}/openai/deployments/{backend.deployment(deployment)}/{operation}{self._query}"
+
+        plan = self.health.plan(self.backends, deployment)
+        return await self._route(plan, deployment, "POST", url, body, request_id)
 
     async def send_v1(
         self,
@@ -83,44 +125,148 @@ class Upstream:
     ) -> httpx.Response:
         """Call Azure OpenAI's v1 API, ``/openai/v1/<path>`` (the Responses API); ``label`` names it in errors.
 
+        Always on the first backend (best priority, then weight): a stored
+        response, and a chain through ``previous_response_id``, exist only on
+        the resource that made them, so there is nothing to fail over to.
         The v1 API takes no dated ``api-version``, so ``AZURE_OPENAI_API_VERSION``
         does not apply here. Source:
         https://learn.microsoft.com/en-us/azure/foundry/openai/api-version-lifecycle
         """
-        url = str(httpx.URL(f"{self._v1}{path}", params=query or None))
-        return await self._send(method, url, body, request_id, label)
 
-    async def _send(
-        self, method: str, url: str, body: bytes | None, request_id: str, deployment: str
+        def url(backend: Backend) -> str:
+            return str(httpx.URL(f"{backend.endpoint}/openai/v1/{path}", params=query or None))
+
+        plan = self.health.plan([self._primary], "responses")
+        return await self._route(plan, label, method, url, body, request_id, model="responses")
+
+    async def _route(
+        self,
+        plan: Plan,
+        label: str,
+        method: str,
+        url: Callable[[Backend], str],
+        body: bytes | None,
+        request_id: str,
+        model: str | None = None,
     ) -> httpx.Response:
-        name, value = await self._auth.header()
+        model = model or label
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._budget
+        if not plan.order and not plan.cooled:
+            raise UpstreamError(f"No backend in AZURE_OPENAI_BACKENDS serves '{label}'; the operator should add it.")
+        queue = list(plan.order)
+        retry: list[Backend] = []  # failed in a way that may pass on the same backend
+        throttled: tuple[float, httpx.Response, Backend] | None = None  # the 429 with the shortest wait
+        shortest = plan.cooled[0][0] if plan.cooled else math.inf
+        failure: ProxyError | tuple[httpx.Response, Backend] | None = None
+        attempts = 0
+        while attempts < max(CONNECT_ATTEMPTS, len(plan.order)):
+            if not queue:
+                if not retry:
+                    break
+                queue, retry = retry, []
+                await asyncio.sleep(0.1 * attempts)
+            remaining = deadline - loop.time()
+            if attempts and remaining < MIN_ATTEMPT_SECONDS:
+                break
+            backend = queue.pop(0)
+            attempts += 1
+            self.health.attempting(backend, model)
+            try:
+                response = await self._attempt(backend, method, url(backend), body, request_id, remaining)
+            except (httpx.TimeoutException, TimeoutError) as exc:
+                self.health.failed(backend, model)
+                if isinstance(exc, httpx.ConnectTimeout):
+                    retry.append(backend)
+                failure = _chained(
+                    UpstreamTimeout(
+                        f"Azure OpenAI did not answer within the proxy's time limit for '{label}'. Try again."
+                    ),
+                    exc,
+                )
+                continue
+            except httpx.TransportError as exc:
+                self.health.failed(backend, model)
+                retry.append(backend)
+                failure = _chained(
+                    UpstreamError(f"Azure OpenAI could not be reached for '{label}' after {attempts} attempts."), exc
+                )
+                continue
+            status = response.status_code
+            if status == 429:
+                wait = retry_after_seconds(response.headers)
+                self.health.throttled(backend, model, wait)
+                shortest = min(shortest, wait)
+                if throttled is None or wait < throttled[0]:
+                    throttled = (wait, await _buffered(response), backend)
+                else:
+                    await response.aclose()
+                continue
+            if status >= 500:
+                self.health.failed(backend, model)
+                if status in RETRY_STATUSES:
+                    retry.append(backend)
+                if isinstance(failure, tuple):
+                    await failure[0].aclose()
+                failure = (response, backend)
+                continue
+            self.health.succeeded(backend, model)
+            await _close(failure)
+            return _answered(response, backend, attempts)
+        if shortest < math.inf:
+            await _close(failure)
+            if throttled is None:
+                seconds = math.ceil(shortest)
+                raise UpstreamThrottled(
+                    f"Every Azure OpenAI backend for '{label}' is at its quota right now; retry after {seconds} s.",
+                    retry_after=shortest,
+                )
+            _, response, backend = throttled
+            response.headers["retry-after"] = str(max(1, math.ceil(shortest)))
+            response.headers["retry-after-ms"] = str(max(1, math.ceil(shortest * 1000)))
+            return _answered(response, backend, attempts)
+        if isinstance(failure, tuple):
+            return _answered(failure[0], failure[1], attempts)
+        assert failure is not None  # the first attempt is always made
+        raise failure
+
+    async def _attempt(
+        self, backend: Backend, method: str, url: str, body: bytes | None, request_id: str, seconds: float
+    ) -> httpx.Response:
+        name, value = await self._auth[backend.name].header()
         headers = {"accept-encoding": "identity", "x-ms-client-request-id": request_id, name: value}
         if body is not None:
             headers["content-type"] = "application/json"
         request = self._client.build_request(method, url, content=body, headers=headers)
-        for attempt in range(1, CONNECT_ATTEMPTS + 1):
-            try:
-                response = await self._client.send(request, stream=True)
-            except httpx.TimeoutException as exc:
-                if isinstance(exc, httpx.ConnectTimeout) and attempt < CONNECT_ATTEMPTS:
-                    continue
-                raise UpstreamTimeout(
-                    f"Azure OpenAI did not answer within the proxy's time limit for '{deployment}'. Try again."
-                ) from exc
-            except httpx.TransportError as exc:
-                if attempt < CONNECT_ATTEMPTS:
-                    await asyncio.sleep(0.1 * attempt)
-                    continue
-                raise UpstreamError(
-                    f"Azure OpenAI could not be reached for '{deployment}' after {CONNECT_ATTEMPTS} attempts."
-                ) from exc
-            if response.status_code in RETRY_STATUSES and attempt < CONNECT_ATTEMPTS:
-                await response.aclose()
-                await asyncio.sleep(0.1 * attempt)
-                continue
-            response.extensions["proxy_attempts"] = attempt  # named in a 502's message
-            return response
-        raise AssertionError("unreachable")
+        async with asyncio.timeout(seconds):
+            return await self._client.send(request, stream=True)
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _answered(response: httpx.Response, backend: Backend, attempts: int) -> httpx.Response:
+    response.extensions["proxy_backend"] = backend.name  # recorded in usage
+    response.extensions["proxy_attempts"] = attempts  # named in a 502's message
+    return response
+
+
+def _chained(error: ProxyError, cause: BaseException) -> ProxyError:
+    error.__cause__ = cause
+    return error
+
+
+async def _buffered(response: httpx.Response) -> httpx.Response:
+    """A 429 read in full now, so it can be passed on after other backends were tried."""
+    try:
+        await response.aread()
+        return response
+    except httpx.HTTPError:  # its status and headers are what matter
+        return httpx.Response(response.status_code, headers=response.headers, content=b"", request=response.request)
+    finally:
+        await response.aclose()
+
+
+async def _close(failure: ProxyError | tuple[httpx.Response, Backend] | None) -> None:
+    if isinstance(failure, tuple):
+        await failure[0].aclose()

@@ -6,7 +6,7 @@ for it (``commit``); all the records pending at that moment are stored
 together, so requests that finish together share their writes. Both halves
 of a record live in ``proxyusage``, in its event's partition: the request's
 log entry (``RowKey="log|<YYYY-MM-DD>|<request id>"``: attendee, model, kind,
-stream, status, tokens, latency, time) and its attendee's day
+stream, status, tokens, latency, time, backend) and its attendee's day
 (``RowKey="<YYYY-MM-DD>|<user>"``, see ``proxy.limits``). One entity group
 transaction per event writes both, so the log and the days never disagree,
 and a retried write finds the log entry already there instead of counting a
@@ -62,11 +62,12 @@ LOG_FIELDS = (
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
+    "backend",
 )
 MAX_BACKOFF_SECONDS = 2.0
 
-GroupBy = Literal["user", "model", "day"]
-GROUPINGS: tuple[GroupBy, ...] = ("user", "model", "day")
+GroupBy = Literal["user", "model", "day", "backend"]
+GROUPINGS: tuple[GroupBy, ...] = ("user", "model", "day", "backend")
 FIGURES = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
 
 
@@ -89,6 +90,7 @@ class UsageRecord:
     completion_tokens: int = 0
     total_tokens: int = 0
     reached_upstream: bool = False
+    backend: str = ""  # the upstream backend that answered (proxy.backends)
     stored: bool = field(default=False, repr=False)
 
     def log_entity(self) -> dict[str, Any]:
@@ -107,6 +109,7 @@ class UsageRecord:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
+            "backend": self.backend,
         }
 
     def take_usage(self, usage: object) -> bool:
@@ -136,6 +139,7 @@ class UsageRecord:
             total_tokens=self.total_tokens,
             reached_upstream=self.reached_upstream,
             succeeded=self.reached_upstream and 200 <= self.status < 300,
+            backend=self.backend,
         )
 
 
@@ -328,7 +332,10 @@ class UsageRecorder:
 
 
 async def report(tables: Tables, event_id: str, by: GroupBy) -> dict[str, Any]:
-    """``{"event_id", "totals", "rows"}`` grouped by user, model or day (DESIGN)."""
+    """``{"event_id", "totals", "rows"}`` grouped by user, model, day or backend (DESIGN).
+
+    Days recorded before backends were tracked count under the backend ``""``.
+    """
     rows: dict[str, dict[str, int]] = {}
     totals = dict.fromkeys(FIGURES, 0)
     entities = tables.usage.query_entities(
@@ -336,9 +343,15 @@ async def report(tables: Tables, event_id: str, by: GroupBy) -> dict[str, Any]:
     )
     try:
         for entity in await gathered(entities):
-            if by == "model":
-                for model, figures in orjson.loads(entity.get("models", "{}")).items():
-                    _add(rows.setdefault(model, dict.fromkeys(FIGURES, 0)), figures)
+            if by in ("model", "backend"):
+                grouped: dict[str, list[int]] = orjson.loads(entity.get(f"{by}s", "{}"))
+                counted = [0, 0, 0, 0]
+                for key, figures in grouped.items():
+                    _add(rows.setdefault(key, dict.fromkeys(FIGURES, 0)), figures)
+                    counted = [a + b for a, b in zip(counted, figures, strict=True)]
+                rest = [int(entity.get(f, 0)) - n for f, n in zip(FIGURES, counted, strict=True)]
+                if by == "backend" and any(rest):
+                    _add(rows.setdefault("", dict.fromkeys(FIGURES, 0)), rest)
             else:
                 key = entity["user"] if by == "user" else entity["day"]
                 _add(rows.setdefault(key, dict.fromkeys(FIGURES, 0)), [entity.get(f, 0) for f in FIGURES])
@@ -368,7 +381,7 @@ async def request_log(tables: Tables, event_id: str) -> list[dict[str, Any]]:
         rows = await gathered(entities)
     except ResourceNotFoundError:
         return []
-    return [{name: row[name] for name in LOG_FIELDS} for row in rows]
+    return [{name: row.get(name, "") for name in LOG_FIELDS} for row in rows]
 
 
 def report_csv(data: dict[str, Any]) -> str:

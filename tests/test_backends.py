@@ -1,0 +1,297 @@
+"""Several upstream backends (``AZURE_OPENAI_BACKENDS``): choice, failover, cooling down, usage by backend.
+
+Each backend is a real simulator process with its own quota, failure or
+latency; the app runs under the real worker behind the host emulator, and the
+clients are the official ``openai`` SDK (with its retries off, so that any
+error the proxy let through would show) and httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from proxy.backends import FAILURES_TO_OPEN, Backend, Health, retry_after_seconds
+from proxy.settings import Settings, SettingsError
+from proxy.storage import Tables
+from proxy.usage import report, request_log
+from tests.conftest import LENIENT, MakeEvent
+from tests.support import Service, app_env, eventually, free_port, sim_stats, start_app, start_simulator
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+class Sims:
+    """Simulator processes, stopped together."""
+
+    def __init__(self) -> None:
+        self.services: list[Service] = []
+
+    def start(self, *options: str) -> str:
+        service, url = start_simulator(*options)
+        self.services.append(service)
+        return url
+
+    def stop(self) -> None:
+        for service in self.services:
+            service.stop()
+
+
+@pytest.fixture
+def sims() -> Iterator[Sims]:
+    started = Sims()
+    yield started
+    started.stop()
+
+
+def backends_app(azurite: str, backends: list[dict[str, Any]], **extra: str) -> tuple[Service, str]:
+    """An app whose backends are ``backends``, each with the simulators' key setting."""
+    listed = [{"api_key_setting": "AZURE_OPENAI_API_KEY", **backend} for backend in backends]
+    env = app_env(azurite, "", AZURE_OPENAI_BACKENDS=json.dumps(listed), **LENIENT, **extra)
+    del env["AZURE_OPENAI_ENDPOINT"]
+    return start_app(env)
+
+
+def requests_to(simulator: str) -> int:
+    return int(sim_stats(simulator)["requests"])  # type: ignore[call-overload]
+
+
+# The routing hint itself, with a clock of our own
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+A = Backend("a", "http://a", priority=1)
+B = Backend("b", "http://b", priority=2)
+C = Backend("c", "http://c", priority=2, deployments={"gpt-4o-mini": "mini-c"})
+
+
+def test_order_is_by_priority_and_cooled_backends_are_left_out() -> None:
+    clock = Clock()
+    health = Health(clock)
+    assert health.plan([B, A], "gpt-4o-mini").order[0] is A
+    assert [b.name for b in health.plan([A, B, C], "other").order] == ["a", "b"]  # c serves one model only
+    assert C.deployment("gpt-4o-mini") == "mini-c" and A.deployment("x") == "x"
+    health.throttled(A, "gpt-4o-mini", 2.0)
+    plan = health.plan([A, B], "gpt-4o-mini")
+    assert [b.name for b in plan.order] == ["b"] and plan.cooled == [(2.0, A)]
+    assert [b.name for b in health.plan([A, B], "other").order] == ["a", "b"]  # per model: per deployment quota
+    clock.now += 2.0
+    assert [b.name for b in health.plan([A, B], "gpt-4o-mini").order] == ["a", "b"]
+
+
+def test_a_failing_backend_opens_then_is_probed_with_growing_back_off() -> None:
+    clock = Clock()
+    health = Health(clock)
+    for _ in range(FAILURES_TO_OPEN - 1):
+        health.failed(A, "m")
+    assert [b.name for b in health.plan([A, B], "m").order] == ["a", "b"]
+    health.failed(A, "m")
+    assert [b.name for b in health.plan([A, B], "m").order] == ["b", "a"]  # open: last resort only
+    clock.now += 5.0
+    assert [b.name for b in health.plan([A, B], "m").order] == ["a", "b"]  # half-open: one probe
+    health.attempting(A, "m")
+    assert [b.name for b in health.plan([A, B], "m").order] == ["b", "a"]  # no second probe meanwhile
+    health.failed(A, "m")  # the probe failed: open for twice as long
+    clock.now += 9.0
+    assert health.plan([A, B], "m").order[0] is B
+    clock.now += 1.0
+    health.attempting(A, "m")
+    health.succeeded(A, "m")
+    assert health.plan([A, B], "m").order[0] is A and health.report([A])[0]["models"] == {}
+
+
+def test_weights_share_the_first_choice() -> None:
+    health = Health()
+    heavy, light = Backend("heavy", "http://h", weight=3), Backend("light", "http://l", weight=1)
+    firsts = [health.plan([heavy, light], "m").order[0].name for _ in range(20_000)]
+    assert abs(firsts.count("heavy") / len(firsts) - 0.75) < 0.015
+
+
+def test_retry_after_headers() -> None:
+    assert retry_after_seconds({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
+    assert retry_after_seconds({"retry-after": "7"}) == 7.0
+    assert retry_after_seconds({"retry-after": "Thu, 01 Jan 1970 00:00:10 GMT"}, now=lambda: 4.0) == 6.0
+    assert retry_after_seconds({}) == 5.0
+
+
+def test_backends_setting_is_validated_and_unset_means_the_endpoint() -> None:
+    base = {"STORAGE_CONNECTION_STRING": "UseDevelopmentStorage=true"}
+    single = Settings.from_env({**base, "AZURE_OPENAI_ENDPOINT": "https://west.openai.azure.com/"})
+    named = [(b.name, b.endpoint, b.api_key) for b in single.backends]
+    assert named == [("west", "https://west.openai.azure.com", None)]
+    listed = [
+        {"name": "one", "endpoint": "https://one.openai.azure.com", "api_key_setting": "KEY_ONE"},
+        {"name": "two", "endpoint": "https://two.openai.azure.com", "priority": 2, "weight": 0.5, "deployments": ["m"]},
+    ]
+    both = Settings.from_env({**base, "AZURE_OPENAI_BACKENDS": json.dumps(listed), "KEY_ONE": "k1"})
+    assert [b.api_key for b in both.backends] == ["k1", None] and both.backends[1].deployments == {"m": "m"}
+    bad = [
+        ("[]", "non-empty"),
+        ('[{"name": "x"}]', "endpoint"),
+        ('[{"name": "x", "endpoint": "https://x", "region": "y"}]', "unknown fields: region"),
+        ('[{"name": "x", "endpoint": "https://x", "weight": 0}]', "weight"),
+        ('[{"name": "x", "endpoint": "https://x", "api_key_setting": "NOPE"}]', "NOPE"),
+        ('[{"name": "x", "endpoint": "https://x"}, {"name": "x", "endpoint": "https://y"}]', "twice: x"),
+    ]
+    for raw, named in bad:
+        with pytest.raises(SettingsError, match=named):
+            Settings.from_env({**base, "AZURE_OPENAI_BACKENDS": raw})
+
+
+# Through the app
+
+
+async def test_a_throttled_first_backend_fails_over_and_cools_down(
+    azurite: str, sims: Sims, make_event: MakeEvent, tables: Tables
+) -> None:
+    created = await make_event()  # before the blocking starts: Azurite's keep-alive
+    first = sims.start("--throttle-fraction", "1", "--throttle-retry-ms", "2500")
+    second = sims.start("--latency-ms", "20")
+    service, url = backends_app(
+        azurite,
+        [{"name": "first", "endpoint": first, "priority": 1}, {"name": "second", "endpoint": second, "priority": 2}],
+    )
+    try:
+        client = OpenAI(base_url=f"{url}/api/v1", api_key=created.key(), max_retries=0)
+        answers = [client.chat.completions.create(**CHAT)]  # type: ignore[call-overload]
+        throttled_at = time.monotonic()  # the 429 came before this answer
+        answers += [client.chat.completions.create(**CHAT) for _ in range(5)]  # type: ignore[call-overload]
+        assert all(a.choices[0].message.content for a in answers)
+        assert requests_to(first) == 1 and requests_to(second) == 6  # cooled after its 429: not called again
+        streamed = client.chat.completions.create(**CHAT, stream=True)  # type: ignore[call-overload]
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        assert requests_to(first) == 1
+        await asyncio.sleep(max(0.0, throttled_at + 2.5 - time.monotonic()))
+        client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+        assert requests_to(first) == 2  # its Retry-After has passed: tried again (and throttled again)
+        log = await eventually(
+            lambda: request_log(tables, created.event.id), lambda entries: len(entries) == 8, what="8 requests"
+        )
+        assert {entry["backend"] for entry in log} == {"second"}
+        assert {entry["status"] for entry in log} == {200}
+    finally:
+        service.stop()
+
+
+async def test_weights_split_the_load_and_usage_by_backend_adds_up(
+    azurite: str, sims: Sims, make_event: MakeEvent, tables: Tables
+) -> None:
+    created = await make_event()  # before the blocking starts: Azurite's keep-alive
+    heavy, light = sims.start(), sims.start()
+    service, url = backends_app(
+        azurite,
+        [{"name": "heavy", "endpoint": heavy, "weight": 3}, {"name": "light", "endpoint": light, "weight": 1}],
+    )
+    try:
+        headers = {"api-key": created.key()}
+        limits = httpx.Limits(max_connections=16)
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30, limits=limits) as http:
+            gate = asyncio.Semaphore(16)
+
+            async def one(index: int) -> int:
+                async with gate:
+                    body = {**CHAT, "messages": [{"role": "user", "content": f"hello {index}"}]}
+                    return (await http.post("/api/v1/chat/completions", json=body)).status_code
+
+            statuses = await asyncio.gather(*(one(i) for i in range(1000)))
+        assert statuses == [200] * 1000
+        share = requests_to(heavy) / 1000
+        assert requests_to(heavy) + requests_to(light) == 1000
+        assert abs(share - 0.75) <= 0.05, share
+
+        by_backend = await eventually(
+            lambda: report(tables, created.event.id, "backend"),
+            lambda data: data["totals"]["requests"] == 1000,
+            timeout=30,
+            what="1000 recorded requests",
+        )
+        rows = {row["key"]: row for row in by_backend["rows"]}
+        assert set(rows) == {"heavy", "light"}
+        assert rows["heavy"]["requests"] == requests_to(heavy)
+        for figure in ("requests", "prompt_tokens", "completion_tokens", "total_tokens"):
+            assert sum(row[figure] for row in rows.values()) == by_backend["totals"][figure] > 0
+    finally:
+        service.stop()
+
+
+async def test_streams_fail_over_before_their_first_byte_only(azurite: str, sims: Sims, make_event: MakeEvent) -> None:
+    created = await make_event()  # before the blocking starts: Azurite's keep-alive
+    down = sims.start("--fail-status", "503")
+    healthy = sims.start()
+    backends = [
+        {"name": "unreachable", "endpoint": f"http://127.0.0.1:{free_port()}", "priority": 1},
+        {"name": "down", "endpoint": down, "priority": 2},
+        {"name": "healthy", "endpoint": healthy, "priority": 3},
+    ]
+    service, url = backends_app(azurite, backends)
+    try:
+        client = OpenAI(base_url=f"{url}/api/v1", api_key=created.key(), max_retries=0)
+        for _ in range(FAILURES_TO_OPEN + 2):
+            chunks = list(client.chat.completions.create(**CHAT, stream=True))  # type: ignore[call-overload]
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        # After FAILURES_TO_OPEN failures in a row, the failing backend is open and no longer called.
+        assert requests_to(down) == FAILURES_TO_OPEN
+        assert requests_to(healthy) == FAILURES_TO_OPEN + 2
+
+        broken = {**CHAT, "messages": [{"role": "user", "content": "SIM_BREAK_STREAM"}], "stream": True}
+        with httpx.stream(
+            "POST", f"{url}/api/v1/chat/completions", json=broken, headers={"api-key": created.key()}
+        ) as response:
+            assert response.status_code == 200
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert '"code":"upstream_error"' in events[-1] and "data: [DONE]" not in events
+        assert requests_to(healthy) == FAILURES_TO_OPEN + 3  # a stream under way is not sent again
+        with pytest.raises(openai.APIError):
+            list(client.chat.completions.create(**broken))  # type: ignore[call-overload]
+    finally:
+        service.stop()
+
+
+async def test_all_throttled_answers_429_with_the_shortest_wait(
+    azurite: str, sims: Sims, make_event: MakeEvent
+) -> None:
+    created = await make_event()  # before the blocking starts: Azurite's keep-alive
+    slow_to_recover = sims.start("--throttle-fraction", "1", "--throttle-retry-ms", "30000")
+    soon = sims.start("--throttle-fraction", "1", "--throttle-retry-ms", "1500")
+    down = sims.start("--fail-status", "500")
+    service, url = backends_app(
+        azurite,
+        [
+            {"name": "west", "endpoint": slow_to_recover},
+            {"name": "east", "endpoint": soon},
+            {"name": "down", "endpoint": down, "priority": 2},
+        ],
+    )
+    try:
+        with httpx.Client(base_url=url, headers={"api-key": created.key()}) as http:
+            first = http.post("/api/v1/chat/completions", json=CHAT)
+            assert first.status_code == 429, first.text
+            assert first.headers["retry-after-ms"] == "1500" and first.headers["retry-after"] == "2"
+            assert requests_to(slow_to_recover) == requests_to(soon) == 1
+
+            again = http.post("/api/v1/chat/completions", json=CHAT)  # both cooled: no call at all
+            assert again.status_code == 429 and again.json()["error"]["code"] == "rate_limited"
+            assert 0 < int(again.headers["retry-after-ms"]) <= 1500 and again.headers["retry-after"] in ("1", "2")
+            assert requests_to(slow_to_recover) == requests_to(soon) == 1
+            assert requests_to(down) == 2  # the lower priority was tried each time, and failed
+
+        client = OpenAI(base_url=f"{url}/api/v1", api_key=created.key(), max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    finally:
+        service.stop()
