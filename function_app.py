@@ -27,7 +27,7 @@ from proxy.settings import Settings
 settings = Settings.from_env()
 proxy = Proxy.from_settings(settings)
 organizer = OrganizerApi(settings, proxy.tables, proxy.events)
-pages = Pages()
+pages = Pages(entra_sign_in=settings.organizer_sign_in.trusted)
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 

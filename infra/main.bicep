@@ -22,6 +22,15 @@ param modelDeployments array
 @minLength(16)
 param organizerKey string
 
+@description('Client id of an Entra ID app registration for organizer sign-in through App Service authentication (README: Organizer sign-in with Entra ID); empty: the organizer key only.')
+param organizerEntraClientId string = ''
+
+@description('Object ids of the organizers who may sign in with Entra ID, comma-separated.')
+param organizerEntraObjectIds string = ''
+
+@description('Ids of Entra ID groups whose members may sign in as organizers, comma-separated.')
+param organizerEntraGroupIds string = ''
+
 @description('Object id of the deploying user (az ad signed-in-user show --query id -o tsv), granted Storage Table Data Contributor so the organizer CLI works from a laptop; empty for none.')
 param deployerPrincipalId string = ''
 
@@ -166,6 +175,9 @@ module functionApp 'modules/functionapp.bicep' = {
     appInsightsConnectionString: monitoring.outputs.connectionString
     openAiEndpoint: openAi.outputs.endpoint
     organizerKey: organizerKey
+    organizerEntraClientId: organizerEntraClientId
+    organizerEntraObjectIds: organizerEntraObjectIds
+    organizerEntraGroupIds: organizerEntraGroupIds
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
     httpPerInstanceConcurrency: httpPerInstanceConcurrency

@@ -36,3 +36,7 @@ param alwaysReadyInstances = 0
 param organizerKey = readEnvironmentVariable('ORGANIZER_KEY', '')
 param deployerPrincipalId = readEnvironmentVariable('DEPLOYER_PRINCIPAL_ID', '')
 param deployerCanCallModels = bool(readEnvironmentVariable('DEPLOYER_CAN_CALL_MODELS', 'false'))
+// Organizer sign-in with Entra ID (optional; README, "Organizer sign-in with Entra ID").
+param organizerEntraClientId = readEnvironmentVariable('ORGANIZER_ENTRA_CLIENT_ID', '')
+param organizerEntraObjectIds = readEnvironmentVariable('ORGANIZER_ENTRA_OBJECT_IDS', '')
+param organizerEntraGroupIds = readEnvironmentVariable('ORGANIZER_ENTRA_GROUP_IDS', '')

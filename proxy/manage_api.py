@@ -1,8 +1,11 @@
 """The organizer HTTP API under ``/api/manage/``: authentication, routing, rendering.
 
 Every route needs ``Authorization: Bearer <ORGANIZER_KEY>``, compared in
-constant time; a missing or wrong key is 401 ``unauthorized``. Without an
-``ORGANIZER_KEY`` setting the API is off (503 ``organizer_api_disabled``).
+constant time; a missing or wrong key is 401 ``unauthorized``.
+In Azure, an organizer signed in with Entra ID through App Service
+authentication is let in too, only where the app is told to trust the
+platform's header (``proxy.principal``). Without an
+``ORGANIZER_KEY`` setting (nor that sign-in) the API is off (503 ``organizer_api_disabled``).
 The key is never logged nor echoed. The operations themselves live in
 ``proxy.organizer``, shared with the CLI, so both answer with the same JSON.
 
@@ -32,6 +35,7 @@ from proxy.events import EventStore
 from proxy.handlers import answering
 from proxy.models import AttendeePatch, RotateCode, openapi, validated
 from proxy.payload import read_json
+from proxy.principal import PORTAL_HEADER, read_principal
 from proxy.settings import Settings
 from proxy.storage import Tables
 from proxy.usage import report_csv
@@ -109,15 +113,28 @@ class OrganizerApi:
         return _json(self._schema)
 
     def authorize(self, request: Request) -> None:
+        """The organizer key, or an organizer signed in with Entra ID when the app trusts the platform's header."""
         expected = self.settings.organizer_key
-        if not expected:
+        sign_in = self.settings.organizer_sign_in
+        if not expected and not sign_in.trusted:
             raise OrganizerApiDisabled(
                 "The organizer API is off: set the ORGANIZER_KEY app setting (a Key Vault reference in Azure) "
                 "and restart the app, or use 'python -m proxy.manage' instead."
             )
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
-            raise Unauthorized("Send the organizer key as 'Authorization: Bearer <ORGANIZER_KEY>'.")
+        if expected and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode()):
+            return
+        principal = read_principal(request.headers) if sign_in.trusted else None  # proxy.principal
+        if principal is not None:
+            if request.headers.get(PORTAL_HEADER) != "1":
+                raise Unauthorized(f"Signed in with Entra ID, call from the organizer page (it sends {PORTAL_HEADER}).")
+            if sign_in.admits(principal):
+                return
+            raise Unauthorized(
+                f"The Entra ID account {principal.object_id} is not an organizer of this app: add its object id to "
+                "ORGANIZER_ENTRA_OBJECT_IDS, or one of its groups to ORGANIZER_ENTRA_GROUP_IDS."
+            )
+        raise Unauthorized("Send the organizer key as 'Authorization: Bearer <ORGANIZER_KEY>'.")
 
 
 def _json(data: dict[str, Any], status: int = 200) -> Response:

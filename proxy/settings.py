@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from proxy.backends import Backend, parse_backends, single_backend
+from proxy.principal import NO_SIGN_IN, OrganizerSignIn
 
 DEFAULT_API_VERSION = "2024-10-21"
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
@@ -39,6 +40,9 @@ APP_SETTINGS: tuple[str, ...] = (
     "STORAGE_TABLE_ENDPOINT",
     "STORAGE_CONNECTION_STRING",
     "ORGANIZER_KEY",
+    "ORGANIZER_TRUST_APP_SERVICE_AUTH",
+    "ORGANIZER_ENTRA_OBJECT_IDS",
+    "ORGANIZER_ENTRA_GROUP_IDS",
     "MAX_REQUEST_BYTES",
     "UPSTREAM_TIMEOUT_SECONDS",
     "EVENT_CACHE_SECONDS",
@@ -98,6 +102,8 @@ class Settings:
     # From APPLICATIONINSIGHTS_AUTHENTICATION_STRING "Authorization=AAD;ClientId=ID": the managed identity
     # that authenticates the telemetry ("" for the system-assigned one); None: the connection string alone.
     appinsights_identity: str | None = None
+    # Organizers signed in with Entra ID through App Service authentication (proxy.principal).
+    organizer_sign_in: OrganizerSignIn = NO_SIGN_IN
     # AZURE_OPENAI_BACKENDS, or AZURE_OPENAI_ENDPOINT as the one backend (proxy.backends).
     backends: tuple[Backend, ...] = ()
 
@@ -157,6 +163,7 @@ class Settings:
             log_format=_log_format(get("LOG_FORMAT")),
             appinsights_connection_string=get("APPLICATIONINSIGHTS_CONNECTION_STRING"),
             appinsights_identity=_appinsights_identity(get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING")),
+            organizer_sign_in=_organizer_sign_in(get),
             backends=backends,
         )
 
@@ -213,3 +220,12 @@ def _number(get: Callable[[str], str | None], name: str, default: float) -> floa
     if value <= 0 and name != "EVENT_CACHE_SECONDS":
         raise SettingsError(f"{name} must be positive")
     return value
+
+
+def _organizer_sign_in(get: Callable[[str], str | None]) -> OrganizerSignIn:
+    try:
+        return OrganizerSignIn.parse(
+            get("ORGANIZER_TRUST_APP_SERVICE_AUTH"), get("ORGANIZER_ENTRA_OBJECT_IDS"), get("ORGANIZER_ENTRA_GROUP_IDS")
+        )
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None

@@ -27,6 +27,23 @@ param openAiApiVersion string = '2024-10-21'
 @secure()
 param organizerKey string
 
+// Organizer sign-in with Entra ID through App Service authentication (README, "Organizer
+// sign-in with Entra ID"): off while the client id is empty. The app trusts the platform's
+// principal header only with ORGANIZER_TRUST_APP_SERVICE_AUTH, set here with the config.
+@description('Client id of the Entra ID app registration organizers sign in with; empty: the organizer key only.')
+param organizerEntraClientId string = ''
+
+@description('Tenant of that app registration.')
+param organizerEntraTenantId string = tenant().tenantId
+
+@description('Object ids of the organizers allowed to sign in, comma-separated.')
+param organizerEntraObjectIds string = ''
+
+@description('Ids of Entra ID groups whose members are organizers, comma-separated.')
+param organizerEntraGroupIds string = ''
+
+var entraSignIn = !empty(organizerEntraClientId)
+
 @description('Most instances the app scales out to; Flex Consumption accepts 40 to 1000.')
 @minValue(40)
 @maxValue(1000)
@@ -178,7 +195,66 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
           name: 'ORGANIZER_KEY'
           value: organizerKey
         }
+        {
+          name: 'ORGANIZER_TRUST_APP_SERVICE_AUTH'
+          value: entraSignIn ? 'true' : 'false'
+        }
+        {
+          name: 'ORGANIZER_ENTRA_OBJECT_IDS'
+          value: organizerEntraObjectIds
+        }
+        {
+          name: 'ORGANIZER_ENTRA_GROUP_IDS'
+          value: organizerEntraGroupIds
+        }
       ]
+    }
+  }
+}
+
+// Attendees never sign in: authentication is not required (AllowAnonymous), the platform only
+// signs organizers in at /.auth/login/aad and adds their principal to what reaches the app. The
+// ID token flow needs no client secret; no token store, as Flex Consumption keeps no files.
+resource authentication 'Microsoft.Web/sites/config@2022-09-01' = if (entraSignIn) {
+  // checkov:skip=CKV_AZURE_13: checkov does not recognise authsettingsV2 as authentication; this resource is App Service authentication itself.
+  // checkov:skip=CKV_AZURE_222: checkov reads every Microsoft.Web/sites/config as the site's web config; this is authsettingsV2, which has no such property (the site's own settings are on the app above).
+  // checkov:skip=CKV_AZURE_63: checkov reads every Microsoft.Web/sites/config as the site's web config; this is authsettingsV2, which has no such property (the site's own settings are on the app above).
+  // checkov:skip=CKV_AZURE_65: checkov reads every Microsoft.Web/sites/config as the site's web config; this is authsettingsV2, which has no such property (the site's own settings are on the app above).
+  // checkov:skip=CKV_AZURE_66: checkov reads every Microsoft.Web/sites/config as the site's web config; this is authsettingsV2, which has no such property (the site's own settings are on the app above).
+  // checkov:skip=CKV_AZURE_80: checkov reads every Microsoft.Web/sites/config as the site's web config; this is authsettingsV2, which has no such property (the site's own settings are on the app above).
+  // checkov:skip=CKV_AZURE_88: checkov reads every Microsoft.Web/sites/config as the site's web config; this is authsettingsV2, which has no such property (the site's own settings are on the app above).
+  parent: app
+  name: 'authsettingsV2'
+  properties: {
+    platform: {
+      enabled: true
+    }
+    globalValidation: {
+      requireAuthentication: false
+      unauthenticatedClientAction: 'AllowAnonymous'
+    }
+    httpSettings: {
+      requireHttps: true
+    }
+    identityProviders: {
+      azureActiveDirectory: {
+        enabled: true
+        registration: {
+          clientId: organizerEntraClientId
+          openIdIssuer: '${environment().authentication.loginEndpoint}${organizerEntraTenantId}/v2.0'
+        }
+        validation: {
+          allowedAudiences: [
+            organizerEntraClientId
+            'api://${organizerEntraClientId}'
+          ]
+        }
+      }
+    }
+    login: {
+      tokenStore: {
+        enabled: false
+      }
     }
   }
 }

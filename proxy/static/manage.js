@@ -56,7 +56,8 @@
     if (!answer.ok) {
       key = null;
       session.remove(KEY);
-      if (given !== null || answer.status !== 401) showAlert(answer.message);
+      // Without a key, a 401 only means "not signed in with Entra ID" unless it says more.
+      if (given !== null || answer.status !== 401 || /Entra ID/.test(answer.message || "")) showAlert(answer.message);
       return false;
     }
     if (given !== null) session.set(KEY, given); else entra = true;

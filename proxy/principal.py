@@ -1,0 +1,112 @@
+"""Organizers signed in with Entra ID through App Service authentication ("Easy Auth").
+
+With authentication configured on the function app (``infra/``, ``organizerEntraClientId``),
+the platform signs the browser in and adds ``X-MS-CLIENT-PRINCIPAL`` (Base64 JSON of the
+claims) to each request it lets through; it strips that header from what clients send. The
+app can only tell the platform's header from a forged one by being told the platform is in
+front of it, so the header is read only when ``ORGANIZER_TRUST_APP_SERVICE_AUTH=true`` (the
+Bicep sets it together with the authentication config), never by default: without it the
+organizer key alone opens the organizer API.
+
+A principal is an organizer when its object id (``oid`` claim) is in
+``ORGANIZER_ENTRA_OBJECT_IDS`` or one of its ``groups`` claims is in
+``ORGANIZER_ENTRA_GROUP_IDS`` (comma-separated ids). The platform's session is a cookie the
+browser sends by itself, so a principal is accepted only on requests that also carry
+``X-Organizer-Portal: 1``, which the organizer page sends and which a page of another site
+cannot send without a CORS preflight that this app never grants (no cross-site request
+forgery).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import orjson
+
+PRINCIPAL_HEADER = "x-ms-client-principal"
+PRINCIPAL_ID_HEADER = "x-ms-client-principal-id"
+PORTAL_HEADER = "x-organizer-portal"
+OBJECT_ID_CLAIMS = ("http://schemas.microsoft.com/identity/claims/objectidentifier", "oid")
+GROUP_CLAIMS = ("groups", "http://schemas.microsoft.com/ws/2008/06/identity/claims/groups")
+_ID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+_MAX_HEADER = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who App Service authentication says is calling."""
+
+    object_id: str
+    groups: frozenset[str]
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OrganizerSignIn:
+    """Whether the platform's principal header is trusted, and whom it admits as organizers."""
+
+    trusted: bool = False
+    object_ids: frozenset[str] = frozenset()
+    group_ids: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(cls, trust: str | None, object_ids: str | None, group_ids: str | None) -> OrganizerSignIn:
+        """From the three settings' raw values; ``ValueError`` names the one that is wrong."""
+        if trust is not None and trust.lower() not in ("true", "false"):
+            raise ValueError(f"ORGANIZER_TRUST_APP_SERVICE_AUTH must be true or false, got {trust!r}")
+        sign_in = cls(
+            trusted=trust is not None and trust.lower() == "true",
+            object_ids=_ids("ORGANIZER_ENTRA_OBJECT_IDS", object_ids),
+            group_ids=_ids("ORGANIZER_ENTRA_GROUP_IDS", group_ids),
+        )
+        if sign_in.trusted and not (sign_in.object_ids or sign_in.group_ids):
+            raise ValueError(
+                "ORGANIZER_TRUST_APP_SERVICE_AUTH is true but neither ORGANIZER_ENTRA_OBJECT_IDS nor "
+                "ORGANIZER_ENTRA_GROUP_IDS names an organizer"
+            )
+        return sign_in
+
+    def admits(self, principal: Principal) -> bool:
+        return principal.object_id.lower() in self.object_ids or bool(
+            {group.lower() for group in principal.groups} & self.group_ids
+        )
+
+
+NO_SIGN_IN = OrganizerSignIn()  # the default: the header is ignored
+
+
+def read_principal(headers: Mapping[str, str]) -> Principal | None:
+    """The principal of ``X-MS-CLIENT-PRINCIPAL``; None when absent or not the platform's shape."""
+    raw = headers.get(PRINCIPAL_HEADER)
+    if not raw or len(raw) > _MAX_HEADER:
+        return None
+    try:
+        data = orjson.loads(base64.b64decode(raw, validate=True))
+    except (binascii.Error, ValueError):
+        return None
+    claims = data.get("claims") if isinstance(data, dict) else None
+    if not isinstance(claims, list):
+        return None
+    values: dict[str, list[str]] = {}
+    for claim in claims:
+        if isinstance(claim, dict) and isinstance(claim.get("typ"), str) and isinstance(claim.get("val"), str):
+            values.setdefault(claim["typ"], []).append(claim["val"])
+    object_id = next((values[typ][0] for typ in OBJECT_ID_CLAIMS if typ in values), None)
+    object_id = object_id or headers.get(PRINCIPAL_ID_HEADER)
+    if not object_id or not _ID.fullmatch(object_id):
+        return None
+    groups = frozenset(group for typ in GROUP_CLAIMS for group in values.get(typ, ()) if _ID.fullmatch(group))
+    name = next(iter(values.get("name", values.get("preferred_username", [""]))), "")
+    return Principal(object_id, groups, name)
+
+
+def _ids(setting: str, raw: str | None) -> frozenset[str]:
+    ids = frozenset(part.strip().lower() for part in re.split(r"[,\s]+", raw or "") if part.strip())
+    for value in ids:
+        if not _ID.fullmatch(value):
+            raise ValueError(f"{setting} must list Entra object ids (GUIDs), got {value!r}")
+    return ids
