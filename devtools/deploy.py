@@ -266,6 +266,7 @@ def deploy(args: argparse.Namespace, az: Az) -> int:
     print()
     print(f"Proxy:           {url}/api/v1  (attendees: OpenAI(base_url=..., api_key='CODE/name'))")
     print(f"Organizer API:   {url}/api/manage/events  (Authorization: Bearer ORGANIZER_KEY)")
+    print(f"Pages:           {url}/api/portal (attendees), {url}/api/manage/portal (organizers)")
     print(f"Azure OpenAI:    {outputs['AZURE_OPENAI_ENDPOINT']}  (deployments: {models})")
     print(f"Organizer CLI:   STORAGE_TABLE_ENDPOINT={outputs['STORAGE_TABLE_ENDPOINT']} python -m proxy.manage ...")
     if new_key:
