@@ -42,6 +42,7 @@ bench: install
 		|| { echo "make bench needs wrk: install it (apt-get install wrk, brew install wrk)"; exit 1; }
 	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.failover
 
 package:
 	$(PYTHON) -m devtools.package
