@@ -43,7 +43,8 @@ NEGATIVE_CACHE_SECONDS = 5.0
 KNOWN_VALID_SECONDS = 3600.0
 
 _EVENT_PK = "event"
-_OPTIONAL_CAPS = ("daily_requests", "daily_tokens", "tpm", "event_requests", "event_tokens", "max_attendees")
+_OPTIONAL_CAPS = ("daily_requests", "daily_tokens", "tpm", "event_requests", "event_tokens", "max_attendees",
+                  "session_turns", "session_chars")  # fmt: skip
 _CODE_PK = "code"
 
 
@@ -75,6 +76,9 @@ class Event:
     event_requests: int | None = None
     event_tokens: int | None = None
     max_attendees: int | None = None
+    # Chat sessions (proxy.sessions): turns and characters kept; None is the proxy's default.
+    session_turns: int | None = None
+    session_chars: int | None = None
     blocked: tuple[str, ...] = ()
     active: bool = True
     description: str = ""
@@ -101,6 +105,8 @@ class Event:
             "event_requests": self.event_requests,
             "event_tokens": self.event_tokens,
             "max_attendees": self.max_attendees,
+            "session_turns": self.session_turns,
+            "session_chars": self.session_chars,
             "active": self.active,
             "description": self.description,
             "organizer": self.organizer,
@@ -148,6 +154,8 @@ class Event:
             event_requests=_optional_int(entity.get("event_requests")),
             event_tokens=_optional_int(entity.get("event_tokens")),
             max_attendees=_optional_int(entity.get("max_attendees")),
+            session_turns=_optional_int(entity.get("session_turns")),
+            session_chars=_optional_int(entity.get("session_chars")),
             blocked=tuple(orjson.loads(entity.get("blocked") or "[]")),
             active=bool(entity.get("active", True)),
             description=entity.get("description") or "",

@@ -258,6 +258,8 @@ class Proxy:
                 "event_requests": event.event_requests,
                 "event_tokens": event.event_tokens,
                 "max_attendees": event.max_attendees,
+                "session_turns": self.sessions.limits_for(event).max_turns,
+                "session_chars": self.sessions.limits_for(event).max_chars,
             },
             # Whether the whole event's budget is used up; not how much others used.
             "event_budget_exhausted": bool(event_budget and event_budget["exhausted"]),
@@ -342,7 +344,7 @@ class Proxy:
             )
         user_id = bodies.pseudonym(event.id, caller.user)
         owner = Owner(event.id, caller.user)
-        session = await self.sessions.open(payload, event.id, caller.user) if kind == "chat" else None
+        session = await self.sessions.open(payload, event, caller.user) if kind == "chat" else None
         if kind == "chat":
             prepared = bodies.prepare_chat(payload, event.max_tokens, user_id)
         elif kind == "responses":

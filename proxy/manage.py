@@ -87,6 +87,9 @@ def _event_options(parser: argparse.ArgumentParser, *, creating: bool) -> None:
     option("--event-tokens", f"tokens for the whole event, all attendees{clear}", "no budget",
            type=_number, metavar="N")  # fmt: skip
     option("--max-attendees", f"distinct attendee names{clear}", "no limit", type=_number, metavar="N")
+    back = "" if creating else "; 'none' goes back to the default"
+    option("--session-turns", f"turns kept per chat session (session_id){back}", "20", type=_number, metavar="N")
+    option("--session-chars", f"characters kept per chat session{back}", "60000", type=_number, metavar="N")
     option("--description", "shown to attendees at /api/v1/event", metavar="TEXT")
     option("--organizer", "who runs the event", metavar="TEXT")
     if creating:

@@ -40,7 +40,8 @@ M = TypeVar("M", bound=BaseModel)
 CODE_PATTERN = r"^[A-Za-z0-9_-]{4,64}$"
 MODEL_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Fields that null clears (no cap); the texts too, as empty.
-CLEARABLE = frozenset({"daily_requests", "daily_tokens", "tpm", "event_requests", "event_tokens", "max_attendees"})
+CLEARABLE = frozenset({"daily_requests", "daily_tokens", "tpm", "event_requests", "event_tokens", "max_attendees",
+                       "session_turns", "session_chars"})  # fmt: skip
 
 
 def _utc_time(value: Any) -> datetime:
@@ -117,6 +118,8 @@ class EventCreate(_Fields):
     event_requests: Positive | None = None
     event_tokens: Positive | None = None
     max_attendees: Positive | None = None
+    session_turns: Positive | None = Field(None, description="turns kept per chat session; default 20")
+    session_chars: Positive | None = Field(None, description="characters kept per chat session; default 60000")
     active: StrictBool = True
     description: Text = ""
     organizer: ShortText = ""
@@ -137,6 +140,8 @@ class EventUpdate(_Fields):
     event_requests: Positive | None = None
     event_tokens: Positive | None = None
     max_attendees: Positive | None = None
+    session_turns: Positive | None = Field(None, description="turns kept per chat session; default 20")
+    session_chars: Positive | None = Field(None, description="characters kept per chat session; default 60000")
     active: StrictBool | None = None
     description: Text | None = None
     organizer: ShortText | None = None
@@ -180,6 +185,8 @@ class EventOut(BaseModel):
     event_requests: int | None
     event_tokens: int | None
     max_attendees: int | None
+    session_turns: int | None
+    session_chars: int | None
     active: bool
     description: str
     organizer: str

@@ -20,11 +20,12 @@ oldest first, then the request's other messages. A turn is the request's
 non-system messages and the assistant's answer (choice 0; for a stream, its
 content and tool calls put together from the deltas).
 
-Bounds (``proxy.settings``; one default for every event until organizers can
-set them per event): at most ``SESSION_MAX_TURNS`` turns (20) and
-``SESSION_MAX_CHARS`` characters of their JSON (60,000), the oldest turns
-dropped first (a single turn larger than the whole bound is not kept); a
-session is forgotten ``SESSION_TTL_SECONDS`` (24 h) after its last turn.
+Bounds: at most the event's ``session_turns`` turns and ``session_chars``
+characters of their JSON, which organizers set per event; when an event leaves
+them unset, ``SESSION_MAX_TURNS`` (20) and ``SESSION_MAX_CHARS`` (60,000) of
+``proxy.settings``. The oldest turns are dropped first (a single turn larger
+than the whole bound is not kept). A session is forgotten
+``SESSION_TTL_SECONDS`` (24 h) after its last turn.
 
 The turn is stored before the answer ends (before the body is released, or a
 stream's ``data: [DONE]``), so the next request sees it; two turns finishing
@@ -50,6 +51,7 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import UpdateMode
 
 from proxy.errors import InvalidRequest, StorageUnavailable
+from proxy.events import Event
 from proxy.payload import chat_messages
 from proxy.storage import Tables, gathered, guarded
 from proxy.usage import UsageRecord, UsageRecorder
@@ -101,18 +103,28 @@ class Sessions:
         self.limits = limits
         self._clock = clock
 
-    async def open(self, payload: dict[str, Any], event_id: str, user: str) -> Turn | None:
+    def limits_for(self, event: Event) -> SessionLimits:
+        """The event's own bounds, or the proxy's defaults where it sets none."""
+        return SessionLimits(
+            max_turns=self.limits.max_turns if event.session_turns is None else event.session_turns,
+            max_chars=self.limits.max_chars if event.session_chars is None else event.session_chars,
+            ttl_seconds=self.limits.ttl_seconds,
+        )
+
+    async def open(self, payload: dict[str, Any], event: Event, user: str) -> Turn | None:
         """Take ``session_id`` out of a chat body and prepend its conversation; None without one."""
         if "session_id" not in payload:
             return None
         session_id = check_session_id(payload.pop("session_id"))
         messages = chat_messages(payload)
-        key = (event_id, f"{ROW_PREFIX}{user}|{session_id}")
+        key = (event.id, f"{ROW_PREFIX}{user}|{session_id}")
+        limits = self.limits_for(event)
         etag, history = await self._load(key)
+        history = bounded(history, limits)  # the event's bound may have shrunk since
         system = [m for m in messages if _is_system(m)]
         sent = [m for m in messages if not _is_system(m)]
         payload["messages"] = [*system, *(m for turn in history for m in turn), *sent]
-        return Turn(self, key, etag, history, sent)
+        return Turn(self, key, etag, history, sent, limits)
 
     async def forget(self, event_id: str, user: str, session_id: str) -> bool:
         """Delete one session; False if there was none."""
@@ -147,7 +159,7 @@ class Sessions:
         etag, history = turn.etag, turn.history
         table = self._tables.requests
         for _ in range(SAVE_ATTEMPTS):
-            entity = self._entity(turn.key, bounded([*history, new], self.limits))
+            entity = self._entity(turn.key, bounded([*history, new], turn.limits), turn.limits)
             try:
                 if etag is None:
                     await self._tables.insert(table, entity)
@@ -162,7 +174,7 @@ class Sessions:
                 etag, history = await self._load(turn.key)
         raise StorageUnavailable("The chat session is being written by many requests at once; try again.")
 
-    def _entity(self, key: tuple[str, str], turns: Turns) -> dict[str, Any]:
+    def _entity(self, key: tuple[str, str], turns: Turns, limits: SessionLimits) -> dict[str, Any]:
         raw = orjson.dumps(turns)
         chunks = [raw[i : i + CHUNK_BYTES] for i in range(0, len(raw), CHUNK_BYTES)]
         entity: dict[str, Any] = {
@@ -170,7 +182,7 @@ class Sessions:
             "RowKey": key[1],
             "chunks": len(chunks),
             "turn_count": len(turns),
-            "expires_at": self._clock() + timedelta(seconds=self.limits.ttl_seconds),
+            "expires_at": self._clock() + timedelta(seconds=limits.ttl_seconds),
         }
         entity.update({f"turns{i}": chunk for i, chunk in enumerate(chunks)})
         return entity
@@ -185,6 +197,7 @@ class Turn:
     etag: str | None
     history: Turns
     sent: list[dict[str, Any]]
+    limits: SessionLimits
     _content: list[str] = field(default_factory=list)
     _tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     _streamed: bool = False

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +21,7 @@ from proxy.sessions import SessionLimits, bounded, purge_expired
 from proxy.storage import Tables
 from proxy.usage import request_log
 from tests.conftest import MakeEvent
-from tests.support import app_env, sim_stats, start_app
+from tests.support import ORGANIZER_KEY, ROOT, app_env, sim_stats, start_app
 
 MODEL = "gpt-4o-mini"
 SYSTEM = {"role": "system", "content": "You are a travel guide."}
@@ -196,3 +199,46 @@ async def test_turns_finishing_at_once_are_all_kept(app: str, simulator: str, ma
     sent = [text for role, text in contents(upstream_messages(simulator)) if role == "user"]
     # Written with conditional writes: a turn that lost a race was merged, not overwritten.
     assert sorted(sent[:-1]) == [f"message {n}" for n in range(5)] and sent[-1] == "last"
+
+
+async def test_organizers_set_the_bound_per_event(app: str, simulator: str, azurite: str, tmp_path: Path) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    times = {"start": (now - timedelta(hours=1)).isoformat(), "end": (now + timedelta(hours=8)).isoformat()}
+    auth = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
+    with httpx.Client(timeout=30) as http:
+        answer = http.post(
+            f"{app}/api/manage/events", json={"name": "Sessions", **times, "session_turns": 1}, headers=auth
+        )
+        assert answer.status_code == 201, answer.text
+        event = answer.json()
+        assert (event["session_turns"], event["session_chars"]) == (1, None)
+        key = f"{event['code']}/alice"
+        with OpenAI(base_url=f"{app}/api/v1", api_key=key, max_retries=0) as sdk:
+            for text in ("one", "two", "three"):
+                sdk.chat.completions.create(model=MODEL, messages=[user(text)], extra_body={"session_id": "s"})  # type: ignore[list-item]
+        assert [text for role, text in contents(upstream_messages(simulator)) if role == "user"] == ["two", "three"]
+        # Attendees see the bounds that apply to them; unset is the proxy's default.
+        caps = http.get(f"{app}/api/v1/event", headers={"api-key": key}).json()["caps"]
+        assert (caps["session_turns"], caps["session_chars"]) == (1, 60_000)
+
+        url = f"{app}/api/manage/events/{event['id']}"
+        refused = http.patch(url, json={"session_chars": 0}, headers=auth)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "session_chars"
+        patched = http.patch(url, json={"session_turns": None, "session_chars": 5000}, headers=auth).json()
+        assert (patched["session_turns"], patched["session_chars"]) == (None, 5000)
+
+    # The CLI takes the same fields.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "STORAGE_", "ORGANIZER_"))}
+    env.update(PYTHONPATH=str(ROOT), STORAGE_CONNECTION_STRING=azurite)
+    args = ["events", "create", "--name", "CLI sessions", "--start", times["start"], "--end", times["end"]]
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.manage", *args, "--session-turns", "3", "--session-chars", "900", "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    created = orjson.loads(done.stdout)
+    assert (created["session_turns"], created["session_chars"]) == (3, 900)
