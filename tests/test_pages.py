@@ -264,6 +264,9 @@ def test_pages_and_assets_carry_strict_headers(app: str, http: httpx.Client) -> 
         assert not re.search(r"<script(?![^>]*\bsrc=)", page.text)
         assert "style=" not in page.text and "<style" not in page.text
         assert not re.search(r"(src|href)=\"(https?:)?//", page.text)
+        assert page.headers["content-encoding"] == "gzip"  # httpx asks for it, and decodes it
+        plain = http.get(app + path, headers={"accept-encoding": "identity"})
+        assert "content-encoding" not in plain.headers and plain.content == page.content
         again = http.get(app + path, headers={"if-none-match": page.headers["etag"]})
         assert again.status_code == 304 and again.content == b""
 
