@@ -284,13 +284,16 @@ class Proxy:
 
     @answering
     async def health(self, request: Request) -> Response:
+        # Each backend by name, with the models this worker has found throttled or failing (no endpoint, no key).
+        backends = self.upstream.health.report(self.upstream.backends)
         try:
             await guarded(self.tables.events.get_entity("health", "probe"))
         except ResourceNotFoundError:
             pass
         except StorageUnavailable:
-            return Response(orjson.dumps({"status": "unavailable", "storage": "unreachable"}), 503, media_type=_JSON)
-        return Response(orjson.dumps({"status": "ok", "storage": "ok"}), media_type=_JSON)
+            unavailable = {"status": "unavailable", "storage": "unreachable", "backends": backends}
+            return Response(orjson.dumps(unavailable), 503, media_type=_JSON)
+        return Response(orjson.dumps({"status": "ok", "storage": "ok", "backends": backends}), media_type=_JSON)
 
     @answering
     async def not_found(self, request: Request, path: str = "") -> Response:

@@ -24,7 +24,7 @@ from proxy.settings import Settings, SettingsError
 from proxy.storage import Tables
 from proxy.usage import report, request_log
 from tests.conftest import LENIENT, MakeEvent
-from tests.support import Service, app_env, eventually, free_port, sim_stats, start_app, start_simulator
+from tests.support import ORGANIZER_KEY, Service, app_env, eventually, free_port, sim_stats, start_app, start_simulator
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -221,6 +221,9 @@ async def test_weights_split_the_load_and_usage_by_backend_adds_up(
             what="1000 recorded requests",
         )
         rows = {row["key"]: row for row in by_backend["rows"]}
+        organizer = {"authorization": f"Bearer {ORGANIZER_KEY}"}
+        api = httpx.get(f"{url}/api/manage/events/{created.event.id}/usage?by=backend", headers=organizer).json()
+        assert api["rows"] == by_backend["rows"] and api["totals"] == by_backend["totals"]
         assert set(rows) == {"heavy", "light"}
         assert rows["heavy"]["requests"] == requests_to(heavy)
         for figure in ("requests", "prompt_tokens", "completion_tokens", "total_tokens"):
@@ -289,6 +292,9 @@ async def test_all_throttled_answers_429_with_the_shortest_wait(
             assert 0 < int(again.headers["retry-after-ms"]) <= 1500 and again.headers["retry-after"] in ("1", "2")
             assert requests_to(slow_to_recover) == requests_to(soon) == 1
             assert requests_to(down) == 2  # the lower priority was tried each time, and failed
+            states = {b["name"]: b["models"] for b in http.get("/api/health").json()["backends"]}
+            assert states["east"]["gpt-4o-mini"].startswith("cooled for ") and states["down"] == {}
+            assert "127.0.0.1" not in json.dumps(states)
 
         client = OpenAI(base_url=f"{url}/api/v1", api_key=created.key(), max_retries=0)
         with pytest.raises(openai.RateLimitError):
