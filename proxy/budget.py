@@ -34,9 +34,13 @@ nearly nothing); its last tokens, fewer than one request may use, are refused
 with a message that says how many remain.
 
 Cost: one conditional write per group of requests on the home shard, beside
-the attendee's (they run concurrently); settlement rides in the transaction
-that already stores the request log. Spare moves once per quarter of the
-remaining budget at most, more often only near its end.
+the attendee's (they run concurrently). A request is settled on its shard
+after its log entry and attendee's day are stored, carried by the next
+admission write there (or a write of its own 50 ms later when none comes):
+meanwhile the shard holds its estimate, which only errs on the safe side, and
+if its worker dies first the reconciler settles it from its log entry. Spare
+moves once per quarter of the remaining budget at most, more often only near
+its end.
 """
 
 from __future__ import annotations

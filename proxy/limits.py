@@ -81,6 +81,9 @@ _UNAVAILABLE = "Table Storage cannot be reached right now; usage could not be st
 
 # (estimate, request id, ticket) of a request waiting for the next group write
 Waiting = tuple[int, str, "asyncio.Future[Any]"]
+FLUSH_DELAY_SECONDS = 0.05
+# (request id, total tokens, reached upstream, succeeded) of a request to settle on its shard
+Unsettled = tuple[str, int, bool, bool]
 MAX_MOVES = 8  # spare moved into the home shard, per group write, before refusing
 _COUNTERS = ("reserved", "requests", "failed", "prompt_tokens", "completion_tokens", "total_tokens")
 
@@ -148,6 +151,9 @@ class Ledger:
         # The shard of event budgets this worker admits on (proxy.budget).
         self._home = random.randrange(budget.SHARDS)
         self._releases: set[asyncio.Task[None]] = set()
+        # Settlements on shards not yet written (``_defer``), by shard.
+        self._unsettled: dict[tuple[str, str], list[Unsettled]] = {}
+        self._flushing: set[tuple[str, str]] = set()
 
     def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -271,6 +277,9 @@ class Ledger:
             etag, updated = state
             if not etag:
                 updated = budget.empty_shard(key[0], budget.shard_index(key[1]))
+            settling = list(self._unsettled.get(key, ()))  # carried by this write
+            for entry in settling:
+                updated = budget.settled(updated, *entry)
             outcomes: list[int | None] = []  # None: admitted; else the estimate refused
             for estimate, request_id, _ in group:
                 if budget.fits(event, updated, estimate):
@@ -302,6 +311,7 @@ class Ledger:
                     await asyncio.sleep(random.uniform(0, 0.005))
                     continue
                 self._cache[key] = (new_etag, updated)
+                self._forget_settled(key, len(settling))
             for (estimate, _, ticket), outcome in zip(group, outcomes, strict=True):
                 if outcome is None:
                     ticket.set_result(key[1])
@@ -404,6 +414,75 @@ class Ledger:
             rows.update(_rows(item))
         if part:
             await self._transact(event_id, part)
+        for item in finished:
+            if item.admission.shard is not None and item.stored:
+                self._defer(event_id, item)
+
+    def _defer(self, event_id: str, item: Finished) -> None:
+        """Settle a request on its shard of the event's budget soon, with the next write there.
+
+        Not in the settling transaction: every request of the worker shares
+        that shard, so writing it there would serialise all settlements behind
+        one another and behind admissions. Until then the shard holds the
+        request's estimate, never below its tokens, so the budget only errs on
+        the safe side; a worker killed meanwhile leaves the request's log
+        entry, from which ``release_stale`` settles it.
+        """
+        key = (event_id, str(item.admission.shard))
+        settlement = item.settlement
+        entry = (item.admission.request_id, settlement.total_tokens, settlement.reached_upstream, settlement.succeeded)
+        self._unsettled.setdefault(key, []).append(entry)
+        if key not in self._flushing:
+            self._flushing.add(key)
+            flush = asyncio.create_task(self._flush(key))
+            self._releases.add(flush)
+            flush.add_done_callback(self._released)
+
+    async def _flush(self, key: tuple[str, str]) -> None:
+        """Write a shard's deferred settlements that no admission has carried meanwhile."""
+        try:
+            backoff = FLUSH_DELAY_SECONDS
+            while self._unsettled.get(key):
+                await asyncio.sleep(backoff)  # admissions in the meantime carry them for free
+                async with self._lock(key):
+                    settling = list(self._unsettled.get(key, ()))
+                    if not settling:
+                        break
+                    try:
+                        await self._write_settled(key, settling)
+                    except StorageUnavailable:
+                        backoff = min(backoff * 2, 2.0)
+                        continue
+                    self._forget_settled(key, len(settling))
+                    backoff = FLUSH_DELAY_SECONDS
+        finally:
+            self._flushing.discard(key)
+
+    async def _write_settled(self, key: tuple[str, str], settling: list[Unsettled]) -> None:
+        state = self._cache.get(key)
+        for _ in range(MAX_ATTEMPTS):
+            if state is None:
+                state = await self._fetch(key)
+            etag, entity = state
+            updated = entity
+            for entry in settling:
+                updated = budget.settled(updated, *entry)
+            if not etag or updated is entity:
+                return
+            try:
+                self._cache[key] = (await self._write(key, etag, updated), updated)
+            except ResourceModifiedError:
+                state = None
+                await asyncio.sleep(random.uniform(0, 0.005))
+                continue
+            return
+        raise StorageUnavailable("Too much contention on the event's budget.")
+
+    def _forget_settled(self, key: tuple[str, str], count: int) -> None:
+        left = self._unsettled.get(key, [])
+        del left[:count]
+        if not left:
+            self._unsettled.pop(key, None)
 
     async def _transact(self, event_id: str, finished: list[Finished]) -> None:
         keys = sorted({(event_id, row) for item in finished for row in _rows(item)})
@@ -418,15 +497,7 @@ class Ledger:
                     state = self._cache.get(key) or await self._fetch(key)
                     etag, updated = state
                     for item in pending:
-                        if key[1] == item.admission.shard:
-                            updated = budget.settled(
-                                updated,
-                                item.admission.request_id,
-                                item.settlement.total_tokens,
-                                item.settlement.reached_upstream,
-                                item.settlement.succeeded,
-                            )
-                        elif key[1] == _day_row(item):
+                        if key[1] == _day_row(item):
                             updated = _settled(updated, item.user, item.admission, item.settlement)
                     if updated is state[1]:
                         continue
@@ -497,7 +568,7 @@ class Ledger:
                 if not etag or not (stale or forgotten):
                     return 0
                 if row_key.startswith(budget.SHARD_PREFIX):
-                    updated = budget.released(entity, stale, forgotten)
+                    updated = await self._settled_from_log(event_id, entity, inflight, stale, forgotten)
                 else:
                     updated = self._released_day(entity, inflight, stale, forgotten)
                 try:
@@ -507,6 +578,32 @@ class Ledger:
                     continue
                 return len(stale)
         raise StorageUnavailable("Too much contention on the usage counters.")
+
+    async def _settled_from_log(
+        self,
+        event_id: str,
+        shard: dict[str, Any],
+        inflight: dict[str, list[int]],
+        stale: list[str],
+        forgotten: list[str],
+    ) -> dict[str, Any]:
+        """A shard with its stale requests settled from their log entries, or given back if they have none.
+
+        A request whose log entry exists was settled on its attendee's day, and
+        its worker died before settling it on the shard (``_defer``): its slot
+        stays taken and its tokens count.
+        """
+        lost: list[str] = []
+        for request_id in stale:
+            day = datetime.fromtimestamp(inflight[request_id][2], UTC).date().isoformat()
+            try:
+                _, logged = await self._entities.get(event_id, f"log|{day}|{request_id}")
+            except ResourceNotFoundError:
+                lost.append(request_id)
+                continue
+            succeeded = 200 <= int(logged.get("status", 0)) < 300
+            shard = budget.settled(shard, request_id, int(logged.get("total_tokens", 0)), True, succeeded)
+        return budget.released(shard, lost, forgotten)
 
     @staticmethod
     def _released_day(
@@ -539,8 +636,8 @@ def _day_row(item: Finished) -> str:
 
 
 def _rows(item: Finished) -> tuple[str, ...]:
-    """The rows a finished request changes: its attendee's day, and its shard of the event's budget."""
-    return (_day_row(item),) if item.admission.shard is None else (_day_row(item), item.admission.shard)
+    """The rows a finished request changes in the settling transaction (its shard is settled after it)."""
+    return (_day_row(item),)
 
 
 def _refusal(event: Event, entity: dict[str, Any], now: datetime, minute: int, estimate: int) -> CapExceeded | None:

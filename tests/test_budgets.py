@@ -113,7 +113,9 @@ async def test_max_attendees_is_exact_under_a_burst_of_new_names(
     created = await make_event(max_attendees=5)
     names = [f"new{i}" for i in range(24)]
     responses = await burst([app, app_process[1]], [created.key(name) for name in names])
-    assert codes(responses) == {"ok": 5, "attendee_limit_reached": 19}
+    assert codes(responses) == {"ok": 5, "attendee_limit_reached": 19}, [
+        r.text for r in responses if r.status_code > 403
+    ]
     admitted = [name for name, r in zip(names, responses, strict=True) if r.status_code == 200]
     refused = next(r for r in responses if r.status_code == 403).json()["error"]
     assert "limited to 5 attendees" in refused["message"]
@@ -200,3 +202,19 @@ async def test_reconciler_gives_back_the_budget_of_a_killed_worker(tables: Table
     after = (await budget.read_shards(tables, created.event.id))[budget.shard_index(shard)]
     assert after["requests"] == 0 and budget.booked(after) == 0
     assert orjson.loads(after["inflight"])["dead-request"][3] == 1  # marked released, forgotten a lease later
+
+
+async def test_reconciler_settles_from_the_log_a_request_whose_shard_was_not_settled(
+    tables: Tables, make_event: MakeEvent
+) -> None:
+    created = await make_event(event_requests=3, event_tokens=1000)
+    now = datetime.now(UTC)
+    shard = await Ledger(tables).admit_budget(created.event, now, 400, "logged-request")
+    # The worker stored the request's log entry, then died before settling it on its shard.
+    log = {"PartitionKey": created.event.id, "RowKey": f"log|{now.date().isoformat()}|logged-request",
+           "status": 200, "total_tokens": 37}  # fmt: skip
+    await tables.usage.create_entity(log)
+    await reconcile(tables, Ledger(tables), 60, now=now + timedelta(minutes=2))
+    after = (await budget.read_shards(tables, created.event.id))[budget.shard_index(shard)]
+    assert after["requests"] == 1 and after["tokens"] == 37 and budget.booked(after) == 37
+    assert "logged-request" not in orjson.loads(after["inflight"])
