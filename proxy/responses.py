@@ -38,11 +38,11 @@ terminal event, without ``data: [DONE]``
 A stream that breaks off before it ends with an ``error`` event whose data
 carries an ``error`` object, so the SDKs raise.
 
-Upstream keeps a stored response in the Azure OpenAI resource that made it:
-with several backends, retrieve, delete, input_items and
-``previous_response_id`` must reach that same backend; the ownership row is
-the place to keep its name. During a storage outage the owner cannot be read,
-and these answer ``503 storage_unavailable``, never a 404.
+Upstream keeps a stored response in the Azure OpenAI resource that made it,
+so with several backends every Responses call goes to the same one, the first
+by priority and weight (``Upstream.send_v1``), without failover. During a
+storage outage the owner cannot be read, and these answer
+``503 storage_unavailable``, never a 404.
 
 Retrieve, delete and input_items cost no tokens: they are neither admitted
 against the caps nor written to the usage log. Retrieve and input_items need
