@@ -149,7 +149,8 @@ class FrontEnd:
     def client(self) -> aiohttp.ClientSession:
         if self.session is None:
             self.session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                # Idle connections go before the worker's uvicorn closes them (5 s), so none is reused closed.
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
                 # The front end cuts a response at 230 s; YARP's idle timeout is 240 s.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=240),
                 auto_decompress=False,
