@@ -37,7 +37,7 @@ def simulator() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def app(azurite: str, simulator: str) -> Iterator[str]:
-    """The proxy in the dev host, base URL without ``/api``; events cached for 1 s."""
+    """The proxy under the real worker behind the host emulator, base URL without ``/api``; events cached for 1 s."""
     service, url = start_app(app_env(azurite, simulator, EVENT_CACHE_SECONDS="1", **LENIENT))
     yield url
     service.stop()
