@@ -234,6 +234,7 @@ async def test_organizer_runs_an_event_from_the_page(app: str, browsing: Watched
     await attendee.reload()
     await expect(attendee.locator("#event-state")).to_have_text("Switched off")
     await expect(attendee.locator("#countdown")).to_contain_text("switched this event off")
+    await expect(attendee.locator("#remaining-requests")).to_have_text("0 of 20 (closed)")
     await attendee.get_by_label("Your message").fill("Still there?")
     await attendee.get_by_role("button", name="Send").click()
     await expect(attendee.locator(".message.failed")).to_contain_text("switched off by its organizer")

@@ -19,6 +19,7 @@
   let editing = null; // the event being edited, null when creating
   let grouping = "user";
   let liveTimer = null;
+  let lastRows = []; // the usage rows charted, drawn again when the window's width changes
 
   function headers(extra) {
     // The marker header is what a cross-site form or link cannot send: the API trusts a signed-in
@@ -105,9 +106,9 @@
       el("td", {}, el("strong", {}, event.name), el("br"), el("small", { className: "hint" }, event.id)),
       el("td", {}, badge(event)),
       el("td", {}, localTime(event.start, event.time_zone), el("br"), "to " + localTime(event.end, event.time_zone)),
-      el("td", {}, event.models.join(", ")),
-      el("td", {}, el("button", { type: "button", className: "quiet", "aria-label": "Open " + event.name,
-        onclick: () => select(event.id) }, "Open")))));
+      el("td", { "data-label": "Models" }, event.models.join(", ")),
+      el("td", {}, el("button", { type: "button", className: "quiet", "aria-label": "Manage " + event.name,
+        onclick: () => select(event.id) }, "Manage")))));
     if (selected) {
       const fresh = events.find((e) => e.id === selected.id);
       if (fresh) showDetail(fresh);
@@ -351,14 +352,16 @@
     const shown = grouping === "day" ? rows.slice().sort((a, b) => (a.key < b.key ? -1 : 1)).slice(-31)
       : rows.slice().sort((a, b) => b.total_tokens - a.total_tokens).slice(0, 20);
     const svg = document.createElementNS(ns, "svg");
-    const band = 28, label = 130, width = 640, height = Math.max(1, shown.length) * band + 8;
+    // Drawn at the width it is shown at, so its 11 px labels stay 11 px on a phone.
+    const width = Math.max(300, Math.min(704, $("usage-chart").clientWidth || 640));
+    const band = 28, label = Math.round(width * 0.25), height = Math.max(1, shown.length) * band + 8;
     svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
     svg.setAttribute("class", "chart");
     svg.setAttribute("role", "img");
     svg.setAttribute("aria-label", "Requests and tokens per " + (grouping === "user" ? "attendee" : grouping));
     const maxRequests = Math.max(1, ...shown.map((r) => r.requests));
     const maxTokens = Math.max(1, ...shown.map((r) => r.total_tokens));
-    const room = width - label - 80;
+    const barRoom = width - label - 70;
     const add = (tag, attrs, text) => {
       const node = document.createElementNS(ns, tag);
       for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
@@ -367,9 +370,10 @@
     };
     shown.forEach((row, i) => {
       const y = i * band + 4;
-      add("text", { x: 0, y: y + 15 }, row.key.length > 20 ? row.key.slice(0, 19) + "…" : row.key);
-      const r = Math.max(1, (row.requests / maxRequests) * room);
-      const t = Math.max(1, (row.total_tokens / maxTokens) * room);
+      const room = Math.floor(label / 7);
+      add("text", { x: 0, y: y + 15 }, row.key.length > room ? row.key.slice(0, room - 1) + "…" : row.key);
+      const r = Math.max(1, (row.requests / maxRequests) * barRoom);
+      const t = Math.max(1, (row.total_tokens / maxTokens) * barRoom);
       add("rect", { class: "requests", x: label, y: y, width: r, height: 10 });
       add("text", { x: label + r + 4, y: y + 9 }, number(row.requests));
       add("rect", { class: "tokens", x: label, y: y + 12, width: t, height: 10 });
@@ -400,6 +404,7 @@
     $("usage-key").textContent = { user: "Attendee", model: "Model", day: "Day (UTC)" }[grouping];
     const rows = report.rows;
     $("usage-empty").hidden = rows.length > 0;
+    lastRows = rows;
     $("usage-chart").replaceChildren(...(rows.length ? [chart(rows)] : []));
     $("usage-table").querySelector("tbody").replaceChildren(...rows.map((row) => el("tr", {},
       el("td", {}, row.key), el("td", { className: "n" }, number(row.requests)),
@@ -436,8 +441,10 @@
     $("attendees-count").textContent = number(list.count) + " attendee" + (list.count === 1 ? "" : "s") +
       (list.max_attendees ? " of at most " + number(list.max_attendees) : "") + ".";
     $("attendees-table").querySelector("tbody").replaceChildren(...list.data.map((a) => el("tr", {},
-      el("td", {}, a.user), el("td", {}, a.first_seen ? localTime(a.first_seen, selected.time_zone) : "—"),
-      el("td", { className: "n" }, number(a.requests)), el("td", { className: "n" }, number(a.total_tokens)),
+      el("td", {}, el("strong", {}, a.user)),
+      el("td", { "data-label": "First seen" }, a.first_seen ? localTime(a.first_seen, selected.time_zone) : "—"),
+      el("td", { className: "n", "data-label": "Requests" }, number(a.requests)),
+      el("td", { className: "n", "data-label": "Tokens" }, number(a.total_tokens)),
       el("td", {}, el("button", { type: "button", className: a.blocked ? "quiet" : "danger",
         "aria-label": (a.blocked ? "Unblock " : "Block ") + a.user,
         onclick: () => block(id, a.user, !a.blocked) }, a.blocked ? "Unblock" : "Block")))));
@@ -481,6 +488,9 @@
         refreshUsage();
       });
     }
+    window.addEventListener("resize", () => {
+      if (lastRows.length && !$("usage").hidden) $("usage-chart").replaceChildren(chart(lastRows));
+    });
     if (key) signIn(key);
     else if (document.body.dataset.entra === "on") signIn(null);
     else $("organizer-key").focus();

@@ -53,9 +53,9 @@
     }
   }
 
-  function capped(remaining, cap) {
-    if (cap === null || cap === undefined) return "no daily cap";
-    return number(remaining) + " of " + number(cap);
+  function capped(remaining, cap, open) {
+    if (cap === null || cap === undefined) return open ? "no daily cap" : "none while closed";
+    return number(remaining) + " of " + number(cap) + (open ? "" : " (closed)");
   }
 
   function render(event) {
@@ -72,8 +72,8 @@
     $("usage-day").textContent = event.usage_today.day;
     $("used-requests").textContent = number(event.usage_today.requests);
     $("used-tokens").textContent = number(event.usage_today.total_tokens);
-    $("remaining-requests").textContent = capped(event.remaining_today.requests, event.caps.daily_requests);
-    $("remaining-tokens").textContent = capped(event.remaining_today.tokens, event.caps.daily_tokens);
+    $("remaining-requests").textContent = capped(event.remaining_today.requests, event.caps.daily_requests, event.open);
+    $("remaining-tokens").textContent = capped(event.remaining_today.tokens, event.caps.daily_tokens, event.open);
     $("cap-tpm").textContent = event.caps.tpm ? number(event.caps.tpm) : "no limit";
     $("cap-max-tokens").textContent = number(event.caps.max_tokens);
     $("refreshed").textContent = "Last refreshed " + new Date().toLocaleTimeString("en-GB") + ".";
