@@ -275,3 +275,95 @@ def test_without_the_setting_the_exporter_is_not_even_imported(azurite: str, sim
     on = f"InstrumentationKey={IKEY};IngestionEndpoint=https://127.0.0.1:9/"
     modules = loaded(APPLICATIONINSIGHTS_CONNECTION_STRING=on, APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED="true")
     assert "azure.monitor.opentelemetry" in modules and "opentelemetry.sdk.trace" in modules
+
+
+# The workbook's queries (infra/workbook.json), run with duckdb-kql on what the exporter sent, stored in tables
+# shaped like Application Insights' own: requests, dependencies, customMetrics.
+WORKBOOK = ROOT / "infra" / "workbook.json"
+
+
+def workbook_queries() -> dict[str, str]:
+    """Each query of the workbook by item name (the Event parameter's as ``event-parameter``)."""
+    items = json.loads(WORKBOOK.read_text())["items"]
+    queries = {item["name"]: item["content"]["query"] for item in items if item["type"] == 3}
+    [parameters] = [item["content"]["parameters"] for item in items if item["type"] == 9]
+    queries["event-parameter"] = next(p["query"] for p in parameters if p["name"] == "Event")
+    return queries
+
+
+def _milliseconds(duration: str) -> float:
+    """Application Insights' ``d.hh:mm:ss.ffffff`` as milliseconds."""
+    days, clock = duration.split(".", 1)
+    hours, minutes, seconds = clock.split(":")
+    return ((int(days) * 24 + int(hours)) * 60 + int(minutes)) * 60_000 + float(seconds) * 1000
+
+
+def telemetry_tables(envelopes: list[dict[str, Any]]) -> Any:
+    import duckdb_kql
+
+    con = duckdb_kql.connect()
+    spans = "timestamp TIMESTAMP, id VARCHAR, name VARCHAR, duration DOUBLE, resultCode VARCHAR, success BOOLEAN"
+    spans += ", operation_Id VARCHAR, operation_ParentId VARCHAR, itemCount INTEGER, customDimensions JSON"
+    con.sql(f"CREATE TABLE requests ({spans})")
+    con.sql(f"CREATE TABLE dependencies ({spans})")
+    con.sql(
+        "CREATE TABLE customMetrics (timestamp TIMESTAMP, name VARCHAR, value DOUBLE, valueSum DOUBLE,"
+        " valueCount INTEGER, valueMin DOUBLE, valueMax DOUBLE, itemCount INTEGER, customDimensions JSON)"
+    )
+    for envelope in envelopes:
+        data, tags = envelope["data"]["baseData"], envelope["tags"]
+        timestamp = envelope["time"].replace("T", " ").rstrip("Z")[:26]
+        dimensions = json.dumps(data.get("properties", {}))
+        kind = envelope["data"]["baseType"]
+        if kind in ("RequestData", "RemoteDependencyData"):
+            table = "requests" if kind == "RequestData" else "dependencies"
+            row = (timestamp, data["id"], data["name"], _milliseconds(data["duration"]), data.get("responseCode", ""))
+            row += (data["success"], tags.get("ai.operation.id"), tags.get("ai.operation.parentId"), 1, dimensions)
+            con.execute(f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+        elif kind == "MetricData":
+            point = data["metrics"][0]
+            count = point.get("count") or 1
+            minimum, maximum = point.get("min", point["value"]), point.get("max", point["value"])
+            row = (timestamp, point["name"], point["value"], point["value"], count, minimum, maximum, 1, dimensions)
+            con.execute("INSERT INTO customMetrics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+    return con
+
+
+def test_the_workbook_queries_run_on_the_telemetry_sent(traffic: dict[str, Any], ingestion: Ingestion) -> None:
+    import duckdb_kql
+
+    ids, events = traffic["ids"], traffic["events"]
+    wait_for(
+        lambda: (
+            set(ids.values()) <= {r["properties"].get("proxy.request_id") for r in ingestion.of_type("RequestData")}
+        ),
+        timeout=30,
+    )
+    wait_for(lambda: "proxy.tokens" in {m["metrics"][0]["name"] for m in ingestion.of_type("MetricData")}, timeout=30)
+    con = telemetry_tables(list(ingestion.envelopes))
+    queries = workbook_queries()
+
+    def run(name: str, event: str) -> list[dict[str, Any]]:
+        kql = queries[name].replace("{TimeRange}", "> ago(1d)").replace("{Event}", event)
+        result = duckdb_kql.query(con, kql)
+        columns = [c[0] for c in result.description]
+        return [dict(zip(columns, row, strict=True)) for row in result.fetchall()]
+
+    open_event, capped = events["open"].event.id, events["capped"].event.id
+    assert {row["event"] for row in run("event-parameter", "")} >= {open_event, capped}
+    by_model = run("requests-by-model", open_event)
+    # chat, stream, too_many_tokens, chat_2, throttled (the unknown code and the organizer's have no event)
+    assert sum(row["requests"] for row in by_model) == 5 and {row["model"] for row in by_model} == {"gpt-4o-mini"}
+    tokens = run("tokens-by-model", open_event)
+    assert {row["type"] for row in tokens} == {"prompt", "completion"} and all(row["tokens"] > 0 for row in tokens)
+    attendees = run("attendees", open_event)
+    assert [(row["attendee"], row["requests"], row["refused"]) for row in attendees] == [("alice", 5, 2)]
+    assert attendees[0]["prompt_tokens"] > 0 and attendees[0]["completion_tokens"] > 0
+    refusals = {(row["error"], row["status"]): row["requests"] for row in run("refusals", capped)}
+    assert refusals == {("daily_request_cap_exceeded", "429"): 1}
+    assert {row["error"] for row in run("refusals", open_event)} == {"max_tokens_exceeds_cap"}
+    throttled = run("upstream-throttling", open_event)
+    assert sum(row["throttled"] for row in throttled) == 1 and throttled[0]["backend"].startswith("127.0.0.1:")
+    latencies = run("latency", open_event)  # one row per 5 minutes: the requests may straddle two
+    assert all(0 < row["p50"] <= row["p95"] <= row["p99"] for row in latencies)
+    assert any(row["upstream_p50"] > 0 for row in latencies) and any(row["first_chunk_p50"] for row in latencies)

@@ -32,6 +32,22 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' = {
   }
 }
 
+// The event dashboard (requests and tokens over time by model and attendee, refusals by reason,
+// upstream throttling, latency percentiles). Its queries are run by tests/test_telemetry.py on
+// the telemetry the app sends (proxy/otel.py).
+resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {
+  name: guid(appInsights.id, 'event-proxy-workbook')
+  location: location
+  tags: tags
+  kind: 'shared'
+  properties: {
+    displayName: 'Event proxy'
+    category: 'workbook'
+    sourceId: appInsights.id
+    serializedData: loadTextContent('../workbook.json')
+  }
+}
+
 output appInsightsName string = appInsights.name
 // The connection string holds only the ingestion endpoint and instrumentation key, which is
 // an identifier, not a credential, once local auth is off.
