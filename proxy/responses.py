@@ -193,6 +193,13 @@ class ResponsesApi:
         previous = payload.get("previous_response_id")
         if previous is not None and (not isinstance(previous, str) or not await self.ownership.owns(owner, previous)):
             raise not_found(previous if isinstance(previous, str) else "", "previous_response_id")
+        deployment = self._upstream.responses_deployment(str(payload.get("model")))
+        if deployment is None:
+            raise UpstreamError(
+                f"The model '{payload.get('model')}' has no deployment on the backend that serves the Responses API "
+                "(the first in AZURE_OPENAI_BACKENDS); the operator should add it there."
+            )
+        payload["model"] = deployment
         payload["user"] = user_id
         if "safety_identifier" in payload:
             payload["safety_identifier"] = user_id

@@ -113,6 +113,10 @@ class Upstream:
         plan = self.health.plan(self.backends, deployment)
         return await self._route(plan, deployment, "POST", url, body, request_id)
 
+    def responses_deployment(self, model: str) -> str | None:
+        """The deployment that serves ``model`` on the Responses API's backend, or None if it has none."""
+        return self._primary.deployment(model)
+
     async def send_v1(
         self,
         method: str,
@@ -136,7 +140,9 @@ class Upstream:
         def url(backend: Backend) -> str:
             return str(httpx.URL(f"{backend.endpoint}/openai/v1/{path}", params=query or None))
 
-        plan = self.health.plan([self._primary], "responses")
+        # Not self.health.plan(): it keeps the backends that list a model among their deployments, and
+        # none lists "responses". There is nothing to fail over to: the one backend is always tried.
+        plan = Plan([self._primary], [])
         return await self._route(plan, label, method, url, body, request_id, model="responses")
 
     async def _route(

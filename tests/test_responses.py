@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -250,3 +251,27 @@ async def test_storage_outage_fails_closed(azurite: str, make_event: MakeEvent) 
         service.stop()
         simulator.stop()
         relay.close()
+
+
+async def test_responses_with_several_backends(azurite: str, simulator: str, make_event: MakeEvent) -> None:
+    """Backends that list their deployments serve the Responses API from the first one."""
+    listed = [
+        {"name": "first", "endpoint": simulator, "priority": 1, "weight": 1, "deployments": ["gpt-4o-mini"]},
+        {"name": "spare", "endpoint": simulator, "priority": 2, "weight": 1, "deployments": ["gpt-4o-mini", "gpt-4.1"]},
+    ]
+    keyed = [{"api_key_setting": "AZURE_OPENAI_API_KEY", **backend} for backend in listed]
+    env = app_env(azurite, "", AZURE_OPENAI_BACKENDS=json.dumps(keyed), EVENT_CACHE_SECONDS="1")
+    del env["AZURE_OPENAI_ENDPOINT"]
+    created = await make_event(models=(MODEL, "gpt-4.1"))  # before the app's start blocks this loop
+    service, url = start_app(env)
+    try:
+        sdk = client(url, created.key())
+        first = sdk.responses.create(model=MODEL, input="one")
+        second = sdk.responses.create(model=MODEL, input="two", previous_response_id=first.id)
+        assert sdk.responses.retrieve(second.id).previous_response_id == first.id
+        # A model the Responses API's backend does not serve: the operator is told, no slot is spent.
+        with pytest.raises(openai.APIStatusError) as refused:
+            sdk.responses.create(model="gpt-4.1", input="three")
+        assert refused.value.status_code == 502 and "AZURE_OPENAI_BACKENDS" in refused.value.message
+    finally:
+        service.stop()
