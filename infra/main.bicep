@@ -17,6 +17,12 @@ param namePrefix string = 'evtproxy'
 @description('Azure OpenAI model deployments, created one at a time: name (what events list), model, version, skuName (Standard, GlobalStandard...), capacity (thousands of tokens per minute). Set in main.bicepparam; check what a region offers with az cognitiveservices model list -l REGION.')
 param modelDeployments array
 
+@description('More regions, each with an Azure OpenAI account of its own holding the same model deployments and granting the app the same role (e.g. [\'swedencentral\']): the proxy spreads load over the accounts and fails over when one is throttled or down (README, Two regions). Each region must offer the models and SKUs of modelDeployments, and differ from location.')
+param openAiExtraRegions array = []
+
+@description('true: the extra regions take requests only when the first account is throttled or failing (priority 2, spill-over); false: every account takes an even share (one priority).')
+param openAiExtraRegionsOnlyOnFailover bool = false
+
 @description('The key organizers present to the HTTP API that manages events. Never written to an output.')
 @secure()
 @minLength(16)
@@ -92,6 +98,8 @@ var appRoles = [
   { scope: 'storage', roleId: roleIds.storageBlobDataOwner }
   { scope: 'appInsights', roleId: roleIds.monitoringMetricsPublisher }
 ]
+// What the app and, if asked, the deployer are granted on each extra region's account.
+var openAiAppRoles = filter(appRoles, role => role.scope == 'openAi')
 // The organizer CLI only reads and writes the tables; calling the models directly is opt-in.
 var deployerTableRoles = [
   { scope: 'storage', roleId: roleIds.storageTableDataContributor }
@@ -125,6 +133,17 @@ module openAi 'modules/openai.bicep' = {
     modelDeployments: modelDeployments
   }
 }
+
+// The same account and deployments in each extra region, named with the region.
+module openAiExtra 'modules/openai.bicep' = [for region in openAiExtraRegions: {
+  name: 'openai-${region}'
+  params: {
+    name: '${prefix}-oai-${take(region, 20)}-${suffix}'
+    location: region
+    tags: tags
+    modelDeployments: modelDeployments
+  }
+}]
 
 module monitoring 'modules/monitoring.bicep' = {
   name: 'monitoring'
@@ -160,6 +179,30 @@ module deployerRoleAssignments 'modules/roles.bicep' = if (!empty(deployerPrinci
   }
 }
 
+module openAiExtraAppRoles 'modules/roles.bicep' = [for (region, i) in openAiExtraRegions: {
+  name: 'roles-app-openai-${region}'
+  params: {
+    principalId: identity.properties.principalId
+    principalType: 'ServicePrincipal'
+    assignments: openAiAppRoles
+    storageAccountName: storage.outputs.name
+    openAiAccountName: openAiExtra[i].outputs.name
+    appInsightsName: monitoring.outputs.appInsightsName
+  }
+}]
+
+module openAiExtraDeployerRoles 'modules/roles.bicep' = [for (region, i) in openAiExtraRegions: if (!empty(deployerPrincipalId) && deployerCanCallModels) {
+  name: 'roles-deployer-openai-${region}'
+  params: {
+    principalId: deployerPrincipalId
+    principalType: 'User'
+    assignments: deployerModelRoles
+    storageAccountName: storage.outputs.name
+    openAiAccountName: openAiExtra[i].outputs.name
+    appInsightsName: monitoring.outputs.appInsightsName
+  }
+}]
+
 module functionApp 'modules/functionapp.bicep' = {
   name: 'functionapp'
   params: {
@@ -174,6 +217,13 @@ module functionApp 'modules/functionapp.bicep' = {
     tableEndpoint: storage.outputs.tableEndpoint
     appInsightsConnectionString: monitoring.outputs.connectionString
     openAiEndpoint: openAi.outputs.endpoint
+    openAiBackendName: location
+    openAiExtraBackends: [for (region, i) in openAiExtraRegions: {
+      name: region
+      endpoint: openAiExtra[i].outputs.endpoint
+      priority: openAiExtraRegionsOnlyOnFailover ? 2 : 1
+      weight: 1
+    }]
     organizerKey: organizerKey
     organizerEntraClientId: organizerEntraClientId
     organizerEntraObjectIds: organizerEntraObjectIds
@@ -187,6 +237,7 @@ module functionApp 'modules/functionapp.bicep' = {
   // start, so the roles go in first.
   dependsOn: [
     appRoleAssignments
+    openAiExtraAppRoles
   ]
 }
 

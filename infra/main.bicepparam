@@ -23,6 +23,12 @@ param modelDeployments = [
   }
 ]
 
+// More regions for capacity, each with its own Azure OpenAI account and the deployments
+// above (README, Two regions), e.g. ['swedencentral']; true below: only when the first is
+// throttled or down, instead of an even share.
+param openAiExtraRegions = []
+param openAiExtraRegionsOnlyOnFailover = false
+
 // Scale (see README, Scale for a big event).
 param maximumInstanceCount = 100
 param instanceMemoryMB = 2048

@@ -429,10 +429,14 @@ def test_storage_name_is_valid_whatever_the_prefix() -> None:
 def test_no_dead_outputs() -> None:
     """Each module output feeds main.bicep; each main output is read by devtools/deploy.py."""
     main_text = (INFRA / "main.bicep").read_text()
-    modules = {m["detail"]["path"]: symbol for symbol, m in parsed("main.bicep")["modules"].items()}
-    for path, symbol in modules.items():
+    modules: dict[str, list[str]] = {}
+    for symbol, module in parsed("main.bicep")["modules"].items():
+        modules.setdefault(module["detail"]["path"], []).append(symbol)
+    for path, symbols in modules.items():
         for name in parsed(path).get("outputs", {}):
-            assert f"{symbol}.outputs.{name}" in main_text, f"{path}: output {name} is never used"
+            # A module used in a loop is read through an index: openAiExtra[i].outputs.name.
+            used = rf"\b({'|'.join(symbols)})(\[[^\]]+\])?\.outputs\.{name}\b"
+            assert re.search(used, main_text), f"{path}: output {name} is never used"
     deploy = DEPLOY_SCRIPT.read_text()
     for name in parsed("main.bicep")["outputs"]:
         assert re.search(f"[\"']{name}[\"']", deploy), f"main.bicep output {name} is not read by devtools/deploy.py"
@@ -509,6 +513,28 @@ def test_identity_gets_what_it_needs_and_the_deployer_least_privilege() -> None:
     choice = variables["deployerRoles"]["value"]["operator"]["operands"]
     assert choice["condition"] == "deployerCanCallModels" and choice["false_value"] == "deployerTableRoles"
     assert main["parameters"]["deployerCanCallModels"]["default"] is False
+
+
+def test_extra_regions_repeat_the_account_and_the_app_role_and_feed_the_backends() -> None:
+    main = parsed("main.bicep")
+    assert main["parameters"]["openAiExtraRegions"]["default"] == []
+    assert bicepparam()["openAiExtraRegions"] == []
+    modules = main["modules"]
+    for symbol in ("openAiExtra", "openAiExtraAppRoles", "openAiExtraDeployerRoles"):
+        assert modules[symbol]["config"]["loop_type"]["detail"]["array_name"] == "openAiExtraRegions"
+    assert body(modules["openAiExtra"])["params"]["modelDeployments"] == "modelDeployments"
+    app = body(modules["openAiExtraAppRoles"])["params"]
+    assert app["principalType"] == "ServicePrincipal" and app["assignments"] == "openAiAppRoles"
+    assert json.dumps(main["variables"]["openAiAppRoles"]).count('"appRoles"') == 1  # the app's own openAi roles
+    deployer = modules["openAiExtraDeployerRoles"]
+    assert body(deployer)["params"]["assignments"] == "deployerModelRoles"
+    assert "deployerCanCallModels" in json.dumps(deployer["config"]["condition"])
+    # The app's backends: the first account, then one per extra region, from the modules' outputs.
+    extra = body(modules["functionApp"])["params"]["openAiExtraBackends"]
+    assert extra["loop_type"]["detail"]["array_name"] == "openAiExtraRegions"
+    assert set(extra["config"]) == {"name", "endpoint", "priority", "weight"}
+    assert "openAiExtra" in json.dumps(extra["config"]["endpoint"])
+    assert function_app_settings()["AZURE_OPENAI_BACKENDS"]["function"]["type"] == "string"
 
 
 def test_storage_is_entra_id_only_with_the_tables_the_code_uses() -> None:

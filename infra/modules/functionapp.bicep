@@ -18,6 +18,22 @@ param tableEndpoint string
 param appInsightsConnectionString string
 param openAiEndpoint string
 
+@description('Name of the first Azure OpenAI account as a backend in usage reports (its region).')
+param openAiBackendName string
+
+@description('More Azure OpenAI accounts, each {name, endpoint, priority, weight}, after the first in AZURE_OPENAI_BACKENDS.')
+param openAiExtraBackends array = []
+
+// The proxy's backends (proxy.backends): the first account at priority 1, then the others.
+var openAiBackends = concat([
+  {
+    name: openAiBackendName
+    endpoint: openAiEndpoint
+    priority: 1
+    weight: 1
+  }
+], openAiExtraBackends)
+
 @description('Azure OpenAI data-plane API version the proxy calls.')
 param openAiApiVersion string = '2024-10-21'
 
@@ -186,6 +202,11 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'AZURE_OPENAI_API_VERSION'
           value: openAiApiVersion
+        }
+        {
+          // Replaces AZURE_OPENAI_ENDPOINT when set; with no extra region it lists that one account.
+          name: 'AZURE_OPENAI_BACKENDS'
+          value: string(openAiBackends)
         }
         {
           name: 'STORAGE_TABLE_ENDPOINT'
