@@ -160,8 +160,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows[name].append(measure(procs, urls, codes[name], args.seconds))
         before = httpx.get(f"{simulator_url}/_sim/stats").json()["requests"]
         exhaust = measure(procs, urls, codes["exhaust"], max(args.seconds, 4))
-        quiesce(procs)
-        called = httpx.get(f"{simulator_url}/_sim/stats").json()["requests"] - before
+        called = -1
+        for _ in range(30):  # on until the budget is used up: upstream sees no more calls
+            quiesce(procs)
+            now_called = httpx.get(f"{simulator_url}/_sim/stats").json()["requests"] - before
+            if now_called == called:
+                break
+            called = now_called
+            drive(urls, codes["exhaust"], 2)
         result = {
             "machine": {"cpus": psutil.cpu_count(), "python": sys.version.split()[0]},
             "setup": f"2 app processes (real worker behind the host emulator), wrk {PER_APP}+{PER_APP} connections, "

@@ -129,7 +129,10 @@ async def test_event_endpoint_shows_caps_and_remaining(app: str, http: httpx.Cli
     assert chat(http, app, key).status_code == 200
     info = await eventually(lambda: event_info(app, key), lambda i: i["usage_today"]["requests"] == 1)
     assert info["name"] == created.event.name and info["time_zone"] == "Asia/Tokyo" and info["open"] is True
-    assert info["caps"] == {"max_tokens": 200, "daily_requests": 5, "daily_tokens": 1000, "tpm": 5000}
+    caps = {"max_tokens": 200, "daily_requests": 5, "daily_tokens": 1000, "tpm": 5000}
+    assert {name: info["caps"][name] for name in caps} == caps
+    assert info["caps"]["event_requests"] is None and info["caps"]["max_attendees"] is None
+    assert info["event_budget_exhausted"] is False and info["blocked"] is False
     assert info["remaining_today"]["requests"] == 4
     assert info["remaining_today"]["tokens"] == 1000 - info["usage_today"]["total_tokens"]
     assert info["user"] == "alice" and created.code not in str(info)
