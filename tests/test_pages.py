@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import secrets
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -23,7 +23,7 @@ from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 from devtools.package import is_ignored, parse_ignore
 from proxy.pages import CONTENT_SECURITY_POLICY
 from tests.conftest import MakeEvent
-from tests.support import ORGANIZER_KEY, ROOT
+from tests.support import ORGANIZER_KEY, ROOT, eventually
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 DESKTOP = {"width": 1280, "height": 900}
@@ -104,6 +104,16 @@ async def chat(page: Page, prompt: str) -> None:
     await page.get_by_label("Your message").fill(prompt)
     await page.get_by_role("button", name="Send").click()
     await expect(answers.nth(before).locator(".used")).to_contain_text(re.compile(r"Used \d+ tokens"))
+
+
+async def until_proxy_answers(app: str, credential: str, done: Callable[[httpx.Response], bool]) -> None:
+    """Wait until ``GET /api/v1/event`` reflects an organizer's change (events are cached for up to 1 s here)."""
+    async with httpx.AsyncClient(timeout=10) as client:
+
+        async def probe() -> httpx.Response:
+            return await client.get(f"{app}/api/v1/event", headers={"authorization": f"Bearer {credential}"})
+
+        await eventually(probe, done, timeout=10, what="the proxy to see the organizer's change")
 
 
 async def test_attendee_sees_the_event_and_chats_in_the_playground(
@@ -220,6 +230,7 @@ async def test_organizer_runs_an_event_from_the_page(app: str, browsing: Watched
     await expect(code_box).not_to_have_text(code)
     await expect(code_box).to_have_text(re.compile(r"^[A-Za-z0-9_-]{16,}$"))
     new_code = await code_box.inner_text()
+    await until_proxy_answers(app, f"{code}/grace", lambda answer: answer.status_code == 401)  # EVENT_CACHE_SECONDS
     await attendee.reload()
     await expect(attendee.get_by_role("alert")).to_contain_text("This event code is not known")
     await attendee.get_by_label("Your credential").fill(f"{new_code}/grace")
@@ -231,6 +242,7 @@ async def test_organizer_runs_an_event_from_the_page(app: str, browsing: Watched
     await manage.locator("#confirm").get_by_role("button", name="Disable").click()
     await expect(manage.locator("#detail-state")).to_have_text("Disabled")
     await expect(manage.get_by_role("button", name="Enable")).to_be_visible()
+    await until_proxy_answers(app, f"{new_code}/grace", lambda answer: not answer.json()["active"])
     await attendee.reload()
     await expect(attendee.locator("#event-state")).to_have_text("Switched off")
     await expect(attendee.locator("#countdown")).to_contain_text("switched this event off")
