@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         loop.run_until_complete(dispatcher.run(f"{args.host}:{args.port}"))
     except (grpc.aio.AioRpcError, TimeoutError) as error:
-        print(f"worker {args.worker_id}: the host's stream ended: {error}", file=sys.stderr, flush=True)
+        reason = error.details() if isinstance(error, grpc.aio.AioRpcError) else "no answer"
+        print(f"worker pid={os.getpid()}: the host went away ({reason}); exiting", file=sys.stderr, flush=True)
     # The HTTP server and any invocation die with the process, as when the host kills it.
     sys.stdout.flush()
     sys.stderr.flush()
