@@ -42,6 +42,7 @@ USER_END = "user}"
 ROSTER_ROW = "roster"
 MAX_NAMES_PER_WRITE = 99  # an entity group transaction holds 100 operations, one of them the roster
 MAX_ATTEMPTS = 100
+SUBMIT_ATTEMPTS = 3
 _KNOWN_LIMIT = 200_000
 
 
@@ -157,19 +158,28 @@ class Roster:
         return etag, int(entity.get("count", 0))
 
     async def _submit(self, operations: list[tuple[str, Any, dict[str, Any]]]) -> None:
+        """Submit a transaction; a pooled connection that the server had closed is retried.
+
+        Retrying is safe: a transaction that did land fails the second time on
+        the roster's ETag (412) or on a name's row (409), both handled above.
+        """
         table = self._tables.usage
-        try:
+        for attempt in range(1, SUBMIT_ATTEMPTS + 1):
             try:
-                await table.submit_transaction(operations)
-            except TableTransactionError as error:
-                if error.status_code != 404:
-                    raise
-                await self._tables.ensure()
-                await table.submit_transaction(operations)
-        except TableTransactionError:
-            raise
-        except (AzureError, OSError) as error:
-            raise StorageUnavailable("Table Storage cannot be reached right now.") from error
+                try:
+                    await table.submit_transaction(operations)
+                except TableTransactionError as error:
+                    if error.status_code != 404:
+                        raise
+                    await self._tables.ensure()
+                    await table.submit_transaction(operations)
+                return
+            except TableTransactionError:
+                raise
+            except (AzureError, OSError) as error:
+                if attempt == SUBMIT_ATTEMPTS:
+                    raise StorageUnavailable("Table Storage cannot be reached right now.") from error
+                await asyncio.sleep(0.05 * attempt)
 
 
 async def roster(tables: Tables, event_id: str) -> dict[str, datetime]:

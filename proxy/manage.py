@@ -182,7 +182,11 @@ async def run(args: argparse.Namespace, store: EventStore, tables: Tables) -> No
     elif action == "list":
         _print(args, await organizer.list_events(store), _events_table)
     elif action == "show":
-        _print(args, await organizer.get_event(store, args.id), _details)
+        event = await organizer.get_event(store, args.id)
+        if args.json:
+            _print(args, event, _details)
+        else:  # the readable form adds what is used of the event's budgets
+            print(_details(event) + _budget_lines((await organizer.usage_report(store, tables, args.id)).get("budget")))
     elif action in ("update", "disable", "enable"):
         fields = _fields(args) if action == "update" else {"active": action == "enable"}
         shown = _details if action == "update" else _switched
@@ -296,15 +300,20 @@ def _usage_table(data: dict[str, Any]) -> str:
     header = (data["by"].upper(), *(name.upper().replace("_", " ") for name in FIGURES))
     rows = [(row["key"], *(row[name] for name in FIGURES)) for row in data["rows"]]
     rows.append(("TOTAL", *(data["totals"][name] for name in FIGURES)))
-    table = _table(header, rows, (False, *(True for _ in FIGURES)))
-    if "budget" in data:
-        figures = data["budget"]
-        for name in ("requests", "tokens"):
-            if figures[name]["limit"] is not None:
-                table += f"\nEvent budget, {name}: {figures[name]['used']} used of {figures[name]['limit']}"
-        if figures["exhausted"]:
-            table += "\nThe event's budget is used up: attendees get 429 event_budget_exhausted."
-    return table
+    return _table(header, rows, (False, *(True for _ in FIGURES))) + _budget_lines(data.get("budget"))
+
+
+def _budget_lines(figures: dict[str, Any] | None) -> str:
+    """What is used of the event's budgets, one line each (nothing without a budget)."""
+    if figures is None:
+        return ""
+    lines = ""
+    for name in ("requests", "tokens"):
+        if figures[name]["limit"] is not None:
+            lines += f"\nEvent budget, {name}: {figures[name]['used']} used of {figures[name]['limit']}"
+    if figures["exhausted"]:
+        lines += "\nThe event's budget is used up: attendees get 429 event_budget_exhausted."
+    return lines
 
 
 # Entry point

@@ -199,6 +199,7 @@ def test_attendees_and_budgets_answer_alike(cli: Cli, app: str, http: httpx.Clie
     assert ok(cli("usage", event_id, "--json")) == http.get(f"{api}/usage", headers=AUTH).json()
     usage = cli("usage", event_id)
     assert "Event budget, requests: 1 used of 50" in usage.stdout
+    assert "Event budget, requests: 1 used of 50" in cli("events", "show", event_id).stdout
     switched = cli("events", "disable", event_id)
     assert switched.returncode == 0 and "within a minute" in switched.stdout
     cleared = ok(cli("events", "update", event_id, "--event-tokens", "none", "--json"))
