@@ -178,6 +178,7 @@ class Proxy:
     async def aclose(self) -> None:
         """Graceful shutdown: store pending usage, then close the clients."""
         await self.recorder.drain()
+        await self.ledger.drain()
         await self.upstream.aclose()
         await self.tables.aclose()
         if self._credential is not None:
@@ -385,7 +386,9 @@ class Proxy:
                         "POST", "responses", record.request_id, body=prepared.body, label=model
                     )
                 else:
-                    response = await self.upstream.send(model, operation, prepared.body, record.request_id)
+                    response = await self.upstream.send(
+                        model, operation, prepared.body, record.request_id, stream=prepared.stream
+                    )
         except ProxyError as error:
             record.status = error.status
             self.recorder.submit(record)

@@ -16,9 +16,14 @@ timeout, all before anything reaches the client: a response is returned only
 once a backend has answered with something that is not one of those, so a
 stream that fails after its headers ends with an error event instead
 (``proxy.streaming``). Every attempt shares the request's time budget,
-``UPSTREAM_TIMEOUT_SECONDS`` from the first: a backend that uses it all up
-leaves none for the next. With a single backend, connection failures and 502,
-503 and 504 are retried on it, up to ``CONNECT_ATTEMPTS`` sends in all.
+``UPSTREAM_TIMEOUT_SECONDS`` from the first. A stream's headers come with its
+first event, so a stream waits for them at most half of what remains of the
+budget while another backend is left to try, and fails over after that; a
+request that is not streamed gets its headers only with the whole answer, so
+it may use all that remains (cutting a long answer short to start it again
+elsewhere would only waste the tokens), and a timeout fails over only if time
+is left. With a single backend, connection failures and 502, 503 and 504 are
+retried on it, up to ``CONNECT_ATTEMPTS`` sends in all.
 
 When nothing succeeded: if any backend was throttled (now, or cooled down
 before), the client gets 429 with the shortest wait among them, upstream's own
@@ -49,6 +54,7 @@ SCOPE = "https://cognitiveservices.azure.com/.default"
 CONNECT_ATTEMPTS = 3
 RETRY_STATUSES = frozenset({502, 503, 504})
 MIN_ATTEMPT_SECONDS = 0.5  # less than this left of the budget: no further attempt
+STREAM_WAIT_SHARE = 0.5  # of the budget left, what a stream waits for its headers while another backend remains
 
 
 class UpstreamAuth:
@@ -100,7 +106,9 @@ class Upstream:
         transport = AiohttpTransport(connect_timeout=10.0, read_timeout=settings.upstream_timeout_seconds)
         return httpx.AsyncClient(transport=transport)
 
-    async def send(self, deployment: str, operation: str, body: bytes, request_id: str) -> httpx.Response:
+    async def send(
+        self, deployment: str, operation: str, body: bytes, request_id: str, *, stream: bool = False
+    ) -> httpx.Response:
         """POST to a backend serving the model ``deployment``; the caller reads or streams the response and closes it.
 
         The response's ``extensions`` name the backend (``proxy_backend``) and
@@ -111,7 +119,8 @@ class Upstream:
             return f"{backend.endpoint}/openai/deployments/{backend.deployment(deployment)}/{operation}{self._query}"
 
         plan = self.health.plan(self.backends, deployment)
-        return await self._route(plan, deployment, "POST", url, body, request_id)
+        wait_share = STREAM_WAIT_SHARE if stream else 1.0
+        return await self._route(plan, deployment, "POST", url, body, request_id, wait_share=wait_share)
 
     def responses_deployment(self, model: str) -> str | None:
         """The deployment that serves ``model`` on the Responses API's backend, or None if it has none."""
@@ -154,6 +163,7 @@ class Upstream:
         body: bytes | None,
         request_id: str,
         model: str | None = None,
+        wait_share: float = 1.0,
     ) -> httpx.Response:
         model = model or label
         loop = asyncio.get_running_loop()
@@ -178,8 +188,9 @@ class Upstream:
             backend = queue.pop(0)
             attempts += 1
             self.health.attempting(backend, model)
+            wait = remaining * wait_share if queue else remaining  # leave time for the next backend
             try:
-                response = await self._attempt(backend, method, url(backend), body, request_id, remaining)
+                response = await self._attempt(backend, method, url(backend), body, request_id, wait)
             except (httpx.TimeoutException, TimeoutError) as exc:
                 self.health.failed(backend, model)
                 if isinstance(exc, httpx.ConnectTimeout):

@@ -301,3 +301,31 @@ async def test_all_throttled_answers_429_with_the_shortest_wait(
             client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
     finally:
         service.stop()
+
+
+async def test_a_slow_backend_is_left_for_the_next_within_the_budget(
+    azurite: str, sims: Sims, make_event: MakeEvent, tables: Tables
+) -> None:
+    created = await make_event()  # before the blocking starts: Azurite's keep-alive
+    slow = sims.start("--latency-ms", "3000")
+    fast = sims.start()
+    backends = [{"name": "slow", "endpoint": slow, "priority": 1}, {"name": "fast", "endpoint": fast, "priority": 2}]
+    service, url = backends_app(azurite, backends, UPSTREAM_TIMEOUT_SECONDS="4")
+    try:
+        client = OpenAI(base_url=f"{url}/api/v1", api_key=created.key(), max_retries=0, timeout=30)
+        started = time.monotonic()
+        chunks = list(client.chat.completions.create(**CHAT, stream=True))  # type: ignore[call-overload]
+        streamed_in = time.monotonic() - started
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        # A stream waits for its headers half the budget while another backend remains, then fails over.
+        assert 2.0 <= streamed_in < 3.0 and requests_to(slow) == requests_to(fast) == 1
+        started = time.monotonic()
+        assert client.chat.completions.create(**CHAT).choices[0].message.content  # type: ignore[call-overload]
+        # Not streamed: the whole answer comes with the headers, so the slow backend gets all the budget.
+        assert time.monotonic() - started >= 3.0 and requests_to(slow) == 2 and requests_to(fast) == 1
+        log = await eventually(
+            lambda: request_log(tables, created.event.id), lambda entries: len(entries) == 2, what="2 requests"
+        )
+        assert sorted(entry["backend"] for entry in log) == ["fast", "slow"]
+    finally:
+        service.stop()

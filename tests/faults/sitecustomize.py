@@ -29,10 +29,10 @@ async def _faulty_by_code(self: EventStore, code: str) -> Any:
     return await _by_code(self, code)
 
 
-async def _faulty_send(self: Upstream, model: str, operation: str, body: bytes, request_id: str) -> Any:
+async def _faulty_send(self: Upstream, model: str, operation: str, body: bytes, request_id: str, **options: Any) -> Any:
     if b"FAULT-UPSTREAM" in body:
         raise RuntimeError("injected fault in the upstream call")
-    return await _send(self, model, operation, body, request_id)
+    return await _send(self, model, operation, body, request_id, **options)
 
 
 def _faulty_take_usage(complete: bytes, record: Any, wants_usage: bool) -> bytes:
