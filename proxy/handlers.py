@@ -386,9 +386,7 @@ class Proxy:
                         "POST", "responses", record.request_id, body=prepared.body, label=model
                     )
                 else:
-                    response = await self.upstream.send(
-                        model, operation, prepared.body, record.request_id, stream=prepared.stream
-                    )
+                    response = await self.upstream.send(model, operation, prepared.body, record.request_id)
         except ProxyError as error:
             record.status = error.status
             self.recorder.submit(record)

@@ -229,6 +229,11 @@ class Ledger:
         assert isinstance(error, BaseException)
         raise error
 
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Graceful shutdown: write the settlements deferred on shards (``_defer``), and the give-backs."""
+        if self._releases:
+            await asyncio.wait(set(self._releases), timeout=timeout)
+
     def _released(self, task: asyncio.Task[None]) -> None:
         self._releases.discard(task)
         if not task.cancelled() and task.exception() is not None:
