@@ -386,7 +386,9 @@ class Proxy:
                         "POST", "responses", record.request_id, body=prepared.body, label=model
                     )
                 else:
-                    response = await self.upstream.send(model, operation, prepared.body, record.request_id)
+                    response = await self.upstream.send(
+                        model, operation, prepared.body, record.request_id, stream=prepared.stream
+                    )
         except ProxyError as error:
             record.status = error.status
             self.recorder.submit(record)
