@@ -329,3 +329,30 @@ async def test_a_slow_backend_is_left_for_the_next_within_the_budget(
         assert sorted(entry["backend"] for entry in log) == ["fast", "slow"]
     finally:
         service.stop()
+
+
+def test_simulator_quotas_answer_with_azure_429_headers(sims: Sims) -> None:
+    """The knobs the backends above are built from: tokens per minute, a throttled share, a failing status."""
+    path = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+    headers = {"api-key": "k"}
+    tokens = sims.start("--tpm-limit", "40")
+    with httpx.Client(base_url=tokens, headers=headers) as http:
+        first = http.post(path, json=CHAT)
+        used = first.json()["usage"]["total_tokens"]
+        assert first.status_code == 200 and int(first.headers["x-ratelimit-remaining-tokens"]) == 40 - used
+        while (answer := http.post(path, json=CHAT)).status_code == 200:
+            pass
+        assert answer.status_code == 429 and answer.headers["x-ratelimit-remaining-tokens"] == "0"
+        assert 0 < int(answer.headers["retry-after-ms"]) <= 60_000 and 1 <= int(answer.headers["retry-after"]) <= 60
+        assert answer.json()["error"]["code"] == "429"
+
+    half = sims.start("--throttle-fraction", "0.5", "--throttle-retry-ms", "250")
+    with httpx.Client(base_url=half, headers=headers) as http:
+        statuses = [http.post(path, json=CHAT).status_code for _ in range(10)]
+        assert statuses == [200, 429] * 5
+        assert http.post(path, json=CHAT).status_code == 200
+        assert http.post(path, json={**CHAT, "stream": True}).headers["retry-after-ms"] == "250"
+    assert sim_stats(half)["throttled"] == 6
+
+    down = sims.start("--fail-status", "503")
+    assert httpx.post(f"{down}{path}", json=CHAT, headers=headers).status_code == 503
