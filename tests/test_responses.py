@@ -220,11 +220,11 @@ async def test_caps_and_window_apply(app: str, make_event: MakeEvent, tables: Ta
 
 async def test_storage_outage_fails_closed(azurite: str, make_event: MakeEvent) -> None:
     """No stream completes whose usage cannot be stored, and an unreadable owner is a 503, never a 404."""
+    created = await make_event(daily_requests=None)  # before the starts below block this loop
     relay = Forwarder(int(azurite.split("TableEndpoint=http://127.0.0.1:")[1].split("/")[0]))
     simulator, upstream = start_simulator("--tokens-per-second", "40", "--completion-tokens", "20")
     service, url = start_app(app_env(azurite_connection_string(relay.port), upstream, EVENT_CACHE_SECONDS="60"))
     try:
-        created = await make_event(daily_requests=None)
         sdk = client(url, created.key())
         kept = sdk.responses.create(model=MODEL, input="before the outage")
         body = {"model": MODEL, "input": "during the outage", "stream": True}

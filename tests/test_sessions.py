@@ -6,8 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from proxy.sessions import SessionLimits, bounded, purge_expired
 from proxy.storage import Tables
 from proxy.usage import request_log
 from tests.conftest import MakeEvent
-from tests.support import ORGANIZER_KEY, ROOT, app_env, sim_stats, start_app
+from tests.support import ORGANIZER_KEY, ROOT, Service, app_env, sim_stats, start_app
 
 MODEL = "gpt-4o-mini"
 SYSTEM = {"role": "system", "content": "You are a travel guide."}
@@ -42,12 +41,23 @@ def contents(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def small_app(azurite: str, simulator: str) -> Iterator[str]:
-    """An app whose sessions keep 2 turns for 2 seconds."""
-    env = app_env(azurite, simulator, EVENT_CACHE_SECONDS="1", SESSION_MAX_TURNS="2", SESSION_TTL_SECONDS="2")
-    service, url = start_app(env)
+def small_app(azurite: str, simulator: str) -> Iterator[Callable[[], str]]:
+    """An app whose sessions keep 2 turns for 2 seconds, started on first use.
+
+    Started from the test, after its events are stored: a start blocks the event loop for
+    seconds, and the storage pool's idle connections do not survive it.
+    """
+    started: list[Service] = []
+
+    def url() -> str:
+        if not started:
+            env = app_env(azurite, simulator, EVENT_CACHE_SECONDS="1", SESSION_MAX_TURNS="2", SESSION_TTL_SECONDS="2")
+            started.append(start_app(env)[0])
+        return started[0].ready_line.split("listening on ", 1)[1].removesuffix("/api")
+
     yield url
-    service.stop()
+    for service in started:
+        service.stop()
 
 
 async def test_three_turns_with_the_sdk(app: str, simulator: str, make_event: MakeEvent, tables: Tables) -> None:
@@ -140,14 +150,15 @@ async def test_three_turns_with_curl_and_forgetting(app: str, simulator: str, ma
 
 
 async def test_bound_drops_oldest_turns_and_sessions_expire(
-    small_app: str, simulator: str, make_event: MakeEvent
+    small_app: Callable[[], str], simulator: str, make_event: MakeEvent
 ) -> None:
-    sdk = OpenAI(base_url=f"{small_app}/api/v1", api_key=(await make_event()).key(), max_retries=0)
+    key = (await make_event()).key()
+    sdk = OpenAI(base_url=f"{small_app()}/api/v1", api_key=key, max_retries=0)
     for text in ("one", "two", "three", "four"):
         sdk.chat.completions.create(model=MODEL, messages=[user(text)], extra_body={"session_id": "s"})  # type: ignore[list-item]
     # Two turns kept: "one" was dropped before "four" went up.
     assert [m[1] for m in contents(upstream_messages(simulator)) if m[0] == "user"] == ["two", "three", "four"]
-    time.sleep(2.5)
+    await asyncio.sleep(2.5)
     sdk.chat.completions.create(model=MODEL, messages=[user("five")], extra_body={"session_id": "s"})  # type: ignore[list-item]
     assert contents(upstream_messages(simulator)) == [("user", "five")]
 
@@ -170,14 +181,16 @@ async def test_session_id_is_refused_where_it_has_no_meaning(app: str, make_even
         assert answer.status_code == 400 and answer.json()["error"]["param"] == "session_id"
 
 
-async def test_expired_sessions_are_deleted_from_storage(small_app: str, make_event: MakeEvent, tables: Tables) -> None:
+async def test_expired_sessions_are_deleted_from_storage(
+    small_app: Callable[[], str], make_event: MakeEvent, tables: Tables
+) -> None:
     created = await make_event()
     for name in ("old", "fresh"):
-        sdk = OpenAI(base_url=f"{small_app}/api/v1", api_key=created.key(name), max_retries=0)
+        sdk = OpenAI(base_url=f"{small_app()}/api/v1", api_key=created.key(name), max_retries=0)
         sdk.chat.completions.create(model=MODEL, messages=[user("remember me")], extra_body={"session_id": "s"})  # type: ignore[list-item]
         sdk.close()
         if name == "old":
-            time.sleep(2.5)  # past the small app's time to live
+            await asyncio.sleep(2.5)  # past the small app's time to live
     rows = tables.requests.query_entities("PartitionKey eq @pk", parameters={"pk": created.event.id})
     assert sorted([row["RowKey"] async for row in rows]) == ["session|fresh|s", "session|old|s"]
     assert await purge_expired(tables, datetime.now(UTC)) >= 1
