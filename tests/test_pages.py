@@ -165,8 +165,10 @@ async def test_attendee_sees_the_event_and_chats_in_the_playground(
     assert await page.evaluate("sessionStorage.length") == 0
 
     # The proxy's own message for a code it does not know.
-    await page.get_by_label("Your credential").fill("NOSUCHCODE123/ada")
-    await page.get_by_role("button", name="Show my event").click()
+    # By keyboard: the field has the focus, Enter sends it.
+    await expect(page.get_by_label("Your credential")).to_be_focused()
+    await page.keyboard.type("NOSUCHCODE123/ada")
+    await page.keyboard.press("Enter")
     await expect(page.get_by_role("alert")).to_contain_text("This event code is not known")
 
 
@@ -188,6 +190,7 @@ async def test_organizer_runs_an_event_from_the_page(app: str, browsing: Watched
     await manage.get_by_label("Description", exact=True).fill("Made in a browser.")
     await manage.get_by_label("Requests per day").fill("20")
     await manage.get_by_label("Other models, comma-separated").fill("gpt-4o-mini")
+    await screenshots(manage, "organizer-new-event")
     await manage.get_by_role("button", name="Create event").click()
 
     code_box = manage.locator("#code-value")
@@ -224,6 +227,18 @@ async def test_organizer_runs_an_event_from_the_page(app: str, browsing: Watched
     assert any(line.startswith("grace,") for line in csv_text.splitlines())
     await screenshots(manage, "organizer")
 
+    # Edit: only what changed is sent; the attendee sees the new cap, the usage the new event-wide budget.
+    await manage.get_by_role("button", name="Edit").click()
+    await expect(manage.get_by_label("Name", exact=True)).to_have_value(name)
+    await manage.get_by_label("Requests per day").fill("30")
+    await manage.get_by_label("Requests, all attendees").fill("100")
+    await manage.get_by_role("button", name="Save changes").click()
+    await expect(manage.locator("#detail-facts")).to_contain_text("Requests, whole event100")
+    await expect(manage.locator("#usage-budget")).to_contain_text(re.compile(r"requests \d+ of 100"))
+    await until_proxy_answers(app, f"{code}/grace", lambda answer: answer.json()["caps"]["daily_requests"] == 30)
+    await attendee.reload()
+    await expect(attendee.locator("#remaining-requests")).to_have_text("29 of 30")
+
     # Rotate: confirmed in a dialog, the new code shown once; the old one stops working.
     await manage.get_by_role("button", name="Rotate code").click()
     await manage.locator("#confirm").get_by_role("button", name="Rotate code").click()
@@ -235,7 +250,7 @@ async def test_organizer_runs_an_event_from_the_page(app: str, browsing: Watched
     await expect(attendee.get_by_role("alert")).to_contain_text("This event code is not known")
     await attendee.get_by_label("Your credential").fill(f"{new_code}/grace")
     await attendee.get_by_role("button", name="Show my event").click()
-    await expect(attendee.locator("#remaining-requests")).to_have_text("19 of 20")
+    await expect(attendee.locator("#remaining-requests")).to_have_text("29 of 30")
 
     # Disable: confirmed; the attendee page reports it, and the playground gets the proxy's refusal.
     await manage.get_by_role("button", name="Disable").click()
@@ -246,7 +261,7 @@ async def test_organizer_runs_an_event_from_the_page(app: str, browsing: Watched
     await attendee.reload()
     await expect(attendee.locator("#event-state")).to_have_text("Switched off")
     await expect(attendee.locator("#countdown")).to_contain_text("switched this event off")
-    await expect(attendee.locator("#remaining-requests")).to_have_text("0 of 20 (closed)")
+    await expect(attendee.locator("#remaining-requests")).to_have_text("0 of 30 (closed)")
     await attendee.get_by_label("Your message").fill("Still there?")
     await attendee.get_by_role("button", name="Send").click()
     await expect(attendee.locator(".message.failed")).to_contain_text("switched off by its organizer")
