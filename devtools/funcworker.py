@@ -19,9 +19,8 @@ support for it), so the host's only way to stop it is to kill it. It exits when 
 stream ends, so a worker never outlives its host.
 
 What differs: logs are written to this process's stderr instead of being sent to the host as
-``RpcLog`` messages (the app's access lines bare, as the host shows a log's message); the
-library's own INFO lines and uvicorn's access lines are left out, as ``host.json``'s
-``"default": "Warning"`` leaves them out in Azure.
+``RpcLog`` messages; the library's own INFO lines and uvicorn's access lines are left out, as
+``host.json``'s ``"default": "Warning"`` leaves them out in Azure.
 """
 
 from __future__ import annotations
@@ -127,18 +126,9 @@ class Dispatcher:
         self.send(**{answer_field: await handler(message)})
 
 
-class _Formatter(logging.Formatter):
-    """Access lines (``proxy.access``) as they are, one logfmt or JSON line each; the rest with level and logger."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        if record.name == "proxy.access":
-            return record.getMessage()
-        return super().format(record)
-
-
 def configure_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)

@@ -8,8 +8,8 @@ the last chunk for a stream (the client's disconnect included). The same
 moment ends the request's span and counts its metrics (``proxy.telemetry``).
 
 The line is logfmt (``LOG_FORMAT=logfmt``, the default) or one JSON object
-(``LOG_FORMAT=json``), logged at INFO on the ``proxy.access`` logger, so it
-reaches the Functions host's log like any other record of the worker. It holds
+(``LOG_FORMAT=json``), logged at INFO on the ``proxy.access`` logger, which
+prints it on standard output (see ``_print_lines`` for why). It holds
 the route template (``/api/v1/responses/{response_id}``), never the raw URL or
 query, and no secret or content: no event code, key, token, organizer key,
 prompt or answer. Values a client chooses (the attendee name, the model) are
@@ -19,6 +19,7 @@ quoted and escaped, so a line stays one line.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ class AccessLog:
         from proxy.telemetry import Telemetry
 
         self.format = log_format
-        access_logger.setLevel(logging.INFO)  # whatever the root's level: the host filters by category
+        _print_lines()
         self.telemetry = telemetry or Telemetry()
 
     def line(self, access: Access) -> str:
@@ -187,6 +188,27 @@ class AccessLog:
             if access.error is None and last.startswith(_ERROR_EVENT):
                 access.error = _error_code(last)
             self.finish(access)
+
+
+class _Lines(logging.StreamHandler):  # type: ignore[type-arg]
+    """Prints the access lines as they are, one per line."""
+
+
+def _print_lines() -> None:
+    """Send the access lines to standard output only, bare.
+
+    Not through the root logger: the Functions worker sends its records to the
+    host as ``RpcLog`` messages, and the host drops one whose invocation has
+    already ended, as a stream's has when its last chunk goes. The host logs
+    whatever a worker prints (category ``Host.Function.Console``, which
+    ``host.json`` keeps at Information), so every line reaches its logs.
+    """
+    if not any(isinstance(handler, _Lines) for handler in access_logger.handlers):
+        handler = _Lines(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_logger.addHandler(handler)
+    access_logger.propagate = False
+    access_logger.setLevel(logging.INFO)
 
 
 def _error_code(event: bytes) -> str:
