@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from langchain_openai import ChatOpenAI
 from openai import AzureOpenAI, OpenAI
 
 from proxy.events import EventStore
@@ -275,3 +276,12 @@ async def test_responses_with_several_backends(azurite: str, simulator: str, mak
         assert refused.value.status_code == 502 and "AZURE_OPENAI_BACKENDS" in refused.value.message
     finally:
         service.stop()
+
+
+async def test_langchain_on_the_responses_api(app: str, make_event: MakeEvent) -> None:
+    key = (await make_event()).key("lc")
+    model = ChatOpenAI(base_url=f"{app}/api/v1", api_key=key, model=MODEL, use_responses_api=True, max_retries=0)
+    answer = model.invoke("Say hello to the workshop")
+    assert answer.text and answer.response_metadata["id"].startswith("resp_")
+    streamed = "".join(chunk.text for chunk in model.stream("Say hello to the workshop"))
+    assert streamed == answer.text
