@@ -260,7 +260,9 @@
       const changes = {};
       for (const [name, value] of Object.entries(fields)) {
         const before = editing[name];
-        const same = name === "start" || name === "end" ? Date.parse(before) === Date.parse(value)
+        // The form shows minutes: a time whose minute did not change keeps its seconds.
+        const minute = (iso) => Math.floor(Date.parse(iso) / 60000);
+        const same = name === "start" || name === "end" ? minute(before) === minute(value)
           : JSON.stringify(before === undefined ? null : before) === JSON.stringify(value);
         if (!same) changes[name] = value;
       }
