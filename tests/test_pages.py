@@ -14,6 +14,7 @@ import re
 import secrets
 import shutil
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -172,6 +173,25 @@ async def test_attendee_sees_the_event_and_chats_in_the_playground(
     await expect(page.get_by_role("alert")).to_contain_text("This event code is not known")
 
 
+async def test_attendee_page_before_the_event_shows_the_countdown_and_the_proxys_refusal(
+    app: str, make_event: MakeEvent, browsing: Watched
+) -> None:
+    now = datetime.now(UTC)
+    created = await make_event(
+        name="Tomorrow's lab", starts_at=now + timedelta(hours=3), ends_at=now + timedelta(hours=5)
+    )
+    page = await browsing.page()
+    await sign_in_attendee(page, app, created.key("lin"))
+    await expect(page.locator("#event-state")).to_have_text("Not started")
+    await expect(page.locator("#countdown")).to_contain_text(re.compile(r"Opens in 2 h 5\d min"))
+    await expect(page.locator("#remaining-requests")).to_contain_text("(closed)")
+    # The model picker still offers the event's models (the proxy lists them only once open).
+    await expect(page.locator("#chat-model option")).to_have_count(1)
+    await page.get_by_label("Your message").fill("Too early?")
+    await page.get_by_role("button", name="Send").click()
+    await expect(page.locator(".message.failed")).to_contain_text(f"The event '{created.event.name}' starts at")
+
+
 async def test_organizer_runs_an_event_from_the_page(app: str, browsing: Watched) -> None:
     manage = await browsing.page()
     await manage.goto(f"{app}/api/manage/portal")
@@ -232,10 +252,12 @@ async def test_organizer_runs_an_event_from_the_page(app: str, browsing: Watched
     await expect(manage.get_by_label("Name", exact=True)).to_have_value(name)
     await manage.get_by_label("Requests per day").fill("30")
     await manage.get_by_label("Requests, all attendees").fill("100")
+    await manage.get_by_label("Turns kept per session").fill("5")
     await manage.get_by_role("button", name="Save changes").click()
     await expect(manage.locator("#detail-facts")).to_contain_text("Requests, whole event100")
     await expect(manage.locator("#usage-budget")).to_contain_text(re.compile(r"requests \d+ of 100"))
     await until_proxy_answers(app, f"{code}/grace", lambda answer: answer.json()["caps"]["daily_requests"] == 30)
+    await until_proxy_answers(app, f"{code}/grace", lambda answer: answer.json()["caps"]["session_turns"] == 5)
     await attendee.reload()
     await expect(attendee.locator("#remaining-requests")).to_have_text("29 of 30")
 
