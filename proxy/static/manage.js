@@ -9,6 +9,7 @@
   const NUMBERS = {
     "f-max-tokens": "max_tokens", "f-daily-requests": "daily_requests", "f-daily-tokens": "daily_tokens", "f-tpm": "tpm",
     "f-event-requests": "event_requests", "f-event-tokens": "event_tokens", "f-max-attendees": "max_attendees",
+    "f-session-turns": "session_turns", "f-session-chars": "session_chars",
   };
   const EVENT_WIDE = ["event_requests", "event_tokens", "max_attendees"];
   let key = session.get(KEY);
