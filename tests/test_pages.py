@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 import secrets
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,6 +32,7 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 WAIT_MS = 15_000  # the longest any condition is waited for (the organizer page refreshes usage every 5 s)
+expect.set_options(timeout=WAIT_MS)
 
 
 def chromium_path() -> str:
@@ -158,8 +161,17 @@ async def test_attendee_sees_the_event_and_chats_in_the_playground(
     await expect(page.locator("#chat-status")).to_contain_text("Stopped.")
     await expect(page.get_by_role("button", name="Send")).to_be_enabled()
 
-    # A reload keeps the tab signed in; signing out forgets the credential.
+    # The Python snippets run as shown (each one request).
+    for title in ("Python: OpenAI", "Python: AzureOpenAI"):
+        snippet = page.locator("figure.snippet", has_text=title).locator("code")
+        ran = subprocess.run([sys.executable, "-c", await snippet.inner_text()], capture_output=True, text=True,
+                             timeout=60, check=False)  # fmt: skip
+        assert ran.returncode == 0 and ran.stdout.strip(), (title, ran.stderr)
     await page.reload()
+    # 1 chat and 2 snippets; the stopped answer gives its request back once the proxy sees the hang-up.
+    await expect(page.locator("#used-requests")).to_have_text(re.compile(r"^[34]$"))
+
+    # A reload keeps the tab signed in; signing out forgets the credential.
     await expect(page.locator("#event-name")).to_have_text("Browser workshop")
     await page.get_by_role("button", name="Sign out").click()
     await expect(page.get_by_label("Your credential")).to_be_visible()
