@@ -223,15 +223,11 @@ class Upstream:
                 self.health.failed(backend, model)
                 if status in RETRY_STATUSES:
                     retry.append(backend)
-                if isinstance(failure, tuple):
-                    await failure[0].aclose()
-                failure = (response, backend)
+                failure = (await _buffered(response), backend)  # read now: nothing stays open meanwhile
                 continue
             self.health.succeeded(backend, model)
-            await _close(failure)
             return _answered(response, backend, attempts)
         if shortest < math.inf:
-            await _close(failure)
             if throttled is None:
                 seconds = math.ceil(shortest)
                 raise UpstreamThrottled(
@@ -274,7 +270,7 @@ def _chained(error: ProxyError, cause: BaseException) -> ProxyError:
 
 
 async def _buffered(response: httpx.Response) -> httpx.Response:
-    """A 429 read in full now, so it can be passed on after other backends were tried."""
+    """A refusal (429, 5xx) read in full now, so it can be passed on after other backends were tried."""
     try:
         await response.aread()
         return response
@@ -282,8 +278,3 @@ async def _buffered(response: httpx.Response) -> httpx.Response:
         return httpx.Response(response.status_code, headers=response.headers, content=b"", request=response.request)
     finally:
         await response.aclose()
-
-
-async def _close(failure: ProxyError | tuple[httpx.Response, Backend] | None) -> None:
-    if isinstance(failure, tuple):
-        await failure[0].aclose()
