@@ -83,7 +83,14 @@ async def browsing(browser: Browser) -> AsyncIterator[Watched]:
 
 
 async def screenshots(page: Page, name: str) -> None:
-    """The page at desktop and phone widths, kept as test artefacts."""
+    """The page at desktop and phone widths, kept as test artefacts; every control it shows has a name."""
+    unnamed = await page.evaluate(
+        """() => [...document.querySelectorAll("input, select, textarea, button")]
+            .filter((e) => e.offsetParent !== null && e.type !== "hidden")
+            .filter((e) => !(e.labels && e.labels.length) && !e.getAttribute("aria-label") && !e.textContent.trim())
+            .map((e) => e.outerHTML)"""
+    )
+    assert unnamed == [], f"controls without a label on {name}"
     ARTIFACTS.mkdir(exist_ok=True)
     size = page.viewport_size or DESKTOP
     await page.set_viewport_size(DESKTOP)
