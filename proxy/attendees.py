@@ -63,9 +63,7 @@ class Roster:
             )
         if (event.id, user) in self._known:
             return
-        try:
-            await self._tables.usage_entities.get(event.id, USER_PREFIX + user)
-        except ResourceNotFoundError:
+        if not await self._registered(event.id, user):
             await self._register(event, user)
         self._remember(event.id, user)
 
@@ -124,6 +122,11 @@ class Roster:
             etag, count = await self._roster(event.id)
             room = len(names) if event.max_attendees is None else max(0, event.max_attendees - count)
             taken, refused = names[:room], set(names[room:])
+            for user in list(refused):  # registered meanwhile by another instance: in, with no place needed
+                if await self._registered(event.id, user):
+                    self._remember(event.id, user)
+                    refused.discard(user)
+                    names.remove(user)
             if not taken:
                 return refused
             roster = {"PartitionKey": event.id, "RowKey": ROSTER_ROW, "count": count + len(taken)}
@@ -149,6 +152,13 @@ class Roster:
                 continue
             return refused
         raise StorageUnavailable("Too much contention on the attendee list; try again in a moment.")
+
+    async def _registered(self, event_id: str, user: str) -> bool:
+        try:
+            await self._tables.usage_entities.get(event_id, USER_PREFIX + user)
+        except ResourceNotFoundError:
+            return False
+        return True
 
     async def _roster(self, event_id: str) -> tuple[str, int]:
         try:
