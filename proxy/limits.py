@@ -76,6 +76,7 @@ log = logging.getLogger("proxy.limits")
 
 MAX_ATTEMPTS = 200
 MAX_OPERATIONS = 100  # per entity group transaction
+SUBMIT_ATTEMPTS = 3
 _UNCHANGED = MatchConditions.IfNotModified
 _UNAVAILABLE = "Table Storage cannot be reached right now; usage could not be stored."
 
@@ -542,21 +543,32 @@ class Ledger:
         raise StorageUnavailable("Too much contention on the usage counters.")
 
     async def _submit(self, operations: list[tuple[str, Any, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Submit a transaction; a connection failure is tried again, twice.
+
+        Safe to repeat: a transaction that did land fails the second time on a
+        day's ETag (412, read again) or on its log entry (409, taken as stored),
+        so nothing is counted twice. A pooled connection that the server closed
+        an instant before is the usual cause.
+        """
         table = self._tables.usage
-        try:
+        for attempt in range(1, SUBMIT_ATTEMPTS + 1):
             try:
-                return list(await table.submit_transaction(operations))  # type: ignore[arg-type]
+                try:
+                    return list(await table.submit_transaction(operations))  # type: ignore[arg-type]
+                except TableTransactionError as error:
+                    if error.status_code != 404:
+                        raise
+                    await self._tables.ensure()  # no table yet: an empty Azurite, say
+                    return list(await table.submit_transaction(operations))  # type: ignore[arg-type]
             except TableTransactionError as error:
-                if error.status_code != 404:
+                if error.status_code in (409, 412):
                     raise
-                await self._tables.ensure()  # no table yet: an empty Azurite, say
-                return list(await table.submit_transaction(operations))  # type: ignore[arg-type]
-        except TableTransactionError as error:
-            if error.status_code in (409, 412):
-                raise
-            raise StorageUnavailable(_UNAVAILABLE) from error
-        except (AzureError, OSError) as error:
-            raise StorageUnavailable(_UNAVAILABLE) from error
+                raise StorageUnavailable(_UNAVAILABLE) from error
+            except (AzureError, OSError) as error:
+                if attempt == SUBMIT_ATTEMPTS:
+                    raise StorageUnavailable(_UNAVAILABLE) from error
+                await asyncio.sleep(0.05 * attempt)
+        raise AssertionError("unreachable")
 
     async def release_stale(self, event_id: str, row_key: str, cutoff: float, forget_before: float) -> int:
         """Give back the slots of requests admitted before ``cutoff`` (epoch s) and never settled.
