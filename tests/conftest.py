@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy.errors import StorageUnavailable
 from proxy.events import Event, EventStore, hash_code, new_event_id
 from proxy.settings import Settings
 from proxy.storage import Tables
@@ -90,7 +91,12 @@ async def make_event(tables: Tables) -> MakeEvent:
             ends_at=now + timedelta(hours=8),
         )
         event = replace(event, **fields)
-        await store.create(event)
+        try:
+            await store.create(event)
+        except StorageUnavailable:
+            # A sync test blocked this loop for seconds, so aiohttp may hand out a pooled
+            # connection Azurite has closed meanwhile ("Server disconnected"): once more.
+            await store.create(event)
         return NewEvent(event, code)
 
     return create
