@@ -31,6 +31,7 @@ logs (the access lines among them) to Application Insights.
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -76,6 +77,9 @@ class AzureMonitorTelemetry(Telemetry):
 
     @classmethod
     def configure(cls, settings: Settings) -> AzureMonitorTelemetry:
+        # The distro reads OTEL_LOGS_EXPORTER itself and overrides disable_logging=True with it (1.8.11);
+        # its log export would send every record of the worker a second time, after the host's.
+        os.environ.setdefault("OTEL_LOGS_EXPORTER", "none")
         options: dict[str, Any] = {
             "connection_string": settings.appinsights_connection_string,
             "disable_logging": True,

@@ -250,6 +250,9 @@ def test_spans_and_metrics_arrive_with_the_token_and_no_secret(
     assert {(event, "prompt"), (event, "completion")} <= tokens
     assert metrics["proxy.upstream.throttled"][0]["properties"]["model"] == "gpt-4o-mini"
 
+    # Logs are the host's to send (the access lines among them): none of the worker's go a second time.
+    assert not ingestion.of_type("MessageData")
+
     # No secret anywhere in what was sent: codes, keys, tokens, the organizer key, content.
     everything = b"\n".join(ingestion.bodies).decode()
     secrets = [events["open"].code, events["capped"].code, "NOPE-NOPE-NOPE", ORGANIZER_KEY, SIMULATOR_KEY]
