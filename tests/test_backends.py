@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,7 +27,17 @@ from proxy.settings import Settings, SettingsError
 from proxy.storage import Tables
 from proxy.usage import report, request_log
 from tests.conftest import LENIENT, MakeEvent
-from tests.support import ORGANIZER_KEY, Service, app_env, eventually, free_port, sim_stats, start_app, start_simulator
+from tests.support import (
+    ORGANIZER_KEY,
+    ROOT,
+    Service,
+    app_env,
+    eventually,
+    free_port,
+    sim_stats,
+    start_app,
+    start_simulator,
+)
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -189,7 +202,7 @@ async def test_a_throttled_first_backend_fails_over_and_cools_down(
 
 
 async def test_weights_split_the_load_and_usage_by_backend_adds_up(
-    azurite: str, sims: Sims, make_event: MakeEvent, tables: Tables
+    azurite: str, sims: Sims, make_event: MakeEvent, tables: Tables, tmp_path: Path
 ) -> None:
     created = await make_event()  # before the blocking starts: Azurite's keep-alive
     heavy, light = sims.start(), sims.start()
@@ -224,6 +237,12 @@ async def test_weights_split_the_load_and_usage_by_backend_adds_up(
         organizer = {"authorization": f"Bearer {ORGANIZER_KEY}"}
         api = httpx.get(f"{url}/api/manage/events/{created.event.id}/usage?by=backend", headers=organizer).json()
         assert api["rows"] == by_backend["rows"] and api["totals"] == by_backend["totals"]
+        env = {k: v for k, v in app_env(azurite, "").items() if not k.startswith("AZURE_")}
+        env["PYTHONPATH"] = str(ROOT)
+        command = [sys.executable, "-m", "proxy.manage", "usage", created.event.id, "--by", "backend", "--json"]
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["rows"] == by_backend["rows"]
         assert set(rows) == {"heavy", "light"}
         assert rows["heavy"]["requests"] == requests_to(heavy)
         for figure in ("requests", "prompt_tokens", "completion_tokens", "total_tokens"):
