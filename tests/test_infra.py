@@ -52,6 +52,7 @@ LOCAL_ONLY_OR_OPTIONAL = {
     "UPSTREAM_TIMEOUT_SECONDS",
     "EVENT_CACHE_SECONDS",
     "RESERVATION_LEASE_SECONDS",
+    "FAILED_LOOKUPS_PER_MINUTE",
 }
 
 # Outputs for devtools/deploy.py that are not app settings.
