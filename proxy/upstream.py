@@ -12,10 +12,11 @@ credential holds the event code.
 ``proxy.backends.Health`` gives (best priority first, by weight within it),
 and moves on to the next on a 429 (cooling that backend down for its
 ``retry-after-ms`` / ``retry-after``), a 5xx, a connection failure or a
-timeout, all before anything reaches the client: a response is returned only
-once a backend has answered with something that is not one of those, so a
-stream that fails after its headers ends with an error event instead
-(``proxy.streaming``). Every attempt shares the request's time budget,
+timeout, and on a 401, 403 or 404 (that backend's key, role or deployment is
+wrong: logged, since the next one may well serve), all before anything reaches
+the client: a response is returned only once a backend has answered with
+something that is not one of those, so a stream that fails after its headers
+ends with an error event instead (``proxy.streaming``). Every attempt shares the request's time budget,
 ``UPSTREAM_TIMEOUT_SECONDS`` from the first. A stream's headers come with its
 first event, so a stream waits for them at most half of what remains of the
 budget while another backend is left to try, and fails over after that; a
@@ -30,13 +31,15 @@ before), the client gets 429 with the shortest wait among them, upstream's own
 answer when one came (its ``retry-after`` headers set to that wait), else
 ``UpstreamThrottled``; otherwise the last failure, as before: a 5xx answer
 (which ``proxy.handlers`` turns into 502), ``UpstreamError`` (502) or
-``UpstreamTimeout`` (504). Upstream's other answers (4xx) pass through with
-their status and body, from the first backend that gave one.
+``UpstreamTimeout`` (504); a 401, 403 or 404 passes through as it came. Upstream's
+other answers (400: a bad request, a content filter) pass through with their
+status and body from the first backend, never tried elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Callable
 
@@ -50,9 +53,13 @@ from proxy.settings import Settings
 from proxy.tokens import BearerToken
 from proxy.transport import AiohttpTransport
 
+log = logging.getLogger("proxy.upstream")
+
 SCOPE = "https://cognitiveservices.azure.com/.default"
 CONNECT_ATTEMPTS = 3
 RETRY_STATUSES = frozenset({502, 503, 504})
+# A backend that refuses the proxy itself (key or role) or lacks the deployment: the next may serve.
+MISCONFIGURED_STATUSES = frozenset({401, 403, 404})
 MIN_ATTEMPT_SECONDS = 0.5  # less than this left of the budget: no further attempt
 STREAM_WAIT_SHARE = 0.5  # of the budget left, what a stream waits for its headers while another backend remains
 
@@ -120,7 +127,9 @@ class Upstream:
 
         plan = self.health.plan(self.backends, deployment)
         wait_share = STREAM_WAIT_SHARE if stream else 1.0
-        return await self._route(plan, deployment, "POST", url, body, request_id, wait_share=wait_share)
+        return await self._route(
+            plan, deployment, "POST", url, body, request_id, wait_share=wait_share, misconfigured=MISCONFIGURED_STATUSES
+        )
 
     def responses_deployment(self, model: str) -> str | None:
         """The deployment that serves ``model`` on the Responses API's backend, or None if it has none."""
@@ -164,6 +173,7 @@ class Upstream:
         request_id: str,
         model: str | None = None,
         wait_share: float = 1.0,
+        misconfigured: frozenset[int] = frozenset(),
     ) -> httpx.Response:
         model = model or label
         loop = asyncio.get_running_loop()
@@ -219,8 +229,17 @@ class Upstream:
                 else:
                     await response.aclose()
                 continue
-            if status >= 500:
+            if status >= 500 or status in misconfigured:
                 self.health.failed(backend, model)
+                if status < 500:
+                    log.warning(
+                        "backend '%s' answered %d for '%s': check its deployments and the app's role on it "
+                        "(request %s)",
+                        backend.name,
+                        status,
+                        label,
+                        request_id,
+                    )
                 if status in RETRY_STATUSES:
                     retry.append(backend)
                 failure = (await _buffered(response), backend)  # read now: nothing stays open meanwhile

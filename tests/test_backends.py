@@ -243,10 +243,18 @@ async def test_weights_split_the_load_and_usage_by_backend_adds_up(
         done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["rows"] == by_backend["rows"]
+
         assert set(rows) == {"heavy", "light"}
         assert rows["heavy"]["requests"] == requests_to(heavy)
         for figure in ("requests", "prompt_tokens", "completion_tokens", "total_tokens"):
             assert sum(row[figure] for row in rows.values()) == by_backend["totals"][figure] > 0
+
+        # A request upstream refuses as such (400, a content filter) is not sent to another backend.
+        flagged = {**CHAT, "messages": [{"role": "user", "content": "SIM_CONTENT_FILTER"}]}
+        client = OpenAI(base_url=f"{url}/api/v1", api_key=created.key("bob"), max_retries=0)  # alice is at her cap
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(**flagged)  # type: ignore[call-overload]
+        assert requests_to(heavy) + requests_to(light) == 1001
     finally:
         service.stop()
 
@@ -280,6 +288,29 @@ async def test_streams_fail_over_before_their_first_byte_only(azurite: str, sims
         assert requests_to(healthy) == FAILURES_TO_OPEN + 3  # a stream under way is not sent again
         with pytest.raises(openai.APIError):
             list(client.chat.completions.create(**broken))  # type: ignore[call-overload]
+    finally:
+        service.stop()
+
+
+async def test_a_misconfigured_backend_is_skipped_and_named_in_the_log(
+    azurite: str, sims: Sims, make_event: MakeEvent
+) -> None:
+    created = await make_event()  # before the blocking starts: Azurite's keep-alive
+    wrong_key = sims.start("--api-key", "another-key")  # 401 for the proxy's key
+    no_deployment = sims.start()
+    healthy = sims.start()
+    backends = [
+        {"name": "wrong-key", "endpoint": wrong_key, "priority": 1},
+        {"name": "no-deployment", "endpoint": no_deployment, "priority": 2, "deployments": {"gpt-4o-mini": "absent"}},
+        {"name": "healthy", "endpoint": healthy, "priority": 3},
+    ]
+    service, url = backends_app(azurite, backends)
+    try:
+        client = OpenAI(base_url=f"{url}/api/v1", api_key=created.key(), max_retries=0)
+        assert client.chat.completions.create(**CHAT).choices[0].message.content  # type: ignore[call-overload]
+        assert sim_stats(no_deployment)["by_deployment"] == {"absent": 1}  # the deployment named for it there
+        service.wait_for_output("backend 'no-deployment' answered 404")
+        assert "backend 'wrong-key' answered 401" in service.text and "another-key" not in service.text
     finally:
         service.stop()
 
