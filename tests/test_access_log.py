@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import LENIENT, MakeEvent
-from tests.support import ORGANIZER_KEY, ROOT, Service, app_env, start_app
+from tests.support import ORGANIZER_KEY, ROOT, Service, app_env, start_app, start_simulator
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 SIMULATOR_KEY = "simulator-key"  # app_env's AZURE_OPENAI_API_KEY
@@ -174,3 +174,24 @@ def test_values_a_client_chooses_stay_on_one_line() -> None:
     assert "\n" not in line and line.startswith('model="gpt x=\\"y\\"\\nrequest_id=forged" ')
     assert line.endswith(" stream=false status=404") and "error" not in line
     assert json.loads(line.split("=", 1)[1].rsplit(" stream=", 1)[0]) == 'gpt x="y"\nrequest_id=forged'
+
+
+async def test_a_stream_the_client_leaves_is_logged_when_it_is_cut(azurite: str, make_event: MakeEvent) -> None:
+    """The line of a stream is written at its end, here the client's disconnect: 200, client_disconnected."""
+    created = await make_event()
+    simulator, sim_url = start_simulator("--tokens-per-second", "4")  # 12 tokens: 3 s of stream
+    service, url = start_app(app_env(azurite, sim_url, **LENIENT))
+    try:
+        body = {**CHAT, "stream": True}
+        with (
+            httpx.Client(timeout=30) as http,
+            http.stream("POST", f"{url}/api/v1/chat/completions", json=body, headers={"api-key": created.key()}) as cut,
+        ):
+            next(cut.iter_raw())  # the first events, then the client goes away
+        request_id = cut.headers["x-request-id"]
+        service.wait_for_output(f"request_id={request_id}", timeout=20)
+        line = access_lines(service)[request_id]
+        assert line["status"] == "200" and line["error"] == "client_disconnected" and line["stream"] == "true"
+    finally:
+        service.stop()
+        simulator.stop()
