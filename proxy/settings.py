@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from proxy.backends import Backend, parse_backends, single_backend
 from proxy.principal import NO_SIGN_IN, OrganizerSignIn
@@ -74,13 +75,28 @@ LogFormat = Literal["logfmt", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("logfmt", "json")
 
 
+# Settings given as text and validated by the model, by field.
+ENV_NAMES: dict[str, str] = {
+    "max_request_bytes": "MAX_REQUEST_BYTES",
+    "upstream_timeout_seconds": "UPSTREAM_TIMEOUT_SECONDS",
+    "event_cache_seconds": "EVENT_CACHE_SECONDS",
+    "reservation_lease_seconds": "RESERVATION_LEASE_SECONDS",
+    "failed_lookups_per_minute": "FAILED_LOOKUPS_PER_MINUTE",
+    "session_max_turns": "SESSION_MAX_TURNS",
+    "session_max_chars": "SESSION_MAX_CHARS",
+    "session_ttl_seconds": "SESSION_TTL_SECONDS",
+    "log_format": "LOG_FORMAT",
+}
+
+
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message names it."""
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Everything the proxy and the organizer CLI are configured with."""
+class Settings(BaseModel):
+    """Everything the proxy and the organizer CLI are configured with (a pydantic model: bounds below)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
     openai_endpoint: str
     openai_api_key: str | None
@@ -89,15 +105,16 @@ class Settings:
     table_endpoint: str | None
     storage_connection_string: str | None
     organizer_key: str | None
-    max_request_bytes: int
-    upstream_timeout_seconds: float
-    event_cache_seconds: float
-    reservation_lease_seconds: float = DEFAULT_LEASE_SECONDS
+    max_request_bytes: int = Field(gt=0)
+    upstream_timeout_seconds: float = Field(gt=0)
+    # Changes (disable, rotate, block) must reach every instance within a minute.
+    event_cache_seconds: float = Field(ge=0, le=60)
+    reservation_lease_seconds: float = Field(DEFAULT_LEASE_SECONDS, gt=0)
     # Unknown event codes a client address may send per minute (proxy.guessing).
-    failed_lookups_per_minute: int = DEFAULT_FAILED_LOOKUPS
-    session_max_turns: int = DEFAULT_SESSION_MAX_TURNS
-    session_max_chars: int = DEFAULT_SESSION_MAX_CHARS
-    session_ttl_seconds: float = DEFAULT_SESSION_TTL_SECONDS
+    failed_lookups_per_minute: int = Field(DEFAULT_FAILED_LOOKUPS, gt=0)
+    session_max_turns: int = Field(DEFAULT_SESSION_MAX_TURNS, gt=0)
+    session_max_chars: int = Field(DEFAULT_SESSION_MAX_CHARS, gt=0)
+    session_ttl_seconds: float = Field(DEFAULT_SESSION_TTL_SECONDS, gt=0)
     log_format: LogFormat = "logfmt"
     # Telemetry to Application Insights (proxy.telemetry); None: off, nothing exported nor imported.
     appinsights_connection_string: str | None = None
@@ -143,10 +160,11 @@ class Settings:
                 "Neither STORAGE_TABLE_ENDPOINT (Azure, managed identity) nor "
                 "STORAGE_CONNECTION_STRING (Azurite) is set"
             )
-        cache_seconds = _number(get, "EVENT_CACHE_SECONDS", 30.0)
-        if not 0 <= cache_seconds <= 60:
-            raise SettingsError("EVENT_CACHE_SECONDS must be between 0 and 60 (changes must apply within 60 s)")
-        return cls(
+        # Read as given; the model converts and bounds them, and an error names the setting.
+        raw: dict[str, Any] = {field: value for field, name in ENV_NAMES.items() if (value := get(name)) is not None}
+        if "log_format" in raw:
+            raw["log_format"] = raw["log_format"].lower()
+        fields = dict(
             openai_endpoint=(endpoint or (backends[0].endpoint if backends else "")).rstrip("/"),
             openai_api_key=api_key,
             openai_api_version=get("AZURE_OPENAI_API_VERSION") or DEFAULT_API_VERSION,
@@ -154,20 +172,18 @@ class Settings:
             table_endpoint=table_endpoint,
             storage_connection_string=connection_string,
             organizer_key=get("ORGANIZER_KEY"),
-            max_request_bytes=int(_number(get, "MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES)),
-            upstream_timeout_seconds=_number(get, "UPSTREAM_TIMEOUT_SECONDS", 120.0),
-            event_cache_seconds=cache_seconds,
-            reservation_lease_seconds=_number(get, "RESERVATION_LEASE_SECONDS", DEFAULT_LEASE_SECONDS),
-            failed_lookups_per_minute=int(_number(get, "FAILED_LOOKUPS_PER_MINUTE", DEFAULT_FAILED_LOOKUPS)),
-            session_max_turns=int(_number(get, "SESSION_MAX_TURNS", DEFAULT_SESSION_MAX_TURNS)),
-            session_max_chars=int(_number(get, "SESSION_MAX_CHARS", DEFAULT_SESSION_MAX_CHARS)),
-            session_ttl_seconds=_number(get, "SESSION_TTL_SECONDS", DEFAULT_SESSION_TTL_SECONDS),
-            log_format=_log_format(get("LOG_FORMAT")),
             appinsights_connection_string=get("APPLICATIONINSIGHTS_CONNECTION_STRING"),
             appinsights_identity=_appinsights_identity(get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING")),
             organizer_sign_in=_organizer_sign_in(get),
             backends=backends,
+            max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
+            upstream_timeout_seconds=120.0,
+            event_cache_seconds=30.0,
         )
+        try:
+            return cls.model_validate({**fields, **raw})
+        except ValidationError as exc:
+            raise _settings_error(exc, raw) from None
 
     @classmethod
     def for_cli(cls, settings_file: Path = Path("local.settings.json")) -> Settings:
@@ -191,13 +207,6 @@ def cli_values(settings_file: Path = Path("local.settings.json")) -> dict[str, s
     return merged
 
 
-def _log_format(raw: str | None) -> LogFormat:
-    for known in LOG_FORMATS:
-        if (raw or "logfmt").lower() == known:
-            return known
-    raise SettingsError(f"LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {raw!r}")
-
-
 def _appinsights_identity(raw: str | None) -> str | None:
     """``Authorization=AAD;ClientId=ID`` -> ``ID`` (``""`` without ClientId); None when not set."""
     if raw is None:
@@ -211,19 +220,6 @@ def _appinsights_identity(raw: str | None) -> str | None:
     return pairs.get("clientid", "")
 
 
-def _number(get: Callable[[str], str | None], name: str, default: float) -> float:
-    raw = get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-    if value <= 0 and name != "EVENT_CACHE_SECONDS":
-        raise SettingsError(f"{name} must be positive")
-    return value
-
-
 def _organizer_sign_in(get: Callable[[str], str | None]) -> OrganizerSignIn:
     try:
         return OrganizerSignIn.parse(
@@ -231,3 +227,21 @@ def _organizer_sign_in(get: Callable[[str], str | None]) -> OrganizerSignIn:
         )
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
+
+
+def _settings_error(exc: ValidationError, raw: Mapping[str, Any]) -> SettingsError:
+    """The first validation error, naming the setting as it is spelt in the environment."""
+    error = exc.errors(include_url=False)[0]
+    field = str(error["loc"][0]) if error["loc"] else ""
+    name = ENV_NAMES.get(field, field)
+    given = f", got {raw[field]!r}" if field in raw else ""
+    if field == "log_format":
+        return SettingsError(f"LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}{given}")
+    if field == "event_cache_seconds":
+        return SettingsError(f"EVENT_CACHE_SECONDS must be between 0 and 60 (changes must apply within 60 s){given}")
+    if error["type"] in ("greater_than", "greater_than_equal"):
+        return SettingsError(f"{name} must be positive{given}")
+    if error["type"] in ("int_parsing", "float_parsing", "int_from_float", "int_type", "float_type"):
+        kind = "a whole number" if "int" in error["type"] else "a number"
+        return SettingsError(f"{name} must be {kind}{given}")
+    return SettingsError(f"{name}: {error['msg']}{given}")

@@ -1,0 +1,39 @@
+"""The settings object is a pydantic model: numbers converted and bounded, errors naming the setting."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from proxy.settings import Settings, SettingsError
+
+BASE = {
+    "STORAGE_CONNECTION_STRING": "UseDevelopmentStorage=true",
+    "AZURE_OPENAI_ENDPOINT": "https://x.openai.azure.com",
+}
+
+
+def test_defaults_and_conversions() -> None:
+    settings = Settings.from_env(BASE)
+    assert (settings.max_request_bytes, settings.event_cache_seconds, settings.log_format) == (33554432, 30.0, "logfmt")
+    given = Settings.from_env({**BASE, "MAX_REQUEST_BYTES": "1024", "EVENT_CACHE_SECONDS": "0", "LOG_FORMAT": "JSON"})
+    assert (given.max_request_bytes, given.event_cache_seconds, given.log_format) == (1024, 0.0, "json")
+    with pytest.raises(ValidationError):
+        settings.model_copy(update={"max_request_bytes": 1}).__setattr__("max_request_bytes", 2)  # frozen
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "said"),
+    [
+        ("EVENT_CACHE_SECONDS", "61", "between 0 and 60"),
+        ("MAX_REQUEST_BYTES", "lots", "must be a whole number, got 'lots'"),
+        ("UPSTREAM_TIMEOUT_SECONDS", "0", "must be positive"),
+        ("SESSION_TTL_SECONDS", "-5", "must be positive"),
+        ("FAILED_LOOKUPS_PER_MINUTE", "2.5", "whole number"),
+        ("LOG_FORMAT", "xml", "one of logfmt, json"),
+    ],
+)
+def test_a_bad_value_names_its_setting(name: str, value: str, said: str) -> None:
+    with pytest.raises(SettingsError, match=name) as raised:
+        Settings.from_env({**BASE, name: value})
+    assert said in str(raised.value)
