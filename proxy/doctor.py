@@ -213,8 +213,14 @@ def _probe(
 ) -> Iterator[Finding]:
     answer = client.post(f"{url}/api/manage/probe", headers=headers, json=body)
     _expect_ok(answer, "probing the models")
-    for result in answer.json()["results"]:
+    results = answer.json()["results"]
+    backends: dict[str, int] = {}
+    for result in results:
+        backends[result["model"]] = backends.get(result["model"], 0) + 1
+    for result in results:
         model = result["model"]
+        if backends[model] > 1 and result.get("backend"):
+            model = f"{model} on backend {result['backend']}"  # each backend probed on its own
         if result["ok"]:
             yield Finding("ok", f"{owner}: {model} answers ({result['operation']}, {result['latency_ms']} ms)")
             if result.get("refuses_max_tokens"):

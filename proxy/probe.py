@@ -7,8 +7,11 @@ calls it before an event. Authenticated with the organizer key, like the rest of
 ``/api/manage/``.
 
 Body: ``{"event": "EVENT_ID"}`` (probe the models that event allows) or
-``{"models": ["name", ...]}``. Answer: ``{"results": [{"model", "ok", "operation",
-"status", "latency_ms", "error"}]}``, 200 whatever the models answered.
+``{"models": ["name", ...]}``. Answer: ``{"results": [{"model", "backend", "ok",
+"operation", "status", "latency_ms", "error"}]}``, 200 whatever the models
+answered: one result per model and upstream backend that serves it
+(``AZURE_OPENAI_BACKENDS``), each backend called on its own, since an attendee's
+request would fail over and hide a backend that cannot serve.
 
 A deployment is tried as chat first (embeddings first when its name says
 "embedding"); Azure answers 400 ``OperationNotSupported`` for the wrong one, and
@@ -32,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy import organizer
+from proxy.backends import Backend
 from proxy.errors import InvalidRequest, ProxyError
 from proxy.handlers import answering
 from proxy.manage_api import OrganizerApi
@@ -55,7 +59,10 @@ class ProbeApi:
         self.api.authorize(request)
         fields = await read_json(request, self.api.settings.max_request_bytes)
         models = await self._models(fields)
-        results = await asyncio.gather(*(self.probe_model(model) for model in models))
+        # No backend serving a model: probed anyway, for upstream's own explanation.
+        unserved: list[Backend | None] = [None]
+        probes = [(model, backend) for model in models for backend in self.upstream.serving(model) or unserved]
+        results = await asyncio.gather(*(self.probe_model(model, backend) for model, backend in probes))
         return Response(orjson.dumps({"results": list(results)}), media_type="application/json")
 
     async def _models(self, fields: dict[str, Any]) -> list[str]:
@@ -74,32 +81,32 @@ class ProbeApi:
             raise InvalidRequest(f"At most {MAX_MODELS} models per probe.", param="models")
         return list(dict.fromkeys(models))
 
-    async def probe_model(self, model: str) -> dict[str, Any]:
-        """One deployment: the first operation that answers, or why none did."""
+    async def probe_model(self, model: str, backend: Backend | None = None) -> dict[str, Any]:
+        """One deployment (on ``backend`` only, when given): the first operation that answers, or why none did."""
         operations = (EMBEDDINGS, CHAT) if "embed" in model.lower() else (CHAT, EMBEDDINGS)
         result: dict[str, Any] = {}
         for operation in operations:
-            result = await self._call(model, operation)
+            result = await self._call(model, operation, backend)
             if result["ok"] or result.get("error_code") != "OperationNotSupported":
-                return result
-        return result
+                break
+        return {"model": model, "backend": None if backend is None else backend.name, **result}
 
-    async def _call(self, model: str, operation: str) -> dict[str, Any]:
+    async def _call(self, model: str, operation: str, backend: Backend | None) -> dict[str, Any]:
         if operation == EMBEDDINGS:
-            return await self._send(model, operation, {"input": "ok"})
-        answer = await self._send(model, operation, {"messages": _PROMPT, "max_completion_tokens": 1})
+            return await self._send(model, operation, {"input": "ok"}, backend)
+        answer = await self._send(model, operation, {"messages": _PROMPT, "max_completion_tokens": 1}, backend)
         if not answer["ok"] and "max_completion_tokens" in str(answer.get("error", "")):
-            return await self._send(model, operation, {"messages": _PROMPT, "max_tokens": 1})
+            return await self._send(model, operation, {"messages": _PROMPT, "max_tokens": 1}, backend)
         if answer["ok"]:
-            legacy = await self._send(model, operation, {"messages": _PROMPT, "max_tokens": 1})
+            legacy = await self._send(model, operation, {"messages": _PROMPT, "max_tokens": 1}, backend)
             answer["refuses_max_tokens"] = not legacy["ok"] and "max_tokens" in str(legacy.get("error", ""))
         return answer
 
-    async def _send(self, model: str, operation: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _send(self, model: str, operation: str, body: dict[str, Any], backend: Backend | None) -> dict[str, Any]:
         kind = "chat" if operation == CHAT else "embeddings"
         started = time.perf_counter()
         try:
-            response = await self.upstream.send(model, operation, orjson.dumps(body), uuid.uuid4().hex)
+            response = await self.upstream.send(model, operation, orjson.dumps(body), uuid.uuid4().hex, only=backend)
             try:
                 content = await response.aread()
             finally:

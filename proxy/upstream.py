@@ -113,19 +113,31 @@ class Upstream:
         transport = AiohttpTransport(connect_timeout=10.0, read_timeout=settings.upstream_timeout_seconds)
         return httpx.AsyncClient(transport=transport)
 
+    def serving(self, model: str) -> list[Backend]:
+        """The backends that serve ``model``, in configuration order."""
+        return [backend for backend in self.backends if backend.deployment(model) is not None]
+
     async def send(
-        self, deployment: str, operation: str, body: bytes, request_id: str, *, stream: bool = False
+        self,
+        deployment: str,
+        operation: str,
+        body: bytes,
+        request_id: str,
+        *,
+        stream: bool = False,
+        only: Backend | None = None,
     ) -> httpx.Response:
         """POST to a backend serving the model ``deployment``; the caller reads or streams the response and closes it.
 
         The response's ``extensions`` name the backend (``proxy_backend``) and
-        the number of sends (``proxy_attempts``).
+        the number of sends (``proxy_attempts``). ``only``: that backend and no
+        other, whatever its health (``proxy.probe`` checks each one).
         """
 
         def url(backend: Backend) -> str:
             return f"{backend.endpoint}/openai/deployments/{backend.deployment(deployment)}/{operation}{self._query}"
 
-        plan = self.health.plan(self.backends, deployment)
+        plan = self.health.plan(self.backends, deployment) if only is None else Plan([only], [])
         wait_share = STREAM_WAIT_SHARE if stream else 1.0
         return await self._route(
             plan, deployment, "POST", url, body, request_id, wait_share=wait_share, misconfigured=MISCONFIGURED_STATUSES

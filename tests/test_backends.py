@@ -311,6 +311,11 @@ async def test_a_misconfigured_backend_is_skipped_and_named_in_the_log(
         assert sim_stats(no_deployment)["by_deployment"] == {"absent": 1}  # the deployment named for it there
         service.wait_for_output("backend 'no-deployment' answered 404")
         assert "backend 'wrong-key' answered 401" in service.text and "another-key" not in service.text
+        # The organizer's probe (and so the doctor) checks each backend on its own.
+        organizer = {"authorization": f"Bearer {ORGANIZER_KEY}"}
+        probe = httpx.post(f"{url}/api/manage/probe", headers=organizer, json={"models": ["gpt-4o-mini"]}, timeout=30)
+        found = {r["backend"]: (r["ok"], r["status"]) for r in probe.json()["results"]}
+        assert found == {"wrong-key": (False, 401), "no-deployment": (False, 404), "healthy": (True, 200)}
     finally:
         service.stop()
 
