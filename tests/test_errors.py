@@ -166,7 +166,8 @@ async def test_upstream_errors_pass_through_or_are_502(
     response = http.post(f"{app}/api/v1/chat/completions", json=flagged, headers=headers)
     assert response.status_code == 400 and response.json()["error"]["code"] == "content_filter"
     failing = {**CHAT, "messages": [{"role": "user", "content": "SIM_SERVER_ERROR"}]}
-    error_of(http.post(f"{app}/api/v1/chat/completions", json=failing, headers=headers), 502, "upstream_error")
+    failed = error_of(http.post(f"{app}/api/v1/chat/completions", json=failing, headers=headers), 502, "upstream_error")
+    assert "status 500 (not retried" in failed["message"]  # says what happened: a 500 is not retried
 
     service, url = start_app(app_env(azurite, f"http://127.0.0.1:{free_port()}"))
     try:
