@@ -30,6 +30,15 @@ One entity per (event, attendee, UTC day) in the ``proxyusage`` table,
   the same entity and is written under the same ETag, it is exact across
   instances too; the only slack is that an estimate can be above or below the
   real figure until the request settles.
+- The daily token cap counts ``total_tokens`` plus the estimates of the
+  ``inflight`` entries not released (``booked_tokens``), and admits a request
+  while that sum is below the cap. Settlement happens before an answer's end
+  reaches its client, so the next request sees the answer's tokens. The day's
+  total therefore passes the cap by at most the tokens of the last request
+  admitted, as long as estimates are not below upstream's figures (README
+  *Budgets: how exact*).
+- The event's budgets live in shards of their own (``proxy.budget``), admitted
+  by ``admit_budget`` concurrently with the attendee's day (``admit_all``).
 
 Storage cost per request, on the critical path:
 
