@@ -209,6 +209,11 @@ class Health:
         keyed = [(b.priority, -(self._random.random() ** (1.0 / b.weight)), b) for b in backends]
         return [backend for *_, backend in sorted(keyed, key=lambda item: (item[0], item[1]))]
 
+    def cooled_for(self, backend: Backend, model: str) -> float:
+        """Seconds left of the backend's cooldown for the model (0 when it may be called)."""
+        state = self._states.get((backend.name, model))
+        return 0.0 if state is None else max(0.0, state.cooled_until - self._clock())
+
     def attempting(self, backend: Backend, model: str) -> None:
         """A request is about to go to ``backend``: past its open interval, that request is the probe."""
         state = self._states.get((backend.name, model))

@@ -208,6 +208,12 @@ class Upstream:
             if attempts and remaining < MIN_ATTEMPT_SECONDS:
                 break
             backend = queue.pop(0)
+            # Another request may have found it throttled since this one was planned: with others
+            # to choose from, it is not called (a lone backend, the Responses API's, always is).
+            cooled = self.health.cooled_for(backend, model) if len(plan.order) + len(plan.cooled) > 1 else 0.0
+            if cooled:
+                shortest = min(shortest, cooled)
+                continue
             attempts += 1
             self.health.attempting(backend, model)
             wait = remaining * wait_share if queue else remaining  # leave time for the next backend

@@ -102,6 +102,7 @@ def test_order_is_by_priority_and_cooled_backends_are_left_out() -> None:
     health.throttled(A, "gpt-4o-mini", 2.0)
     plan = health.plan([A, B], "gpt-4o-mini")
     assert [b.name for b in plan.order] == ["b"] and plan.cooled == [(2.0, A)]
+    assert health.cooled_for(A, "gpt-4o-mini") == 2.0 and health.cooled_for(B, "gpt-4o-mini") == 0.0
     assert [b.name for b in health.plan([A, B], "other").order] == ["a", "b"]  # per model: per deployment quota
     clock.now += 2.0
     assert [b.name for b in health.plan([A, B], "gpt-4o-mini").order] == ["a", "b"]
