@@ -74,6 +74,20 @@ async def create_events(connection_string: str, exhaust: int) -> dict[str, str]:
     return codes
 
 
+async def recorded(connection_string: str, code: str) -> int:
+    """Requests recorded for the event with this code (its usage report's total)."""
+    from proxy.events import EventStore
+    from proxy.settings import Settings
+    from proxy.storage import opened
+    from proxy.usage import report
+
+    settings = Settings.from_env({"STORAGE_CONNECTION_STRING": connection_string}, need_upstream=False)
+    async with opened(settings, None) as tables:
+        event = await EventStore(tables, 0).by_code(code)
+        assert event is not None
+        return int((await report(tables, event.id, "user"))["totals"]["requests"])
+
+
 def drive(urls: list[str], code: str, seconds: float) -> list[Measured]:
     """Both apps at once, PER_APP connections each, all 256 attendees on each."""
     users = tuple(f"{code}/attendee{i}@example.org" for i in range(USERS))
@@ -158,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(args.rounds):
             for name in ("caps", "budget") if round_ % 2 == 0 else ("budget", "caps"):
                 rows[name].append(measure(procs, urls, codes[name], args.seconds))
+        quiesce(procs)  # the last round's requests in flight reach upstream before this count
         before = httpx.get(f"{simulator_url}/_sim/stats").json()["requests"]
         exhaust = measure(procs, urls, codes["exhaust"], max(args.seconds, 4))
         called = -1
@@ -175,10 +190,15 @@ def main(argv: list[str] | None = None) -> int:
             "caps": rows["caps"],
             "budget": rows["budget"],
             "median_rps": {name: statistics.median(r["rps"] for r in rows[name]) for name in rows},
-            "exhaust": {**exhaust, "event_requests": args.exhaust, "upstream_calls": called},
+            "exhaust": {
+                **exhaust,
+                "event_requests": args.exhaust,
+                "upstream_calls": called,
+                "recorded_requests": asyncio.run(recorded(connection_string, codes["exhaust"])),
+            },
         }
         print(json.dumps(result, indent=2))
-        return 0 if called == args.exhaust else 1
+        return 0 if called == args.exhaust == result["exhaust"]["recorded_requests"] else 1
     finally:
         for proc in reversed(procs):
             proc.stop()
