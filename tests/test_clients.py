@@ -72,10 +72,11 @@ async def test_usage_report_equals_upstream_tokens(
     created = await make_event()
     before = sim_stats(simulator)["usage"]
     for user in ("ann", "ben"):
-        client = OpenAI(base_url=f"{app}/api/v1", api_key=created.key(user), max_retries=0)
-        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
-        list(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True))  # type: ignore[arg-type]
-        client.embeddings.create(model="text-embedding-3-small", input="tokens please")
+        # Closed at once: a client left to the garbage collector leaves its socket open (ResourceWarning).
+        with OpenAI(base_url=f"{app}/api/v1", api_key=created.key(user), max_retries=0) as client:
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+            list(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True))  # type: ignore[arg-type]
+            client.embeddings.create(model="text-embedding-3-small", input="tokens please")
     after = sim_stats(simulator)["usage"]
     upstream = {k: after[k] - before[k] for k in after}  # type: ignore[index]
 
