@@ -29,6 +29,12 @@ class _Body(httpx.AsyncByteStream):
         except aiohttp.SocketTimeoutError as exc:
             raise httpx.ReadTimeout(str(exc)) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
+            # aiohttp raises a broken connection's error before handing over the bytes it had
+            # already received: pass those on first, so a stream cut upstream loses no event.
+            # (read_nowait would raise the stored error again; _read_nowait, aiohttp 3.x, does not.)
+            received = self._response.content._read_nowait(-1)
+            if received:
+                yield received
             raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
 
     async def aclose(self) -> None:
