@@ -112,7 +112,8 @@ def run_load(url: str, event: NewEvent, total: int, stop: threading.Event, outco
                 if len(outcomes.received) == before:
                     stop.wait(0.1)  # a client backs off a little after an error
 
-    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(THREADS)]
+    # Daemon threads: a failed test must not leave pytest waiting for clients at exit.
+    threads = [threading.Thread(target=client, args=(seed,), daemon=True) for seed in range(THREADS)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -212,11 +213,12 @@ def start_loaded_app(connection_string: str, upstream: str) -> tuple[Service, st
 async def test_killed_workers_lose_no_delivered_usage(
     azurite: str, slow_simulator: str, make_event: MakeEvent, tables: Tables
 ) -> None:
+    stop = threading.Event()
     service, url = start_loaded_app(azurite, slow_simulator)
     try:
         event = await make_event(daily_requests=100_000)
-        outcomes, stop, total = Outcomes(), threading.Event(), 2400
-        load = threading.Thread(target=run_load, args=(url, event, total, stop, outcomes))
+        outcomes, total = Outcomes(), 2400
+        load = threading.Thread(target=run_load, args=(url, event, total, stop, outcomes), daemon=True)
         load.start()
         killed = kill_workers(service, 5, outcomes, total, seed=7)
         load.join(300)
@@ -225,6 +227,7 @@ async def test_killed_workers_lose_no_delivered_usage(
         await assert_no_slot_left_reserved(tables, event)
         report_figures("kills", figures, outcomes)
     finally:
+        stop.set()
         service.stop()
 
 
@@ -234,11 +237,12 @@ async def test_killed_workers_and_a_storage_outage_lose_no_delivered_usage(
 ) -> None:
     port = int(azurite.split("TableEndpoint=http://127.0.0.1:")[1].split("/")[0])
     relay = Forwarder(port)
+    stop = threading.Event()
     service, url = start_loaded_app(azurite_connection_string(relay.port), slow_simulator)
     try:
         event = await make_event(daily_requests=100_000)
-        outcomes, stop, total = Outcomes(), threading.Event(), 1500
-        load = threading.Thread(target=run_load, args=(url, event, total, stop, outcomes))
+        outcomes, total = Outcomes(), 1500
+        load = threading.Thread(target=run_load, args=(url, event, total, stop, outcomes), daemon=True)
         load.start()
         kill_workers(service, 2, outcomes, total // 2, seed=11)
         relay.cut()
@@ -258,5 +262,6 @@ async def test_killed_workers_and_a_storage_outage_lose_no_delivered_usage(
         await assert_no_slot_left_reserved(tables, event)
         report_figures("kills and a 30 s storage outage", figures, outcomes)
     finally:
+        stop.set()
         service.stop()
         relay.close()
