@@ -4,10 +4,10 @@ Python v2 programming model with the HTTP streams extension, so answers stream
 chunk by chunk (needs ``PYTHON_ENABLE_INIT_INDEXING=1``). A timer-triggered
 function gives back every minute the daily slots of requests whose worker was
 killed before they settled, and another every hour deletes the chat sessions
-past their time to live. The services are
-created once per worker, when this module is imported; a missing setting fails
-here, at cold start, with a message that names it. The dev host
-(``devtools/devhost.py``) serves the functions registered here, unchanged.
+past their time to live. The services are created once per worker, when this
+module is imported; a missing setting fails here, at cold start, with a message
+that names it. Locally the real Python worker runs this module behind the host
+emulator (``devtools/funchost.py``), as in Azure.
 """
 
 from collections.abc import Awaitable, Callable

@@ -1,8 +1,8 @@
 """The attendee-facing HTTP handlers, and the per-worker services they share.
 
 ``Proxy`` holds the clients (tables, upstream, credential) created once per
-worker; ``function_app.py`` registers its handlers as Azure Functions and the
-dev host serves the very same ones. Errors are turned into responses in one
+worker; ``function_app.py`` registers its handlers as Azure Functions, which
+the Functions host (or locally its emulator, ``devtools/funchost.py``) serves. Errors are turned into responses in one
 place (``answering``) and, for streams already under way, in
 ``proxy.streaming``.
 

@@ -1,6 +1,6 @@
 """``python -m proxy.manage doctor`` and the probe behind it, against the real stack.
 
-The app runs in the dev host over Azurite and the simulator (tests/conftest.py); the
+The app runs under the real worker behind the host emulator, over Azurite and the simulator (tests/conftest.py); the
 doctor runs as the organizer would run it, as a separate process.
 """
 
