@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -47,6 +48,7 @@ DEMO_ID = "demo-event"
 SIMULATOR_KEY = "simulator-key"
 PLACEHOLDER_KEY = "change-me-organizer-key"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SECONDS = 10.0  # then SIGKILL
 WHAT_IT_MEANS = {
     "Azurite": "the proxy cannot reach Table Storage and would answer 503 storage_unavailable",
     "the simulator": "the proxy has no upstream and would answer 502 upstream_error",
@@ -88,14 +90,21 @@ class Stack:
         # A second Ctrl-C or a hang-up while stopping must not leave children behind.
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-        for name, process in reversed(self.children):
-            if process.poll() is None:
-                print(f"stopping {name}", flush=True)
+        # All at once, then one deadline for all: on a busy machine, waiting for each in turn
+        # could outlast the patience of whoever sent the signal, and leave the rest running.
+        running = [(name, process) for name, process in reversed(self.children) if process.poll() is None]
+        for name, process in running:
+            print(f"stopping {name}", flush=True)
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(35)
-                except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + STOP_SECONDS
+        for _, process in running:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
 
 
 def load_values(path: Path) -> dict[str, str]:

@@ -48,6 +48,7 @@ class Service:
 
     def __init__(self, args: list[str], ready: str, env: Mapping[str, str] | None = None) -> None:
         self.output: list[str] = []
+        self.left_children = False
         self._lines: queue.Queue[str | None] = queue.Queue()  # None: the output ended
         self.process = subprocess.Popen(
             args,
@@ -98,7 +99,10 @@ class Service:
                 self.process.kill()
                 self.process.wait(5)
         self._pump_thread.join(5)
-        if self.process.stdout is not None:
+        # Still reading: a process it started outlived it and holds the pipe. Closing the pipe
+        # now would wait forever on the reader's lock, so leave it (and say so).
+        self.left_children = self._pump_thread.is_alive()
+        if self.process.stdout is not None and not self.left_children:
             self.process.stdout.close()
         return self.process.returncode
 

@@ -77,7 +77,8 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     env.pop("AZURE_OPENAI_ENDPOINT", None)
     args = [sys.executable, "-m", "devtools.run", "--settings-file", str(tmp_path / "s.json"), "--no-func"]
     service = Service([*args, "--data-dir", str(tmp_path / "azurite")], "Ctrl-C stops everything", env)
-    assert service.stop(signal.SIGINT) == 0
+    assert service.stop(signal.SIGINT, timeout=60) == 0
+    assert not service.left_children, f"make run left processes behind:\n{service.text}"
     for stopped in (port, table_port, sim_port):
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", stopped)) != 0
