@@ -102,7 +102,10 @@ async def test_event_token_budget_is_never_passed(
     assert response.json()["error"]["code"] == "event_budget_exhausted"
     data = await report(tables, created.event.id, "user")
     assert data["totals"]["total_tokens"] == sum(spent) <= limit
-    assert sum(spent) > limit - 60  # less than one request's estimate (body / 4 + max_tokens) was left
+    # Little was left: one request's estimate (forwarded body / 4 + max_tokens = 41 here), plus what
+    # the shards still booked as estimates for answers whose tokens they had not yet taken in
+    # (written shortly after each answer): the refusal errs on the safe side, by one more request.
+    assert sum(spent) > limit - 2 * 41
     shards = await budget.read_shards(tables, created.event.id)
     assert sum(s["delta_tokens"] for s in shards.values()) == 0  # spare moved, never made up
 
