@@ -25,31 +25,37 @@ def clients(app: str, key: str) -> list[OpenAI]:
 async def test_chat_and_embeddings_with_every_client(app: str, make_event: MakeEvent) -> None:
     created = await make_event()
     for client in clients(app, created.key()):
-        answer = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
-        assert answer.choices[0].message.content
-        assert answer.usage is not None and answer.usage.total_tokens > 0
+        with client:  # closed at once, not left to the garbage collector with an open socket
+            check_client(client)
 
-        chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True))  # type: ignore[arg-type]
-        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert text == answer.choices[0].message.content
-        # The proxy asked upstream for usage; a client that did not ask never sees it.
-        assert all(c.usage is None for c in chunks)
 
-        embedded = client.embeddings.create(model="text-embedding-3-small", input=["one", "two"])
-        assert len(embedded.data) == 2 and len(embedded.data[0].embedding) == 1536
+def check_client(client: OpenAI) -> None:
+    """Chat, a stream and embeddings through one client."""
+    answer = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+    assert answer.choices[0].message.content
+    assert answer.usage is not None and answer.usage.total_tokens > 0
+
+    chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True))  # type: ignore[arg-type]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == answer.choices[0].message.content
+    # The proxy asked upstream for usage; a client that did not ask never sees it.
+    assert all(c.usage is None for c in chunks)
+
+    embedded = client.embeddings.create(model="text-embedding-3-small", input=["one", "two"])
+    assert len(embedded.data) == 2 and len(embedded.data[0].embedding) == 1536
 
 
 async def test_stream_usage_shown_when_asked(app: str, make_event: MakeEvent) -> None:
     created = await make_event()
-    client = OpenAI(base_url=f"{app}/api/v1", api_key=created.key(), max_retries=0)
-    chunks = list(
-        client.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            stream=True,
-            stream_options={"include_usage": True},
+    with OpenAI(base_url=f"{app}/api/v1", api_key=created.key(), max_retries=0) as client:
+        chunks = list(
+            client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=MESSAGES,  # type: ignore[arg-type]
+                stream=True,
+                stream_options={"include_usage": True},
+            )
         )
-    )
     usage = [c.usage for c in chunks if c.usage is not None]
     assert len(usage) == 1 and usage[0].total_tokens == usage[0].prompt_tokens + usage[0].completion_tokens
 
