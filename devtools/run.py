@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a process started in the background by a non-interactive shell inherits
+    # SIGINT ignored, and Python then leaves it ignored (Ctrl-C would do nothing).
+    for sig in STOP_SIGNALS:
         signal.signal(sig, on_signal)
     try:
         if port_open(port):
