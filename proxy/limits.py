@@ -73,10 +73,11 @@ from typing import Any
 
 import orjson
 from azure.core import MatchConditions
-from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import TableTransactionError, UpdateMode
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import UpdateMode
 
 from proxy import budget
+from proxy.entities import TransactionRefused
 from proxy.errors import CapExceeded, StorageUnavailable
 from proxy.events import Event
 from proxy.storage import Tables
@@ -357,7 +358,7 @@ class Ledger:
                 operations.append(("create", updated, {}))
         try:
             results = await self._submit(operations)
-        except TableTransactionError:
+        except TransactionRefused:
             await asyncio.sleep(random.uniform(0, 0.005))
             return
         for (key, updated), result in zip(written, results, strict=False):
@@ -534,7 +535,7 @@ class Ledger:
                     return
                 try:
                     results = await self._submit(operations)
-                except TableTransactionError as error:
+                except TransactionRefused as error:
                     failed = error.index - len(updates)
                     if error.status_code == 409 and 0 <= failed < len(logged):
                         logged[failed].stored = True  # by an earlier attempt, with its settlement
@@ -559,23 +560,20 @@ class Ledger:
         so nothing is counted twice. A pooled connection that the server closed
         an instant before is the usual cause.
         """
-        table = self._tables.usage
         for attempt in range(1, SUBMIT_ATTEMPTS + 1):
             try:
                 try:
-                    return list(await table.submit_transaction(operations))  # type: ignore[arg-type]
-                except TableTransactionError as error:
-                    if error.status_code != 404:
-                        raise
+                    return await self._entities.transact(operations)
+                except ResourceNotFoundError:
                     await self._tables.ensure()  # no table yet: an empty Azurite, say
-                    return list(await table.submit_transaction(operations))  # type: ignore[arg-type]
-            except TableTransactionError as error:
+                    return await self._entities.transact(operations)
+            except TransactionRefused as error:
                 if error.status_code in (409, 412):
                     raise
                 raise StorageUnavailable(_UNAVAILABLE) from error
-            except (AzureError, OSError) as error:
+            except StorageUnavailable:
                 if attempt == SUBMIT_ATTEMPTS:
-                    raise StorageUnavailable(_UNAVAILABLE) from error
+                    raise
                 await asyncio.sleep(0.05 * attempt)
         raise AssertionError("unreachable")
 
