@@ -6,8 +6,12 @@ it gets a client of its own: a read, an insert and a replace with
 the account key (``STORAGE_CONNECTION_STRING``, Azurite) or carrying a bearer
 token for ``https://storage.azure.com`` (managed identity). It spends about a
 third of azure-data-tables' CPU per call (0.16 ms against 0.53 ms, measured on
-Azurite), which is latency on every capped request. Everything else (events,
-the request log, reports, the CLI) keeps using azure-data-tables.
+Azurite), which is latency on every capped request. The entity group
+transaction that stores each answer's usage before its end is released
+(``transact``, a hand-built ``$batch``) goes through it too: azure-data-tables
+builds and reads a ``$batch`` with Python's ``email`` package, which cost more
+CPU than the rest of a request. Everything else (events, reports, the CLI)
+keeps using azure-data-tables.
 
 Results and errors speak azure-core's language, so callers handle them as they
 would the SDK's: ``ResourceNotFoundError`` (404), ``ResourceExistsError``
