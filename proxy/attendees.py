@@ -30,9 +30,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from azure.core import MatchConditions
-from azure.core.exceptions import AzureError, ResourceNotFoundError
-from azure.data.tables import TableTransactionError, UpdateMode
+from azure.core.exceptions import ResourceNotFoundError
+from azure.data.tables import UpdateMode
 
+from proxy.entities import TransactionRefused
 from proxy.errors import AttendeeBlocked, AttendeeLimitReached, StorageUnavailable
 from proxy.events import Event
 from proxy.storage import Tables, gathered
@@ -42,7 +43,6 @@ USER_END = "user}"
 ROSTER_ROW = "roster"
 MAX_NAMES_PER_WRITE = 99  # an entity group transaction holds 100 operations, one of them the roster
 MAX_ATTEMPTS = 100
-SUBMIT_ATTEMPTS = 3
 _KNOWN_LIMIT = 200_000
 
 
@@ -136,11 +136,11 @@ class Roster:
             ]
             now = datetime.now(UTC)
             for user in taken:
-                row = {"PartitionKey": event.id, "RowKey": USER_PREFIX + user, "user": user, "first_seen": now}
+                row = {"PartitionKey": event.id, "RowKey": USER_PREFIX + user, "user": user, **_first_seen(now)}
                 operations.append(("create", row, {}))
             try:
                 await self._submit(operations)
-            except TableTransactionError as error:
+            except TransactionRefused as error:
                 if error.status_code == 409 and error.index >= 1:
                     # Registered meanwhile by another instance: it is in, and needs no place.
                     known = taken[error.index - 1]
@@ -168,28 +168,10 @@ class Roster:
         return etag, int(entity.get("count", 0))
 
     async def _submit(self, operations: list[tuple[str, Any, dict[str, Any]]]) -> None:
-        """Submit a transaction; a pooled connection that the server had closed is retried.
-
-        Retrying is safe: a transaction that did land fails the second time on
-        the roster's ETag (412) or on a name's row (409), both handled above.
-        """
-        table = self._tables.usage
-        for attempt in range(1, SUBMIT_ATTEMPTS + 1):
-            try:
-                try:
-                    await table.submit_transaction(operations)
-                except TableTransactionError as error:
-                    if error.status_code != 404:
-                        raise
-                    await self._tables.ensure()
-                    await table.submit_transaction(operations)
-                return
-            except TableTransactionError:
-                raise
-            except (AzureError, OSError) as error:
-                if attempt == SUBMIT_ATTEMPTS:
-                    raise StorageUnavailable("Table Storage cannot be reached right now.") from error
-                await asyncio.sleep(0.05 * attempt)
+        """Submit a transaction (``Tables.transact``). Retrying is safe: a transaction that
+        did land fails the second time on the roster's ETag (412) or on a name's row (409),
+        both handled above."""
+        await self._tables.transact(operations)
 
 
 async def roster(tables: Tables, event_id: str) -> dict[str, datetime]:
@@ -204,3 +186,8 @@ async def roster(tables: Tables, event_id: str) -> dict[str, datetime]:
     except ResourceNotFoundError:
         return {}
     return {str(row["user"]): row["first_seen"] for row in rows}
+
+
+def _first_seen(now: datetime) -> dict[str, str]:
+    # Typed as a date, as azure-data-tables would write it, so queries read it back as a datetime.
+    return {"first_seen": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "first_seen@odata.type": "Edm.DateTime"}

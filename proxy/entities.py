@@ -161,6 +161,8 @@ class EntityClient:
         statuses = [int(code) for code in _STATUS_LINE.findall(text)]
         if not statuses:
             raise StorageUnavailable(_UNAVAILABLE)
+        if statuses[0] == 404:  # inside the batch: the table does not exist (yet)
+            raise ResourceNotFoundError("Table Storage: no such table")
         if statuses[0] >= 300:
             found = _FAILED_INDEX.search(text)
             raise TransactionRefused(statuses[0], int(found.group(1)) if found else -1)

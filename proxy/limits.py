@@ -86,7 +86,6 @@ log = logging.getLogger("proxy.limits")
 
 MAX_ATTEMPTS = 200
 MAX_OPERATIONS = 100  # per entity group transaction
-SUBMIT_ATTEMPTS = 3
 _UNCHANGED = MatchConditions.IfNotModified
 _UNAVAILABLE = "Table Storage cannot be reached right now; usage could not be stored."
 
@@ -553,29 +552,10 @@ class Ledger:
         raise StorageUnavailable("Too much contention on the usage counters.")
 
     async def _submit(self, operations: list[tuple[str, Any, dict[str, Any]]]) -> list[dict[str, Any]]:
-        """Submit a transaction; a connection failure is tried again, twice.
-
-        Safe to repeat: a transaction that did land fails the second time on a
-        day's ETag (412, read again) or on its log entry (409, taken as stored),
-        so nothing is counted twice. A pooled connection that the server closed
-        an instant before is the usual cause.
-        """
-        for attempt in range(1, SUBMIT_ATTEMPTS + 1):
-            try:
-                try:
-                    return await self._entities.transact(operations)
-                except ResourceNotFoundError:
-                    await self._tables.ensure()  # no table yet: an empty Azurite, say
-                    return await self._entities.transact(operations)
-            except TransactionRefused as error:
-                if error.status_code in (409, 412):
-                    raise
-                raise StorageUnavailable(_UNAVAILABLE) from error
-            except StorageUnavailable:
-                if attempt == SUBMIT_ATTEMPTS:
-                    raise
-                await asyncio.sleep(0.05 * attempt)
-        raise AssertionError("unreachable")
+        """Submit a transaction (``Tables.transact``). Safe to repeat: a transaction that did
+        land fails the second time on a day's ETag (412, read again) or on its log entry
+        (409, taken as stored), so nothing is counted twice."""
+        return await self._tables.transact(operations)
 
     async def release_stale(self, event_id: str, row_key: str, cutoff: float, forget_before: float) -> int:
         """Give back the slots of requests admitted before ``cutoff`` (epoch s) and never settled.

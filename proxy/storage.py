@@ -8,6 +8,7 @@ Every storage failure that is not a conflict or a miss becomes
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from azure.core.exceptions import (
 )
 from azure.data.tables.aio import TableClient
 
-from proxy.entities import EntityClient
+from proxy.entities import EntityClient, TransactionRefused
 from proxy.errors import StorageUnavailable
 from proxy.settings import Settings
 
@@ -32,6 +33,7 @@ REQUESTS_TABLE = "proxyrequests"
 TABLE_NAMES = (EVENTS_TABLE, USAGE_TABLE, REQUESTS_TABLE)
 
 T = TypeVar("T")
+TRANSACT_ATTEMPTS = 3
 
 # Fail fast when storage is down: a request waits at most a few seconds before 503.
 _CLIENT_OPTIONS: dict[str, Any] = {
@@ -80,6 +82,32 @@ class Tables:
         except ResourceNotFoundError:  # TableNotFound: an empty Azurite, say
             await self.ensure()
             return dict(await guarded(table.create_entity(entity)))
+
+    async def transact(self, operations: list[tuple[str, Any, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """One entity group transaction on ``proxyusage`` (``EntityClient.transact``); the new ETags.
+
+        A pooled connection the server had closed is tried again (twice), and a
+        missing table is created. Retrying is safe for callers whose transactions
+        fail a second time on an ETag (412) or an existing row (409): they raise
+        ``TransactionRefused`` for the caller to handle; other refusals and
+        outages are ``StorageUnavailable``.
+        """
+        for attempt in range(1, TRANSACT_ATTEMPTS + 1):
+            try:
+                try:
+                    return await self.usage_entities.transact(operations)
+                except ResourceNotFoundError:
+                    await self.ensure()  # no table yet: an empty Azurite, say
+                    return await self.usage_entities.transact(operations)
+            except TransactionRefused as error:
+                if error.status_code in (409, 412):
+                    raise
+                raise StorageUnavailable("Table Storage refused a write; try again shortly.") from error
+            except StorageUnavailable:
+                if attempt == TRANSACT_ATTEMPTS:
+                    raise
+                await asyncio.sleep(0.05 * attempt)
+        raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
         for table in (self.events, self.usage, self.requests):
