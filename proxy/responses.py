@@ -157,12 +157,16 @@ class ResponsesApi:
                 "Chain responses with 'previous_response_id', or send the history in 'input'.",
                 param="conversation",
             )
-        if payload.get("background") is True:
+        background = payload.get("background")
+        if background is True:
             raise InvalidRequest(
                 "'background' responses are not available through this proxy (their usage could not be "
                 "recorded). Use 'stream': true for long answers.",
                 param="background",
             )
+        if background is not None and background is not False:
+            # Not a boolean ("true", 1): refused here, never forwarded for upstream to read as true.
+            raise InvalidRequest("'background' must be false or left out.", param="background")
         if "session_id" in payload:
             raise InvalidRequest(
                 "'session_id' is for chat completions. With the Responses API, chain turns with "

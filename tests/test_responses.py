@@ -150,6 +150,9 @@ async def test_fields_the_proxy_refuses(app: str, make_event: MakeEvent) -> None
     cases: list[tuple[dict[str, Any], int, str, str]] = [
         ({"conversation": "conv_123"}, 400, "invalid_request", "conversation"),
         ({"background": True}, 400, "invalid_request", "background"),
+        ({"background": "true"}, 400, "invalid_request", "background"),
+        ({"background": 1}, 400, "invalid_request", "background"),
+        ({"background": "false"}, 400, "invalid_request", "background"),
         ({"session_id": "s1"}, 400, "invalid_request", "session_id"),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, 400, "invalid_request", "input"),
         ({"max_output_tokens": 101}, 400, "max_tokens_exceeds_cap", "max_output_tokens"),
@@ -164,6 +167,9 @@ async def test_fields_the_proxy_refuses(app: str, make_event: MakeEvent) -> None
             error = answer.json()["error"]
             assert (error["code"], error["param"]) == (code, param), error
             assert param in error["message"] or code == "model_not_found"
+        # The one value that means "not in the background" goes through.
+        body = {"model": MODEL, "input": "hi", "background": False}
+        assert http.post(f"{app}/api/v1/responses", json=body, headers={"api-key": key}).status_code == 200
 
 
 async def test_unstored_and_broken_responses(app: str, make_event: MakeEvent, tables: Tables) -> None:
