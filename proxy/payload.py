@@ -3,8 +3,12 @@
 Every field the client sent is forwarded untouched except ``stream_options``
 (``include_usage`` is added to streams), ``max_tokens`` /
 ``max_completion_tokens`` (checked against the event's cap; when the client
-sent neither, ``max_completion_tokens`` is set to it) and ``user`` (replaced
-by a pseudonym of event and attendee); ``session_id`` is kept by ``proxy.sessions`` and never forwarded.
+sent neither, ``max_completion_tokens`` is set to it), and ``user`` and
+``safety_identifier`` (the attendee's identity upstream, for abuse monitoring:
+``user`` is always set to a pseudonym of event and attendee, and
+``safety_identifier``, when the client sent one, is replaced by the same
+pseudonym, never forwarded as the attendee wrote it); ``session_id`` is kept by
+``proxy.sessions`` and never forwarded.
 ``messages`` may arrive as a JSON string holding the array and ``stop`` as a
 string or an array; both are normalised.
 """
@@ -56,6 +60,13 @@ def _too_large(limit: int) -> RequestTooLarge:
 def pseudonym(event_id: str, user: str) -> str:
     """The stable ``user`` sent upstream: one id per attendee, not their name."""
     return hashlib.sha256(f"{event_id}/{user}".encode()).hexdigest()[:32]
+
+
+def set_identity(payload: dict[str, Any], user_id: str) -> None:
+    """Put the attendee's pseudonym in the fields that tell upstream who is asking."""
+    payload["user"] = user_id
+    if "safety_identifier" in payload:
+        payload["safety_identifier"] = user_id
 
 
 def requested_model(payload: dict[str, Any], deployment: str | None) -> str:
@@ -125,7 +136,7 @@ def prepare_chat(payload: dict[str, Any], cap: int, user_id: str) -> Prepared:
         payload["stream_options"] = (
             {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
         )
-    payload["user"] = user_id
+    set_identity(payload, user_id)
     return Prepared(orjson.dumps(payload), bool(stream), wants_usage, asked or cap)
 
 
@@ -134,5 +145,5 @@ def prepare_embeddings(payload: dict[str, Any], user_id: str) -> Prepared:
         raise InvalidRequest("'input' is required: a string or an array of strings.", param="input")
     if "session_id" in payload:  # never sent upstream (proxy.sessions)
         raise InvalidRequest("'session_id' is for chat completions, not embeddings.", param="session_id")
-    payload["user"] = user_id
+    set_identity(payload, user_id)
     return Prepared(orjson.dumps(payload), False, False, 0)

@@ -78,7 +78,7 @@ from proxy.errors import (
     UpstreamTimeout,
     internal_error,
 )
-from proxy.payload import Prepared
+from proxy.payload import Prepared, set_identity
 from proxy.storage import Tables, guarded
 from proxy.upstream import Upstream
 from proxy.usage import UsageRecord, UsageRecorder
@@ -204,9 +204,7 @@ class ResponsesApi:
                 "(the first in AZURE_OPENAI_BACKENDS); the operator should add it there."
             )
         payload["model"] = deployment
-        payload["user"] = user_id
-        if "safety_identifier" in payload:
-            payload["safety_identifier"] = user_id
+        set_identity(payload, user_id)
         return Prepared(orjson.dumps(payload), bool(stream), False, asked)
 
     async def deliver(self, body: bytes, status: int, record: UsageRecord, owner: Owner) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy.payload import pseudonym
 from tests.conftest import MakeEvent
 from tests.support import ORGANIZER_KEY, Service, app_env, azurite_connection_string, free_port, sim_stats, start_app
 
@@ -83,13 +84,24 @@ async def test_bad_bodies_are_400_and_never_forwarded(
 async def test_messages_as_json_string_and_stop_as_string_are_accepted(
     app: str, http: httpx.Client, make_event: MakeEvent, simulator: str
 ) -> None:
-    headers = {"api-key": (await make_event()).key()}
-    body = {**CHAT, "messages": '[{"role": "user", "content": "hi"}]', "stop": "END", "seed": 7, "tools": []}
+    created = await make_event()
+    headers = {"api-key": created.key()}
+    body = {
+        **CHAT,
+        "messages": '[{"role": "user", "content": "hi"}]',
+        "stop": "END",
+        "seed": 7,
+        "tools": [],
+        # The attendee's identity upstream is the proxy's to give, whichever field carries it.
+        "user": "alice@example.org",
+        "safety_identifier": "alice@example.org",
+    }
     assert http.post(f"{app}/api/v1/chat/completions", json=body, headers=headers).status_code == 200
     sent = sim_stats(simulator)["last_body"]
     assert isinstance(sent, dict)
     assert sent["messages"] == [{"role": "user", "content": "hi"}]
     assert sent["stop"] == "END" and sent["seed"] == 7 and sent["tools"] == []
+    assert sent["user"] == sent["safety_identifier"] == pseudonym(created.event.id, "alice")
 
 
 async def test_event_window_and_state(app: str, http: httpx.Client, make_event: MakeEvent) -> None:
