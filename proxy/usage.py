@@ -385,11 +385,23 @@ async def request_log(tables: Tables, event_id: str) -> list[dict[str, Any]]:
 
 
 def report_csv(data: dict[str, Any]) -> str:
-    """The report's rows as CSV with a header line, totals last."""
+    """The report's rows as CSV with a header line, totals last.
+
+    A key that a spreadsheet would read as a formula (attendee names may start
+    with ``+ - @``) gets a leading apostrophe, as OWASP's CSV injection advice
+    says: https://owasp.org/www-community/attacks/CSV_Injection.
+    """
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([data["by"], *FIGURES])
     for row in data["rows"]:
-        writer.writerow([row["key"], *(row[f] for f in FIGURES)])
+        writer.writerow([_inert(str(row["key"])), *(row[f] for f in FIGURES)])
     writer.writerow(["TOTAL", *(data["totals"][f] for f in FIGURES)])
     return out.getvalue()
+
+
+def _inert(cell: str) -> str:
+    return "'" + cell if cell.startswith(_FORMULA_STARTS) else cell
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import secrets
 import time
 from datetime import UTC, datetime, timedelta
@@ -230,6 +232,20 @@ def test_usage_reports_and_survives_deletion(http: httpx.Client, app: str) -> No
     assert http.get(url, headers=AUTH).json() == report_by_user
     unknown = http.get(f"{app}/api/manage/events/never-existed-0/usage", headers=AUTH)
     assert unknown.status_code == 404
+
+
+def test_csv_cells_cannot_become_formulas(http: httpx.Client, app: str) -> None:
+    """Attendee names may start with + - @, which a spreadsheet reads as a formula (OWASP CSV injection)."""
+    created = new_event(http, app)
+    names = ["-2+3", "@SUM", "+1"]
+    for name in names:
+        chat(app, f"{created['code']}/{name}")
+    url = f"{app}/api/manage/events/{created['id']}/usage"
+    wait_for(lambda: http.get(url, headers=AUTH).json()["totals"]["requests"] == 3, timeout=10, what="usage")
+    assert sorted(r["key"] for r in http.get(url, headers=AUTH).json()["rows"]) == sorted(names)  # JSON as is
+    rows = list(csv.reader(io.StringIO(http.get(url, headers={**AUTH, "Accept": "text/csv"}).text)))
+    assert sorted(row[0] for row in rows[1:-1]) == sorted("'" + name for name in names)
+    assert rows[-1][0] == "TOTAL" and all(cell.isdigit() for row in rows[1:] for cell in row[1:])
 
 
 async def test_report_of_500_attendees_is_fast(tables: Tables) -> None:
