@@ -40,7 +40,6 @@ DEFAULT_MAX_TOKENS = 4096
 DEFAULT_DAILY_REQUESTS = 1000
 GENERATED_CODE_BYTES = 12  # 16 URL-safe characters
 NEGATIVE_CACHE_SECONDS = 5.0
-KNOWN_VALID_SECONDS = 3600.0
 
 _EVENT_PK = "event"
 _OPTIONAL_CAPS = ("daily_requests", "daily_tokens", "tpm", "event_requests", "event_tokens", "max_attendees",
@@ -191,11 +190,13 @@ class EventStore:
         self._cache_seconds = cache_seconds
         self._clock = clock
         self._by_code: dict[str, tuple[float, Event | None]] = {}
-        self._valid: dict[str, float] = {}  # code hash: until when it counts as known valid
 
     async def by_code(self, code: str) -> Event | None:
         """The event whose code this is, or None. Cached; at most two point reads."""
-        code_hash = hash_code(code)
+        return await self.by_hash(hash_code(code))
+
+    async def by_hash(self, code_hash: str) -> Event | None:
+        """The event whose code has this hash (``hash_code``), or None. Cached; at most two point reads."""
         now = self._clock()
         cached = self._by_code.get(code_hash)
         if cached is not None and cached[0] > now:
@@ -205,20 +206,7 @@ class EventStore:
         if len(self._by_code) > 10_000:
             self._by_code.clear()
         self._by_code[code_hash] = (now + ttl, event)
-        if event is not None:
-            if len(self._valid) > 10_000:
-                self._valid.clear()
-            self._valid[code_hash] = now + KNOWN_VALID_SECONDS
         return event
-
-    def knows(self, code: str) -> bool:
-        """Whether this worker found the code valid within the last ``KNOWN_VALID_SECONDS``.
-
-        Failed-lookup throttling (``proxy.guessing``) lets such codes through, so
-        that attendees never pay for a guesser on their address.
-        """
-        until = self._valid.get(hash_code(code))
-        return until is not None and until > self._clock()
 
     async def _lookup(self, code_hash: str) -> Event | None:
         try:

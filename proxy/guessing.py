@@ -11,11 +11,16 @@ built-in list below: event words, years, keyboard walks, ...), like
 Failed lookups. Each client address (the address the platform forwards in
 ``X-Forwarded-For``, its last entry being the one the Functions front end
 appends, else the socket peer) may send ``FAILED_LOOKUPS_PER_MINUTE`` (default
-10) credentials with an unknown code per ``WINDOW_SECONDS``; past that, a request
-from the address whose code this worker does not know already as valid gets
-429 ``rate_limited`` with ``Retry-After``, without a storage lookup. A valid
-code already looked up by the worker is never slowed, whatever its address
-did, so a classroom behind one NAT keeps working while one laptop guesses.
+10) credentials with an unknown code per ``WINDOW_SECONDS``. Past that, the
+address is throttled: every code it has not itself used successfully before
+gets 429 ``rate_limited`` with ``Retry-After``, without a storage lookup, the
+same answer for a right code as for a wrong one, so the throttle is no oracle
+(a code valid elsewhere, even one this worker saw in use from other addresses,
+is refused like any guess). The codes the address did use successfully before
+it was throttled keep working, so a classroom behind one NAT keeps working
+while one laptop guesses; a classmate who had not yet sent her first request
+waits for the window to pass. Each address remembers its last
+``MAX_CODES_PER_ADDRESS`` codes (as their stored hashes, never the codes).
 The counts live in each worker's memory (a cache: an attacker that reaches N
 instances gets N times the attempts; README *Guessed codes* has the figures).
 """
@@ -32,6 +37,7 @@ from proxy.errors import CapExceeded, InvalidRequest
 MIN_CHOSEN_LENGTH = 10
 MIN_DISTINCT = 6
 WINDOW_SECONDS = 60.0
+MAX_CODES_PER_ADDRESS = 32
 _MAX_ADDRESSES = 50_000
 
 COMMON_WORDS = frozenset(
@@ -92,17 +98,22 @@ def client_address(forwarded_for: str | None, peer: str | None) -> str:
 
 
 class FailedLookups:
-    """Per client address, the times of its recent unknown codes (a sliding window, per worker)."""
+    """Per client address, the times of its recent unknown codes (a sliding window) and the codes it used
+    successfully (per worker)."""
 
     def __init__(self, per_window: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._per_window = per_window
         self._clock = clock
         self._failures: dict[str, deque[float]] = {}
+        self._used: dict[str, dict[str, None]] = {}  # address: hashes of the codes it used, oldest first
 
-    def check(self, address: str) -> None:
-        """Raise 429 ``rate_limited`` if the address has used up its failures for now."""
+    def check(self, address: str, code_hash: str) -> None:
+        """Raise 429 ``rate_limited`` if the address has used up its failures for now and this code is not
+        one it used successfully before; the same 429 whether the code is right or wrong."""
         failures = self._failures.get(address)
         if failures is None or len(failures) < self._per_window:
+            return
+        if code_hash in self._used.get(address, ()):
             return
         now = self._clock()
         while failures and failures[0] <= now - WINDOW_SECONDS:
@@ -121,3 +132,16 @@ class FailedLookups:
             self._failures.clear()
         failures = self._failures.setdefault(address, deque(maxlen=self._per_window))
         failures.append(self._clock())
+
+    def succeeded(self, address: str, code_hash: str) -> None:
+        """The address used this code successfully: a throttle lets it through from now on."""
+        used = self._used.get(address)
+        if used is None:
+            if len(self._used) > _MAX_ADDRESSES:
+                self._used.clear()
+            used = self._used[address] = {}
+        elif code_hash in used:
+            return
+        if len(used) >= MAX_CODES_PER_ADDRESS:
+            del used[next(iter(used))]
+        used[code_hash] = None

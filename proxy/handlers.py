@@ -50,7 +50,7 @@ from proxy.errors import (
     UpstreamTimeout,
     internal_error,
 )
-from proxy.events import Event, EventStore
+from proxy.events import Event, EventStore, hash_code
 from proxy.guessing import FailedLookups, client_address
 from proxy.limits import Admission, Ledger, booked_tokens, day_of
 from proxy.responses import Owner, ResponsesApi
@@ -313,13 +313,15 @@ class Proxy:
         access: Access = request.state.access
         access.attendee = credential.user
         address = client_address(request.headers.get("x-forwarded-for"), request.client and request.client.host)
-        if not self.events.knows(credential.code):
-            self.failed_lookups.check(address)  # guessing from this address: no lookup (proxy.guessing)
+        code_hash = hash_code(credential.code)
+        # A throttled address gets the same 429 for any code it has not used itself, without a lookup (no oracle).
+        self.failed_lookups.check(address, code_hash)
         with self.telemetry.span("event lookup"):
-            event = await self.events.by_code(credential.code)
+            event = await self.events.by_hash(code_hash)
         if event is None:
             self.failed_lookups.failed(address)
             raise InvalidEventCode("This event code is not known. Check the code the organizer shared.")
+        self.failed_lookups.succeeded(address, code_hash)
         access.event_id = event.id
         return Caller(event, credential.user)
 
