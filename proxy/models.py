@@ -38,7 +38,9 @@ from proxy.events import DEFAULT_DAILY_REQUESTS, DEFAULT_MAX_TOKENS, DEFAULT_MOD
 
 M = TypeVar("M", bound=BaseModel)
 CODE_PATTERN = r"^[A-Za-z0-9_-]{4,64}$"
-MODEL_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# A deployment name is a path segment of the upstream URL: it never starts with a dot, so "." and ".." cannot
+# climb out of /openai/deployments/ (httpx resolves dot segments before sending).
+MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Fields that null clears (no cap); the texts too, as empty.
 CLEARABLE = frozenset({"daily_requests", "daily_tokens", "tpm", "event_requests", "event_tokens", "max_attendees",
                        "session_turns", "session_chars"})  # fmt: skip

@@ -7,7 +7,8 @@ calls it before an event. Authenticated with the organizer key, like the rest of
 ``/api/manage/``.
 
 Body: ``{"event": "EVENT_ID"}`` (probe the models that event allows) or
-``{"models": ["name", ...]}``. Answer: ``{"results": [{"model", "backend", "ok",
+``{"models": ["name", ...]}`` (deployment names, checked as an event's are:
+each becomes a path segment of the upstream URL). Answer: ``{"results": [{"model", "backend", "ok",
 "operation", "status", "latency_ms", "error"}]}``, 200 whatever the models
 answered: one result per model and upstream backend that serves it
 (``AZURE_OPENAI_BACKENDS``), each backend called on its own, since an attendee's
@@ -39,6 +40,7 @@ from proxy.backends import Backend
 from proxy.errors import InvalidRequest, ProxyError
 from proxy.handlers import answering
 from proxy.manage_api import OrganizerApi
+from proxy.models import MODEL_PATTERN
 from proxy.payload import read_json
 from proxy.upstream import Upstream
 
@@ -79,6 +81,13 @@ class ProbeApi:
             raise InvalidRequest("'models' must be a non-empty array of deployment names.", param="models")
         if len(models) > MAX_MODELS:
             raise InvalidRequest(f"At most {MAX_MODELS} models per probe.", param="models")
+        for model in models:
+            if not MODEL_PATTERN.fullmatch(model):
+                raise InvalidRequest(
+                    f"'models' holds {model[:80]!r}, not a deployment name (1 to 64 of A-Z a-z 0-9 . _ -, "
+                    "starting with a letter or digit).",
+                    param="models",
+                )
         return list(dict.fromkeys(models))
 
     async def probe_model(self, model: str, backend: Backend | None = None) -> dict[str, Any]:

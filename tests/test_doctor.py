@@ -10,6 +10,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -51,7 +52,7 @@ async def test_probe_does_not_open_the_event_to_attendees(
 ) -> None:
     tomorrow = datetime.now(UTC) + timedelta(days=1)
     created = await make_event(models=("gpt-4o-mini",), starts_at=tomorrow, ends_at=tomorrow + timedelta(hours=8))
-    before = sim_stats(simulator)["by_deployment"]["gpt-4o-mini"]  # type: ignore[index]
+    before = sim_stats(simulator)["by_deployment"].get("gpt-4o-mini", 0)  # type: ignore[union-attr]  # none yet
     headers = {"authorization": f"Bearer {ORGANIZER_KEY}"}
     answer = http.post(f"{app}/api/manage/probe", headers=headers, json={"event": created.event.id})
     assert answer.status_code == 200, answer.text
@@ -69,13 +70,18 @@ async def test_probe_does_not_open_the_event_to_attendees(
     assert usage["totals"]["requests"] == 0
 
 
-def test_probe_needs_the_organizer_key_and_a_well_formed_body(app: str, http: httpx.Client) -> None:
+def test_probe_needs_the_organizer_key_and_a_well_formed_body(app: str, simulator: str, http: httpx.Client) -> None:
     assert http.post(f"{app}/api/manage/probe", json={"models": ["gpt-4o-mini"]}).status_code == 401
     headers = {"authorization": f"Bearer {ORGANIZER_KEY}"}
-    for body in ({}, {"models": []}, {"models": "gpt-4o-mini"}, {"event": "x", "models": ["a"]}, {"model": "a"}):
+    before = sim_stats(simulator)["requests"]
+    # A name is a path segment of the upstream URL: one that leaves it must not reach upstream.
+    leaving = ["../deployments/gpt-4o-mini", "..", "gpt-4o-mini/chat", "gpt-4o-mini?x=1", "gpt-4o-mini#", "a" * 65]
+    malformed: list[dict[str, Any]] = [{}, {"models": []}, {"models": "gpt-4o-mini"}, {"event": "x", "models": ["a"]}]
+    for body in [*malformed, {"model": "a"}, *({"models": [name]} for name in leaving)]:
         answer = http.post(f"{app}/api/manage/probe", headers=headers, json=body)
         assert answer.status_code == 400, body
         assert answer.json()["error"]["code"] == "invalid_request"
+    assert sim_stats(simulator)["requests"] == before
 
 
 async def test_missing_deployment_is_one_problem_with_what_to_do(
