@@ -115,7 +115,9 @@ class ProbeApi:
         kind = "chat" if operation == CHAT else "embeddings"
         started = time.perf_counter()
         try:
-            response = await self.upstream.send(model, operation, orjson.dumps(body), uuid.uuid4().hex, only=backend)
+            response = await self.upstream.send(
+                model, operation, orjson.dumps(body), uuid.uuid4().hex, only=backend, raw=True
+            )
             try:
                 content = await response.aread()
             finally:

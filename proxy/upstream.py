@@ -31,9 +31,20 @@ before), the client gets 429 with the shortest wait among them, upstream's own
 answer when one came (its ``retry-after`` headers set to that wait), else
 ``UpstreamThrottled``; otherwise the last failure, as before: a 5xx answer
 (which ``proxy.handlers`` turns into 502), ``UpstreamError`` (502) or
-``UpstreamTimeout`` (504); a 401, 403 or 404 passes through as it came. Upstream's
-other answers (400: a bad request, a content filter) pass through with their
-status and body from the first backend, never tried elsewhere.
+``UpstreamTimeout`` (504). Upstream's other answers (400: a bad request, a
+content filter) pass through with their status and body from the first
+backend, never tried elsewhere.
+
+A refusal of the proxy itself is never passed on as it came: the attendee
+would read upstream's 401 "invalid subscription key" as their own key being
+wrong. A 401 or 403 (the app's key, identity or role), and a 404 from Azure's
+routing (``DeploymentNotFound``, or ``"404"``: no such deployment or path, a
+wrong endpoint or ``api-version``) become ``UpstreamError`` (502) with a
+message for the organizer. On the deployment routes every 404 is of that kind
+(the proxy chose the URL); on the v1 routes a 404 for an object (a stored
+response upstream no longer has, OpenAI-shaped with no Azure code) is the
+client's and passes through. ``raw=True`` (the organizer's probe) keeps
+upstream's own answer.
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ import math
 from collections.abc import Callable
 
 import httpx
+import orjson
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import ClientAuthenticationError
 
@@ -60,6 +72,8 @@ CONNECT_ATTEMPTS = 3
 RETRY_STATUSES = frozenset({502, 503, 504})
 # A backend that refuses the proxy itself (key or role) or lacks the deployment: the next may serve.
 MISCONFIGURED_STATUSES = frozenset({401, 403, 404})
+# The codes of Azure's own 404s (routing), as opposed to OpenAI-shaped ones for an object (code null).
+AZURE_NOT_FOUND_CODES = frozenset({"DeploymentNotFound", "404"})
 MIN_ATTEMPT_SECONDS = 0.5  # less than this left of the budget: no further attempt
 STREAM_WAIT_SHARE = 0.5  # of the budget left, what a stream waits for its headers while another backend remains
 
@@ -126,12 +140,14 @@ class Upstream:
         *,
         stream: bool = False,
         only: Backend | None = None,
+        raw: bool = False,
     ) -> httpx.Response:
         """POST to a backend serving the model ``deployment``; the caller reads or streams the response and closes it.
 
         The response's ``extensions`` name the backend (``proxy_backend``) and
         the number of sends (``proxy_attempts``). ``only``: that backend and no
-        other, whatever its health (``proxy.probe`` checks each one).
+        other, whatever its health; ``raw``: a refusal of the proxy comes back
+        as upstream sent it (``proxy.probe`` checks each backend with both).
         """
 
         def url(backend: Backend) -> str:
@@ -140,7 +156,15 @@ class Upstream:
         plan = self.health.plan(self.backends, deployment) if only is None else Plan([only], [])
         wait_share = STREAM_WAIT_SHARE if stream else 1.0
         return await self._route(
-            plan, deployment, "POST", url, body, request_id, wait_share=wait_share, misconfigured=MISCONFIGURED_STATUSES
+            plan,
+            deployment,
+            "POST",
+            url,
+            body,
+            request_id,
+            wait_share=wait_share,
+            misconfigured=MISCONFIGURED_STATUSES,
+            raw=raw,
         )
 
     def responses_deployment(self, model: str) -> str | None:
@@ -186,6 +210,7 @@ class Upstream:
         model: str | None = None,
         wait_share: float = 1.0,
         misconfigured: frozenset[int] = frozenset(),
+        raw: bool = False,
     ) -> httpx.Response:
         model = model or label
         loop = asyncio.get_running_loop()
@@ -262,6 +287,10 @@ class Upstream:
                     retry.append(backend)
                 failure = (await _buffered(response), backend)  # read now: nothing stays open meanwhile
                 continue
+            if status in MISCONFIGURED_STATUSES and not raw:  # only the v1 routes get here with these
+                response = await _buffered(response)
+                if _refuses_the_proxy(response):
+                    raise _refusal(response, backend, label)
             self.health.succeeded(backend, model)
             return _answered(response, backend, attempts)
         if shortest < math.inf:
@@ -276,7 +305,10 @@ class Upstream:
             response.headers["retry-after-ms"] = str(max(1, math.ceil(shortest * 1000)))
             return _answered(response, backend, attempts)
         if isinstance(failure, tuple):
-            return _answered(failure[0], failure[1], attempts)
+            response, backend = failure
+            if response.status_code in misconfigured and not raw:
+                raise _refusal(response, backend, label)
+            return _answered(response, backend, attempts)
         assert failure is not None  # the first attempt is always made
         raise failure
 
@@ -299,6 +331,42 @@ def _answered(response: httpx.Response, backend: Backend, attempts: int) -> http
     response.extensions["proxy_backend"] = backend.name  # recorded in usage
     response.extensions["proxy_attempts"] = attempts  # named in a 502's message
     return response
+
+
+def _azure_code(response: httpx.Response) -> str | None:
+    try:
+        error = orjson.loads(response.content).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
+def _refuses_the_proxy(response: httpx.Response) -> bool:
+    """A 401 or 403, or a 404 from Azure's routing rather than for an object (a buffered response)."""
+    if response.status_code in (401, 403):
+        return True
+    return response.status_code == 404 and _azure_code(response) in AZURE_NOT_FOUND_CODES
+
+
+def _refusal(response: httpx.Response, backend: Backend, label: str) -> UpstreamError:
+    """The 502 an attendee gets when upstream refused the proxy itself: it says so, for the organizer."""
+    status, code = response.status_code, _azure_code(response)
+    seen = f"{status} {code}" if code and code != str(status) else str(status)
+    if status == 404:
+        fix = (
+            f"has no deployment for '{label}' (or the endpoint or api-version is wrong); the organizer should "
+            "deploy it, or remove it from the event's models"
+        )
+    else:
+        fix = (
+            "refused the proxy's own credentials; the organizer should check the app's identity and its "
+            "Cognitive Services OpenAI User role on that resource (or the backend's API key)"
+        )
+    return UpstreamError(
+        f"Azure OpenAI backend '{backend.name}' {fix} ({seen}, run 'python -m proxy.manage doctor'). "
+        "Your own key is fine."
+    )
 
 
 def _chained(error: ProxyError, cause: BaseException) -> ProxyError:

@@ -321,6 +321,38 @@ async def test_a_misconfigured_backend_is_skipped_and_named_in_the_log(
         service.stop()
 
 
+async def test_upstream_refusing_the_proxy_is_a_502_for_the_organizer(
+    azurite: str, sims: Sims, make_event: MakeEvent
+) -> None:
+    """Upstream's 401 or "deployment not found" is about the proxy's identity or setup, not the attendee's key."""
+    created = await make_event()  # before the blocking starts: Azurite's keep-alive
+    wrong_key = sims.start("--api-key", "another-key")  # 401 for the proxy's key
+    no_deployment = sims.start()
+    backends = [
+        {"name": "wrong-key", "endpoint": wrong_key, "deployments": {"gpt-4o-mini": "gpt-4o-mini"}},
+        {"name": "no-deployment", "endpoint": no_deployment, "priority": 2,
+         "deployments": {"text-embedding-3-small": "absent"}},
+    ]  # fmt: skip
+    service, url = backends_app(azurite, backends)
+    try:
+        with httpx.Client(base_url=url, headers={"api-key": created.key()}, timeout=30) as http:
+            answers = {
+                "chat": http.post("/api/v1/chat/completions", json=CHAT),
+                "stream": http.post("/api/v1/chat/completions", json={**CHAT, "stream": True}),
+                "responses": http.post("/api/v1/responses", json={"model": "gpt-4o-mini", "input": "hi"}),
+                "embeddings": http.post("/api/v1/embeddings", json={"model": "text-embedding-3-small", "input": "x"}),
+            }
+        for what, answer in answers.items():
+            assert answer.status_code == 502, (what, answer.text)
+            error = answer.json()["error"]
+            assert error["code"] == "upstream_error" and "organizer" in error["message"], (what, error)
+        assert "'wrong-key'" in answers["chat"].json()["error"]["message"]
+        assert "401" in answers["responses"].json()["error"]["message"]
+        assert "DeploymentNotFound" in answers["embeddings"].json()["error"]["message"]
+    finally:
+        service.stop()
+
+
 async def test_all_throttled_answers_429_with_the_shortest_wait(
     azurite: str, sims: Sims, make_event: MakeEvent
 ) -> None:

@@ -172,21 +172,29 @@ async def test_fields_the_proxy_refuses(app: str, make_event: MakeEvent) -> None
         assert http.post(f"{app}/api/v1/responses", json=body, headers={"api-key": key}).status_code == 200
 
 
-async def test_unstored_and_broken_responses(app: str, make_event: MakeEvent, tables: Tables) -> None:
+async def test_unstored_and_broken_responses(app: str, simulator: str, make_event: MakeEvent, tables: Tables) -> None:
     created = await make_event()
     sdk = client(app, created.key())
     unstored = sdk.responses.create(model=MODEL, input="forget me", store=False)
     with pytest.raises(openai.NotFoundError):
         sdk.responses.retrieve(unstored.id)
 
+    # A response of the caller's that upstream no longer has: upstream's own 404 is the client's to see.
+    gone = sdk.responses.create(model=MODEL, input="soon gone")
+    removed = httpx.delete(f"{simulator}/openai/v1/responses/{gone.id}", headers={"api-key": "simulator-key"})
+    assert removed.status_code == 200
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.responses.retrieve(gone.id)
+    assert gone.id in missing.value.message
+
     with pytest.raises(openai.APIError) as raised:
         list(sdk.responses.create(model=MODEL, input="SIM_BREAK_STREAM", stream=True))
     assert "incomplete" in raised.value.message
     # A broken stream is recorded in the background, as failed: its slot is given back.
     log = await eventually(
-        lambda: request_log(tables, created.event.id), lambda log: len(log) == 2, what="two logged requests"
+        lambda: request_log(tables, created.event.id), lambda log: len(log) == 3, what="three logged requests"
     )
-    assert sorted(e["status"] for e in log) == [200, 502]
+    assert sorted(e["status"] for e in log) == [200, 200, 502]
 
 
 async def test_azure_clients(app: str, make_event: MakeEvent) -> None:
