@@ -202,8 +202,10 @@ class EntityClient:
             try:
                 async with self._session.request(method, url, data=body, headers=headers) as response:
                     return response.status, response.headers, await response.read()
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                # Once more on a fresh connection: a pooled one may have been closed by the server.
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # Once more on a fresh connection: a pooled one may have been closed by the server, or
+                # an answer cut short (ClientPayloadError). A write that did land fails the second time
+                # on its ETag (412) or its row (409), which its caller takes as done (proxy.limits).
                 if attempt == 2:
                     raise StorageUnavailable(_UNAVAILABLE) from exc
         raise AssertionError("unreachable")

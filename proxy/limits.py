@@ -16,9 +16,12 @@ One entity per (event, attendee, UTC day) in the ``proxyusage`` table,
   what the usage reports read.
 - ``inflight`` (JSON): the requests admitted and not yet settled, as
   ``{request id: [estimate, minute, admitted at (epoch seconds), released]}``,
-  written by the same conditional writes. Settling removes a request's entry,
-  which makes settlement idempotent (a retried write whose first attempt did
-  land finds the entry gone and adds nothing twice). An entry older than the
+  written by the same conditional writes. An admission's write that is sent
+  again (its connection dropped after it landed) fails on the ETag, and the
+  fresh read finds the request's entry: it is admitted, once. Settling
+  removes a request's entry, which makes settlement idempotent (a retried
+  write whose first attempt did land finds the entry gone and adds nothing
+  twice). An entry older than the
   reservation lease belongs to a worker that was killed before it could
   settle: ``proxy.reconcile`` gives its slot back and marks it released (a
   request that outlived its lease after all takes its slot again when it
@@ -214,10 +217,18 @@ class Ledger:
         """Admit against the attendee's caps and the event's budget (both at once), or raise ``CapExceeded``.
 
         When one admits and the other refuses, what was taken is given back
-        in the background.
+        in the background. So is what a write that failed with
+        ``StorageUnavailable`` may have taken: its answer lost, it may have
+        landed all the same. Giving back is idempotent (only an entry still
+        in flight is given back), so a write that did not land costs nothing.
         """
         if not budget.has_budget(event):
-            return await self.admit(event, user, now, estimate, request_id)
+            try:
+                return await self.admit(event, user, now, estimate, request_id)
+            except StorageUnavailable:
+                if has_caps(event):
+                    self._give_back(event.id, user, self._untaken(now, estimate, request_id, True), None)
+                raise
         attendee, shard = await asyncio.gather(
             self.admit(event, user, now, estimate, request_id),
             self.admit_budget(event, now, estimate, request_id),
@@ -226,18 +237,29 @@ class Ledger:
         if isinstance(attendee, Admission) and isinstance(shard, str):
             attendee.shard = shard
             return attendee
-        day, minute = day_of(now), int(now.timestamp()) // 60
-        taken = attendee if isinstance(attendee, Admission) else Admission(request_id, day, minute, estimate, None,
-                                                                             None, reserved=False)  # fmt: skip
-        taken.shard = shard if isinstance(shard, str) else None
-        if taken.reserved or taken.shard is not None:
-            untaken = Settlement("", 0, 0, 0, reached_upstream=False, succeeded=False)
-            release = asyncio.create_task(self.settle(event.id, [Finished(user, taken, untaken, None)]))
-            self._releases.add(release)
-            release.add_done_callback(self._released)
+        maybe_reserved = isinstance(attendee, StorageUnavailable) and has_caps(event)
+        taken = (
+            attendee if isinstance(attendee, Admission) else self._untaken(now, estimate, request_id, maybe_reserved)
+        )
+        maybe_shard = budget.shard_row(self._home) if isinstance(shard, StorageUnavailable) else None
+        self._give_back(event.id, user, taken, shard if isinstance(shard, str) else maybe_shard)
         error = attendee if isinstance(attendee, BaseException) else shard
         assert isinstance(error, BaseException)
         raise error
+
+    @staticmethod
+    def _untaken(now: datetime, estimate: int, request_id: str, reserved: bool) -> Admission:
+        return Admission(request_id, day_of(now), int(now.timestamp()) // 60, estimate, None, None, reserved)
+
+    def _give_back(self, event_id: str, user: str, taken: Admission, shard: str | None) -> None:
+        """Give back in the background what an admission took (or may have taken) for a request never sent."""
+        taken.shard = shard
+        if not taken.reserved and shard is None:
+            return
+        untaken = Settlement("", 0, 0, 0, reached_upstream=False, succeeded=False)
+        release = asyncio.create_task(self.settle(event_id, [Finished(user, taken, untaken, None)]))
+        self._releases.add(release)
+        release.add_done_callback(self._released)
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Graceful shutdown: write the settlements deferred on shards (``_defer``), and the give-backs."""
@@ -292,12 +314,15 @@ class Ledger:
             etag, updated = state
             if not etag:
                 updated = budget.empty_shard(key[0], budget.shard_index(key[1]))
+            landed = orjson.loads(updated.get("inflight", "{}"))
             settling = list(self._unsettled.get(key, ()))  # carried by this write
             for entry in settling:
                 updated = budget.settled(updated, *entry)
             outcomes: list[int | None] = []  # None: admitted; else the estimate refused
             for estimate, request_id, _ in group:
-                if budget.fits(event, updated, estimate):
+                if request_id in landed:  # an earlier attempt of this write landed, its answer lost
+                    outcomes.append(None)
+                elif budget.fits(event, updated, estimate):
                     updated = budget.admitted(updated, request_id, estimate, int(now.timestamp()))
                     outcomes.append(None)
                 else:
@@ -380,7 +405,11 @@ class Ledger:
                 fresh = True
             etag, updated = state
             outcomes: list[Admission | CapExceeded] = []
+            landed = orjson.loads(updated.get("inflight", "{}"))
             for estimate, request_id, _ in group:
+                if request_id in landed:  # an earlier attempt of this write landed, its answer lost
+                    outcomes.append(Admission(request_id, day, minute, estimate, *_remaining(event, updated), True))
+                    continue
                 refusal = _refusal(event, updated, now, minute, estimate)
                 if refusal is not None:
                     outcomes.append(refusal)

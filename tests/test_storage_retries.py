@@ -1,0 +1,114 @@
+"""Storage calls that break on the way back: a retried write that had landed counts once, a cut answer is retried.
+
+The app's storage goes through a relay (``tests.relay``) that throws away the
+answer of chosen writes after Azurite carried them out, or cuts an answer's
+body short: what a dropped connection does to a client that retries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from proxy import budget
+from proxy.storage import Tables
+from proxy.usage import report
+from tests.conftest import LENIENT, MakeEvent
+from tests.relay import Match, StorageRelay
+from tests.support import app_env, eventually, sim_stats, start_app
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture(scope="module")
+def relay(azurite: str) -> Iterator[StorageRelay]:
+    port = int(azurite.split("TableEndpoint=http://127.0.0.1:")[1].split("/")[0])
+    relayed = StorageRelay(port)
+    yield relayed
+    relayed.close()
+
+
+@pytest.fixture(scope="module")
+def relayed_app(azurite: str, simulator: str, relay: StorageRelay) -> Iterator[str]:
+    """An app process whose storage calls all go through the relay."""
+    service, url = start_app(app_env(relay.connection_string(azurite), simulator, EVENT_CACHE_SECONDS="1", **LENIENT))
+    yield url
+    service.stop()
+
+
+def writes_row(event_id: str, row_key_start: str) -> Match:
+    """A rule's match: a single-entity write (not a ``$batch``) of a row of ``event_id`` whose key starts so."""
+    needle = f'"PartitionKey":"{event_id}","RowKey":"{row_key_start}'.encode()
+
+    def match(method: str, path: str, body: bytes) -> bool:
+        return method in ("POST", "PUT") and not path.endswith("$batch") and needle in body
+
+    return match
+
+
+async def test_a_retried_admission_that_had_landed_counts_once(
+    relayed_app: str, relay: StorageRelay, make_event: MakeEvent, tables: Tables, simulator: str
+) -> None:
+    """Writes of the day (an insert, then a replace under its ETag) and of the event budget's shard land
+    and lose their answers, and are sent again: a daily cap of 3 serves 3, and nothing stays reserved."""
+    created = await make_event(daily_requests=3, event_requests=3)
+    event_id, day = created.event.id, datetime.now(UTC).date().isoformat()
+    day_row, shard_rows = writes_row(event_id, f"{day}|alice"), writes_row(event_id, budget.SHARD_PREFIX)
+    before = sim_stats(simulator)["requests"]
+
+    async def day_entity() -> dict[str, Any]:
+        return dict(await tables.usage.get_entity(event_id, f"{day}|alice"))
+
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def chat() -> httpx.Response:
+            headers = {"api-key": created.key()}
+            return await client.post(f"{relayed_app}/api/v1/chat/completions", json=CHAT, headers=headers)
+
+        # Both attempts of the first write land, both answers lost: 503, and what it took is given back.
+        lost = relay.arm(day_row, "drop", times=2)
+        first = await chat()
+        assert lost.fired == 2 and first.status_code == 503, first.text
+        assert first.json()["error"]["code"] == "storage_unavailable"
+        await eventually(day_entity, lambda e: orjson.loads(e["inflight"]) == {} and e["reserved"] == 0)
+        statuses = []
+        for _ in range(4):
+            # The first attempt lands and loses its answer; the retry must find the request admitted.
+            rules = [relay.arm(day_row, "drop"), relay.arm(shard_rows, "drop")] if len(statuses) < 2 else []
+            response = await chat()
+            statuses.append(response.status_code)
+            assert all(rule.fired == 1 for rule in rules), [rule.seen for rule in rules]
+    assert statuses == [200, 200, 200, 429], response.text
+    assert response.json()["error"]["code"] == "daily_request_cap_exceeded"
+    assert sim_stats(simulator)["requests"] == before + 3
+    # Once settled, the day holds 3 requests and nothing in flight; the shards 3 requests.
+    entity = await eventually(day_entity, lambda e: orjson.loads(e["inflight"]) == {}, what="the day settled")
+    assert entity["reserved"] == 3 and entity["requests"] == 3
+    shards = await eventually(
+        lambda: budget.read_shards(tables, event_id),
+        lambda s: all(orjson.loads(shard["inflight"]) == {} for shard in s.values()),
+        what="the shards settled",
+    )
+    assert sum(shard["requests"] for shard in shards.values()) == 3
+    assert (await report(tables, event_id, "user"))["totals"]["requests"] == 3
+
+
+async def test_an_answer_cut_short_is_read_again(relayed_app: str, relay: StorageRelay, make_event: MakeEvent) -> None:
+    """A storage answer whose body is cut (``aiohttp.ClientPayloadError``) is retried, not a 500."""
+    created = await make_event(daily_requests=5)
+    event_id = created.event.id
+    # The first read on the lean client (proxy.entities): the attendee's row, then the day's.
+    cut = relay.arm(
+        lambda method, path, body: method == "GET" and f"proxyusage(PartitionKey='{event_id}'" in path, "truncate"
+    )
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.post(
+            f"{relayed_app}/api/v1/chat/completions", json=CHAT, headers={"api-key": created.key()}
+        )
+    assert cut.fired == 1, cut.seen
+    assert response.status_code == 200, response.text
