@@ -47,11 +47,11 @@ bench: install
 package:
 	$(PYTHON) -m devtools.package
 
-# make deploy RG=my-event-rg LOCATION=eastus2 [PREFIX=evtproxy] [WHAT_IF=1]
+# make deploy RG=my-event-rg LOCATION=eastus2 [PREFIX=evtproxy] [UNTIL=YYYY-MM-DD] [WHAT_IF=1] [ARGS=...]
 deploy: install
-	@test -n "$(RG)" -a -n "$(LOCATION)" || { echo "usage: make deploy RG=RESOURCE_GROUP LOCATION=REGION [PREFIX=P] [WHAT_IF=1]"; exit 2; }
+	@test -n "$(RG)" -a -n "$(LOCATION)" || { echo "usage: make deploy RG=RESOURCE_GROUP LOCATION=REGION [PREFIX=P] [UNTIL=YYYY-MM-DD] [WHAT_IF=1]"; exit 2; }
 	$(BIN)/python -m devtools.deploy --resource-group "$(RG)" --location "$(LOCATION)" \
-		$(if $(PREFIX),--prefix "$(PREFIX)") $(if $(WHAT_IF),--what-if)
+		$(if $(PREFIX),--prefix "$(PREFIX)") $(if $(UNTIL),--until "$(UNTIL)") $(if $(WHAT_IF),--what-if) $(ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules dist .azurite

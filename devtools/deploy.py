@@ -12,19 +12,25 @@ The steps, each one ``az`` call (a redeploy runs the same steps and changes only
    User Access Administrator or Role Based Access Control Administrator on the resource
    group, or on the subscription when the group does not exist yet), because the
    template grants the app's identity its data roles.
-2. The resource group, created in LOCATION if missing.
-3. The organizer key: ``ORGANIZER_KEY`` from the environment; else, on a redeploy, the one
+2. The model versions: each region the template deploys to (the resource group's, and
+   ``openAiExtraRegions``) is asked what it offers (``az cognitiveservices model list``), and
+   each deployment of ``modelDeployments`` gets the newest generally available version of its
+   model that still takes new deployments on the event's last day (``--until``, default 30
+   days from today), passed to the template; when none does, the deploy stops before changing
+   anything and names what the region offers instead (``devtools.azmodels``).
+3. The resource group, created in LOCATION if missing.
+4. The organizer key: ``ORGANIZER_KEY`` from the environment; else, on a redeploy, the one
    the app already has; else a new random one, printed once at the end.
-4. ``az deployment group what-if`` with ``--what-if`` (and stop), else
+5. ``az deployment group what-if`` with ``--what-if`` (and stop), else
    ``az deployment group create -f infra/main.bicep -p infra/main.bicepparam``. Secrets
    and per-user values reach ``main.bicepparam`` through environment variables
    (``readEnvironmentVariable``), so they never appear in a process list.
-5. The code: ``dist/app.zip`` built by ``devtools.package`` (honouring ``.funcignore``),
+6. The code: ``dist/app.zip`` built by ``devtools.package`` (honouring ``.funcignore``),
    published with ``az functionapp deployment source config-zip --build-remote true``,
    so the platform installs ``requirements.txt`` for its own Linux and Python.
-6. A wait for ``/api/health`` to report storage reachable: new role assignments take a
+7. A wait for ``/api/health`` to report storage reachable: new role assignments take a
    few minutes to apply, and until then the app's identity is refused.
-7. ``python -m proxy.manage doctor --url URL --models ...``: health, organizer key, and a
+8. ``python -m proxy.manage doctor --url URL --models ...``: health, organizer key, and a
    one-token request to every deployed model through the proxy; run again twice, a minute
    apart, while it finds a problem (a role assignment may still be applying).
 
@@ -44,11 +50,13 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from devtools import azmodels
 from devtools.package import build
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +66,7 @@ PACKAGE = "dist/app.zip"
 DEPLOYMENT_NAME = "event-proxy"
 PREFIX = re.compile(r"[a-z][a-z0-9]{1,8}")
 DOCTOR_ATTEMPTS = 3
+EVENT_DAYS = 30  # without --until, every model must take new deployments for this many days
 
 # Built-in roles that may create role assignments (ids from the Azure built-in roles
 # reference, also listed in tests/data/azure_sources.json).
@@ -181,6 +190,25 @@ def organizer_key(az: Az, resource_group: str, previous: Mapping[str, Any] | Non
     return secrets.token_urlsafe(32), True
 
 
+def resolve_models(az: Az, location: str, until: date) -> list[dict[str, Any]]:
+    """``modelDeployments`` with the newest version each region deploys on ``until`` (``devtools.azmodels``)."""
+    text = (ROOT / PARAMETERS).read_text()
+    requested = azmodels.parameter(text, "modelDeployments")
+    regions = [location, *azmodels.parameter(text, "openAiExtraRegions")]
+    print(f"Resolving model versions in {', '.join(regions)} (open to new deployments on {until})")
+    offered = {
+        region: azmodels.offers(az.json("cognitiveservices", "model", "list", "--location", region))
+        for region in regions
+    }
+    try:
+        choices = azmodels.choose(requested, offered, until)
+    except azmodels.NoDeployableVersion as exc:
+        raise DeployError(f"{exc}\nNothing was deployed.") from exc
+    for choice in choices:
+        print(choice.line())
+    return azmodels.resolved(choices)
+
+
 def wait_until_healthy(url: str, timeout: float, interval: float) -> None:
     """Poll /api/health until storage is reachable with the app's identity."""
     deadline = time.monotonic() + timeout
@@ -217,6 +245,10 @@ def deploy(args: argparse.Namespace, az: Az) -> int:
     exists = bool(az.json("group", "exists", "--name", group))
     subscription_scope = f"/subscriptions/{caller.subscription}"
     check_may_assign_roles(az, caller, f"{subscription_scope}/resourceGroups/{group}" if exists else subscription_scope)
+    # The template deploys to the group's region, which on a redeploy may not be --location.
+    location = az.text("group", "show", "--name", group, "--query", "location") if exists else args.location
+    today = args.today or date.today()
+    deployments = resolve_models(az, location, args.until or today + timedelta(days=EVENT_DAYS))
     if not exists:
         print(f"Creating resource group {group} in {args.location}")
         az.run("group", "create", "--name", group, "--location", args.location, "--output", "none")
@@ -225,6 +257,7 @@ def deploy(args: argparse.Namespace, az: Az) -> int:
 
     template = ["--resource-group", group, "--name", DEPLOYMENT_NAME, "--template-file", TEMPLATE]
     template += ["--parameters", PARAMETERS]
+    template += ["--parameters", "modelDeployments=" + json.dumps(deployments, separators=(",", ":"))]
     if args.prefix is not None:
         template += ["--parameters", f"namePrefix={args.prefix}"]
     env = {
@@ -281,12 +314,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefix", help="resource name prefix, 2-9 lowercase letters and digits (default: evtproxy)")
     parser.add_argument("--what-if", action="store_true", help="show what would change, deploy nothing")
     parser.add_argument(
+        "--until",
+        type=date.fromisoformat,
+        metavar="YYYY-MM-DD",
+        help=f"the event's last day: every model version must still take new deployments then "
+        f"(default: {EVENT_DAYS} days from today)",
+    )
+    parser.add_argument(
         "--deployer-can-call-models",
         action="store_true",
         help="also grant yourself Cognitive Services OpenAI User (to call the models directly)",
     )
     parser.add_argument("--wait", type=float, default=900.0, help="seconds to wait for the app (default: 900)")
     parser.add_argument("--interval", type=float, default=15.0, help=argparse.SUPPRESS)
+    parser.add_argument("--today", type=date.fromisoformat, help=argparse.SUPPRESS)  # tests: a captured region's day
     return parser
 
 

@@ -101,6 +101,13 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _SLOW_RE = re.compile(r"SIM_SLOW_MS=(\d+(?:\.\d+)?)")
 
 
+# A chat deployment of a reasoning model (o-series, gpt-5.x): Azure refuses max_tokens there.
+REASONING = "reasoning"
+MSG_MAX_TOKENS_UNSUPPORTED = (
+    "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead."
+)
+
+
 class _StreamBreak(RuntimeError):
     """Raised deliberately mid-stream so the server aborts the connection."""
 
@@ -368,11 +375,14 @@ class Simulator:
         if dep_kind is None:
             await self._send_json(send, 404, error_body("DeploymentNotFound", MSG_DEPLOYMENT_NOT_FOUND))
             return
-        if dep_kind != operation:
+        if ("chat" if dep_kind == REASONING else dep_kind) != operation:
             await self._send_json(send, 400, operation_not_supported_body(operation, deployment))
             return
         if parse_failed or not isinstance(body, dict):
             await self._send_json(send, 400, invalid_request_body(MSG_UNPARSEABLE_BODY))
+            return
+        if dep_kind == REASONING and "max_tokens" in body:
+            await self._send_json(send, 400, invalid_request_body(MSG_MAX_TOKENS_UNSUPPORTED, "max_tokens"))
             return
         try:
             if operation == "chat":
@@ -446,7 +456,7 @@ class Simulator:
         if dep_kind is None:
             await self._send_json(send, 404, error_body("DeploymentNotFound", MSG_DEPLOYMENT_NOT_FOUND))
             return
-        if dep_kind != "chat":
+        if dep_kind not in ("chat", REASONING):
             message = f"The responses operation does not work with the specified model, {deployment}."
             await self._send_json(send, 400, invalid_request_body(message, "model"))
             return
@@ -704,6 +714,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--api-key", default=_env("SIM_API_KEY"))
     parser.add_argument("--bearer-token", default=_env("SIM_BEARER_TOKEN"))
     parser.add_argument("--completion-tokens", type=int, default=12)
+    parser.add_argument(
+        "--deployment",
+        action="append",
+        default=[],
+        metavar="NAME=KIND",
+        help="serve this deployment instead of the defaults (repeatable); KIND: chat, embeddings or reasoning "
+        "(chat that refuses max_tokens)",
+    )
     return parser.parse_args(argv)
 
 
@@ -738,6 +756,8 @@ def main(argv: list[str] | None = None) -> None:
         throttle_retry_ms=args.throttle_retry_ms,
         fail_status=args.fail_status,
     )
+    if args.deployment:
+        config.deployments = dict(item.split("=", 1) for item in args.deployment)
     _serve(create_app(config), args.host, args.port)
 
 

@@ -2,15 +2,18 @@ using './main.bicep'
 
 param namePrefix = 'evtproxy'
 
-// What events allow, by deployment name. Each deployment picks its own SKU: a model/SKU
-// pair must be offered in the region (az cognitiveservices model list -l REGION, or the
-// model availability tables). gpt-5.2 2025-12-11 and text-embedding-3-small 1 are both
+// What events allow, by deployment name (events name deployments, not models). Each
+// deployment picks its own SKU. The version is what a hand-run 'az deployment group create'
+// deploys; 'make deploy' (devtools/deploy.py) asks the region (az cognitiveservices model list
+// -l REGION) and deploys the newest generally available version of each model that still takes
+// new deployments on the event's last day, or stops and names what the region offers instead.
+// gpt-5.4 2026-03-05 (new customers until 2027-03-05) and text-embedding-3-small 1 are both
 // offered as GlobalStandard in eastus2, the README's example region.
 param modelDeployments = [
   {
-    name: 'gpt-5.2'
-    model: 'gpt-5.2'
-    version: '2025-12-11'
+    name: 'gpt-5.4'
+    model: 'gpt-5.4'
+    version: '2026-03-05'
     skuName: 'GlobalStandard'
     capacity: 50
   }

@@ -14,7 +14,10 @@ a deployed app (``--url https://NAME.azurewebsites.net``, which
 4. ``POST /api/manage/probe``: every model the event allows (and every name given
    with ``--models``) answers a one-token request through the proxy, with the
    app's identity and upstream, without opening the event to attendees and
-   without touching anyone's caps or usage (``proxy.probe``).
+   without touching anyone's caps or usage (``proxy.probe``). A model that refuses
+   the token-limit field the proxy sets on requests that name none (asked of
+   ``proxy.payload`` itself, not written down here) is a problem; one that refuses
+   only the other field is a note.
 
 Each finding is one line: ``ok``, ``info``, or ``PROBLEM`` followed by what to do.
 The exit code is 0 when there is no problem, 1 otherwise.
@@ -29,8 +32,12 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
+import orjson
+
+from proxy.payload import prepare_chat
 
 DEFAULT_URL = "http://localhost:7071"
+TOKEN_FIELDS = ("max_completion_tokens", "max_tokens")
 TIMEOUT_SECONDS = 60.0
 _LABELS = {"ok": "ok     ", "info": "info   ", "problem": "PROBLEM"}
 
@@ -223,16 +230,38 @@ def _probe(
             model = f"{model} on backend {result['backend']}"  # each backend probed on its own
         if result["ok"]:
             yield Finding("ok", f"{owner}: {model} answers ({result['operation']}, {result['latency_ms']} ms)")
-            if result.get("refuses_max_tokens"):
-                yield Finding(
-                    "problem",
-                    f"{owner}: {model} refuses max_tokens, which the proxy sets when a request names neither "
-                    "max_tokens nor max_completion_tokens",
-                    "tell attendees to send max_completion_tokens with this model, or allow a model that takes "
-                    "max_tokens",
-                )
+            yield from _token_field_findings(result, owner, model)
         else:
             yield Finding("problem", f"{owner}: {model} does not answer: {_why(result)}", _model_fix(result, owner))
+
+
+def capping_field() -> str:
+    """The field the proxy sets on a chat request that names neither, asked of the proxy's own code."""
+    prepared = prepare_chat({"messages": [{"role": "user", "content": "ok"}]}, 1, "doctor")
+    body = orjson.loads(prepared.body)
+    return next(field for field in TOKEN_FIELDS if field in body)
+
+
+def _token_field_findings(result: dict[str, Any], owner: str, model: str) -> Iterator[Finding]:
+    """A model that refuses the field the proxy sets is a problem; one the proxy never sends, a note."""
+    proxy_sets = capping_field()
+    for field in TOKEN_FIELDS:
+        if not result.get(f"refuses_{field}"):
+            continue
+        other = next(f for f in TOKEN_FIELDS if f != field)
+        if field == proxy_sets:
+            yield Finding(
+                "problem",
+                f"{owner}: {model} refuses {field}, which the proxy sets when a request names neither "
+                f"{field} nor {other}",
+                f"tell attendees to send {other} with this model, or allow a model that takes {field}",
+            )
+        else:
+            yield Finding(
+                "info",
+                f"{owner}: {model} refuses {field}; the proxy caps requests with {proxy_sets}, so only a client "
+                f"that sends {field} itself is refused (Azure's 400 names the fix: {other})",
+            )
 
 
 def _why(result: dict[str, Any]) -> str:

@@ -20,8 +20,9 @@ the other is tried. Chat asks for one completion token with
 ``max_completion_tokens`` (which reasoning models require), falling back to
 ``max_tokens`` for a model that refuses it. When ``max_completion_tokens``
 works, a second one-token request tells whether the model refuses ``max_tokens``
-(reasoning models do): the answer's ``refuses_max_tokens`` says so, because the
-proxy caps a request that names neither field with ``max_tokens``.
+(reasoning models do): the answer's ``refuses_max_tokens`` says so, and
+``refuses_max_completion_tokens`` when the fallback was needed. The doctor compares them with
+the field the proxy itself sets on a request that names neither (``proxy.payload``).
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ class ProbeApi:
             return await self._send(model, operation, {"input": "ok"}, backend)
         answer = await self._send(model, operation, {"messages": _PROMPT, "max_completion_tokens": 1}, backend)
         if not answer["ok"] and "max_completion_tokens" in str(answer.get("error", "")):
-            return await self._send(model, operation, {"messages": _PROMPT, "max_tokens": 1}, backend)
+            legacy = await self._send(model, operation, {"messages": _PROMPT, "max_tokens": 1}, backend)
+            return {**legacy, "refuses_max_completion_tokens": True}
         if answer["ok"]:
             legacy = await self._send(model, operation, {"messages": _PROMPT, "max_tokens": 1}, backend)
             answer["refuses_max_tokens"] = not legacy["ok"] and "max_tokens" in str(legacy.get("error", ""))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.doctor import diagnose
+from proxy.doctor import capping_field, diagnose
 from tests.conftest import MakeEvent
-from tests.support import ORGANIZER_KEY, ROOT, app_env, sim_stats, start_app, start_azurite
+from tests.support import ORGANIZER_KEY, ROOT, app_env, sim_stats, start_app, start_azurite, start_simulator
 
 
 def doctor(app: str, *args: str, key: str = ORGANIZER_KEY, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -137,12 +138,48 @@ def test_storage_down(app_without_storage: str, tmp_path: Path) -> None:
     assert "Azurite" in problem and "Storage Table Data Contributor" in problem
 
 
-def test_a_model_that_refuses_max_tokens_is_a_problem() -> None:
-    """Reasoning models (the default gpt-5.2) refuse max_tokens, which the simulator accepts: the
-    proxy's answer for such a model is stood in for here, the doctor's reading of it is real."""
+@pytest.fixture(scope="module")
+def reasoning_app(azurite: str) -> Iterator[str]:
+    """An app whose upstream serves gpt-5.4 as Azure serves a reasoning model: max_tokens refused."""
+    simulator, upstream = start_simulator("--deployment=gpt-5.4=reasoning", "--deployment=gpt-4o-mini=chat")
+    service, url = start_app(app_env(azurite, upstream))
+    yield url
+    service.stop()
+    simulator.stop()
+
+
+async def test_a_reasoning_model_is_healthy_because_the_proxy_never_sends_max_tokens(
+    reasoning_app: str, make_event: MakeEvent, tmp_path: Path
+) -> None:
+    """The probe finds that gpt-5.4 refuses max_tokens; the proxy caps with max_completion_tokens, so it is a note."""
+    result = doctor(reasoning_app, "--models", "gpt-5.4,gpt-4o-mini", cwd=tmp_path)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("ok") and "deployment: gpt-5.4 answers (chat" in line for line in lines)
+    (note,) = [line for line in lines if "refuses" in line]
+    assert (
+        note.startswith("info")
+        and "gpt-5.4 refuses max_tokens; the proxy caps requests with max_completion_tokens" in note
+    )
+    assert lines[-1] == "All good."
+    # The note is true: an attendee's request that names neither field reaches the model capped and answered.
+    created = await make_event(models=("gpt-5.4",))
+    chat = {"model": "gpt-5.4", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(timeout=60) as client:
+        answer = client.post(f"{reasoning_app}/api/v1/chat/completions", headers={"api-key": created.key()}, json=chat)
+        assert answer.status_code == 200, answer.text
+        chat["max_tokens"] = 16  # sent by the attendee: Azure's own refusal, passed on
+        refused = client.post(f"{reasoning_app}/api/v1/chat/completions", headers={"api-key": created.key()}, json=chat)
+    assert refused.status_code == 400 and "max_completion_tokens" in refused.text
+
+
+def test_a_model_that_refuses_the_field_the_proxy_sets_is_a_problem() -> None:
+    """The doctor's reading of a probe result (stood in for: no simulator model refuses max_completion_tokens)."""
+    field = capping_field()
     health = {"status": "ok", "storage": "ok"}
-    probe = {"results": [{"model": "gpt-5.2", "ok": True, "operation": "chat", "status": 200, "latency_ms": 380,
-                          "error": None, "error_code": None, "refuses_max_tokens": True}]}  # fmt: skip
+    probe = {"results": [{"model": "old-model", "ok": True, "operation": "chat", "status": 200, "latency_ms": 380,
+                          "error": None, "error_code": None, f"refuses_{field}": True}]}  # fmt: skip
 
     def answer(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/api/health":
@@ -152,8 +189,7 @@ def test_a_model_that_refuses_max_tokens_is_a_problem() -> None:
         return httpx.Response(200, json=probe)
 
     with httpx.Client(transport=httpx.MockTransport(answer)) as client:
-        findings = diagnose(client, "https://app.example", ORGANIZER_KEY, models=["gpt-5.2"])
+        findings = diagnose(client, "https://app.example", ORGANIZER_KEY, models=["old-model"])
     lines = [finding.line() for finding in findings]
-    assert lines[-2].startswith("ok") and "gpt-5.2 answers (chat, 380 ms)" in lines[-2]
-    assert lines[-1].startswith("PROBLEM") and "gpt-5.2 refuses max_tokens" in lines[-1]
-    assert "send max_completion_tokens" in lines[-1]
+    assert lines[-2].startswith("ok") and "old-model answers (chat, 380 ms)" in lines[-2]
+    assert lines[-1].startswith("PROBLEM") and f"old-model refuses {field}, which the proxy sets" in lines[-1]

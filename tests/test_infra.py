@@ -22,6 +22,7 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Iterator
+from datetime import date, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -295,19 +296,47 @@ def test_every_resource_kind_is_sourced() -> None:
         assert (kind_of.lower(), kind) in known, f"{path}: kind {kind!r} for {kind_of} is not in the sources file"
 
 
-def test_model_defaults_can_be_deployed_today_in_the_example_region() -> None:
+NEW_CUSTOMER_MARGIN = timedelta(days=30)
+
+
+def test_model_defaults_stay_open_to_new_customers_in_the_example_region() -> None:
+    """A default whose version closes to new customers (a fresh subscription is one) within 30 days fails.
+
+    The dates are the sources file's, copied from Microsoft's tables; devtools/deploy.py still
+    asks the region at deploy time, and this test keeps the file's own defaults honest.
+    """
     models = {(m["name"], m["version"]): m for m in sources()["models"]}
+    today = date.today()
     for deployment in model_deployments():
         key = (deployment["model"], deployment["version"])
         assert key in models, f"{key} is not in the sources file: copy it from the retirement tables first"
         model = models[key]
-        assert model["deployable_after"] is not None, f"{key} takes no new deployments: {model['note']}"
         assert model["lifecycle"] == "Generally Available", key
+        closes = model["new_customers_until"]
+        assert closes is None or date.fromisoformat(closes) > today + NEW_CUSTOMER_MARGIN, (
+            f"infra/main.bicepparam: {key[0]} {key[1]} closes to new customers on {closes}, within "
+            f"{NEW_CUSTOMER_MARGIN.days} days of {today}: choose a newer default ({model['url']})"
+        )
         offered = model["regions"].get(deployment["skuName"], [])
         assert EXAMPLE_REGION in offered, f"{key} as {deployment['skuName']} is not offered in {EXAMPLE_REGION}"
         assert isinstance(deployment["capacity"], int) and deployment["capacity"] > 0
     names = [d["name"] for d in model_deployments()]
     assert len(names) == len(set(names)), names
+
+
+def test_the_old_default_fails_the_new_customer_rule() -> None:
+    """The rule above rejects gpt-5.2 2025-12-11 from 2026-11-12 on (it closes on 2026-12-12)."""
+    (old,) = [m for m in sources()["models"] if (m["name"], m["version"]) == ("gpt-5.2", "2025-12-11")]
+    assert date.fromisoformat(old["new_customers_until"]) <= date(2026, 12, 3) + NEW_CUSTOMER_MARGIN
+
+
+def test_deploy_reads_the_same_defaults() -> None:
+    """devtools/deploy.py reads modelDeployments from main.bicepparam with its own reader: both agree."""
+    from devtools.azmodels import parameter
+
+    text = (INFRA / "main.bicepparam").read_text()
+    assert parameter(text, "modelDeployments") == model_deployments()
+    assert parameter(text, "openAiExtraRegions") == bicepparam()["openAiExtraRegions"]
 
 
 def test_the_openai_module_takes_sku_and_version_per_deployment() -> None:
