@@ -24,7 +24,8 @@ A request fits its home shard when one more request stays within the shard's
 request limit, and its estimate (prompt bytes / 4 + max_tokens) plus the
 shard's recorded and in-flight tokens stays within its token limit. When it
 does not, the worker reads every shard of the event (one range query) and
-moves spare into its home in one transaction, then tries again; a request is
+moves spare into its home in one transaction (planned with its own
+settlements that its home does not hold yet), then tries again; a request is
 refused (429 ``event_budget_exhausted``) only when all the shards together
 lack the room. So ``event_requests`` is exact, and ``event_tokens`` is never
 passed as long as estimates are not below what upstream then reports (the

@@ -334,8 +334,15 @@ class Ledger:
             if refused and refusal is None and moves_left:
                 moves_left -= 1
                 shards = await self._shards(key[0])
+                home = budget.shard_index(key[1])
+                # Plan from storage plus what only this worker knows: its settlements not yet written
+                # there, whose estimates storage still books (a move writes them along).
+                planned = shards[home]
+                for entry in settling:
+                    planned = budget.settled(planned, *entry)
+                shards[home] = {**planned, "etag": shards[home]["etag"]}
                 want, least = (len(refused), sum(refused)), (1, min(refused))
-                plan = budget.moves(event, shards, budget.shard_index(key[1]), want, least)
+                plan = budget.moves(event, shards, home, want, least)
                 if plan is None:
                     refusal = budget.exhausted(event, shards, min(refused))
                 else:

@@ -14,7 +14,7 @@ import orjson
 
 from proxy import budget
 from proxy.events import EventStore
-from proxy.limits import Ledger
+from proxy.limits import Admission, Finished, Ledger, Settlement
 from proxy.reconcile import reconcile
 from proxy.storage import Tables
 from proxy.usage import report
@@ -222,3 +222,21 @@ async def test_reconciler_settles_from_the_log_a_request_whose_shard_was_not_set
     after = (await budget.read_shards(tables, created.event.id))[budget.shard_index(shard)]
     assert after["requests"] == 1 and after["tokens"] == 37 and budget.booked(after) == 37
     assert "logged-request" not in orjson.loads(after["inflight"])
+
+
+async def test_spare_moves_count_the_settlements_not_yet_written(tables: Tables, make_event: MakeEvent) -> None:
+    """A worker plans a move with its own settlements that its shard does not hold yet (written 50 ms later)."""
+    created = await make_event(event_tokens=8 * 100, daily_requests=None)  # 100 tokens per shard
+    ledger, now = Ledger(tables), datetime.now(UTC)
+    shard = await ledger.admit_budget(created.event, now, 100, "first")  # its home shard, full
+    admission = Admission("first", now.date().isoformat(), 0, 100, None, None, reserved=False, shard=shard)
+    log = {"PartitionKey": created.event.id, "RowKey": f"log|{admission.day}|first", "status": 200, "total_tokens": 10}
+    used = Settlement("gpt-4o-mini", 5, 5, 10, reached_upstream=True, succeeded=True)
+    await ledger.settle(created.event.id, [Finished("alice", admission, used, log)])
+    # Settled at 10 tokens; the shard's write of it is deferred (FLUSH_DELAY_SECONDS), and this admission
+    # takes the shard's lock before that write can: storage still books 100 there while it plans.
+    # 90 left at home and 700 on the others: a request that may use 750 fits, once spare moves home.
+    assert await ledger.admit_budget(created.event, now, 750, "second") == shard
+    shards = await budget.read_shards(tables, created.event.id)
+    assert sum(budget.booked(s) for s in shards.values()) == 10 + 750
+    assert sum(s["delta_tokens"] for s in shards.values()) == 0
