@@ -13,18 +13,21 @@ from __future__ import annotations
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import h11
 import httpx
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
 from devtools.package import is_ignored, parse_ignore
-from proxy.pages import CONTENT_SECURITY_POLICY
 from tests.conftest import MakeEvent
 from tests.support import ORGANIZER_KEY, ROOT, eventually
 
@@ -317,14 +320,84 @@ async def test_organizer_runs_an_event_from_the_page(app: str, browsing: Watched
     await expect(manage.locator("#events")).not_to_contain_text(name)
 
 
+def assert_strict_policy(header: str) -> None:
+    """A Content-Security-Policy, read as a browser reads it, allows this origin's files and nothing else."""
+    directives: dict[str, list[str]] = {}
+    for directive in header.split(";"):
+        name, *sources = directive.split()
+        directives.setdefault(name.lower(), [s.lower() for s in sources])  # a repeated directive is ignored
+    assert directives.get("default-src") == ["'none'"], header  # what is not named below is refused
+    for fetch in ("script-src", "style-src", "img-src", "connect-src"):
+        assert directives.get(fetch, ["'none'"]) in (["'self'"], ["'none'"]), (fetch, header)
+    for absent in ("script-src-elem", "script-src-attr", "style-src-elem", "style-src-attr", "worker-src"):
+        assert absent not in directives, (absent, header)  # each would widen what its parent allows
+    assert directives.get("frame-ancestors") == ["'none'"] and directives.get("base-uri") == ["'none'"], header
+    assert directives.get("form-action") == ["'none'"], header
+
+
+async def test_the_policy_blocks_injected_scripts_in_the_browser(app: str, browser: Browser) -> None:
+    """Markup that slipped into a page can run nothing: no inline script, no script or fetch from elsewhere."""
+    elsewhere = ThreadingHTTPServer(("127.0.0.2", 0), _Elsewhere)  # another origin that would serve a script
+    threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
+    other = f"http://127.0.0.2:{elsewhere.server_address[1]}"
+    context = await browser.new_context()
+    try:
+        for path in ("/api/portal", "/api/manage/portal"):
+            page = await context.new_page()
+            await page.goto(app + path)
+            await page.evaluate(
+                """(other) => {
+                    window.ran = [];
+                    window.refused = [];
+                    document.addEventListener("securitypolicyviolation", (e) => window.refused.push(e.blockedURI));
+                    const inline = document.createElement("script");
+                    inline.textContent = "window.ran.push('inline')";
+                    document.body.append(inline);
+                    const external = document.createElement("script");
+                    external.src = other + "/evil.js";
+                    document.body.append(external);
+                    const handler = document.createElement("img");
+                    handler.setAttribute("onerror", "window.ran.push('attribute')");
+                    handler.src = "/api/portal/no-such-image.svg";
+                    document.body.append(handler);
+                    fetch(other + "/data").then(() => window.ran.push("fetch"), () => {});
+                }""",
+                other,
+            )
+            # Each of the four either ran or was refused with a violation report.
+            await page.wait_for_function("window.refused.length + window.ran.length >= 4")
+            assert await page.evaluate("window.ran") == [], path
+            refused = await page.evaluate("window.refused")
+            assert {"inline", f"{other}/evil.js", f"{other}/data"} <= set(refused), refused
+            await page.close()
+    finally:
+        await context.close()
+        elsewhere.shutdown()
+        elsewhere.server_close()
+
+
+class _Elsewhere(BaseHTTPRequestHandler):
+    """Answers every GET with a script that records it ran (and lets any origin read it)."""
+
+    def do_GET(self) -> None:
+        body = b"window.ran.push('external');"
+        self.send_response(200)
+        self.send_header("content-type", "text/javascript")
+        self.send_header("access-control-allow-origin", "*")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
 def test_pages_and_assets_carry_strict_headers(app: str, http: httpx.Client) -> None:
     for path in ("/api/portal", "/api/manage/portal"):
         page = http.get(app + path)
         assert page.status_code == 200
         assert page.headers["content-type"] == "text/html; charset=utf-8"
-        assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
-        assert "script-src 'self'" in CONTENT_SECURITY_POLICY and "unsafe" not in CONTENT_SECURITY_POLICY
-        assert "frame-ancestors 'none'" in CONTENT_SECURITY_POLICY
+        assert_strict_policy(page.headers["content-security-policy"])
         assert page.headers["x-frame-options"] == "DENY"
         assert page.headers["referrer-policy"] == "no-referrer"
         assert page.headers["x-content-type-options"] == "nosniff"
@@ -343,7 +416,7 @@ def test_pages_and_assets_carry_strict_headers(app: str, http: httpx.Client) -> 
             fresh = http.get(app + asset)
             assert fresh.status_code == 200, asset
             assert fresh.headers["cache-control"] == "public, max-age=31536000, immutable"
-            assert fresh.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+            assert_strict_policy(fresh.headers["content-security-policy"])
             expected = {"css": "text/css", "js": "text/javascript", "svg": "image/svg+xml"}
             assert fresh.headers["content-type"].startswith(expected[asset.split("?")[0].rsplit(".", 1)[1]])
             unversioned = http.get(app + asset.split("?")[0])
@@ -352,7 +425,48 @@ def test_pages_and_assets_carry_strict_headers(app: str, http: httpx.Client) -> 
 
     missing = http.get(f"{app}/api/portal/nothing.js")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
-    assert http.get(f"{app}/api/portal/../function_app.py").status_code == 404
+
+
+def raw_get(app: str, target: str) -> tuple[int, bytes]:
+    """GET ``target`` byte for byte over a socket: httpx would resolve its dot segments before sending."""
+    url = httpx.URL(app)
+    connection = h11.Connection(h11.CLIENT)
+    request = h11.Request(method="GET", target=target.encode(), headers=[("host", url.netloc), ("connection", "close")])
+    with socket.create_connection((url.host, url.port), timeout=30) as sock:
+        sock.sendall(connection.send(request) + connection.send(h11.EndOfMessage()))
+        status, body = 0, b""
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                connection.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                return status, body
+
+
+def test_dot_segments_reach_no_file(app: str) -> None:
+    """``/api/portal/{*asset}`` takes slashes: ``..`` in any spelling must not climb out of the pages' folder."""
+    status, css = raw_get(app, "/api/portal/site.css")  # the client itself reaches a file
+    assert status == 200 and css == (ROOT / "proxy" / "static" / "site.css").read_bytes()
+    secrets_of = [(ROOT / name).read_bytes()[:120] for name in ("function_app.py", "proxy/settings.py", "host.json")]
+    for target in (
+        "/api/portal/../function_app.py",
+        "/api/portal/../../function_app.py",
+        "/api/portal/../../../host.json",
+        "/api/portal/../../proxy/settings.py",
+        "/api/portal/x/../../../function_app.py",
+        "/api/portal/..%2F..%2Ffunction_app.py",
+        "/api/portal/%2e%2e/%2e%2e/function_app.py",
+        "/api/portal/..%5C..%5Cfunction_app.py",
+        "/api/portal/%252e%252e/%252e%252e/function_app.py",
+        "/api/portal/site.css/../../../function_app.py",
+    ):
+        status, body = raw_get(app, target)
+        assert 400 <= status < 500, (target, status)
+        assert not any(secret in body for secret in secrets_of), target
 
 
 def test_page_assets_ship_in_the_package() -> None:
