@@ -14,6 +14,7 @@
     ├── NotFound                      404     not_found
     ├── ModelNotFound                 404     model_not_found
     ├── MethodNotAllowed              405     method_not_allowed (with ``Allow``)
+    ├── EditConflict                  409     edit_conflict (organizer writes that kept colliding)
     ├── RequestTooLarge               413     request_too_large
     ├── CapExceeded                   429     daily_request_cap_exceeded / daily_token_cap_exceeded /
     │                                         rate_limited / event_budget_exhausted (with ``Retry-After``)
@@ -114,6 +115,10 @@ class MethodNotAllowed(ProxyError):
             f"{path} does not take {method}; it takes {', '.join(allowed)}.",
             headers={"allow": ", ".join(allowed)},
         )
+
+
+class EditConflict(ProxyError):
+    status, code = 409, "edit_conflict"
 
 
 class RequestTooLarge(ProxyError):

@@ -8,6 +8,15 @@ Layout in the ``proxyevents`` table:
   event id. A credential is looked up by this key, never by a filter built from
   input; the hash found on the event is compared in constant time.
 
+Every change to a stored event is conditional on the ETag it was read with
+(``EventStore.modify``): a change that another write overtook (a block, a
+rotation, a PATCH, from this process or another) is applied again to the event
+as it now is, so no change answered with success is lost. After
+``MODIFY_ATTEMPTS`` collisions in a row it gives up with 409 ``edit_conflict``.
+A rotation claims the new code's index row first, points the event at it, and
+only then releases the old one, so the event never refuses its current code;
+an index row left behind by a crash opens nothing (the hashes are compared).
+
 Lookups by code are cached per worker for ``EVENT_CACHE_SECONDS`` (at most 60),
 so a change (disable, rotate, new window) takes effect on every instance
 within that time. Unknown codes are cached for a few seconds too, so that a
@@ -16,22 +25,26 @@ flood of bad keys does not become a flood of storage reads.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
+import random
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
-from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
-from proxy.errors import InvalidRequest, NotFound
+from proxy.errors import EditConflict, InvalidRequest, NotFound
 from proxy.storage import Tables, gathered, guarded
 
 EVENT_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
@@ -40,6 +53,7 @@ DEFAULT_MAX_TOKENS = 4096
 DEFAULT_DAILY_REQUESTS = 1000
 GENERATED_CODE_BYTES = 12  # 16 URL-safe characters
 NEGATIVE_CACHE_SECONDS = 5.0
+MODIFY_ATTEMPTS = 20
 
 _EVENT_PK = "event"
 _OPTIONAL_CAPS = ("daily_requests", "daily_tokens", "tpm", "event_requests", "event_tokens", "max_attendees",
@@ -83,6 +97,8 @@ class Event:
     description: str = ""
     organizer: str = ""
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # The stored entity's ETag when read or written ("" before): every write is conditional on it.
+    etag: str = field(default="", compare=False, repr=False)
 
     def local(self, moment: datetime) -> str:
         """A moment shown in the event's time zone, for messages."""
@@ -160,6 +176,7 @@ class Event:
             description=entity.get("description") or "",
             organizer=entity.get("organizer") or "",
             created_at=_utc(entity.get("created_at") or entity["starts_at"]),
+            etag=str(getattr(entity, "metadata", {}).get("etag", "")),
         )
 
 
@@ -234,29 +251,99 @@ class EventStore:
         return sorted(events, key=lambda e: (e.starts_at, e.id))
 
     async def create(self, event: Event) -> Event:
+        """Store a new event (its code must be free); the event with its ETag."""
         await self._claim_code(event.code_hash, event.id)
-        await self._tables.insert(self._tables.events, event.to_entity())
-        return event
+        stored = await self._tables.insert(self._tables.events, event.to_entity())
+        return replace(event, etag=str(stored["etag"]))
 
     async def save(self, event: Event) -> Event:
-        await guarded(self._tables.events.upsert_entity(event.to_entity(), mode=UpdateMode.REPLACE))
-        self._by_code.pop(event.code_hash, None)
-        return event
+        """Write an event read from storage, if nobody wrote it since (its ETag); the event with its new ETag.
 
-    async def rotate(self, event: Event, new_code: str) -> Event:
-        """Point a new code at the event; the old one stops working."""
-        rotated = replace(event, code_hash=hash_code(new_code))
-        await self._claim_code(rotated.code_hash, event.id)
-        await self.save(rotated)
-        await self._release_code(event.code_hash)
+        Raises ``ResourceModifiedError`` when another write came first (``modify`` retries), and
+        ``NotFound`` when the event was deleted meanwhile: a write never brings a deleted event back.
+        """
+        if not event.etag:
+            raise ValueError("an event is saved under the ETag it was read with: get it from the store first")
+        try:
+            stored = await guarded(
+                self._tables.events.update_entity(
+                    event.to_entity(), mode=UpdateMode.REPLACE, etag=event.etag,
+                    match_condition=MatchConditions.IfNotModified,
+                )
+            )  # fmt: skip
+        except ResourceNotFoundError:
+            raise NotFound(f"No event with id {event.id!r}: it was deleted meanwhile.") from None
         self._by_code.pop(event.code_hash, None)
+        return replace(event, etag=str(stored["etag"]))
+
+    async def modify(self, event_id: str, change: Callable[[Event], Event]) -> Event:
+        """Read the event, apply ``change`` and write the result under the ETag read, again and again while
+        other writes come first; the event as stored. ``change`` must be a pure function of the event it is
+        given: it may run several times. A change that changes nothing writes nothing."""
+        for attempt in range(MODIFY_ATTEMPTS):
+            event = await self.get(event_id)
+            changed = change(event)
+            if changed == event:
+                return event
+            try:
+                return await self.save(replace(changed, etag=event.etag))
+            except ResourceModifiedError:
+                await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))  # let the other writer finish
+        raise EditConflict(
+            f"The event {event_id!r} was changed by others at the same moment {MODIFY_ATTEMPTS} times in a row, "
+            "so this change was not made. Try again."
+        )
+
+    async def rotate(self, event_id: str, new_hash: str) -> Event:
+        """Point the event at a new code (by its hash); the old one stops working.
+
+        The new index row is claimed first and the old one released last, so the event opens with its
+        current code at every moment. A rotation that another write overtook is applied to the event as it
+        then is (``modify``), and releases the code it replaced, whichever that was.
+        """
+        await self._claim_code(new_hash, event_id)
+        replaced: set[str] = set()
+
+        def point(event: Event) -> Event:
+            if event.code_hash != new_hash:
+                replaced.add(event.code_hash)
+            return replace(event, code_hash=new_hash)
+
+        try:
+            rotated = await self.modify(event_id, point)
+        except (NotFound, EditConflict):
+            try:
+                written = (await self.get(event_id)).code_hash == new_hash  # by an attempt whose answer was lost
+            except NotFound:
+                written = False
+            if not written:
+                await self._release_code(new_hash)  # the claim points at nothing: free the code again
+            raise
+        for old_hash in replaced:
+            await self._release_code(old_hash)
+            self._by_code.pop(old_hash, None)
         return rotated
 
-    async def delete(self, event: Event) -> None:
-        await self._release_code(event.code_hash)
-        with contextlib.suppress(ResourceNotFoundError):
-            await guarded(self._tables.events.delete_entity(_EVENT_PK, event.id))
-        self._by_code.pop(event.code_hash, None)
+    async def delete(self, event_id: str) -> Event:
+        """Delete the event, then its code's index row; the event as it was. Conditional on its ETag, so the
+        code released is the one the deleted event had, whatever rotation came between."""
+        for attempt in range(MODIFY_ATTEMPTS):
+            event = await self.get(event_id)
+            try:
+                await guarded(
+                    self._tables.events.delete_entity(
+                        _EVENT_PK, event.id, etag=event.etag, match_condition=MatchConditions.IfNotModified
+                    )
+                )
+            except ResourceModifiedError:
+                await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))
+                continue
+            except ResourceNotFoundError:
+                raise NotFound(f"No event with id {event_id!r}.") from None
+            await self._release_code(event.code_hash)
+            self._by_code.pop(event.code_hash, None)
+            return event
+        raise EditConflict(f"The event {event_id!r} kept changing while it was being deleted; try again.")
 
     async def _claim_code(self, code_hash: str, event_id: str) -> None:
         try:

@@ -92,11 +92,11 @@ async def make_event(tables: Tables) -> MakeEvent:
         )
         event = replace(event, **fields)
         try:
-            await store.create(event)
+            event = await store.create(event)
         except StorageUnavailable:
             # A sync test blocked this loop for seconds, so aiohttp may hand out a pooled
             # connection Azurite has closed meanwhile ("Server disconnected"): once more.
-            await store.create(event)
+            event = await store.create(event)
         return NewEvent(event, code)
 
     return create

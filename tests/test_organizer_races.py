@@ -1,0 +1,131 @@
+"""Organizer writes that race: blocks, unblocks, PATCHes and rotations from two app processes and the CLI at once.
+
+The invariants: every write answered with success is in the stored event afterwards, and the event
+opens with its current code (the one the last successful rotation returned) and with no other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from proxy.events import EventStore
+from proxy.storage import Tables
+from tests.support import ORGANIZER_KEY, ROOT, Service
+
+AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
+
+
+def window() -> dict[str, str]:
+    now = datetime.now(UTC)
+    return {"start": (now - timedelta(hours=1)).isoformat(), "end": (now + timedelta(hours=2)).isoformat()}
+
+
+async def blocked_names(client: httpx.AsyncClient, app: str, event_id: str) -> set[str]:
+    answer = await client.get(f"{app}/api/manage/events/{event_id}/attendees", headers=AUTH)
+    assert answer.status_code == 200, answer.text
+    return {row["user"] for row in answer.json()["data"] if row["blocked"]}
+
+
+async def set_blocked(client: httpx.AsyncClient, app: str, event_id: str, user: str, blocked: bool) -> None:
+    url = f"{app}/api/manage/events/{event_id}/attendees/{user}"
+    answer = await client.patch(url, json={"blocked": blocked}, headers=AUTH)
+    assert answer.status_code == 200, answer.text
+
+
+async def cli_block(folder: Path, azurite: str, event_id: str, user: str) -> None:
+    """``python -m proxy.manage attendees block`` as a process of its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "STORAGE_", "ORGANIZER_"))}
+    env.update(PYTHONPATH=str(ROOT), STORAGE_CONNECTION_STRING=azurite)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy.manage", "attendees", "block", event_id, user, "--json",
+        cwd=folder, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+
+
+@pytest.fixture
+async def client() -> Any:
+    async with httpx.AsyncClient(timeout=60) as http:
+        yield http
+
+
+async def test_blocks_from_two_apps_and_the_cli_at_once_all_land(
+    app: str, app_process: tuple[Service, str], azurite: str, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    apps = (app, app_process[1])
+    created = (await client.post(f"{app}/api/manage/events", json={"name": "Blocks", **window()}, headers=AUTH)).json()
+    event_id = created["id"]
+    earlier = [f"earlier{i}" for i in range(6)]
+    for user in earlier:
+        await set_blocked(client, app, event_id, user, True)
+    unblocked = earlier[:3]
+    by_cli = [f"cli{i}" for i in range(3)]
+    by_http: list[str] = []
+    cli = asyncio.gather(*(cli_block(tmp_path, azurite, event_id, user) for user in by_cli))
+
+    async def writer(number: int) -> None:
+        """Block fresh names through one app or the other until every CLI process is done (they overlap)."""
+        round_ = 0
+        while not cli.done() or round_ < 3:
+            user = f"http{number}-{round_}"
+            await set_blocked(client, apps[(number + round_) % 2], event_id, user, True)
+            by_http.append(user)
+            round_ += 1
+
+    async def unblocker(user: str, number: int) -> None:
+        await set_blocked(client, apps[number % 2], event_id, user, False)
+
+    await asyncio.gather(cli, *(writer(n) for n in range(4)), *(unblocker(u, n) for n, u in enumerate(unblocked)))
+    expected = (set(earlier) - set(unblocked)) | set(by_cli) | set(by_http)
+    assert await blocked_names(client, app, event_id) == expected
+    assert len(by_http) >= 12
+
+
+async def test_rotations_racing_blocks_never_leave_the_event_without_its_code(
+    app: str, app_process: tuple[Service, str], tables: Tables, client: httpx.AsyncClient
+) -> None:
+    apps = (app, app_process[1])
+    created = (await client.post(f"{app}/api/manage/events", json={"name": "Rotate", **window()}, headers=AUTH)).json()
+    event_id, code = created["id"], created["code"]
+    store = EventStore(tables, 0)  # no cache: what storage says now
+    blocked: set[str] = set()
+
+    async def rotate(via: str) -> str:
+        answer = await client.post(f"{via}/api/manage/events/{event_id}/rotate-code", headers=AUTH)
+        assert answer.status_code == 200, answer.text
+        return str(answer.json()["code"])
+
+    async def block(via: str, user: str) -> None:
+        await set_blocked(client, via, event_id, user, True)
+        blocked.add(user)
+
+    async def patch(via: str, description: str) -> None:
+        answer = await client.patch(f"{via}/api/manage/events/{event_id}", json={"description": description},
+                                    headers=AUTH)  # fmt: skip
+        assert answer.status_code == 200, answer.text
+
+    for round_ in range(6):
+        blocks = [block(apps[i % 2], f"r{round_}-{i}") for i in range(4)]
+        first, second, *_ = await asyncio.gather(
+            rotate(apps[0]), rotate(apps[1]), *blocks, patch(apps[round_ % 2], f"round {round_}")
+        )
+        # Two rotations: both answered, one after the other; exactly one of their codes is the event's now.
+        opened = [await store.by_code(new) for new in (first, second)]
+        assert [event is not None and event.id == event_id for event in opened].count(True) == 1, round_
+        assert await store.by_code(code) is None
+        code = first if opened[0] is not None else second
+        event = await store.get(event_id)
+        assert set(event.blocked) == blocked and event.description == f"round {round_}"
+    answer = await client.get(f"{app}/api/v1/event", headers={"api-key": f"{code}/alice"})
+    assert answer.status_code == 200 and answer.json()["blocked"] is False
+    assert len(blocked) == 24
