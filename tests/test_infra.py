@@ -1,7 +1,9 @@
 """Checks on the Bicep under infra/, the deployment package rules and the packaging script.
 
 No Azure here and no Bicep compiler: the templates are parsed with pycep and scanned with
-checkov. Every identifier that comes from Azure (role ids, API versions, SKUs, model
+checkov; what a compiler would refuse (names, module parameters and outputs, resource types,
+API versions and property paths against Azure's published types) is checked by
+tests/test_bicep_check.py with devtools/bicep_check.py. Every identifier that comes from Azure (role ids, API versions, SKUs, model
 versions, what Flex Consumption forbids and allows) is compared with
 ``tests/data/azure_sources.json``, where each value carries the page it was copied from and
 the date; a template value missing there fails. What the templates set is also compared
