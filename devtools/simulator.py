@@ -10,7 +10,8 @@ Routes::
     POST /openai/deployments/{deployment}/embeddings?api-version=...
     POST /openai/v1/responses, GET|DELETE /openai/v1/responses/{id},
     GET /openai/v1/responses/{id}/input_items   (the Responses API, ``devtools.sim_responses``)
-    GET  /_sim/stats     inspection counters (not Azure)
+    GET  /_sim/stats     inspection counters (not Azure): requests, model calls by ``user``
+                         (``by_user``), streams whose client left before their end (``abandoned``)
     POST /_sim/reset     zero the counters
 
 Magic words in the last user message (chat and responses):
@@ -19,6 +20,9 @@ Magic words in the last user message (chat and responses):
 * ``SIM_SERVER_ERROR``    -> 500 InternalServerError
 * ``SIM_BREAK_STREAM``    -> streams abort the connection after 2 token chunks
 * ``SIM_SLOW_MS=<n>``     -> extra n ms latency before responding
+
+A stream whose client disconnects stops being generated, as Azure OpenAI's
+does: only the tokens sent until then count in the usage figures.
 
 Quotas, so that several instances can stand for backends in different regions
 (``AZURE_OPENAI_BACKENDS``): ``--rpm-limit`` and ``--tpm-limit`` answer 429 with
@@ -148,12 +152,19 @@ class _Stats:
     requests: int = 0
     throttled: int = 0
     by_deployment: dict[str, int] = field(default_factory=dict)
+    by_user: dict[str, int] = field(default_factory=dict)  # model calls by the body's ``user``
+    abandoned: int = 0  # streams whose client left before their end
     authorizations: set[str] = field(default_factory=set)
     last_body: Any = None
     last_headers: dict[str, str] = field(default_factory=dict)
     last_query: dict[str, str] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+    def model_call(self, body: dict[str, Any]) -> None:
+        user = body.get("user")
+        if isinstance(user, str):
+            self.by_user[user] = self.by_user.get(user, 0) + 1
 
     def add_usage(self, prompt: int, completion: int) -> None:
         self.prompt_tokens += prompt
@@ -164,6 +175,8 @@ class _Stats:
             "requests": self.requests,
             "throttled": self.throttled,
             "by_deployment": self.by_deployment,
+            "by_user": self.by_user,
+            "abandoned": self.abandoned,
             "authorizations": sorted(self.authorizations),
             "last_body": self.last_body,
             "last_headers": self.last_headers,
@@ -384,9 +397,10 @@ class Simulator:
         if dep_kind == REASONING and "max_tokens" in body:
             await self._send_json(send, 400, invalid_request_body(MSG_MAX_TOKENS_UNSUPPORTED, "max_tokens"))
             return
+        stats.model_call(body)
         try:
             if operation == "chat":
-                await self._chat(body, send)
+                await self._chat(body, send, receive)
             else:
                 await self._embeddings(body, send)
         except BadRequest as exc:
@@ -412,7 +426,7 @@ class Simulator:
             return
         try:
             if not rest and method == "POST":
-                await self._create_response(raw, send)
+                await self._create_response(raw, send, receive)
                 return
             stored = self.responses.get(rest[0]) if rest else None
             if len(rest) == 1 and method in ("GET", "DELETE"):
@@ -433,7 +447,7 @@ class Simulator:
         except BadRequest as exc:
             await self._send_json(send, 400, invalid_request_body(exc.message, exc.param))
 
-    async def _create_response(self, raw: bytes, send: Send) -> None:
+    async def _create_response(self, raw: bytes, send: Send, receive: Receive) -> None:
         try:
             body: Any = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
@@ -446,6 +460,7 @@ class Simulator:
         if not isinstance(deployment, str) or not deployment:
             raise BadRequest("Missing required parameter: 'model'.", "model")
         self.stats.by_deployment[deployment] = self.stats.by_deployment.get(deployment, 0) + 1
+        self.stats.model_call(body)
         wait = self._rate_limited()
         if wait is not None:
             seconds = math.ceil(wait)
@@ -476,7 +491,8 @@ class Simulator:
             await self._send_json(send, 500, error_body("InternalServerError", MSG_SERVER_ERROR))
             return
         if body.get("stream"):
-            await self._stream_response(send, exchange, extra_ms, "SIM_BREAK_STREAM" in exchange.last_text)
+            with _Hangup(receive) as hangup:
+                await self._stream_response(send, exchange, extra_ms, "SIM_BREAK_STREAM" in exchange.last_text, hangup)
             return
         await self._delay(extra_ms)
         self._window_tokens += exchange.input_tokens + len(exchange.words)
@@ -485,7 +501,12 @@ class Simulator:
         await self._send_json(send, 200, exchange.response)
 
     async def _stream_response(
-        self, send: Send, exchange: sim_responses.Exchange, extra_ms: float, break_stream: bool
+        self,
+        send: Send,
+        exchange: sim_responses.Exchange,
+        extra_ms: float,
+        break_stream: bool,
+        hangup: _Hangup,
     ) -> None:
         cfg = self.config
         await self._delay(extra_ms)
@@ -507,6 +528,10 @@ class Simulator:
                 if break_stream and deltas == 2:
                     self.stats.add_usage(exchange.input_tokens, deltas)
                     raise _StreamBreak("SIM_BREAK_STREAM: aborting the connection mid-stream")
+                if hangup.gone:  # the client left: generation stops, what was sent is billed
+                    self.stats.abandoned += 1
+                    self.stats.add_usage(exchange.input_tokens, deltas)
+                    return
                 deltas += 1
             if sequence == len(events) - 1:  # stored and counted before its last event leaves
                 self._window_tokens += exchange.input_tokens + len(exchange.words)
@@ -544,7 +569,7 @@ class Simulator:
         self.stats.add_usage(prompt_tokens, 0)
         await self._send_json(send, 200, embeddings_response(data, prompt_tokens))
 
-    async def _chat(self, body: dict[str, Any], send: Send) -> None:
+    async def _chat(self, body: dict[str, Any], send: Send, receive: Receive) -> None:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest(
@@ -584,18 +609,20 @@ class Simulator:
         if body.get("stream"):
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-            await self._stream(
-                send,
-                completion_id=completion_id,
-                created=created,
-                words=words,
-                n=n,
-                finish=finish,
-                prompt_tokens=prompt_tokens,
-                include_usage=include_usage,
-                extra_ms=extra_ms,
-                break_stream="SIM_BREAK_STREAM" in last_user,
-            )
+            with _Hangup(receive) as hangup:
+                await self._stream(
+                    send,
+                    completion_id=completion_id,
+                    created=created,
+                    words=words,
+                    n=n,
+                    finish=finish,
+                    prompt_tokens=prompt_tokens,
+                    include_usage=include_usage,
+                    extra_ms=extra_ms,
+                    break_stream="SIM_BREAK_STREAM" in last_user,
+                    hangup=hangup,
+                )
             return
 
         content = " ".join(words)
@@ -630,6 +657,7 @@ class Simulator:
         include_usage: bool,
         extra_ms: float,
         break_stream: bool,
+        hangup: _Hangup,
     ) -> None:
         cfg = self.config
         await self._delay(extra_ms)
@@ -662,6 +690,10 @@ class Simulator:
         for pos, word in enumerate(words):
             if gap and pos:
                 await asyncio.sleep(gap)
+            if hangup.gone:  # the client left: generation stops, what was sent is billed
+                self.stats.abandoned += 1
+                self.stats.add_usage(prompt_tokens, sent_tokens)
+                return
             text = word if pos == 0 else " " + word
             for i in range(n):
                 await emit(stream_chunk(base, {"content": text}, i))
@@ -680,6 +712,29 @@ class Simulator:
         self._window_tokens += prompt_tokens + completion_tokens
         self.stats.add_usage(prompt_tokens, completion_tokens)
         await send({"type": "http.response.body", "body": SSE_DONE, "more_body": False})
+
+
+class _Hangup:
+    """Whether the client of a stream has disconnected, watched while the stream is generated."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.gone = False
+        self._watch: asyncio.Task[None] | None = None
+
+    def __enter__(self) -> _Hangup:
+        self._watch = asyncio.ensure_future(self._wait())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+
+    async def _wait(self) -> None:
+        # The body is read: the next message is the disconnect (or the end of the response).
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
 
 
 def create_app(config: SimulatorConfig | None = None) -> Simulator:

@@ -14,6 +14,7 @@ lookup (0 storage operations when cached, 2 point reads per code per
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import re
@@ -29,13 +30,14 @@ import orjson
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import ResourceNotFoundError
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from proxy import payload as bodies
 from proxy.access import Access, AccessLog, access_log, configure_access_log
 from proxy.attendees import Roster
 from proxy.budget import has_budget
 from proxy.credentials import read_credential
+from proxy.ending import Answer, AnswerStream
 from proxy.errors import (
     EventDisabled,
     EventEnded,
@@ -52,7 +54,7 @@ from proxy.errors import (
 )
 from proxy.events import Event, EventStore, hash_code
 from proxy.guessing import FailedLookups, client_address
-from proxy.limits import Admission, Ledger, booked_tokens, day_of
+from proxy.limits import CLIENT_GONE, Admission, Ledger, booked_tokens, day_of
 from proxy.responses import Owner, ResponsesApi
 from proxy.sessions import SessionLimits, Sessions
 from proxy.settings import Settings
@@ -153,7 +155,7 @@ class Proxy:
         # What the access log names the backend when upstream does not say (one endpoint).
         self.backend_name = httpx.URL(settings.openai_endpoint).netloc.decode() if settings.openai_endpoint else ""
         self.upstream = upstream
-        self.responses = ResponsesApi(tables, upstream, self.recorder)
+        self.responses = ResponsesApi(tables, upstream)
         limits = SessionLimits(settings.session_max_turns, settings.session_max_chars, settings.session_ttl_seconds)
         self.sessions = Sessions(tables, limits, clock)
         self._credential = credential
@@ -357,11 +359,10 @@ class Proxy:
             prepared = await self.responses.prepare(payload, owner, event.max_tokens, user_id)
         else:
             prepared = bodies.prepare_embeddings(payload, user_id)
-        # What the request may cost: its body's bytes / 4 for the prompt, and max_tokens for each of n choices.
+        # What the request may cost: ceil(bytes / 4) of its body for the prompt, and max_tokens for each of n choices.
+        prompt_estimate = -(-len(prepared.body) // 4)
         choices = payload.get("n")
-        estimate = len(prepared.body) // 4 + prepared.max_tokens * (
-            choices if type(choices) is int and choices > 0 else 1
-        )
+        estimate = prompt_estimate + prepared.max_tokens * (choices if type(choices) is int and choices > 0 else 1)
         request_id: str = request.state.request_id
         access.stream = prepared.stream
         self.recorder.check_storage()
@@ -378,6 +379,7 @@ class Proxy:
             request_id=request_id,
             started_at=now,
             perf_start=time.perf_counter(),
+            prompt_estimate=prompt_estimate,
         )
         access.record = record
         operation = "chat/completions" if kind == "chat" else "embeddings"
@@ -391,41 +393,49 @@ class Proxy:
                     response = await self.upstream.send(
                         model, operation, prepared.body, record.request_id, stream=prepared.stream
                     )
-        except ProxyError as error:
+        except ProxyError as error:  # upstream failed, or refused: nothing reached it that it bills
             record.status = error.status
             self.recorder.submit(record)
             raise
-        except BaseException:  # the client went away (cancelled), or a bug: give the slot back
-            record.status = 499
+        except asyncio.CancelledError:  # the request was on its way to upstream when the client left: charged
+            record.reached_upstream = True
+            Answer(record, self.recorder, None).abandon(CLIENT_GONE)
+            raise
+        except Exception:  # a bug before upstream answered: nothing it bills, the slot is given back
+            record.status = 500
             self.recorder.submit(record)
             raise
         access.backend = str(response.extensions.get("proxy_backend") or self.backend_name)
         access.upstream_attempts = int(response.extensions.get("proxy_attempts", 1))
         record.reached_upstream = True
-        record.status = response.status_code
+        record.status = record.upstream_status = response.status_code
         record.backend = str(response.extensions.get("proxy_backend", ""))
+        answer = Answer(record, self.recorder, response)
         headers = _headers(admission, record.request_id, response)
         if prepared.stream and response.status_code == 200:
             if kind == "responses":
-                stream = self.responses.relay(response, record, owner)
+                stream = self.responses.relay(answer, response, owner)
             else:
-                stream = relay(response, record, prepared.wants_usage, self.recorder, session)
-            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+                stream = relay(answer, response, prepared.wants_usage, session)
+            return AnswerStream(answer, stream, headers)
         try:
             body = await _read_upstream(response, record)
-        except BaseException:
-            self.recorder.submit(record)
+        except ProxyError as error:
+            answer.abandon(error.status)
+            raise
+        except BaseException:  # the client left (cancelled), or a bug: charged all the same
+            answer.abandon(CLIENT_GONE)
             raise
         if response.status_code >= 500:
-            self.recorder.submit(record)
+            answer.abandon(response.status_code)
             raise UpstreamError(f"Azure OpenAI failed with status {response.status_code}{_attempts(response)}.")
-        # The answer goes out only once its usage is stored (proxy.usage).
+        # The answer goes out only once its usage is stored (proxy.ending).
         if kind == "responses":
-            await self.responses.deliver(body, response.status_code, record, owner)
+            await answer.complete(lambda: self.responses.keep(body, record, owner))
         elif session is not None:
-            await session.commit(record, self.recorder, body)
+            await answer.complete(functools.partial(session.keep, record.status, body))
         else:
-            await self.recorder.commit(record)
+            await answer.complete()
         return Response(body, status_code=response.status_code, headers=headers, media_type=_JSON)
 
 
@@ -433,14 +443,11 @@ async def _read_upstream(response: httpx.Response, record: UsageRecord) -> bytes
     try:
         body = await response.aread()
     except httpx.TimeoutException as exc:
-        record.status = 504
         raise UpstreamTimeout("Azure OpenAI did not finish its answer within the proxy's time limit.") from exc
     except httpx.HTTPError as exc:
-        record.status = 502
         raise UpstreamError("The answer from Azure OpenAI broke off; try again.") from exc
     finally:
         await response.aclose()
-        record.latency_ms = (time.perf_counter() - record.perf_start) * 1000
     if response.status_code == 200:
         try:
             answer = orjson.loads(body)

@@ -8,8 +8,9 @@ One entity per (event, attendee, UTC day) in the ``proxyusage`` table,
   insert for the first request of the day) that raises ``reserved`` by one
   while it is below the cap. Two instances can never both win the same ETag,
   so with a cap of N exactly N writes succeed, however many instances race.
-  A request that fails (upstream error, timeout, broken stream, client gone)
-  gives its slot back when its usage is settled.
+  A request that fails (upstream error, timeout, broken stream) gives its
+  slot back when its usage is settled; one whose client left after upstream
+  had it keeps it (``proxy.ending``).
 - ``requests``, ``failed``, ``prompt_tokens``, ``completion_tokens``,
   ``total_tokens``, ``models`` and ``backends`` (JSON, the same figures per
   model and per upstream backend): the day's recorded usage, which is also
@@ -99,6 +100,13 @@ FLUSH_DELAY_SECONDS = 0.05
 Unsettled = tuple[str, int, bool, bool]
 MAX_MOVES = 8  # spare moved into the home shard, per group write, before refusing
 _COUNTERS = ("reserved", "requests", "failed", "prompt_tokens", "completion_tokens", "total_tokens")
+CLIENT_GONE = 499  # the client left after upstream had the request (nginx's "client closed request")
+
+
+def keeps_slot(status: int) -> bool:
+    """Whether a request that reached upstream keeps its slot: an answer delivered, or one its client left
+    (``proxy.ending``); upstream's own failures and answers storage refused give it back."""
+    return 200 <= status < 300 or status == CLIENT_GONE
 
 
 def day_of(moment: datetime) -> str:
@@ -641,7 +649,7 @@ class Ledger:
             except ResourceNotFoundError:
                 lost.append(request_id)
                 continue
-            succeeded = 200 <= int(logged.get("status", 0)) < 300
+            succeeded = keeps_slot(int(logged.get("status", 0)))
             shard = budget.settled(shard, request_id, int(logged.get("total_tokens", 0)), True, succeeded)
         return budget.released(shard, lost, forgotten)
 

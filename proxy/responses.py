@@ -57,7 +57,6 @@ import contextlib
 import hmac
 import logging
 import re
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -68,6 +67,7 @@ import orjson
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from starlette.responses import Response
 
+from proxy.ending import Answer
 from proxy.errors import (
     InvalidRequest,
     MaxTokensExceedsCap,
@@ -78,10 +78,11 @@ from proxy.errors import (
     UpstreamTimeout,
     internal_error,
 )
+from proxy.limits import CLIENT_GONE
 from proxy.payload import Prepared, set_identity
 from proxy.storage import Tables, guarded
 from proxy.upstream import Upstream
-from proxy.usage import UsageRecord, UsageRecorder
+from proxy.usage import UsageRecord
 
 log = logging.getLogger("proxy.responses")
 
@@ -144,10 +145,9 @@ class Ownership:
 class ResponsesApi:
     """Bodies, ownership and relaying for the Responses API routes."""
 
-    def __init__(self, tables: Tables, upstream: Upstream, recorder: UsageRecorder) -> None:
+    def __init__(self, tables: Tables, upstream: Upstream) -> None:
         self.ownership = Ownership(tables)
         self._upstream = upstream
-        self._recorder = recorder
 
     async def prepare(self, payload: dict[str, Any], owner: Owner, cap: int, user_id: str) -> Prepared:
         """The body for upstream: 400 for a refused field, 404 for a ``previous_response_id`` not the caller's."""
@@ -207,20 +207,14 @@ class ResponsesApi:
         set_identity(payload, user_id)
         return Prepared(orjson.dumps(payload), bool(stream), False, asked)
 
-    async def deliver(self, body: bytes, status: int, record: UsageRecord, owner: Owner) -> None:
-        """Before a non-streamed answer is released: read its usage, store its owner, commit its record."""
-        answer = _json(body) if status == 200 else None
+    async def keep(self, body: bytes, record: UsageRecord, owner: Owner) -> None:
+        """Before a non-streamed answer is released (``Answer.complete``): read its usage, store its owner."""
+        answer = _json(body) if record.status == 200 else None
         if answer is not None:
             take_usage(record, answer.get("usage"))
             response_id = answer.get("id")
             if isinstance(response_id, str) and answer.get("store", True) is not False:
-                try:
-                    await self.ownership.claim(owner, response_id, record.model)
-                except StorageUnavailable:
-                    record.status = 503  # the answer is withheld: a failed request
-                    self._recorder.submit(record)
-                    raise
-        await self._recorder.commit(record)
+                await self.ownership.claim(owner, response_id, record.model)
 
     async def stored(
         self, method: str, owner: Owner, response_id: str, suffix: str, query: list[tuple[str, str]], request_id: str
@@ -248,14 +242,16 @@ class ResponsesApi:
             body, status_code=response.status_code, media_type=media_type, headers={"x-request-id": request_id}
         )
 
-    async def relay(self, response: httpx.Response, record: UsageRecord, owner: Owner) -> AsyncIterator[bytes]:
+    async def relay(self, answer: Answer, response: httpx.Response, owner: Owner) -> AsyncIterator[bytes]:
         """Yield a Responses stream event by event; the terminal event waits for the usage record.
 
         The ``response.created`` event waits for the ownership row, so that
-        the id a client sees can be retrieved at once.
+        the id a client sees can be retrieved at once. However the stream
+        stops, the answer ends through ``proxy.ending``.
         """
+        record = answer.record
         ending = b""  # the terminal event and whatever follows it, sent once the record is stored
-        broken = client_gone = False
+        broken = False
         failure: ProxyError | None = None
         sequence = -1
         try:
@@ -272,6 +268,8 @@ class ResponsesApi:
                     sequence += 1
                     kind = _event_type(event)
                     if kind != "response.created" and kind not in TERMINAL_EVENTS:
+                        if kind.endswith(".delta"):
+                            answer.relayed += 1  # about one token each, for the estimate
                         out.append(block)
                         continue
                     payload = _data(event)
@@ -297,7 +295,7 @@ class ResponsesApi:
             log.warning("upstream stream broke off (request %s)", record.request_id)
             broken = True
         except (GeneratorExit, asyncio.CancelledError):
-            client_gone = True
+            answer.abandon(CLIENT_GONE)
             raise
         except ProxyError as error:  # storage refused the ownership row
             failure = error
@@ -305,14 +303,10 @@ class ResponsesApi:
             log.exception("internal error while relaying a Responses stream (request %s)", record.request_id)
             failure = internal_error(record.request_id)
         finally:
-            await response.aclose()
-            record.latency_ms = (time.perf_counter() - record.perf_start) * 1000
-            if not ending or failure is not None:
-                record.status = 499 if client_gone else failure.status if failure is not None else 502
-                self._recorder.submit(record)
+            await answer.close()
         if failure is None and ending:
             try:
-                await self._recorder.commit(record)
+                await answer.complete()
             except StorageUnavailable as refused:
                 failure = refused
             else:
@@ -321,6 +315,7 @@ class ResponsesApi:
         if failure is None:
             reason = "broke off" if broken else "ended before its last event"
             failure = UpstreamError(f"The answer from Azure OpenAI {reason}; it is incomplete. Retry the request.")
+        answer.abandon(failure.status)  # a no-op when storage refused the completed answer
         yield error_event(failure, sequence + 1)
 
 

@@ -31,9 +31,13 @@ The turn is stored before the answer ends (before the body is released, or a
 stream's ``data: [DONE]``), so the next request sees it; two turns finishing
 at once on one session are both kept (conditional writes on the ETag, merged on
 conflict). If storage refuses, the answer is withheld like one whose usage
-cannot be recorded (``storage_unavailable``). ``DELETE /api/v1/sessions/{id}``
-forgets one, and a timer (``purge_expired``, hourly) deletes those past their
-time to live, so a forgotten conversation is gone from storage too.
+cannot be recorded (``storage_unavailable``). Saving the turn and
+committing the usage record are one step that a client leaving cannot cut
+short (``proxy.ending``): a turn whose answer upstream completed is kept, and
+its request recorded, even if the client is gone before the end.
+``DELETE /api/v1/sessions/{id}`` forgets one, and a timer (``purge_expired``,
+hourly) deletes those past their time to live, so a forgotten conversation is
+gone from storage too.
 """
 
 from __future__ import annotations
@@ -54,7 +58,6 @@ from proxy.errors import InvalidRequest, StorageUnavailable
 from proxy.events import Event
 from proxy.payload import chat_messages
 from proxy.storage import Tables, gathered, guarded
-from proxy.usage import UsageRecord, UsageRecorder
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 ROW_PREFIX = "session|"
@@ -248,17 +251,11 @@ class Turn:
             kept["tool_calls"] = [self._tool_calls[i] for i in sorted(self._tool_calls)]
         return kept
 
-    async def commit(self, record: UsageRecord, recorder: UsageRecorder, body: bytes | None = None) -> None:
-        """Keep the turn (a successful answer only), then commit the usage record: before the answer ends."""
-        answer = self.answer(body) if 200 <= record.status < 300 else None
+    async def keep(self, status: int, body: bytes | None = None) -> None:
+        """Store the turn of a successful answer; ``proxy.ending`` runs this before the answer ends."""
+        answer = self.answer(body) if 200 <= status < 300 else None
         if answer is not None:
-            try:
-                await self.sessions.save(self, answer)
-            except StorageUnavailable:
-                record.status = 503  # the answer is withheld: a failed request
-                recorder.submit(record)
-                raise
-        await recorder.commit(record)
+            await self.sessions.save(self, answer)
 
 
 async def purge_expired(tables: Tables, now: datetime) -> int:

@@ -8,27 +8,29 @@ dropped when the client did not ask for it. A stream that breaks off before
 SDKs raise instead of returning a truncated answer.
 
 The last event, ``data: [DONE]``, is held back until the request's usage is
-stored (``UsageRecorder.commit``): a client that saw ``[DONE]`` has its answer
+stored (``Answer.complete``): a client that saw ``[DONE]`` has its answer
 recorded, whatever happens to the worker next. If storage refuses the record,
 the stream ends with a ``storage_unavailable`` error event instead. A bug
 while relaying ends it with an ``internal_error`` event naming the request id.
 A chat session's turn (``proxy.sessions``) is read from the events as they
-pass and stored before ``[DONE]`` too.
+pass and stored before ``[DONE]`` too. A client that leaves is charged
+(``proxy.ending``): upstream's usage if it came, else the estimate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 
 import httpx
 import orjson
 
+from proxy.ending import Answer
 from proxy.errors import ProxyError, StorageUnavailable, UpstreamError, internal_error
+from proxy.limits import CLIENT_GONE
 from proxy.sessions import Turn
-from proxy.usage import UsageRecord, UsageRecorder
+from proxy.usage import UsageRecord
 
 log = logging.getLogger("proxy.streaming")
 
@@ -38,17 +40,13 @@ _NULL_USAGE = (b'"usage":null', b'"usage": null')
 
 
 async def relay(
-    response: httpx.Response,
-    record: UsageRecord,
-    wants_usage: bool,
-    recorder: UsageRecorder,
-    session: Turn | None = None,
+    answer: Answer, response: httpx.Response, wants_usage: bool, session: Turn | None = None
 ) -> AsyncIterator[bytes]:
-    """Yield the client's stream; always closes upstream and stores the record (and the session's turn)."""
+    """Yield the client's stream; the answer ends through ``proxy.ending`` however the stream stops."""
+    record = answer.record
     pending = b""
     ending = b""  # the [DONE] event, sent once the record is stored
     broken = False
-    client_gone = False
     failure: ProxyError | None = None
     chunks = 0
     try:
@@ -63,6 +61,8 @@ async def relay(
             if _USAGE in complete:
                 complete = _take_usage(complete, record, wants_usage)
             chunks += complete.count(b"\n\n")
+            # The events relayed, less the first (prompt filter) and role chunks: the completion so far.
+            answer.relayed = max(0, chunks - 2)
             done_at = complete.find(_DONE)
             if done_at >= 0:
                 complete, ending = complete[:done_at], complete[done_at:]
@@ -74,25 +74,16 @@ async def relay(
         log.warning("upstream stream broke off (request %s)", record.request_id)
         broken = True
     except (GeneratorExit, asyncio.CancelledError):
-        client_gone = True  # the client disconnected: nothing more to send
+        answer.abandon(CLIENT_GONE)  # the client disconnected: nothing more to send
         raise
     except Exception:
         log.exception("internal error while relaying a stream (request %s)", record.request_id)
         failure = internal_error(record.request_id)
     finally:
-        await response.aclose()
-        record.latency_ms = (time.perf_counter() - record.perf_start) * 1000
-        if not ending or failure is not None:
-            record.status = 499 if client_gone else 500 if failure is not None else 502
-            if record.total_tokens == 0:
-                # No usage chunk arrived: count the events relayed, less the
-                # first (prompt filter) and role chunks, as completion tokens.
-                record.completion_tokens = max(0, chunks - 2)
-                record.total_tokens = record.prompt_tokens + record.completion_tokens
-            recorder.submit(record)
+        await answer.close()
     if failure is None and ending:
         try:
-            await (recorder.commit(record) if session is None else session.commit(record, recorder))
+            await answer.complete(None if session is None else lambda: session.keep(record.status))
         except StorageUnavailable as refused:
             failure = refused
         else:
@@ -102,6 +93,7 @@ async def relay(
         reason = "broke off" if broken else "ended without [DONE]"
         message = f"The answer from Azure OpenAI {reason}; it is incomplete. Retry the request."
         failure = UpstreamError(message)
+    answer.abandon(failure.status)  # a no-op when storage refused the completed answer
     yield b"data: " + failure.body() + b"\n\n"
 
 

@@ -41,7 +41,7 @@ import orjson
 from azure.core.exceptions import ResourceNotFoundError
 
 from proxy.errors import StorageUnavailable
-from proxy.limits import Admission, Finished, Ledger, Settlement
+from proxy.limits import Admission, Finished, Ledger, Settlement, keeps_slot
 from proxy.storage import Tables, gathered
 from proxy.telemetry import Telemetry
 
@@ -62,6 +62,7 @@ LOG_FIELDS = (
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
+    "estimated",
     "backend",
 )
 MAX_BACKOFF_SECONDS = 2.0
@@ -91,6 +92,10 @@ class UsageRecord:
     total_tokens: int = 0
     reached_upstream: bool = False
     backend: str = ""  # the upstream backend that answered (proxy.backends)
+    upstream_status: int = 0  # what upstream answered (0: the client left before it did)
+    prompt_estimate: int = 0  # ceil(bytes / 4) of the body sent upstream, and what chained context it carries
+    measured: bool = False  # the tokens are upstream's (its ``usage``), not the estimate
+    estimated: bool = False
     stored: bool = field(default=False, repr=False)
 
     def log_entity(self) -> dict[str, Any]:
@@ -109,6 +114,7 @@ class UsageRecord:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
+            "estimated": self.estimated,
             "backend": self.backend,
         }
 
@@ -125,7 +131,18 @@ class UsageRecord:
         total = usage.get("total_tokens")
         self.prompt_tokens, self.completion_tokens = prompt, completion
         self.total_tokens = total if isinstance(total, int) else prompt + completion
+        self.measured = True
         return True
+
+    def estimate(self, relayed: int) -> None:
+        """Charge the estimate when upstream's ``usage`` never came: the prompt estimate, and ``relayed``
+        completion tokens (the content events relayed so far). Nothing for what never reached upstream,
+        nor for an answer upstream refused (an error status: it bills nothing)."""
+        if self.measured or not self.reached_upstream or self.upstream_status >= 300:
+            return
+        self.prompt_tokens, self.completion_tokens = self.prompt_estimate, relayed
+        self.total_tokens = self.prompt_tokens + relayed
+        self.estimated = True
 
     def finished(self) -> Finished:
         log_entity = self.log_entity() if self.reached_upstream else None
@@ -138,7 +155,7 @@ class UsageRecord:
             completion_tokens=self.completion_tokens,
             total_tokens=self.total_tokens,
             reached_upstream=self.reached_upstream,
-            succeeded=self.reached_upstream and 200 <= self.status < 300,
+            succeeded=self.reached_upstream and keeps_slot(self.status),
             backend=self.backend,
         )
 

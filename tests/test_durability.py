@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -211,7 +212,10 @@ async def test_fresh_storage_without_usage_tables_works(simulator: str) -> None:
         azurite.stop()
 
 
-async def test_client_leaving_a_stream_gives_its_slot_back(azurite: str, make_event: MakeEvent, tables: Tables) -> None:
+async def test_client_leaving_a_stream_is_charged_and_upstream_stops(
+    azurite: str, make_event: MakeEvent, tables: Tables
+) -> None:
+    """A request that reached upstream keeps its slot; without upstream's usage, it is charged the estimate."""
     simulator, slow_upstream = start_simulator("--tokens-per-second", "20", "--completion-tokens", "40")
     app, url = start_app(app_env(azurite, slow_upstream))
     try:
@@ -223,16 +227,19 @@ async def test_client_leaving_a_stream_gives_its_slot_back(azurite: str, make_ev
             ) as r:
                 assert r.status_code == 200
                 next(r.iter_lines())  # the first event, then hang up while the answer is still coming
-            info = await eventually(
-                lambda: asyncio.to_thread(
-                    lambda: http.get(f"{url}/api/v1/event", headers={"api-key": created.key()}).json()
-                ),
-                lambda data: data["remaining_today"]["requests"] == 1,
-                what="the slot given back",
-            )
-        assert info["usage_today"]["requests"] == 1
-        log = await eventually(lambda: request_log(tables, created.event.id), lambda entries: len(entries) == 1)
-        assert log[0]["status"] == 499 and log[0]["stream"] is True
+            # Upstream's stream is closed at once: the simulator stops generating, as Azure does.
+            await eventually(lambda: asyncio.to_thread(sim_stats, slow_upstream), lambda s: s["abandoned"] == 1)
+            info = http.get(f"{url}/api/v1/event", headers={"api-key": created.key()}).json()
+            log = await eventually(lambda: request_log(tables, created.event.id), lambda entries: len(entries) == 1)
+            again = http.post(f"{url}/api/v1/chat/completions", json=CHAT, headers={"api-key": created.key()})
+        assert again.status_code == 429 and again.json()["error"]["code"] == "daily_request_cap_exceeded"
+        assert info["remaining_today"]["requests"] == 0
+        entry = log[0]
+        assert (entry["status"], entry["stream"], entry["estimated"]) == (499, True, True)
+        # The prompt counted from the body sent upstream (bytes / 4, rounded up), plus what was relayed.
+        sent = sim_stats(slow_upstream)["last_body"]
+        assert entry["prompt_tokens"] >= len(json.dumps(sent, separators=(",", ":"))) // 4 > 0
+        assert entry["total_tokens"] == entry["prompt_tokens"] + entry["completion_tokens"]
     finally:
         app.stop()
         simulator.stop()

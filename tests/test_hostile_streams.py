@@ -1,0 +1,230 @@
+"""Clients that hang up at any byte: a request that reached Azure OpenAI is charged, and no record is lost.
+
+Raw-socket clients send chat streams, chat streams with ``session_id``,
+Responses streams, embeddings and answers that are not streamed, and close
+the connection after a random number of bytes of the answer (none at all,
+some, or all but the end). After each run, at the simulator (which counts the
+model calls by the ``user`` the proxy sends, one pseudonym per attendee, and
+stops a stream whose client left, as Azure does) and in storage:
+
+- model calls per attendee and day never exceed the daily request cap, nor an
+  event's calls its request budget;
+- every model call is in the request log, with tokens (upstream's, or the
+  estimate, marked ``estimated``);
+- the usage report (the attendees' days) equals the log;
+- no slot stays reserved: each day's ``reserved`` is its requests that kept
+  their slot, and nothing is left in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from proxy.payload import pseudonym
+from proxy.sessions import SessionLimits, Sessions
+from proxy.storage import Tables
+from proxy.usage import report, request_log
+from tests.conftest import LENIENT, MakeEvent, NewEvent
+from tests.support import Service, app_env, eventually, sim_stats, start_app, start_simulator
+
+CHAT = "/api/v1/chat/completions"
+MODEL = "gpt-4o-mini"
+LEASE_SECONDS = 5
+# kind: (path, body); each answer takes a few hundred milliseconds to stream, so hang-ups land mid-way.
+KINDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "stream": (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "Tell me"}], "stream": True}),
+    "session": (
+        CHAT,
+        {"model": MODEL, "messages": [{"role": "user", "content": "Go on"}], "stream": True, "session_id": "s1"},
+    ),
+    "responses": ("/api/v1/responses", {"model": MODEL, "input": "Tell me", "stream": True}),
+    "embeddings": ("/api/v1/embeddings", {"model": "text-embedding-3-small", "input": "hang up on me"}),
+    "chat": (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "Tell me"}]}),
+}
+
+
+@pytest.fixture(scope="module")
+def slow_simulator() -> Iterator[str]:
+    service, url = start_simulator("--tokens-per-second", "100", "--completion-tokens", "30")
+    yield url
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def hostile_app(azurite: str, slow_simulator: str) -> Iterator[tuple[Service, str]]:
+    env = app_env(azurite, slow_simulator, RESERVATION_LEASE_SECONDS=str(LEASE_SECONDS), **LENIENT)
+    service, url = start_app(env, "--timer-interval", "1")
+    yield service, url
+    service.stop()
+
+
+def hang_up(url: str, key: str, path: str, body: dict[str, Any], until: int | bytes | None) -> bytes:
+    """Send one request over a raw socket; close it once ``until`` bytes of the answer came, or those very
+    bytes (None: read it all)."""
+    address = httpx.URL(url)
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {address.host}:{address.port}\r\napi-key: {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    )
+    received = b""
+    with socket.create_connection((address.host, address.port), timeout=30) as connection:
+        connection.sendall(head.encode() + payload)
+        while not (until in received if isinstance(until, bytes) else until is not None and len(received) >= until):
+            wanted = until - len(received) if isinstance(until, int) else 65536
+            data = connection.recv(max(1, min(65536, wanted)))
+            if not data:
+                break
+            received += data
+    return received
+
+
+def hostile_run(url: str, event: NewEvent, users: dict[str, str], requests: int, seed: int) -> dict[str, int]:
+    """Each attendee (name: kind) sends ``requests`` requests one after another, hanging up at random bytes."""
+    delivered: dict[str, int] = {}
+
+    def attendee(user: str, kind: str, chooser: random.Random) -> None:
+        path, body = KINDS[kind]
+        for _ in range(requests):
+            after = chooser.choice([0, 1, chooser.randrange(1, 3000), chooser.randrange(1, 3000), None])
+            answer = hang_up(url, event.key(user), path, body, after)
+            if after is None and answer.startswith(b"HTTP/1.1 200"):
+                delivered[user] = delivered.get(user, 0) + 1
+
+    threads = [
+        threading.Thread(target=attendee, args=(user, kind, random.Random(seed + index)), daemon=True)
+        for index, (user, kind) in enumerate(users.items())
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return delivered
+
+
+def keeps_slot(status: int) -> bool:
+    """The rule: an answer delivered, or one whose client left after upstream had it (499), keeps its slot."""
+    return 200 <= status < 300 or status == 499
+
+
+async def counters(tables: Tables, event_id: str) -> list[dict[str, Any]]:
+    """The event's attendee days and budget shards."""
+    rows = tables.usage.query_entities(
+        "PartitionKey eq @pk and ( RowKey lt @log or RowKey ge @shard )",
+        parameters={"pk": event_id, "log": "log|", "shard": "shard|"},
+    )
+    return [row async for row in rows]
+
+
+async def check_invariants(
+    tables: Tables, simulator: str, event: NewEvent, users: list[str], cap: int | None, budget: int | None = None
+) -> dict[str, Any]:
+    """The invariants of the module docstring, once every record is stored; the figures."""
+    calls: dict[str, int] = dict(sim_stats(simulator)["by_user"])  # type: ignore[arg-type]
+    made = {user: calls.get(pseudonym(event.event.id, user), 0) for user in users}
+    for user, count in made.items():
+        assert cap is None or count <= cap, f"{user}: {count} model calls with a daily cap of {cap}"
+    assert budget is None or sum(made.values()) <= budget, f"{sum(made.values())} calls on a budget of {budget}"
+
+    def logged_all(log: list[dict[str, Any]]) -> bool:
+        return all(sum(1 for e in log if e["user"] == user) >= count for user, count in made.items())
+
+    log = await eventually(
+        lambda: request_log(tables, event.event.id), logged_all, timeout=30, what="every model call in the log"
+    )
+    for user, count in made.items():
+        entries = [e for e in log if e["user"] == user]
+        assert len(entries) == count, f"{user}: {count} model calls, {len(entries)} logged"
+        for entry in entries:
+            assert entry["prompt_tokens"] > 0 and entry["total_tokens"] >= entry["prompt_tokens"], entry
+            assert not entry["estimated"] or entry["status"] == 499, entry
+
+    def settled(rows: list[dict[str, Any]]) -> bool:
+        shards = [row for row in rows if row["RowKey"].startswith("shard|")]
+        attendee_days = [row for row in rows if "day" in row and "user" in row]
+        for row in shards + attendee_days:
+            if any(entry[3] == 0 for entry in json.loads(row.get("inflight", "{}")).values()):
+                return False  # still in flight
+        for row in attendee_days:
+            kept = sum(1 for e in log if e["user"] == row["user"] and keeps_slot(e["status"]))
+            if cap is not None and row["reserved"] != kept:
+                return False
+        kept = sum(1 for e in log if keeps_slot(e["status"]))
+        return budget is None or sum(int(shard["requests"]) for shard in shards) == kept
+
+    await eventually(
+        lambda: counters(tables, event.event.id), settled, timeout=3 * LEASE_SECONDS + 10, what="no slot held"
+    )
+    data = await report(tables, event.event.id, "user")
+    assert data["totals"]["requests"] == len(log)
+    assert data["totals"]["total_tokens"] == sum(e["total_tokens"] for e in log)
+    for row in data["rows"]:
+        assert row["requests"] == sum(1 for e in log if e["user"] == row["key"])
+        assert row["total_tokens"] == sum(e["total_tokens"] for e in log if e["user"] == row["key"])
+    return {
+        "calls": made,
+        "logged": len(log),
+        "estimated": sum(1 for e in log if e["estimated"]),
+        "client_gone": sum(1 for e in log if e["status"] == 499),
+    }
+
+
+@pytest.mark.timeout(120)
+async def test_hang_ups_at_any_byte_are_charged_and_capped(
+    hostile_app: tuple[Service, str], slow_simulator: str, make_event: MakeEvent, tables: Tables
+) -> None:
+    _, url = hostile_app
+    cap, requests = 3, 8
+    event = await make_event(daily_requests=cap)
+    users = {f"{kind}-hostile": kind for kind in KINDS}
+    hostile_run(url, event, users, requests, seed=1)
+    figures = await check_invariants(tables, slow_simulator, event, list(users), cap)
+    # Every attendee sent more than the cap: each used it up, whatever its client did.
+    assert figures["calls"] == dict.fromkeys(users, cap), figures
+    print(f"\n{len(users)} attendees x {requests} hostile requests, daily cap {cap}: {figures}")
+
+
+@pytest.mark.timeout(120)
+async def test_hang_ups_cannot_pass_the_event_request_budget(
+    hostile_app: tuple[Service, str], slow_simulator: str, make_event: MakeEvent, tables: Tables
+) -> None:
+    _, url = hostile_app
+    budget, requests = 6, 5
+    event = await make_event(event_requests=budget)
+    users = {f"budget-{index}": "stream" for index in range(3)}
+    hostile_run(url, event, users, requests, seed=2)
+    figures = await check_invariants(tables, slow_simulator, event, list(users), None, budget)
+    assert sum(figures["calls"].values()) == budget, figures
+    print(f"\n3 attendees x {requests} hostile streams, event budget {budget}: {figures}")
+
+
+@pytest.mark.timeout(120)
+async def test_session_streams_left_while_their_turn_is_saved_are_recorded(
+    hostile_app: tuple[Service, str], slow_simulator: str, make_event: MakeEvent, tables: Tables
+) -> None:
+    """The client leaves once upstream's usage came, while the proxy stores the turn before ``[DONE]``."""
+    _, url = hostile_app
+    event = await make_event()
+    path, body = KINDS["session"]
+    body = {**body, "stream_options": {"include_usage": True}}
+    streams = 10
+    for _ in range(streams):
+        answer = hang_up(url, event.key("leaver"), path, body, b'"usage":{')
+        assert b"[DONE]" not in answer
+    figures = await check_invariants(tables, slow_simulator, event, ["leaver"], None)
+    assert figures["calls"] == {"leaver": streams} and figures["logged"] == streams, figures
+    # Each charged upstream's usage (the client saw it, so the proxy had read it); each answer that
+    # upstream completed before the client left (status 200) has its turn kept.
+    log = await request_log(tables, event.event.id)
+    assert not any(entry["estimated"] for entry in log)
+    kept = await Sessions(tables, SessionLimits(50, 10**6, 3600)).history(event.event.id, "leaver", "s1")
+    assert len(kept) == sum(1 for entry in log if entry["status"] == 200)
+    print(f"\n{streams} session streams left before [DONE]: {figures}, {len(kept)} turns kept")
