@@ -131,8 +131,12 @@ class ResponseStore:
         store = body.get("store", True) is not False
         count = completion_tokens if cap is None else min(cap, completion_tokens)
         words = completion_words(count)
-        counted = [{"content": instructions or ""}, *({"content": item_text(i)} for i in [*history, *items])]
-        input_tokens = count_prompt_tokens(counted)
+        # The answers it made count again as input, token for token as they were output (one a word),
+        # as a real tokenizer reads its own output; the rest, four characters a token.
+        answers = [i for i in history if i.get("role") == "assistant"]
+        written = [i for i in [*history, *items] if i.get("role") != "assistant"]
+        counted = [{"content": instructions or ""}, *({"content": item_text(i)} for i in written)]
+        input_tokens = count_prompt_tokens(counted) + sum(len(item_text(i).split()) + 3 for i in answers)
         response = base_response(body, store, instructions, cap)
         message = output_message(new_id("msg"), " ".join(words), "completed")
         incomplete = cap is not None and cap < completion_tokens

@@ -359,8 +359,9 @@ class Proxy:
             prepared = await self.responses.prepare(payload, owner, event.max_tokens, user_id)
         else:
             prepared = bodies.prepare_embeddings(payload, user_id)
-        # What the request may cost: ceil(bytes / 4) of its body for the prompt, and max_tokens for each of n choices.
-        prompt_estimate = -(-len(prepared.body) // 4)
+        # What the request may cost: ceil(bytes / 4) of its body for the prompt, plus the context upstream
+        # prepends (a chained response's), and max_tokens for each of n choices.
+        prompt_estimate = -(-len(prepared.body) // 4) + prepared.context_tokens
         choices = payload.get("n")
         estimate = prompt_estimate + prepared.max_tokens * (choices if type(choices) is int and choices > 0 else 1)
         request_id: str = request.state.request_id

@@ -87,6 +87,7 @@ class Prepared:
     stream: bool
     wants_usage: bool
     max_tokens: int
+    context_tokens: int = 0  # what upstream prepends that the body does not hold (``previous_response_id``)
 
 
 def chat_messages(payload: dict[str, Any]) -> list[Any]:

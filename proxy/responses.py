@@ -38,6 +38,12 @@ terminal event, without ``data: [DONE]``
 A stream that breaks off before it ends with an ``error`` event whose data
 carries an ``error`` object, so the SDKs raise.
 
+A create with ``previous_response_id`` makes upstream prepend the whole chain,
+which its body does not hold: the ownership row names the request that made
+the response continued, and the estimate the caps admit with adds that
+request's logged input and output tokens (``Ownership.context_tokens``: one
+more point read, for chained requests only).
+
 Upstream keeps a stored response in the Azure OpenAI resource that made it,
 so with several backends every Responses call goes to the same one, the first
 by priority and weight (``Upstream.send_v1``), without failover. During a
@@ -82,7 +88,7 @@ from proxy.limits import CLIENT_GONE
 from proxy.payload import Prepared, set_identity
 from proxy.storage import Tables, guarded
 from proxy.upstream import Upstream
-from proxy.usage import UsageRecord
+from proxy.usage import LOG_PREFIX, UsageRecord
 
 log = logging.getLogger("proxy.responses")
 
@@ -117,25 +123,48 @@ class Ownership:
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
 
-    async def claim(self, owner: Owner, response_id: str, model: str) -> None:
+    async def claim(self, owner: Owner, response_id: str, record: UsageRecord) -> None:
         entity = {
             "PartitionKey": owner.event_id,
             "RowKey": ROW_PREFIX + response_id,
             "user": owner.user,
-            "model": model,
+            "model": record.model,
             "created_at": datetime.now(UTC),
+            # Where its usage is logged: a request that continues it carries its tokens (``context_tokens``).
+            "request_id": record.request_id,
+            "day": record.admission.day,
         }
         with contextlib.suppress(ResourceExistsError):  # a retried write that had landed; ids are unique
             await self._tables.insert(self._tables.requests, entity)
 
     async def owns(self, owner: Owner, response_id: str) -> bool:
+        return await self.row(owner, response_id) is not None
+
+    async def row(self, owner: Owner, response_id: str) -> dict[str, Any] | None:
+        """The ownership row of one of the caller's responses; None if it is not theirs, or not stored."""
         if not RESPONSE_ID.fullmatch(response_id):
-            return False
+            return None
         try:
             entity = await guarded(self._tables.requests.get_entity(owner.event_id, ROW_PREFIX + response_id))
         except ResourceNotFoundError:
-            return False
-        return hmac.compare_digest(str(entity.get("user", "")).encode(), owner.user.encode())
+            return None
+        return entity if hmac.compare_digest(str(entity.get("user", "")).encode(), owner.user.encode()) else None
+
+    async def context_tokens(self, owner: Owner, row: dict[str, Any]) -> int:
+        """The tokens a request continuing this response carries: its input and output, as logged.
+
+        Upstream prepends the whole chain (the input of the response continued already
+        held its own predecessors'). 0 when its record is not stored yet (still being
+        generated) or the row predates this field.
+        """
+        request_id, day = row.get("request_id"), row.get("day")
+        if not isinstance(request_id, str) or not isinstance(day, str):
+            return 0
+        try:
+            _, logged = await self._tables.usage_entities.get(owner.event_id, f"{LOG_PREFIX}{day}|{request_id}")
+        except ResourceNotFoundError:
+            return 0
+        return int(logged.get("prompt_tokens", 0)) + int(logged.get("completion_tokens", 0))
 
     async def forget(self, owner: Owner, response_id: str) -> None:
         with contextlib.suppress(ResourceNotFoundError):
@@ -195,8 +224,12 @@ class ResponsesApi:
                 param="max_output_tokens",
             )
         previous = payload.get("previous_response_id")
-        if previous is not None and (not isinstance(previous, str) or not await self.ownership.owns(owner, previous)):
-            raise not_found(previous if isinstance(previous, str) else "", "previous_response_id")
+        context = 0
+        if previous is not None:
+            row = await self.ownership.row(owner, previous) if isinstance(previous, str) else None
+            if row is None:
+                raise not_found(previous if isinstance(previous, str) else "", "previous_response_id")
+            context = await self.ownership.context_tokens(owner, row)
         deployment = self._upstream.responses_deployment(str(payload.get("model")))
         if deployment is None:
             raise UpstreamError(
@@ -205,7 +238,7 @@ class ResponsesApi:
             )
         payload["model"] = deployment
         set_identity(payload, user_id)
-        return Prepared(orjson.dumps(payload), bool(stream), False, asked)
+        return Prepared(orjson.dumps(payload), bool(stream), False, asked, context_tokens=context)
 
     async def keep(self, body: bytes, record: UsageRecord, owner: Owner) -> None:
         """Before a non-streamed answer is released (``Answer.complete``): read its usage, store its owner."""
@@ -214,7 +247,7 @@ class ResponsesApi:
             take_usage(record, answer.get("usage"))
             response_id = answer.get("id")
             if isinstance(response_id, str) and answer.get("store", True) is not False:
-                await self.ownership.claim(owner, response_id, record.model)
+                await self.ownership.claim(owner, response_id, record)
 
     async def stored(
         self, method: str, owner: Owner, response_id: str, suffix: str, query: list[tuple[str, str]], request_id: str
@@ -287,7 +320,7 @@ class ResponsesApi:
                         if out:
                             yield b"".join(out)
                             out = []
-                        await self.ownership.claim(owner, response_id, record.model)
+                        await self.ownership.claim(owner, response_id, record)
                     out.append(block)
                 if out:
                     yield b"".join(out)

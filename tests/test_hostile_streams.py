@@ -228,3 +228,29 @@ async def test_session_streams_left_while_their_turn_is_saved_are_recorded(
     kept = await Sessions(tables, SessionLimits(50, 10**6, 3600)).history(event.event.id, "leaver", "s1")
     assert len(kept) == sum(1 for entry in log if entry["status"] == 200)
     print(f"\n{streams} session streams left before [DONE]: {figures}, {len(kept)} turns kept")
+
+
+@pytest.mark.timeout(120)
+async def test_chained_responses_cannot_pass_the_event_token_budget(
+    hostile_app: tuple[Service, str], make_event: MakeEvent, tables: Tables
+) -> None:
+    """``previous_response_id`` makes upstream prepend the whole chain: the estimate counts it, so the budget holds."""
+    _, url = hostile_app
+    budget = 3000
+    event = await make_event(event_tokens=budget, max_tokens=12)
+    previous: str | None = None
+    answers = 0
+    with httpx.Client(timeout=30) as http:
+        for _ in range(100):
+            body: dict[str, Any] = {"model": MODEL, "input": "And then?"}
+            if previous is not None:
+                body["previous_response_id"] = previous
+            response = http.post(f"{url}/api/v1/responses", json=body, headers={"api-key": event.key("chainer")})
+            if response.status_code != 200:
+                break
+            previous, answers = response.json()["id"], answers + 1
+    assert response.status_code == 429 and response.json()["error"]["code"] == "event_budget_exhausted"
+    data = await report(tables, event.event.id, "user")
+    used = data["totals"]["total_tokens"]
+    assert used <= budget, f"{used} tokens charged on a budget of {budget}"
+    print(f"\n{answers} chained responses: {used} tokens of an event budget of {budget}")
