@@ -22,6 +22,7 @@
     ├── InternalError                 500     internal_error (a bug; names the request id)
     ├── UpstreamError                 502     upstream_error
     ├── StorageUnavailable            503     storage_unavailable
+    ├── ServerBusy                    503     server_busy (the worker's memory for bodies is taken; ``Retry-After``)
     ├── OrganizerApiDisabled          503     organizer_api_disabled
     └── UpstreamTimeout               504     upstream_timeout
 
@@ -164,6 +165,15 @@ class UpstreamThrottled(ProxyError):
 
 class StorageUnavailable(ProxyError):
     status, code, type = 503, "storage_unavailable", "api_error"
+
+
+class ServerBusy(ProxyError):
+    """This worker holds as many request bodies as its memory budget allows (``proxy.payload.BodyBudget``)."""
+
+    status, code, type = 503, "server_busy", "api_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"retry-after": "1"})
 
 
 class OrganizerApiDisabled(ProxyError):

@@ -108,6 +108,8 @@ def answering(handler: Handler) -> Handler:
             access.status, access.error = 499, access.error or "client_disconnected"
             lines.finish(access)
             raise
+        finally:
+            bodies.release_body(request)  # the handler has let go of its body (proxy.payload)
         response.headers.setdefault("x-request-id", request_id)
         return lines.respond(access, response)
 
@@ -155,6 +157,7 @@ class Proxy:
         # What the access log names the backend when upstream does not say (one endpoint).
         self.backend_name = httpx.URL(settings.openai_endpoint).netloc.decode() if settings.openai_endpoint else ""
         self.upstream = upstream
+        self.bodies = bodies.BodyBudget(settings.body_memory_bytes)
         self.responses = ResponsesApi(tables, upstream)
         limits = SessionLimits(settings.session_max_turns, settings.session_max_chars, settings.session_ttl_seconds)
         self.sessions = Sessions(tables, limits, clock)
@@ -341,7 +344,7 @@ class Proxy:
         caller = await self._caller(request)
         event, now = caller.event, self._clock()
         self._check_open(event, now)
-        payload = await bodies.read_json(request, self.settings.max_request_bytes)
+        payload = await bodies.read_json(request, self.settings.max_request_bytes, self.bodies)
         model = bodies.requested_model(payload, deployment)
         access: Access = request.state.access
         access.model = model

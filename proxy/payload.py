@@ -1,4 +1,16 @@
-"""Request bodies: reading them within the size limit, and the fields the proxy owns.
+"""Request bodies: reading them within the size limit and the worker's memory budget, and the fields the proxy owns.
+
+Two bounds keep one attendee from exhausting an instance's memory. Each body
+is at most ``MAX_REQUEST_BYTES`` (413 ``request_too_large``; default 28 MiB,
+see ``proxy.settings``). And all the bodies a worker holds at once are at
+most ``BODY_MEMORY_BYTES`` (``BodyBudget``): a body that would pass it is
+refused before it is read, with 503 ``server_busy`` and ``Retry-After: 1``
+(the official SDKs retry it). A body is held from its first byte until its
+request's handler returns, which is when the bytes read, the parsed object and
+the body sent upstream are all let go (a streamed answer keeps none of them).
+Bodies over ``SMALL_BODY_BYTES`` may fill only three quarters of the budget:
+the last quarter stays for ordinary requests, so other attendees are served
+while one sends large images.
 
 Every field the client sent is forwarded untouched except ``stream_options``
 (``include_usage`` is added to streams), ``max_tokens`` /
@@ -22,15 +34,59 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 
-from proxy.errors import InvalidRequest, MaxTokensExceedsCap, RequestTooLarge
+from proxy.errors import InvalidRequest, MaxTokensExceedsCap, RequestTooLarge, ServerBusy
+
+SMALL_BODY_BYTES = 256 * 1024
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object; 413 past ``limit`` bytes, 400 if not an object."""
+class BodyBudget:
+    """The bytes of request bodies one worker holds at once, shared by its concurrent requests.
+
+    One event loop runs a worker's requests, so the count needs no lock.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.large_ceiling = capacity - capacity // 4
+        self.held = 0
+
+    def hold(self, request: Request, size: int) -> None:
+        """Let ``request`` hold ``size`` bytes of body in all (declared, or read so far), or 503 ``server_busy``."""
+        more = size - getattr(request.state, "body_bytes", 0)
+        if more <= 0:
+            return
+        ceiling = self.capacity if size <= SMALL_BODY_BYTES else self.large_ceiling
+        if self.held + more > ceiling:
+            raise ServerBusy(
+                f"This proxy instance is holding as many request bodies as its memory allows "
+                f"({self.capacity // (1024 * 1024)} MiB); retry in a second. Images sent by URL rather than "
+                "inline (base64) keep a request small."
+            )
+        self.held += more
+        request.state.body_bytes = size
+        request.state.body_budget = self
+
+    def release(self, request: Request) -> None:
+        self.held -= getattr(request.state, "body_bytes", 0)
+        request.state.body_bytes = 0
+
+
+def release_body(request: Request) -> None:
+    """Give back what ``request``'s body held of its worker's budget (once its handler has returned)."""
+    budget: BodyBudget | None = getattr(request.state, "body_budget", None)
+    if budget is not None:
+        budget.release(request)
+
+
+async def read_json(request: Request, limit: int, budget: BodyBudget | None = None) -> dict[str, Any]:
+    """The body as a JSON object; 413 past ``limit`` bytes, 503 past ``budget``, 400 if not an object."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    body = await _read_limited(request, limit)
+    if declared is not None and declared.isdigit():
+        if int(declared) > limit:
+            raise _too_large(limit)
+        if budget is not None:
+            budget.hold(request, int(declared))  # refused before a byte is read
+    body = await _read_limited(request, limit, budget)
     if not body:
         raise InvalidRequest("The request body is empty; send a JSON object.")
     try:
@@ -42,15 +98,16 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return payload
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
+async def _read_limited(request: Request, limit: int, budget: BodyBudget | None) -> bytearray:
+    body = bytearray()  # grown in place: no list of chunks joined into a second copy
     async for chunk in request.stream():
-        size += len(chunk)
+        size = len(body) + len(chunk)
         if size > limit:
             raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        if budget is not None:
+            budget.hold(request, size)  # no-op within a declared length
+        body += chunk
+    return body
 
 
 def _too_large(limit: int) -> RequestTooLarge:

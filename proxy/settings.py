@@ -21,7 +21,18 @@ from proxy.backends import Backend, parse_backends, single_backend
 from proxy.principal import NO_SIGN_IN, OrganizerSignIn
 
 DEFAULT_API_VERSION = "2024-10-21"
-DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+# The largest body worth accepting is one that carries the largest image Azure OpenAI takes, 20 MiB
+# ("The maximum size for input images is restricted to 20 MB": Vision-enabled chat model concepts,
+# https://learn.microsoft.com/en-us/azure/ai-foundry/openai/concepts/gpt-with-vision, input limitations;
+# its 400 names the bytes, "cannot exceed 20971520 bytes"), sent inline: base64 makes it 27,962,028
+# bytes, and the prompt around it fits in what is left of 28 MiB. The largest text prompt any deployment
+# takes (about a million tokens, some 4 MiB of JSON) fits too. Azure takes up to 10 such images in one
+# request; more than one large image goes by URL (a few bytes here), which no instance has to hold.
+DEFAULT_MAX_REQUEST_BYTES = 28 * 1024 * 1024
+# The bodies one worker holds at once (proxy.payload.BodyBudget). A worker grows by about twice what it
+# holds (the bytes read, then the parsed body and the one sent upstream): 128 MiB keeps it near 350 MiB
+# on a 2,048 MB Flex Consumption instance, and admits three bodies of the largest size at once.
+DEFAULT_BODY_MEMORY_BYTES = 128 * 1024 * 1024
 # functionTimeout in host.json (10 min) plus a minute: no live request is older (proxy.reconcile)
 DEFAULT_LEASE_SECONDS = 660.0
 DEFAULT_FAILED_LOOKUPS = 10
@@ -46,6 +57,7 @@ APP_SETTINGS: tuple[str, ...] = (
     "ORGANIZER_ENTRA_OBJECT_IDS",
     "ORGANIZER_ENTRA_GROUP_IDS",
     "MAX_REQUEST_BYTES",
+    "BODY_MEMORY_BYTES",
     "UPSTREAM_TIMEOUT_SECONDS",
     "EVENT_CACHE_SECONDS",
     "RESERVATION_LEASE_SECONDS",
@@ -78,6 +90,7 @@ LOG_FORMATS: tuple[LogFormat, ...] = ("logfmt", "json")
 # Settings given as text and validated by the model, by field.
 ENV_NAMES: dict[str, str] = {
     "max_request_bytes": "MAX_REQUEST_BYTES",
+    "body_memory_bytes": "BODY_MEMORY_BYTES",
     "upstream_timeout_seconds": "UPSTREAM_TIMEOUT_SECONDS",
     "event_cache_seconds": "EVENT_CACHE_SECONDS",
     "reservation_lease_seconds": "RESERVATION_LEASE_SECONDS",
@@ -106,6 +119,7 @@ class Settings(BaseModel):
     storage_connection_string: str | None
     organizer_key: str | None
     max_request_bytes: int = Field(gt=0)
+    body_memory_bytes: int = Field(DEFAULT_BODY_MEMORY_BYTES, gt=0)
     upstream_timeout_seconds: float = Field(gt=0)
     # Changes (disable, rotate, block) must reach every instance within a minute.
     event_cache_seconds: float = Field(ge=0, le=60)
@@ -181,9 +195,15 @@ class Settings(BaseModel):
             event_cache_seconds=30.0,
         )
         try:
-            return cls.model_validate({**fields, **raw})
+            settings = cls.model_validate({**fields, **raw})
         except ValidationError as exc:
             raise _settings_error(exc, raw) from None
+        if settings.max_request_bytes > settings.body_memory_bytes * 3 // 4:
+            raise SettingsError(
+                f"BODY_MEMORY_BYTES ({settings.body_memory_bytes}) must be at least 4/3 of MAX_REQUEST_BYTES "
+                f"({settings.max_request_bytes}): large bodies may use three quarters of it, and the largest must fit"
+            )
+        return settings
 
     @classmethod
     def for_cli(cls, settings_file: Path = Path("local.settings.json")) -> Settings:

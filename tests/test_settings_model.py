@@ -15,7 +15,8 @@ BASE = {
 
 def test_defaults_and_conversions() -> None:
     settings = Settings.from_env(BASE)
-    assert (settings.max_request_bytes, settings.event_cache_seconds, settings.log_format) == (33554432, 30.0, "logfmt")
+    assert (settings.max_request_bytes, settings.event_cache_seconds, settings.log_format) == (28 << 20, 30.0, "logfmt")
+    assert settings.body_memory_bytes == 128 << 20
     given = Settings.from_env({**BASE, "MAX_REQUEST_BYTES": "1024", "EVENT_CACHE_SECONDS": "0", "LOG_FORMAT": "JSON"})
     assert (given.max_request_bytes, given.event_cache_seconds, given.log_format) == (1024, 0.0, "json")
     with pytest.raises(ValidationError):
@@ -31,6 +32,9 @@ def test_defaults_and_conversions() -> None:
         ("SESSION_TTL_SECONDS", "-5", "must be positive"),
         ("FAILED_LOOKUPS_PER_MINUTE", "2.5", "whole number"),
         ("LOG_FORMAT", "xml", "one of logfmt, json"),
+        ("BODY_MEMORY_BYTES", "0", "must be positive"),
+        # The largest body must fit in the three quarters of the budget that large bodies may use.
+        ("BODY_MEMORY_BYTES", str(37 << 20), "at least 4/3 of MAX_REQUEST_BYTES"),
     ],
 )
 def test_a_bad_value_names_its_setting(name: str, value: str, said: str) -> None:

@@ -1,0 +1,128 @@
+"""One attendee cannot exhaust a worker's memory with large bodies, and others are served meanwhile.
+
+The app runs under the real worker behind the host emulator with a small body limit and
+memory budget (``MAX_REQUEST_BYTES``, ``BODY_MEMORY_BYTES``), so that 64 bodies of the
+maximum size stay quick to send; the bound scales with the settings. The worker's peak
+resident memory is read from ``/proc/PID/status`` (``VmHWM``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from proxy.storage import Tables
+from proxy.usage import request_log
+from tests.conftest import LENIENT, MakeEvent
+from tests.support import Service, app_env, eventually, start_app, start_simulator, worker_pids
+
+MiB = 1024 * 1024
+BODY_LIMIT = 8 * MiB
+BUDGET = 32 * MiB
+BODIES = 64
+# What the worker may grow by while the 64 bodies are in flight: the budget held about
+# twice (the bytes read, then the parsed body and the one sent upstream), and room for
+# the allocator. Without a budget every body is read at once: 64 x 8 MiB, held twice.
+GROWTH_BOUND = 3 * BUDGET + 32 * MiB
+
+
+def kib(status: str, field: str) -> int:
+    line = next(line for line in status.splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def memory(pid: int) -> tuple[int, int]:
+    """The worker's resident memory now and its peak so far, in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return kib(status, "VmRSS") * 1024, kib(status, "VmHWM") * 1024
+
+
+def maximal_body(size: int) -> bytes:
+    """A chat request of exactly ``size`` bytes: a prompt and an inline image, as a vision client sends."""
+    shell = {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "SIM_SLOW_MS=1500 What is in this picture?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,"}},
+                ],
+            }
+        ],
+    }
+    room = size - len(orjson.dumps(shell))
+    image = base64.b64encode(b"\x89PNG" * (room // 4 * 3 // 4 + 1))[:room].decode()
+    shell["messages"][0]["content"][1]["image_url"]["url"] += image  # type: ignore[index]
+    body = orjson.dumps(shell)
+    assert len(body) == size
+    return body
+
+
+@pytest.fixture
+def slow_upstream() -> Iterator[str]:
+    service, url = start_simulator()
+    yield url
+    service.stop()
+
+
+@pytest.fixture
+def budgeted(azurite: str, slow_upstream: str) -> Iterator[tuple[Service, str]]:
+    env = app_env(azurite, slow_upstream, MAX_REQUEST_BYTES=str(BODY_LIMIT), BODY_MEMORY_BYTES=str(BUDGET), **LENIENT)
+    service, url = start_app(env)
+    yield service, url
+    service.stop()
+
+
+async def test_maximum_size_bodies_at_once_hold_bounded_memory(
+    budgeted: tuple[Service, str], slow_upstream: str, make_event: MakeEvent, tables: Tables
+) -> None:
+    service, url = budgeted
+    created = await make_event()
+    pid = worker_pids(service)[-1]
+    body = maximal_body(BODY_LIMIT)
+    chat = f"{url}/api/v1/chat/completions"
+    small = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    limits = httpx.Limits(max_connections=BODIES + 8)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        # Warm the worker (imports, pools) so that what follows measures bodies, not start-up.
+        warm = await client.post(chat, json=small, headers={"api-key": created.key("bob")})
+        assert warm.status_code == 200, warm.text
+        before, _ = memory(pid)
+        headers = {"api-key": created.key("mallory"), "content-type": "application/json"}
+        sending = [asyncio.create_task(client.post(chat, content=body, headers=headers)) for _ in range(BODIES)]
+        # Once the first large body is upstream (held there 1.5 s), another attendee asks.
+        started = await upstream_requests(client, slow_upstream)
+        await eventually(
+            lambda: upstream_requests(client, slow_upstream), lambda n: n > started, 60, "a large body upstream"
+        )
+        other = await client.post(chat, json=small, headers={"api-key": created.key("bob")})
+        assert other.status_code == 200, other.text
+        in_flight = sum(not task.done() for task in sending)
+        answers = await asyncio.gather(*sending)
+    _, peak = memory(pid)
+    statuses = sorted(answer.status_code for answer in answers)
+    served = statuses.count(200)
+    print(f"worker RSS before {before / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB; {served} of {BODIES} served")
+    assert in_flight > 0  # bob's answer came while large bodies were still in flight
+    assert set(statuses) <= {200, 503}, statuses
+    assert served >= 1
+    for answer in answers:
+        if answer.status_code == 503:
+            assert answer.json()["error"]["code"] == "server_busy" and answer.headers["retry-after"]
+    assert peak - before < GROWTH_BOUND, f"the worker grew by {(peak - before) / MiB:.0f} MiB"
+    # A refused body cost nothing: only the served ones were admitted and logged.
+    log = await eventually(
+        lambda: request_log(tables, created.event.id), lambda log: len(log) >= served + 2, what="the usage log"
+    )
+    assert sorted(entry["user"] for entry in log) == ["bob", "bob"] + ["mallory"] * served
+
+
+async def upstream_requests(client: httpx.AsyncClient, simulator: str) -> int:
+    return int((await client.get(f"{simulator}/_sim/stats")).json()["requests"])
