@@ -3,8 +3,8 @@
 No Azure here and no Bicep compiler: the templates are parsed with pycep and scanned with
 checkov; what a compiler would refuse (names, module parameters and outputs, resource types,
 API versions and property paths against Azure's published types) is checked by
-tests/test_bicep_check.py with devtools/bicep_check.py. Every identifier that comes from Azure (role ids, API versions, SKUs, model
-versions, what Flex Consumption forbids and allows) is compared with
+tests/test_bicep_check.py with devtools/bicep_check.py. Every identifier that comes from Azure
+(role ids, API versions, SKUs, model versions, what Flex Consumption forbids and allows) is compared with
 ``tests/data/azure_sources.json``, where each value carries the page it was copied from and
 the date; a template value missing there fails. What the templates set is also compared
 with what the code reads (proxy/settings.py) and with what devtools/deploy.py consumes.
