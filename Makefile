@@ -18,9 +18,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-worker.tx
 		--target $(VENV)/funcprotos $(FUNCPROTOS)
 	touch $@
 
+# A node_modules that is a symbolic link is an install shared with other checkouts (git worktrees):
+# npm ci would empty it under them, so it is left to be installed where it lives.
 node_modules/.installed: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
-	touch $@
+	@if [ -L node_modules ]; then echo "node_modules links to a shared install: not reinstalled here"; \
+	else npm ci --no-audit --no-fund --loglevel=error && touch $@; fi
 
 run: install
 	$(BIN)/python -m devtools.run

@@ -97,10 +97,11 @@ MSG_UNPARSEABLE_BODY = (
 class BadRequest(Exception):
     """A client error to be reported in Azure's ``invalid_request_error`` shape."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.code = code
 
 
 # -- error bodies -------------------------------------------------------------
@@ -111,14 +112,14 @@ def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
-def invalid_request_body(message: str, param: str | None = None) -> dict[str, Any]:
+def invalid_request_body(message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """OpenAI's ``invalid_request_error`` shape, used for request validation."""
     return {
         "error": {
             "message": message,
             "type": "invalid_request_error",
             "param": param,
-            "code": None,
+            "code": code,
         }
     }
 
@@ -198,11 +199,20 @@ def text_of(content: Any) -> str:
 
 
 def count_prompt_tokens(messages: list[Any]) -> int:
-    """A cheap, deterministic estimate: four characters a token plus three a message."""
+    """A cheap, deterministic estimate: four characters a token plus three a message.
+
+    An assistant message's tool calls count their names and arguments.
+    """
     chars = 0
     for msg in messages:
         if isinstance(msg, dict):
             chars += len(text_of(msg.get("content")))
+            for call in msg.get("tool_calls") or ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    chars += sum(
+                        len(v) for v in (function.get("name"), function.get("arguments")) if isinstance(v, str)
+                    )
     return max(1, chars // 4 + 3 * len(messages))
 
 
@@ -233,13 +243,16 @@ def chat_completion(
     *,
     completion_id: str,
     created: int,
-    content: str,
+    message: dict[str, Any],
     n: int,
     finish: str,
     prompt_tokens: int,
     completion_tokens: int,
 ) -> dict[str, Any]:
-    """A non-streaming ``chat.completion`` body with ``n`` identical choices."""
+    """A non-streaming ``chat.completion`` body with ``n`` identical choices.
+
+    Azure filters text only: a choice that calls tools has empty ``content_filter_results``.
+    """
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -252,12 +265,8 @@ def chat_completion(
                 "index": i,
                 "finish_reason": finish,
                 "logprobs": None,
-                "message": {
-                    "role": "assistant",
-                    "content": content,
-                    "refusal": None,
-                },
-                "content_filter_results": CONTENT_FILTER_RESULTS,
+                "message": message,
+                "content_filter_results": {} if message.get("tool_calls") else CONTENT_FILTER_RESULTS,
             }
             for i in range(n)
         ],
@@ -295,7 +304,7 @@ def chunk_base(completion_id: str, created: int, include_usage: bool) -> dict[st
 
 
 def stream_chunk(base: dict[str, Any], delta: dict[str, Any], index: int, reason: str | None = None) -> dict[str, Any]:
-    """One chunk carrying ``delta`` for choice ``index``; an empty delta has no filter results."""
+    """One chunk carrying ``delta`` for choice ``index``; an empty or tool-call delta has no filter results."""
     return {
         **base,
         "choices": [
@@ -304,7 +313,7 @@ def stream_chunk(base: dict[str, Any], delta: dict[str, Any], index: int, reason
                 "delta": delta,
                 "finish_reason": reason,
                 "logprobs": None,
-                "content_filter_results": CONTENT_FILTER_RESULTS if delta else {},
+                "content_filter_results": CONTENT_FILTER_RESULTS if delta and "tool_calls" not in delta else {},
             }
         ],
     }

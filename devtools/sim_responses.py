@@ -36,6 +36,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from devtools.azure_wire import BadRequest, completion_words, count_prompt_tokens, text_of
+from devtools.sim_tools import (
+    Call,
+    fit,
+    json_tokens,
+    pieces,
+    responses_format,
+    responses_tool_results,
+    results_text,
+    tool_use,
+)
 
 MAX_INPUT_ITEMS_LIMIT = 100
 
@@ -88,14 +98,11 @@ class Exchange:
     response: dict[str, Any]
     input_items: list[dict[str, Any]]
     conversation: list[dict[str, Any]]
-    words: tuple[str, ...]
+    deltas: dict[str, tuple[str, ...]]  # by output item id: the text or arguments, in streamed pieces
     input_tokens: int
+    output_tokens: int
     last_text: str
     store: bool
-
-    @property
-    def text(self) -> str:
-        return " ".join(self.words)
 
 
 @dataclass
@@ -129,32 +136,48 @@ class ResponseStore:
         if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
             raise BadRequest("'max_output_tokens' must be a positive integer.", "max_output_tokens")
         store = body.get("store", True) is not False
-        count = completion_tokens if cap is None else min(cap, completion_tokens)
-        words = completion_words(count)
+        use = tool_use(body, responses=True)
+        conversation = [*history, *items]
+        results = responses_tool_results(conversation)
+        texts = [instructions or "", *(item_text(i) for i in conversation if i.get("type", "message") == "message")]
+        fmt = responses_format(body.get("text"), texts)
         # The answers it made count again as input, token for token as they were output (one a word),
         # as a real tokenizer reads its own output; the rest, four characters a token.
         answers = [i for i in history if i.get("role") == "assistant"]
-        written = [i for i in [*history, *items] if i.get("role") != "assistant"]
+        written = [i for i in conversation if i.get("role") != "assistant"]
         counted = [{"content": instructions or ""}, *({"content": item_text(i)} for i in written)]
         input_tokens = count_prompt_tokens(counted) + sum(len(item_text(i).split()) + 3 for i in answers)
-        response = base_response(body, store, instructions, cap)
-        message = output_message(new_id("msg"), " ".join(words), "completed")
-        incomplete = cap is not None and cap < completion_tokens
-        finished = {
-            **response,
-            "status": "incomplete" if incomplete else "completed",
-            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-            "output": [message],
-            "usage": responses_usage(input_tokens, len(words)),
-        }
+        input_tokens += json_tokens(body.get("tools")) + json_tokens(body.get("text"))
         user_texts = [item_text(i) for i in items if i.get("role") == "user"]
+        last_text = user_texts[-1] if user_texts else ""
+        calls = [] if results else use.calls(last_text)
+        if calls:
+            output, deltas, output_tokens, cut = call_items(calls, cap)
+        else:
+            if results or fmt:
+                hint = results_text(results) if results else " ".join(completion_words(completion_tokens))
+                parts = pieces(fmt.text(hint) if fmt else hint)
+            else:
+                parts = tuple(w if i == 0 else " " + w for i, w in enumerate(completion_words(completion_tokens)))
+            cut = cap is not None and cap < len(parts)
+            parts = parts[:cap] if cut else parts
+            message = output_message(new_id("msg"), "".join(parts), "completed")
+            output, deltas, output_tokens = [message], {message["id"]: parts}, len(parts)
+        finished = {
+            **base_response(body, store, instructions, cap),
+            "status": "incomplete" if cut else "completed",
+            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+            "output": output,
+            "usage": responses_usage(input_tokens, output_tokens),
+        }
         return Exchange(
             response=finished,
             input_items=items,
-            conversation=[*history, *items, message],
-            words=words,
+            conversation=[*conversation, *output],
+            deltas=deltas,
             input_tokens=input_tokens,
-            last_text=user_texts[-1] if user_texts else "",
+            output_tokens=output_tokens,
+            last_text=last_text,
             store=store,
         )
 
@@ -233,6 +256,31 @@ def item_text(item: dict[str, Any]) -> str:
     return output if isinstance(output, str) else ""
 
 
+def call_items(
+    calls: list[Call], cap: int | None
+) -> tuple[list[dict[str, Any]], dict[str, tuple[str, ...]], int, bool]:
+    """``function_call`` output items, their arguments in pieces, the output tokens, and whether ``cap`` cut them."""
+    kept, tokens, cut = fit(calls, cap)
+    items: list[dict[str, Any]] = []
+    deltas: dict[str, tuple[str, ...]] = {}
+    for call, parts in kept:
+        item = function_call_item(new_id("fc"), call.call_id, call.name, "".join(parts), "completed")
+        items.append(item)
+        deltas[item["id"]] = parts
+    return items, deltas, tokens, cut
+
+
+def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "type": "function_call",
+        "status": status,
+        "arguments": arguments,
+        "call_id": call_id,
+        "name": name,
+    }
+
+
 def responses_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
     return {
         "input_tokens": input_tokens,
@@ -286,23 +334,43 @@ def stream_events(exchange: Exchange) -> list[tuple[str, dict[str, Any]]]:
     """The events of a streamed response, in order, without their sequence numbers."""
     final = exchange.response
     created = {**final, "status": "in_progress", "output": [], "usage": None, "incomplete_details": None}
-    message = final["output"][0]
-    item_id = message["id"]
-    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
     events: list[tuple[str, dict[str, Any]]] = [
         ("response.created", {"response": created}),
         ("response.in_progress", {"response": created}),
-        ("response.output_item.added", {"output_index": 0, "item": output_message(item_id, "", "in_progress")}),
-        ("response.content_part.added", {**where, "part": output_text_part("")}),
     ]
-    for pos, word in enumerate(exchange.words):
-        events.append(
-            ("response.output_text.delta", {**where, "delta": word if pos == 0 else " " + word, "logprobs": []})
-        )
-    events += [
-        ("response.output_text.done", {**where, "text": exchange.text, "logprobs": []}),
-        ("response.content_part.done", {**where, "part": output_text_part(exchange.text)}),
-        ("response.output_item.done", {"output_index": 0, "item": message}),
-        (f"response.{final['status']}", {"response": final}),
-    ]
+    for index, item in enumerate(final["output"]):
+        parts = exchange.deltas[item["id"]]
+        if item["type"] == "function_call":
+            events += call_events(index, item, parts)
+        else:
+            events += message_events(index, item, parts)
+    events.append((f"response.{final['status']}", {"response": final}))
     return events
+
+
+def message_events(index: int, message: dict[str, Any], parts: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
+    text = message["content"][0]["text"]
+    where = {"item_id": message["id"], "output_index": index, "content_index": 0}
+    return [
+        (
+            "response.output_item.added",
+            {"output_index": index, "item": output_message(message["id"], "", "in_progress")},
+        ),
+        ("response.content_part.added", {**where, "part": output_text_part("")}),
+        *(("response.output_text.delta", {**where, "delta": part, "logprobs": []}) for part in parts),
+        ("response.output_text.done", {**where, "text": text, "logprobs": []}),
+        ("response.content_part.done", {**where, "part": output_text_part(text)}),
+        ("response.output_item.done", {"output_index": index, "item": message}),
+    ]
+
+
+def call_events(index: int, item: dict[str, Any], parts: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
+    """As Azure streams a function call (tests/data/azure_tool_calls.json)."""
+    where = {"item_id": item["id"], "output_index": index}
+    started = function_call_item(item["id"], item["call_id"], item["name"], "", "in_progress")
+    return [
+        ("response.output_item.added", {"output_index": index, "item": started}),
+        *(("response.function_call_arguments.delta", {**where, "delta": part}) for part in parts),
+        ("response.function_call_arguments.done", {**where, "arguments": item["arguments"]}),
+        ("response.output_item.done", {"output_index": index, "item": item}),
+    ]

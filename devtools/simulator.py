@@ -24,6 +24,10 @@ Magic words in the last user message (chat and responses):
 A stream whose client disconnects stops being generated, as Azure OpenAI's
 does: only the tokens sent until then count in the usage figures.
 
+Agents run against it: ``tools`` are called, tool results answered, ``response_format`` and
+``text.format`` honoured, malformed ones refused with Azure's 400 (``devtools.sim_tools``;
+the answer worked out in ``devtools.sim_chat`` and ``devtools.sim_responses``).
+
 Quotas, so that several instances can stand for backends in different regions
 (``AZURE_OPENAI_BACKENDS``): ``--rpm-limit`` and ``--tpm-limit`` answer 429 with
 ``retry-after``, ``retry-after-ms`` and ``x-ratelimit-remaining-*`` once a
@@ -62,7 +66,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 
-from devtools import sim_responses
+from devtools import sim_chat, sim_responses
 from devtools.azure_wire import (
     DEFAULT_DIMENSIONS,
     MAX_DIMENSIONS,
@@ -79,9 +83,7 @@ from devtools.azure_wire import (
     base64_floats,
     chat_completion,
     chunk_base,
-    completion_words,
     content_filter_error_body,
-    count_prompt_tokens,
     embedding_inputs,
     embeddings_response,
     error_body,
@@ -404,7 +406,7 @@ class Simulator:
             else:
                 await self._embeddings(body, send)
         except BadRequest as exc:
-            await self._send_json(send, 400, invalid_request_body(exc.message, exc.param))
+            await self._send_json(send, 400, invalid_request_body(exc.message, exc.param, exc.code))
 
     async def _responses_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The Responses API on Azure's v1 routes (``devtools.sim_responses``)."""
@@ -445,7 +447,7 @@ class Simulator:
             else:
                 await self._send_json(send, 404, error_body("404", MSG_NOT_FOUND))
         except BadRequest as exc:
-            await self._send_json(send, 400, invalid_request_body(exc.message, exc.param))
+            await self._send_json(send, 400, invalid_request_body(exc.message, exc.param, exc.code))
 
     async def _create_response(self, raw: bytes, send: Send, receive: Receive) -> None:
         try:
@@ -495,8 +497,8 @@ class Simulator:
                 await self._stream_response(send, exchange, extra_ms, "SIM_BREAK_STREAM" in exchange.last_text, hangup)
             return
         await self._delay(extra_ms)
-        self._window_tokens += exchange.input_tokens + len(exchange.words)
-        self.stats.add_usage(exchange.input_tokens, len(exchange.words))
+        self._window_tokens += exchange.input_tokens + exchange.output_tokens
+        self.stats.add_usage(exchange.input_tokens, exchange.output_tokens)
         self.responses.keep(exchange)
         await self._send_json(send, 200, exchange.response)
 
@@ -520,7 +522,7 @@ class Simulator:
         deltas = 0
         events = sim_responses.stream_events(exchange)
         for sequence, (kind, payload) in enumerate(events):
-            if kind == "response.output_text.delta":
+            if kind in ("response.output_text.delta", "response.function_call_arguments.delta"):
                 if deltas == 0 and cfg.ttft_ms > 0:
                     await asyncio.sleep(cfg.ttft_ms / 1000)
                 elif deltas and gap:
@@ -534,8 +536,8 @@ class Simulator:
                     return
                 deltas += 1
             if sequence == len(events) - 1:  # stored and counted before its last event leaves
-                self._window_tokens += exchange.input_tokens + len(exchange.words)
-                self.stats.add_usage(exchange.input_tokens, len(exchange.words))
+                self._window_tokens += exchange.input_tokens + exchange.output_tokens
+                self.stats.add_usage(exchange.input_tokens, exchange.output_tokens)
                 self.responses.keep(exchange)
             event = {"type": kind, "sequence_number": sequence, **payload}
             data = b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
@@ -593,16 +595,10 @@ class Simulator:
             cap = body.get("max_tokens")
         if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
             raise BadRequest("'max_tokens' must be a positive integer.", "max_tokens")
-        count = self.config.completion_tokens
-        finish = "stop"
-        if cap is not None and cap < count:
-            count = cap
-            finish = "length"
         n = body.get("n") or 1
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 128:
             raise BadRequest("'n' must be an integer between 1 and 128.", "n")
-        prompt_tokens = count_prompt_tokens(messages)
-        words = completion_words(count)
+        planned = sim_chat.answer(body, messages, self.config.completion_tokens, cap)
         completion_id = "chatcmpl-" + uuid.uuid4().hex[:29]
         created = int(time.time())
 
@@ -612,12 +608,9 @@ class Simulator:
             with _Hangup(receive) as hangup:
                 await self._stream(
                     send,
-                    completion_id=completion_id,
-                    created=created,
-                    words=words,
+                    planned,
+                    base=chunk_base(completion_id, created, include_usage),
                     n=n,
-                    finish=finish,
-                    prompt_tokens=prompt_tokens,
                     include_usage=include_usage,
                     extra_ms=extra_ms,
                     break_stream="SIM_BREAK_STREAM" in last_user,
@@ -625,8 +618,7 @@ class Simulator:
                 )
             return
 
-        content = " ".join(words)
-        completion_tokens = count * n
+        prompt_tokens, completion_tokens = planned.prompt_tokens, planned.completion_tokens * n
         await self._delay(extra_ms)
         self._window_tokens += prompt_tokens + completion_tokens
         self.stats.add_usage(prompt_tokens, completion_tokens)
@@ -636,9 +628,9 @@ class Simulator:
             chat_completion(
                 completion_id=completion_id,
                 created=created,
-                content=content,
+                message=planned.message,
                 n=n,
-                finish=finish,
+                finish=planned.finish,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
             ),
@@ -647,13 +639,10 @@ class Simulator:
     async def _stream(
         self,
         send: Send,
+        planned: sim_chat.ChatAnswer,
         *,
-        completion_id: str,
-        created: int,
-        words: tuple[str, ...],
+        base: dict[str, Any],
         n: int,
-        finish: str,
-        prompt_tokens: int,
         include_usage: bool,
         extra_ms: float,
         break_stream: bool,
@@ -668,8 +657,6 @@ class Simulator:
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
 
-        base = chunk_base(completion_id, created, include_usage)
-
         async def emit(payload: Any) -> None:
             await send(
                 {
@@ -683,20 +670,20 @@ class Simulator:
         if cfg.ttft_ms > 0:
             await asyncio.sleep(cfg.ttft_ms / 1000)
         gap = 1.0 / cfg.tokens_per_second if cfg.tokens_per_second > 0 else 0.0
-
+        prompt_tokens = planned.prompt_tokens
+        first, *rest = planned.deltas
         for i in range(n):
-            await emit(stream_chunk(base, {"role": "assistant", "content": "", "refusal": None}, i))
+            await emit(stream_chunk(base, first, i))
         sent_tokens = 0
-        for pos, word in enumerate(words):
+        for pos, delta in enumerate(rest):
             if gap and pos:
                 await asyncio.sleep(gap)
             if hangup.gone:  # the client left: generation stops, what was sent is billed
                 self.stats.abandoned += 1
                 self.stats.add_usage(prompt_tokens, sent_tokens)
                 return
-            text = word if pos == 0 else " " + word
             for i in range(n):
-                await emit(stream_chunk(base, {"content": text}, i))
+                await emit(stream_chunk(base, delta, i))
             sent_tokens += n
             if break_stream and pos == 1:
                 self.stats.add_usage(prompt_tokens, sent_tokens)
@@ -705,8 +692,8 @@ class Simulator:
             self.stats.add_usage(prompt_tokens, sent_tokens)
             raise _StreamBreak("SIM_BREAK_STREAM: aborting the connection mid-stream")
         for i in range(n):
-            await emit(stream_chunk(base, {}, i, finish))
-        completion_tokens = len(words) * n
+            await emit(stream_chunk(base, {}, i, planned.finish))
+        completion_tokens = planned.completion_tokens * n
         if include_usage:
             await emit({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
         self._window_tokens += prompt_tokens + completion_tokens

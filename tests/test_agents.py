@@ -1,0 +1,110 @@
+"""Agents through the proxy against ``make run``'s simulator: the OpenAI Agents SDK runs an agent
+with a function tool on the Responses API and on chat completions, streamed and not, and
+every model call it makes is recorded once with the tokens the SDK saw.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from agents import (
+    Agent,
+    ModelSettings,
+    OpenAIChatCompletionsModel,
+    OpenAIResponsesModel,
+    Runner,
+    ToolCallItem,
+    ToolCallOutputItem,
+    function_tool,
+    set_tracing_disabled,
+)
+from openai import AsyncOpenAI
+from pydantic import BaseModel
+
+from proxy.storage import Tables
+from proxy.usage import request_log
+from tests.conftest import MakeEvent
+
+set_tracing_disabled(True)  # the SDK would otherwise send traces to OpenAI's servers
+
+
+@function_tool
+def get_weather(city: str) -> str:
+    """The weather in a city."""
+    return f"Sunny and 21 C in {city}"
+
+
+class Report(BaseModel):
+    city: str
+    summary: str
+
+
+def agent(client: AsyncOpenAI, api: str, **extra: Any) -> Agent[Any]:
+    model = (
+        OpenAIResponsesModel("gpt-4o-mini", client)
+        if api == "responses"
+        else OpenAIChatCompletionsModel("gpt-4o-mini", client)
+    )
+    settings = ModelSettings(include_usage=True)  # chat streams carry usage only when asked
+    return Agent(
+        name="Weather",
+        instructions="Answer with get_weather.",
+        tools=[get_weather],
+        model=model,
+        model_settings=settings,
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["run", "streamed"])
+@pytest.mark.parametrize("api", ["responses", "chat"])
+async def test_agent_calls_its_tool_through_the_proxy(
+    app: str, make_event: MakeEvent, tables: Tables, api: str, stream: bool
+) -> None:
+    created = await make_event()
+    async with AsyncOpenAI(base_url=f"{app}/api/v1", api_key=created.key(), max_retries=0) as client:
+        weather = agent(client, api)
+        if stream:
+            result: Any = Runner.run_streamed(weather, "What is the weather in Paris?")
+            events = [event.type async for event in result.stream_events()]
+            assert "raw_response_event" in events and "run_item_stream_event" in events
+        else:
+            result = await Runner.run(weather, "What is the weather in Paris?")
+    assert "Sunny and 21 C in" in result.final_output
+    assert [type(i) for i in result.new_items][:2] == [ToolCallItem, ToolCallOutputItem]
+    assert len(result.raw_responses) == 2  # the call, then the answer
+
+    log = await request_log(tables, created.event.id)
+    assert len(log) == 2 and {e["kind"] for e in log} == {api} and {e["status"] for e in log} == {200}
+    assert {e["stream"] for e in log} == {stream}
+    seen = sorted((r.usage.input_tokens, r.usage.output_tokens) for r in result.raw_responses)
+    assert sorted((e["prompt_tokens"], e["completion_tokens"]) for e in log) == seen
+    assert all(output > 0 for _, output in seen)
+
+
+@pytest.mark.parametrize("api", ["responses", "chat"])
+async def test_agent_with_a_tool_and_a_structured_output(app: str, make_event: MakeEvent, api: str) -> None:
+    created = await make_event()
+    async with AsyncOpenAI(base_url=f"{app}/api/v1", api_key=created.key(), max_retries=0) as client:
+        result = await Runner.run(agent(client, api, output_type=Report), "Report on the weather in Oslo")
+    report = result.final_output
+    assert isinstance(report, Report) and "Sunny and 21 C in" in report.summary
+
+
+async def test_malformed_tools_get_upstreams_400_through_the_proxy(app: str, make_event: MakeEvent) -> None:
+    key = (await make_event()).key()
+    bad = {"type": "function", "function": {"name": "get weather", "parameters": {"type": "object"}}}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "tools": [bad]}
+    with httpx.Client(timeout=30) as http:
+        for stream in (False, True):
+            response = http.post(
+                f"{app}/api/v1/chat/completions", json={**body, "stream": stream}, headers={"api-key": key}
+            )
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == "tools[0].function.name" and "does not match pattern" in error["message"]
+        body = {"model": "gpt-4o-mini", "input": "hi", "tools": [{"type": "function", "name": 7}]}
+        response = http.post(f"{app}/api/v1/responses", json=body, headers={"api-key": key})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "tools[0].name", response.text
