@@ -29,10 +29,18 @@ DEFAULT_API_VERSION = "2024-10-21"
 # takes (about a million tokens, some 4 MiB of JSON) fits too. Azure takes up to 10 such images in one
 # request; more than one large image goes by URL (a few bytes here), which no instance has to hold.
 DEFAULT_MAX_REQUEST_BYTES = 28 * 1024 * 1024
-# The bodies one worker holds at once (proxy.payload.BodyBudget). A worker grows by about twice what it
-# holds (the bytes read, then the parsed body and the one sent upstream): 128 MiB keeps it near 350 MiB
-# on a 2,048 MB Flex Consumption instance, and admits three bodies of the largest size at once.
+# The bodies one worker holds at once (proxy.payload.BodyBudget). A worker grows by up to about three
+# times what it holds (the bytes read, the parsed body, the one sent upstream and what the socket has not
+# taken yet): 64 bodies of 28 MiB sent at once took a worker from 89 to 442 MiB at its peak (3,101 MiB with
+# no budget and 32 MiB bodies), well inside a 2,048 MB Flex Consumption instance; three of the largest
+# bodies are held at once, and the rest are told to retry.
 DEFAULT_BODY_MEMORY_BYTES = 128 * 1024 * 1024
+# FUNCTIONS_REQUEST_BODY_SIZE_LIMIT, which the Bicep and local.settings.example.json give the Functions host:
+# it refuses (a bare 413) any body past it before the worker sees a byte, instead of taking 100 MB a request
+# (its default: https://learn.microsoft.com/en-us/azure/azure-functions/functions-app-settings
+# #functions_request_body_size_limit). One MiB over the proxy's own limit, so that a body just over that
+# still gets the proxy's OpenAI-shaped 413, which names the limit.
+HOST_BODY_LIMIT_BYTES = DEFAULT_MAX_REQUEST_BYTES + 1024 * 1024
 # functionTimeout in host.json (10 min) plus a minute: no live request is older (proxy.reconcile)
 DEFAULT_LEASE_SECONDS = 660.0
 DEFAULT_FAILED_LOOKUPS = 10
@@ -79,6 +87,7 @@ HOST_SETTINGS: tuple[str, ...] = (
     "PYTHON_ENABLE_INIT_INDEXING",
     "FUNCTIONS_EXTENSION_VERSION",
     "FUNCTIONS_WORKER_RUNTIME",
+    "FUNCTIONS_REQUEST_BODY_SIZE_LIMIT",
 )
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from devtools.package import build, is_ignored, package_files, parse_ignore
-from proxy.settings import APP_SETTINGS, HOST_SETTINGS
+from proxy.settings import APP_SETTINGS, DEFAULT_MAX_REQUEST_BYTES, HOST_BODY_LIMIT_BYTES, HOST_SETTINGS
 from proxy.storage import TABLE_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -433,6 +433,10 @@ def test_function_app_uses_identities_not_keys() -> None:
     assert settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"] == "ClientId=${identityClientId};Authorization=AAD"
     assert settings["AZURE_CLIENT_ID"] == settings["AzureWebJobsStorage__clientId"] == "identityClientId"
     assert settings["PYTHON_ENABLE_INIT_INDEXING"] == "1"
+    # The host refuses a body the proxy would refuse anyway, before it is relayed (proxy/settings.py).
+    local = json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
+    assert settings["FUNCTIONS_REQUEST_BODY_SIZE_LIMIT"] == local["FUNCTIONS_REQUEST_BODY_SIZE_LIMIT"]
+    assert int(settings["FUNCTIONS_REQUEST_BODY_SIZE_LIMIT"]) == HOST_BODY_LIMIT_BYTES > DEFAULT_MAX_REQUEST_BYTES
     assert settings["ORGANIZER_KEY"] == "organizerKey"
     organizer_key = parsed("modules/functionapp.bicep")["parameters"]["organizerKey"]
     assert {"type": "secure"} in organizer_key["decorators"]

@@ -26,10 +26,11 @@ MiB = 1024 * 1024
 BODY_LIMIT = 8 * MiB
 BUDGET = 32 * MiB
 BODIES = 64
-# What the worker may grow by while the 64 bodies are in flight: the budget held about
-# twice (the bytes read, then the parsed body and the one sent upstream), and room for
-# the allocator. Without a budget every body is read at once: 64 x 8 MiB, held twice.
-GROWTH_BOUND = 3 * BUDGET + 32 * MiB
+# What the worker may grow by while the 64 bodies are in flight: what the budget holds,
+# about three times over (the bytes read, the parsed body, the body sent upstream and what
+# the socket has not taken yet), and room for the allocator (proxy/settings.py). Without a
+# budget every body is read at once: 64 x 8 MiB, each held twice or more (about 900 MiB).
+GROWTH_BOUND = 4 * BUDGET
 
 
 def kib(status: str, field: str) -> int:

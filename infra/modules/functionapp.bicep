@@ -192,6 +192,12 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
           value: '1'
         }
         {
+          // The host refuses larger bodies before the worker reads them (default 100 MB): the proxy's
+          // MAX_REQUEST_BYTES default (28 MiB) plus 1 MiB, HOST_BODY_LIMIT_BYTES in proxy/settings.py.
+          name: 'FUNCTIONS_REQUEST_BODY_SIZE_LIMIT'
+          value: '30408704'
+        }
+        {
           name: 'AZURE_CLIENT_ID'
           value: identityClientId
         }
