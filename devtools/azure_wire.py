@@ -230,13 +230,39 @@ def completion_words(count: int) -> tuple[str, ...]:
     return tuple(WORDS[i % len(WORDS)] for i in range(count))
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """A chat ``usage`` object."""
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """A chat ``usage`` object, with the prompt tokens served from the prompt cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"audio_tokens": 0, "cached_tokens": cached_tokens},
     }
+
+
+class PromptCache:
+    """Azure's prompt caching, roughly: a prompt of 1024 tokens or more whose leading messages
+    were sent before has those tokens cached, in steps of 128 (the cached prefix is what repeats).
+
+    Remembers the last ``size`` prompts (each of their message prefixes, by hash).
+    """
+
+    MIN_TOKENS = 1024
+    STEP = 128
+
+    def __init__(self, size: int = 1024) -> None:
+        self._seen: dict[bytes, None] = {}
+        self._size = size
+
+    def cached_tokens(self, messages: list[Any]) -> int:
+        prefixes = [hashlib.sha256(orjson.dumps(messages[:k])).digest() for k in range(1, min(len(messages), 64) + 1)]
+        hit = max((k for k, key in enumerate(prefixes, 1) if key in self._seen), default=0)
+        for key in prefixes:
+            self._seen[key] = None
+        while len(self._seen) > self._size * 8:
+            del self._seen[next(iter(self._seen))]
+        tokens = count_prompt_tokens(messages[:hit]) if hit else 0
+        return tokens // self.STEP * self.STEP if tokens >= self.MIN_TOKENS else 0
 
 
 def chat_completion(
@@ -248,6 +274,7 @@ def chat_completion(
     finish: str,
     prompt_tokens: int,
     completion_tokens: int,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
     """A non-streaming ``chat.completion`` body with ``n`` identical choices.
 
@@ -270,7 +297,7 @@ def chat_completion(
             }
             for i in range(n)
         ],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 

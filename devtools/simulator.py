@@ -80,6 +80,7 @@ from devtools.azure_wire import (
     SSE_DONE,
     TOKENS_PER_MINUTE_UNLIMITED,
     BadRequest,
+    PromptCache,
     base64_floats,
     chat_completion,
     chunk_base,
@@ -183,7 +184,11 @@ class _Stats:
             "last_body": self.last_body,
             "last_headers": self.last_headers,
             "last_query": self.last_query,
-            "usage": usage(self.prompt_tokens, self.completion_tokens),
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+            },
         }
 
 
@@ -194,6 +199,7 @@ class Simulator:
         self.config = config
         self.stats = _Stats()
         self.responses = sim_responses.ResponseStore()
+        self.prompt_cache = PromptCache()
         self._window_start = time.monotonic()
         self._window_count = 0
         self._window_tokens = 0
@@ -599,6 +605,7 @@ class Simulator:
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 128:
             raise BadRequest("'n' must be an integer between 1 and 128.", "n")
         planned = sim_chat.answer(body, messages, self.config.completion_tokens, cap)
+        cached_tokens = self.prompt_cache.cached_tokens(messages)
         completion_id = "chatcmpl-" + uuid.uuid4().hex[:29]
         created = int(time.time())
 
@@ -611,6 +618,7 @@ class Simulator:
                     planned,
                     base=chunk_base(completion_id, created, include_usage),
                     n=n,
+                    cached_tokens=cached_tokens,
                     include_usage=include_usage,
                     extra_ms=extra_ms,
                     break_stream="SIM_BREAK_STREAM" in last_user,
@@ -633,6 +641,7 @@ class Simulator:
                 finish=planned.finish,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
+                cached_tokens=cached_tokens,
             ),
         )
 
@@ -647,6 +656,7 @@ class Simulator:
         extra_ms: float,
         break_stream: bool,
         hangup: _Hangup,
+        cached_tokens: int = 0,
     ) -> None:
         cfg = self.config
         await self._delay(extra_ms)
@@ -695,7 +705,7 @@ class Simulator:
             await emit(stream_chunk(base, {}, i, planned.finish))
         completion_tokens = planned.completion_tokens * n
         if include_usage:
-            await emit({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+            await emit({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached_tokens)})
         self._window_tokens += prompt_tokens + completion_tokens
         self.stats.add_usage(prompt_tokens, completion_tokens)
         await send({"type": "http.response.body", "body": SSE_DONE, "more_body": False})

@@ -55,6 +55,7 @@ from proxy.errors import (
 from proxy.events import Event, EventStore, hash_code
 from proxy.guessing import FailedLookups, client_address
 from proxy.limits import CLIENT_GONE, Admission, Ledger, booked_tokens, day_of
+from proxy.prices import PriceTable
 from proxy.responses import Owner, ResponsesApi
 from proxy.sessions import SessionLimits, Sessions
 from proxy.settings import Settings
@@ -153,7 +154,8 @@ class Proxy:
         self.failed_lookups = FailedLookups(settings.failed_lookups_per_minute)
         self._routes: list[tuple[re.Pattern[str], list[str]]] = []
         self.telemetry = telemetry or Telemetry()
-        self.recorder = UsageRecorder(tables, self.ledger, self.telemetry)
+        self.prices = PriceTable.load(settings.model_prices)
+        self.recorder = UsageRecorder(tables, self.ledger, self.prices, self.telemetry)
         # What the access log names the backend when upstream does not say (one endpoint).
         self.backend_name = httpx.URL(settings.openai_endpoint).netloc.decode() if settings.openai_endpoint else ""
         self.upstream = upstream
@@ -458,7 +460,8 @@ async def _read_upstream(response: httpx.Response, record: UsageRecord) -> bytes
         except orjson.JSONDecodeError:
             log.warning("upstream answered 200 with a body that is not JSON (request %s)", record.request_id)
         else:
-            record.take_usage(answer.get("usage") if isinstance(answer, dict) else None)
+            if isinstance(answer, dict):
+                record.take_usage(answer.get("usage"), answer.get("model"))
     return body
 
 

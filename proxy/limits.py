@@ -158,6 +158,9 @@ class Settlement:
     reached_upstream: bool
     succeeded: bool
     backend: str = ""  # the upstream backend that answered (proxy.backends)
+    cached_tokens: int = 0
+    cost_nanos: int = 0  # USD x 1e9 (proxy.prices)
+    unpriced: bool = False  # reached upstream, and no price was known for its model
 
 
 class Ledger:
@@ -806,14 +809,13 @@ def _settled(entity: dict[str, Any], user: str, admission: Admission, settlement
     updated["prompt_tokens"] += figures[0]
     updated["completion_tokens"] += figures[1]
     updated["total_tokens"] += figures[2]
-    models: dict[str, list[int]] = orjson.loads(updated["models"])
-    row = models.setdefault(settlement.model, [0, 0, 0, 0])
-    for index, value in enumerate((1, *figures)):
-        row[index] += value
-    updated["models"] = orjson.dumps(models).decode()
-    backends: dict[str, list[int]] = orjson.loads(updated["backends"])
-    row = backends.setdefault(settlement.backend, [0, 0, 0, 0])
-    for index, value in enumerate((1, *figures)):
-        row[index] += value
-    updated["backends"] = orjson.dumps(backends).decode()
+    # Per model and per backend: requests, prompt, completion, total, cached tokens, cost (nano-USD), unpriced.
+    row_figures = (1, *figures, settlement.cached_tokens, settlement.cost_nanos, int(settlement.unpriced))
+    for name, key in (("models", settlement.model), ("backends", settlement.backend)):
+        grouped: dict[str, list[int]] = orjson.loads(updated[name])
+        row = grouped.setdefault(key, [])
+        row.extend([0] * (len(row_figures) - len(row)))  # rows stored before cost was tracked had 4
+        for index, value in enumerate(row_figures):
+            row[index] += value
+        updated[name] = orjson.dumps(grouped).decode()
     return updated

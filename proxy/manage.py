@@ -297,10 +297,26 @@ def _rotated(data: dict[str, Any]) -> str:
 
 
 def _usage_table(data: dict[str, Any]) -> str:
-    header = (data["by"].upper(), *(name.upper().replace("_", " ") for name in FIGURES))
-    rows = [(row["key"], *(row[name] for name in FIGURES)) for row in data["rows"]]
-    rows.append(("TOTAL", *(data["totals"][name] for name in FIGURES)))
-    return _table(header, rows, (False, *(True for _ in FIGURES))) + _budget_lines(data.get("budget"))
+    shown = (*FIGURES, "cached_tokens", "cost")
+    header = (data["by"].upper(), *(name.upper().replace("_", " ") for name in FIGURES), "CACHED", "COST (USD)")
+
+    def cells(row: dict[str, Any]) -> tuple[Any, ...]:
+        return (*(row[name] for name in FIGURES), row["cached_tokens"], f"{row['cost']:.6f}")
+
+    rows = [(row["key"], *cells(row)) for row in data["rows"]]
+    rows.append(("TOTAL", *cells(data["totals"])))
+    table = _table(header, rows, (False, *(True for _ in shown)))
+    return table + _unpriced_line(data["totals"]) + _budget_lines(data.get("budget"))
+
+
+def _unpriced_line(totals: dict[str, Any]) -> str:
+    unpriced = totals.get("unpriced_requests", 0)
+    if not unpriced:
+        return ""
+    return (
+        f"\n{unpriced} requests used a model with no known price: COST leaves them out. Add the model to "
+        "MODEL_PRICES (USD per million tokens, by deployment name)."
+    )
 
 
 def _budget_lines(figures: dict[str, Any] | None) -> str:

@@ -219,6 +219,9 @@ class Figures(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: int = Field(description="of the prompt tokens, those upstream served from its prompt cache")
+    cost: float = Field(description="USD, from the sourced price table and MODEL_PRICES")
+    unpriced_requests: int = Field(description="requests whose model had no known price: not in cost")
 
 
 class UsageRow(Figures):
@@ -249,6 +252,7 @@ class Attendee(BaseModel):
     first_seen: datetime | None
     requests: int
     total_tokens: int
+    cost: float = Field(description="USD")
     blocked: bool
 
 

@@ -176,6 +176,7 @@ async def list_attendees(store: EventStore, tables: Tables, event_id: str) -> di
                 "first_seen": None if first is None else first.astimezone(UTC).isoformat(),
                 "requests": figures.get("requests", 0),
                 "total_tokens": figures.get("total_tokens", 0),
+                "cost": figures.get("cost", 0.0),
                 "blocked": user in event.blocked,
             }
         )

@@ -244,7 +244,7 @@ class ResponsesApi:
         """Before a non-streamed answer is released (``Answer.complete``): read its usage, store its owner."""
         answer = _json(body) if record.status == 200 else None
         if answer is not None:
-            take_usage(record, answer.get("usage"))
+            take_usage(record, answer.get("usage"), answer.get("model"))
             response_id = answer.get("id")
             if isinstance(response_id, str) and answer.get("store", True) is not False:
                 await self.ownership.claim(owner, response_id, record)
@@ -310,7 +310,7 @@ class ResponsesApi:
                     found = payload.get("response") if payload else None
                     found = found if isinstance(found, dict) else {}
                     if kind in TERMINAL_EVENTS:
-                        take_usage(record, found.get("usage"))
+                        take_usage(record, found.get("usage"), found.get("model"))
                         if kind == "response.failed":
                             record.status = 502
                         ending = block
@@ -365,8 +365,8 @@ async def _complete_events(response: httpx.Response) -> AsyncIterator[bytes]:
         yield pending.rstrip(b"\r\n") + b"\n\n"
 
 
-def take_usage(record: UsageRecord, usage: object) -> bool:
-    """Read a Responses ``usage`` (``input_tokens``, ``output_tokens``) into the record."""
+def take_usage(record: UsageRecord, usage: object, model: object = None) -> bool:
+    """Read a Responses ``usage`` (``input_tokens``, ``output_tokens``, ``input_tokens_details``) into the record."""
     if not isinstance(usage, dict):
         return False
     return record.take_usage(
@@ -374,7 +374,9 @@ def take_usage(record: UsageRecord, usage: object) -> bool:
             "prompt_tokens": usage.get("input_tokens"),
             "completion_tokens": usage.get("output_tokens", 0),
             "total_tokens": usage.get("total_tokens"),
-        }
+            "prompt_tokens_details": usage.get("input_tokens_details"),
+        },
+        model,
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from proxy.backends import Backend, parse_backends, single_backend
+from proxy.prices import Price, parse_model_prices
 from proxy.principal import NO_SIGN_IN, OrganizerSignIn
 
 DEFAULT_API_VERSION = "2024-10-21"
@@ -74,6 +75,7 @@ APP_SETTINGS: tuple[str, ...] = (
     "SESSION_MAX_CHARS",
     "SESSION_TTL_SECONDS",
     "LOG_FORMAT",
+    "MODEL_PRICES",
     # Read by the Functions host too; here, for the app's own telemetry (proxy.telemetry).
     "APPLICATIONINSIGHTS_CONNECTION_STRING",
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
@@ -148,6 +150,8 @@ class Settings(BaseModel):
     organizer_sign_in: OrganizerSignIn = NO_SIGN_IN
     # AZURE_OPENAI_BACKENDS, or AZURE_OPENAI_ENDPOINT as the one backend (proxy.backends).
     backends: tuple[Backend, ...] = ()
+    # MODEL_PRICES: USD per million tokens by deployment name, over the sourced table (proxy.prices).
+    model_prices: dict[str, Price] = Field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, need_upstream: bool = True) -> Settings:
@@ -176,6 +180,12 @@ class Settings(BaseModel):
                 raise SettingsError(f"AZURE_OPENAI_BACKENDS {exc}") from None
         elif endpoint is not None:
             backends = (single_backend(endpoint.rstrip("/"), api_key),)
+        model_prices: dict[str, Price] = {}
+        if (raw_prices := get("MODEL_PRICES")) is not None:
+            try:
+                model_prices = parse_model_prices(raw_prices)
+            except ValueError as exc:
+                raise SettingsError(f"MODEL_PRICES {exc}") from None
         table_endpoint = get("STORAGE_TABLE_ENDPOINT")
         connection_string = get("STORAGE_CONNECTION_STRING")
         if table_endpoint is None and connection_string is None:
@@ -199,6 +209,7 @@ class Settings(BaseModel):
             appinsights_identity=_appinsights_identity(get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING")),
             organizer_sign_in=_organizer_sign_in(get),
             backends=backends,
+            model_prices=model_prices,
             max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
             upstream_timeout_seconds=120.0,
             event_cache_seconds=30.0,

@@ -106,7 +106,8 @@ def _take_usage(complete: bytes, record: UsageRecord, wants_usage: bool) -> byte
                 chunk = orjson.loads(event[6:])
             except orjson.JSONDecodeError:
                 chunk = None
-            usage_only = isinstance(chunk, dict) and record.take_usage(chunk.get("usage")) and not chunk.get("choices")
+            taken = isinstance(chunk, dict) and record.take_usage(chunk.get("usage"), chunk.get("model"))
+            usage_only = taken and isinstance(chunk, dict) and not chunk.get("choices")
             if usage_only and not wants_usage:
                 continue
         kept.append(event + b"\n\n")

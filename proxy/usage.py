@@ -42,6 +42,7 @@ from azure.core.exceptions import ResourceNotFoundError
 
 from proxy.errors import StorageUnavailable
 from proxy.limits import Admission, Finished, Ledger, Settlement, keeps_slot
+from proxy.prices import Priced, PriceTable, usd
 from proxy.storage import Tables, gathered
 from proxy.telemetry import Telemetry
 
@@ -64,12 +65,19 @@ LOG_FIELDS = (
     "total_tokens",
     "estimated",
     "backend",
+    "cached_tokens",
+    "priced_as",
+    "cost",
 )
 MAX_BACKOFF_SECONDS = 2.0
 
 GroupBy = Literal["user", "model", "day", "backend"]
 GROUPINGS: tuple[GroupBy, ...] = ("user", "model", "day", "backend")
 FIGURES = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
+# What a report row holds, in order (DESIGN, Organizers); cost in USD.
+COLUMNS = (*FIGURES, "cached_tokens", "cost", "unpriced_requests")
+# The layout of a day's per-model and per-backend rows (proxy.limits): cost in nano-dollars.
+_ROW = (*FIGURES, "cached_tokens", "cost_nanos", "unpriced_requests")
 
 
 @dataclass(slots=True)
@@ -96,6 +104,9 @@ class UsageRecord:
     prompt_estimate: int = 0  # ceil(bytes / 4) of the body sent upstream, and what chained context it carries
     measured: bool = False  # the tokens are upstream's (its ``usage``), not the estimate
     estimated: bool = False
+    cached_tokens: int = 0  # of the prompt tokens, those upstream served from its prompt cache
+    upstream_model: str = ""  # the model upstream's answer names (gpt-4o-mini-2024-07-18): its price applies
+    priced: Priced | None = None  # set when the record is settled (proxy.prices)
     stored: bool = field(default=False, repr=False)
 
     def log_entity(self) -> dict[str, Any]:
@@ -116,12 +127,18 @@ class UsageRecord:
             "total_tokens": self.total_tokens,
             "estimated": self.estimated,
             "backend": self.backend,
+            "cached_tokens": self.cached_tokens,
+            # The model it was priced as ("" when none was known) and its cost, USD.
+            "priced_as": self.priced.model if self.priced else "",
+            "cost": usd(self.priced.cost_nanos) if self.priced else 0.0,
         }
 
-    def take_usage(self, usage: object) -> bool:
-        """Read upstream's ``usage`` object into this record; False if it is not one.
+    def take_usage(self, usage: object, model: object = None) -> bool:
+        """Read upstream's ``usage`` object (and the ``model`` its answer names) into this record;
+        False if it is not one.
 
-        Embeddings report no ``completion_tokens``: they count as 0.
+        Embeddings report no ``completion_tokens``: they count as 0. Cached prompt
+        tokens come from ``prompt_tokens_details.cached_tokens``.
         """
         if not isinstance(usage, dict):
             return False
@@ -131,6 +148,11 @@ class UsageRecord:
         total = usage.get("total_tokens")
         self.prompt_tokens, self.completion_tokens = prompt, completion
         self.total_tokens = total if isinstance(total, int) else prompt + completion
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        self.cached_tokens = min(cached, prompt) if isinstance(cached, int) and cached > 0 else 0
+        if isinstance(model, str) and model:
+            self.upstream_model = model
         self.measured = True
         return True
 
@@ -144,11 +166,15 @@ class UsageRecord:
         self.total_tokens = self.prompt_tokens + relayed
         self.estimated = True
 
-    def finished(self) -> Finished:
+    def finished(self, prices: PriceTable) -> Finished:
+        self.priced = prices.price(
+            self.upstream_model, self.model, self.prompt_tokens, self.cached_tokens, self.completion_tokens
+        )
         log_entity = self.log_entity() if self.reached_upstream else None
         return Finished(self.user, self.admission, self.settlement(), log_entity)
 
     def settlement(self) -> Settlement:
+        priced = self.priced or Priced("", 0)
         return Settlement(
             model=self.model,
             prompt_tokens=self.prompt_tokens,
@@ -157,6 +183,9 @@ class UsageRecord:
             reached_upstream=self.reached_upstream,
             succeeded=self.reached_upstream and keeps_slot(self.status),
             backend=self.backend,
+            cached_tokens=self.cached_tokens,
+            cost_nanos=priced.cost_nanos,
+            unpriced=self.reached_upstream and priced.unpriced,
         )
 
 
@@ -180,8 +209,9 @@ class UsageRecorder:
     that were in flight when storage went away.
     """
 
-    def __init__(self, tables: Tables, ledger: Ledger, telemetry: Telemetry | None = None) -> None:
+    def __init__(self, tables: Tables, ledger: Ledger, prices: PriceTable, telemetry: Telemetry | None = None) -> None:
         self._tables = tables
+        self._prices = prices
         self._telemetry = telemetry or Telemetry()
         self._ledger = ledger
         self._pending: list[UsageRecord] = []
@@ -328,7 +358,7 @@ class UsageRecorder:
                 raise outcome
 
     async def _settle(self, event_id: str, records: list[UsageRecord]) -> None:
-        finished = [record.finished() for record in records]
+        finished = [record.finished(self._prices) for record in records]
         try:
             # A few dozen events at a time, so that a write over many events never
             # holds the event loop away from the requests in flight for long.
@@ -351,41 +381,64 @@ class UsageRecorder:
 async def report(tables: Tables, event_id: str, by: GroupBy) -> dict[str, Any]:
     """``{"event_id", "totals", "rows"}`` grouped by user, model, day or backend (DESIGN).
 
-    Days recorded before backends were tracked count under the backend ``""``.
+    Each row and the totals: ``requests``, ``prompt_tokens``, ``completion_tokens``,
+    ``total_tokens``, ``cached_tokens`` (of the prompt tokens), ``cost`` (USD, from
+    ``proxy.prices``) and ``unpriced_requests`` (requests whose model had no known
+    price: their cost is missing from ``cost``). Days recorded before backends were
+    tracked count under the backend ``""``; before costs were, with cost 0.
     """
-    rows: dict[str, dict[str, int]] = {}
-    totals = dict.fromkeys(FIGURES, 0)
+    rows: dict[str, list[int]] = {}
+    totals = [0] * len(_ROW)
     entities = tables.usage.query_entities(
         "PartitionKey eq @pk and RowKey lt @log", parameters={"pk": event_id, "log": LOG_PREFIX}
     )
     try:
-        for entity in await gathered(entities):
-            if by in ("model", "backend"):
-                grouped: dict[str, list[int]] = orjson.loads(entity.get(f"{by}s", "{}"))
-                counted = [0, 0, 0, 0]
-                for key, figures in grouped.items():
-                    _add(rows.setdefault(key, dict.fromkeys(FIGURES, 0)), figures)
-                    counted = [a + b for a, b in zip(counted, figures, strict=True)]
-                rest = [int(entity.get(f, 0)) - n for f, n in zip(FIGURES, counted, strict=True)]
-                if by == "backend" and any(rest):
-                    _add(rows.setdefault("", dict.fromkeys(FIGURES, 0)), rest)
-            else:
-                key = entity["user"] if by == "user" else entity["day"]
-                _add(rows.setdefault(key, dict.fromkeys(FIGURES, 0)), [entity.get(f, 0) for f in FIGURES])
-            _add(totals, [entity.get(f, 0) for f in FIGURES])
+        found = await gathered(entities)
     except ResourceNotFoundError:
-        pass
+        found = []
+    for entity in found:
+        models = _grouped(entity.get("models"))
+        day = [int(entity.get(name, 0)) for name in FIGURES] + _sum(models.values())[len(FIGURES) :]
+        if by in ("model", "backend"):
+            grouped = models if by == "model" else _grouped(entity.get("backends"))
+            for key, figures in grouped.items():
+                _add(rows.setdefault(key, [0] * len(_ROW)), figures)
+            rest = [a - b for a, b in zip(day, _sum(grouped.values()), strict=True)]
+            if by == "backend" and any(rest):
+                _add(rows.setdefault("", [0] * len(_ROW)), rest)
+        else:
+            _add(rows.setdefault(entity["user"] if by == "user" else entity["day"], [0] * len(_ROW)), day)
+        _add(totals, day)
     return {
         "event_id": event_id,
         "by": by,
-        "totals": totals,
-        "rows": [{"key": key, **figures} for key, figures in sorted(rows.items())],
+        "totals": _figures(totals),
+        "rows": [{"key": key, **_figures(figures)} for key, figures in sorted(rows.items())],
     }
 
 
-def _add(target: dict[str, int], figures: list[int]) -> None:
-    for name, value in zip(FIGURES, figures, strict=True):
-        target[name] += int(value)
+def _grouped(raw: object) -> dict[str, list[int]]:
+    """A day's ``models`` or ``backends`` map, each row padded to the full layout."""
+    grouped: dict[str, list[int]] = orjson.loads(raw) if isinstance(raw, str) and raw else {}
+    return {key: [int(v) for v in row] + [0] * (len(_ROW) - len(row)) for key, row in grouped.items()}
+
+
+def _sum(rows: Any) -> list[int]:
+    total = [0] * len(_ROW)
+    for row in rows:
+        _add(total, row)
+    return total
+
+
+def _add(target: list[int], figures: list[int]) -> None:
+    for index, value in enumerate(figures):
+        target[index] += int(value)
+
+
+def _figures(counted: list[int]) -> dict[str, Any]:
+    figures: dict[str, Any] = dict(zip(_ROW, counted, strict=True))
+    figures["cost"] = usd(figures.pop("cost_nanos"))
+    return {name: figures[name] for name in COLUMNS}
 
 
 async def request_log(tables: Tables, event_id: str) -> list[dict[str, Any]]:
@@ -410,10 +463,10 @@ def report_csv(data: dict[str, Any]) -> str:
     """
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([data["by"], *FIGURES])
+    writer.writerow([data["by"], *COLUMNS])
     for row in data["rows"]:
-        writer.writerow([_inert(str(row["key"])), *(row[f] for f in FIGURES)])
-    writer.writerow(["TOTAL", *(data["totals"][f] for f in FIGURES)])
+        writer.writerow([_inert(str(row["key"])), *(row[f] for f in COLUMNS)])
+    writer.writerow(["TOTAL", *(data["totals"][f] for f in COLUMNS)])
     return out.getvalue()
 
 

@@ -15,7 +15,7 @@ import pytest
 from openai import OpenAI
 
 from proxy.storage import Tables
-from proxy.usage import FIGURES, report
+from proxy.usage import COLUMNS, report
 from tests.support import ORGANIZER_KEY, app_env, start_app, wait_for
 
 AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
@@ -221,9 +221,9 @@ def test_usage_reports_and_survives_deletion(http: httpx.Client, app: str) -> No
     csv = http.get(url, headers={**AUTH, "Accept": "text/csv"})
     assert csv.headers["content-type"].startswith("text/csv")
     lines = csv.text.splitlines()
-    assert lines[0] == "user,requests,prompt_tokens,completion_tokens,total_tokens"
+    assert lines[0] == "user,requests,prompt_tokens,completion_tokens,total_tokens,cached_tokens,cost,unpriced_requests"
     assert lines[1].startswith("bob,3,") and lines[2].startswith("carol,1,")
-    assert lines[-1] == "TOTAL," + ",".join(str(totals[f]) for f in FIGURES)
+    assert lines[-1] == "TOTAL," + ",".join(str(totals[f]) for f in COLUMNS)
 
     bad_by = http.get(url, params={"by": "week"}, headers=AUTH)
     assert bad_by.status_code == 400 and bad_by.json()["error"]["param"] == "by"
@@ -282,6 +282,10 @@ async def test_report_of_500_attendees_is_fast(tables: Tables) -> None:
         "prompt_tokens": 2_500_000,
         "completion_tokens": 500_000,
         "total_tokens": 3_000_000,
+        # Days stored before costs were tracked: their per-model rows have 4 figures.
+        "cached_tokens": 0,
+        "cost": 0.0,
+        "unpriced_requests": 0,
     }
     assert elapsed < 1.0
     by_model = await report(tables, speed_event, "model")

@@ -255,6 +255,9 @@ async def test_organizer_runs_an_event_from_the_page(app: str, browsing: Watched
     rows = manage.locator("#usage-table tbody tr")
     await expect(rows.filter(has_text="grace")).to_have_count(1)
     await expect(rows.filter(has_text="grace").locator("td").nth(1)).to_have_text("1")
+    # In money too: one small gpt-4o-mini request costs a fraction of a cent.
+    await expect(rows.filter(has_text="grace").locator("td").nth(6)).to_have_text(re.compile(r"^\$0\.0000\d\d$"))
+    await expect(manage.locator("#usage-totals")).to_contain_text(re.compile(r"\$0\.0000\d\d\."))
     await expect(manage.locator("#usage-chart svg")).to_be_visible()
     await expect(manage.locator("#attendees-table")).to_contain_text("grace")
     await manage.get_by_role("button", name="Per model").click()

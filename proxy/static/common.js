@@ -102,6 +102,14 @@
     return value === null || value === undefined ? "—" : Number(value).toLocaleString("en-US");
   }
 
+  /** USD: cents from one cent up, more digits below (a workshop's requests cost fractions of a cent). */
+  function usd(value) {
+    if (value === null || value === undefined) return "—";
+    const amount = Number(value);
+    const digits = amount === 0 || amount >= 1 ? 2 : amount >= 0.01 ? 4 : 6;
+    return "$" + amount.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+  }
+
   /** "2 h 5 min", "3 min 20 s" */
   function duration(ms) {
     let seconds = Math.max(0, Math.round(ms / 1000));
@@ -133,5 +141,5 @@
     remove(key) { try { sessionStorage.removeItem(key); } catch (_) { /* private mode */ } },
   };
 
-  window.Portal = { API, call, el, $, copy, showAlert, clearAlert, number, duration, localTime, session };
+  window.Portal = { API, call, el, $, copy, showAlert, clearAlert, number, usd, duration, localTime, session };
 })();

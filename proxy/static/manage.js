@@ -3,7 +3,7 @@
    Authorization header; signed in with Entra ID (App Service authentication), the platform's cookie does. */
 "use strict";
 (function () {
-  const { API, call, el, $, copy, showAlert, clearAlert, number, localTime, session } = window.Portal;
+  const { API, call, el, $, copy, showAlert, clearAlert, number, usd, localTime, session } = window.Portal;
   const KEY = "eventproxy.organizer";
   const LIVE_MS = 5000;
   const NUMBERS = {
@@ -394,7 +394,10 @@
     const report = answer.data;
     const totals = report.totals;
     $("usage-totals").textContent = `${number(totals.requests)} request${totals.requests === 1 ? "" : "s"}, ${number(totals.total_tokens)} tokens ` +
-      `(${number(totals.prompt_tokens)} prompt, ${number(totals.completion_tokens)} completion).`;
+      `(${number(totals.prompt_tokens)} prompt, ${number(totals.completion_tokens)} completion, ` +
+      `${number(totals.cached_tokens)} of the prompt cached), ${usd(totals.cost)}.` +
+      (totals.unpriced_requests ? ` ${number(totals.unpriced_requests)} requests used a model with no known price ` +
+        "and are not in the cost: set MODEL_PRICES." : "");
     const budget = report.budget;
     $("usage-budget").hidden = !budget;
     if (budget) {
@@ -412,7 +415,8 @@
     $("usage-table").querySelector("tbody").replaceChildren(...rows.map((row) => el("tr", {},
       el("td", {}, row.key), el("td", { className: "n" }, number(row.requests)),
       el("td", { className: "n" }, number(row.prompt_tokens)), el("td", { className: "n" }, number(row.completion_tokens)),
-      el("td", { className: "n" }, number(row.total_tokens)))));
+      el("td", { className: "n" }, number(row.total_tokens)), el("td", { className: "n" }, number(row.cached_tokens)),
+      el("td", { className: "n" }, usd(row.cost) + (row.unpriced_requests ? " *" : "")))));
     $("usage-refreshed").textContent = "Updated " + new Date().toLocaleTimeString("en-GB") +
       ($("live").checked ? ", refreshed every 5 seconds." : ".");
   }
