@@ -465,9 +465,14 @@ def report_csv(data: dict[str, Any]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([data["by"], *COLUMNS])
     for row in data["rows"]:
-        writer.writerow([_inert(str(row["key"])), *(row[f] for f in COLUMNS)])
-    writer.writerow(["TOTAL", *(data["totals"][f] for f in COLUMNS)])
+        writer.writerow([_inert(str(row["key"])), *_cells(row)])
+    writer.writerow(["TOTAL", *_cells(data["totals"])])
     return out.getvalue()
+
+
+def _cells(figures: dict[str, Any]) -> list[Any]:
+    """A row's figures; the cost as a plain decimal (no exponent), to the nano-dollar."""
+    return [f"{figures[f]:.9f}" if f == "cost" else figures[f] for f in COLUMNS]
 
 
 def _inert(cell: str) -> str:
