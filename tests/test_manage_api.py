@@ -224,7 +224,7 @@ def test_usage_reports_and_survives_deletion(http: httpx.Client, app: str) -> No
     lines = csv.text.splitlines()
     assert lines[0] == "user,requests,prompt_tokens,completion_tokens,total_tokens,cached_tokens,cost,unpriced_requests"
     assert lines[1].startswith("bob,3,") and lines[2].startswith("carol,1,")
-    assert lines[-1] == "TOTAL," + ",".join(str(totals[f]) for f in COLUMNS)
+    assert lines[-1] == "TOTAL," + ",".join(f"{totals[f]:.9f}" if f == "cost" else str(totals[f]) for f in COLUMNS)
 
     bad_by = http.get(url, params={"by": "week"}, headers=AUTH)
     assert bad_by.status_code == 400 and bad_by.json()["error"]["param"] == "by"
