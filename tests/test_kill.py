@@ -1,15 +1,22 @@
 """Usage that a kill cannot lose: SIGKILLed workers under load, and a storage outage on top.
 
-Clients send thousands of requests (chat, streams, embeddings) from several
-attendees while the worker is killed with SIGKILL at random moments, as the
-Functions host does on scale-in, restart or ``functionTimeout``. Afterwards:
+Clients send thousands of requests (chat, streams, streams with ``session_id``,
+embeddings) from several attendees while the worker is killed with SIGKILL at
+random moments, as the Functions host does on scale-in, restart or
+``functionTimeout``; some clients hang up on purpose mid-stream. Afterwards:
 
 - every response a client received in full is in the request log with status
   200, token for token; the only other 200s are requests whose client was cut
-  off by a kill an instant after their record was stored (counted and bounded);
-- the usage report (the attendees' day entities) agrees with the log;
+  off by a kill, or hung up, an instant after their record was stored (bounded);
+- every stream a client hung up on is in the log, charged (status 499, or 200
+  when upstream had completed it, with tokens), but for those whose record a
+  kill took before it was stored: at most one per kill;
+- every model call the simulator saw is in the log, but for requests cut off
+  by a kill or hung up (their records died with the worker);
+- the usage report (the attendees' days) agrees with the log;
 - once the reconciler has run (the timer function, under the real worker), no
-  daily slot is held by a request that never finished.
+  daily slot is held by a request that never finished, and each request
+  delivered or left by its client keeps its slot.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy.payload import pseudonym
 from proxy.storage import Tables
 from proxy.usage import report, request_log
 from tests.conftest import MakeEvent, NewEvent
@@ -34,12 +42,14 @@ from tests.support import (
     app_env,
     azurite_connection_string,
     eventually,
+    sim_stats,
     start_app,
     start_simulator,
     wait_for,
     worker_pids,
 )
 from tests.test_durability import Forwarder
+from tests.test_hostile_streams import keeps_slot
 
 USERS = [f"load{index}" for index in range(6)]
 THREADS = 12
@@ -51,24 +61,37 @@ class Outcomes:
     """What the clients saw: full answers by request id with their usage, and the ids cut off."""
 
     received: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    hung_up: set[str] = field(default_factory=set)  # request ids of the streams a client left on purpose
     cut_off: int = 0  # answers broken off by a kill (host's bare 500, lost connection, stream without [DONE])
     refused: int = 0  # answers with an error status
     sent: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def one_request(http: httpx.Client, url: str, key: str, kind: str, outcomes: Outcomes) -> None:
+def one_request(
+    http: httpx.Client, url: str, key: str, kind: str, outcomes: Outcomes, leave_after: int | None = None
+) -> None:
+    """One request of ``kind``; a stream is left after ``leave_after`` lines (None: read to the end)."""
     user = key.split("/", 1)[1]
     if kind == "embeddings":
         path, body = "/api/v1/embeddings", {"model": "text-embedding-3-small", "input": "kill me softly"}
     else:
         path = "/api/v1/chat/completions"
         body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Count to twelve"}]}
-        if kind == "stream":
+        if kind in ("stream", "session"):
             body |= {"stream": True, "stream_options": {"include_usage": True}}
+        if kind == "session":
+            body["session_id"] = f"kill-{user}"
     try:
         with http.stream("POST", url + path, json=body, headers={"api-key": key}) as response:
             request_id = response.headers.get("x-request-id")
+            if leave_after is not None and response.status_code == 200 and request_id is not None:
+                for index, _ in enumerate(response.iter_lines()):
+                    if index >= leave_after:
+                        break
+                with outcomes.lock:
+                    outcomes.hung_up.add(request_id)
+                return  # the connection is closed mid-answer
             if response.status_code != 200:
                 response.read()
                 # The host's bare 500 (not the proxy's JSON): the worker died under the request.
@@ -79,7 +102,7 @@ def one_request(http: httpx.Client, url: str, key: str, kind: str, outcomes: Out
                     else:
                         outcomes.refused += 1
                 return
-            if kind == "stream":
+            if kind in ("stream", "session"):
                 usage, done = None, False
                 for line in response.iter_lines():
                     if line == "data: [DONE]":
@@ -107,8 +130,13 @@ def run_load(url: str, event: NewEvent, total: int, stop: threading.Event, outco
                 with outcomes.lock:
                     outcomes.sent += 1
                 before = len(outcomes.received)
-                kind = chooser.choice(["chat", "stream", "stream", "embeddings"])
-                one_request(http, url, event.key(chooser.choice(USERS)), kind, outcomes)
+                kind = chooser.choice(["chat", "stream", "session", "embeddings", "leave"])
+                key = event.key(chooser.choice(USERS))
+                if kind == "leave":  # a stream, with a session or not, left after a few lines
+                    leave_after = chooser.randrange(0, 24)
+                    one_request(http, url, key, chooser.choice(["stream", "session"]), outcomes, leave_after)
+                    continue
+                one_request(http, url, key, kind, outcomes)
                 if len(outcomes.received) == before:
                     stop.wait(0.1)  # a client backs off a little after an error
 
@@ -135,7 +163,9 @@ def kill_workers(service: Service, times: int, outcomes: Outcomes, total: int, s
     return killed
 
 
-async def check_usage(tables: Tables, event: NewEvent, outcomes: Outcomes) -> dict[str, Any]:
+async def check_usage(
+    tables: Tables, event: NewEvent, outcomes: Outcomes, simulator: str | None = None
+) -> dict[str, Any]:
     log = await request_log(tables, event.event.id)
     logged = {entry["request_id"]: entry for entry in log}
     assert len(logged) == len(log), "a request was logged twice"
@@ -149,16 +179,33 @@ async def check_usage(tables: Tables, event: NewEvent, outcomes: Outcomes) -> di
             prompt_tokens,
             total_tokens,
         )
-    # A logged 200 the client did not get in full: only a request cut off by a kill right after its record was stored.
+    # A logged 200 the client did not get in full: a request cut off by a kill right after its record was
+    # stored, or left by its client once upstream had completed it.
     charged_not_received = {rid for rid, e in logged.items() if e["status"] == 200 and rid not in outcomes.received}
-    assert len(charged_not_received) <= outcomes.cut_off
+    assert len(charged_not_received - outcomes.hung_up) <= outcomes.cut_off
+    # A stream its client left is charged: 499 (or 200 when upstream had completed it; 503 when storage
+    # was down as it ended), tokens counted.
+    left = [logged[rid] for rid in outcomes.hung_up if rid in logged]
+    assert all(e["status"] in (200, 499, 503) and e["total_tokens"] > 0 for e in left), left
+    unlogged_left = len(outcomes.hung_up) - len(left)
+    if simulator is not None:
+        # Every model call is logged, but for those whose record a kill took (cut off, or left just before).
+        calls: dict[str, int] = dict(sim_stats(simulator)["by_user"])  # type: ignore[arg-type]
+        made = sum(calls.get(pseudonym(event.event.id, user), 0) for user in USERS)
+        assert len(log) <= made <= len(log) + outcomes.cut_off + unlogged_left, (made, len(log))
     # The usage report (the attendees' days) agrees with the log.
     data = await report(tables, event.event.id, "user")
     assert data["totals"]["requests"] == len(log)
     assert data["totals"]["total_tokens"] == sum(entry["total_tokens"] for entry in log)
     for row in data["rows"]:
         assert row["requests"] == sum(1 for entry in log if entry["user"] == row["key"])
-    return {"logged": len(log), "charged_not_received": len(charged_not_received)}
+    return {
+        "logged": len(log),
+        "charged_not_received": len(charged_not_received),
+        "left": len(outcomes.hung_up),
+        "left_unlogged": unlogged_left,
+        "left_estimated": sum(1 for e in left if e.get("estimated")),
+    }
 
 
 async def consistent(tables: Tables, event: NewEvent, outcomes: Outcomes) -> dict[str, Any] | str:
@@ -172,12 +219,13 @@ def report_figures(what: str, figures: dict[str, Any], outcomes: Outcomes) -> No
     print(
         f"\n{what}: {outcomes.sent} sent, {len(outcomes.received)} received in full, {outcomes.cut_off} cut off, "
         f"{outcomes.refused} refused; {figures['logged']} logged, {figures['charged_not_received']} charged "
-        "but cut off"
+        f"but cut off; {figures['left']} streams left by their client, {figures['left_unlogged']} of them not "
+        f"logged (a kill took the record), {figures['left_estimated']} charged by estimate"
     )
 
 
 async def assert_no_slot_left_reserved(tables: Tables, event: NewEvent) -> None:
-    """After the reconciler: each attendee's reserved slots are exactly its delivered requests."""
+    """After the reconciler: each attendee's reserved slots are exactly its requests delivered or left by the client."""
     log = await request_log(tables, event.event.id)
 
     async def days() -> list[dict[str, Any]]:
@@ -187,7 +235,7 @@ async def assert_no_slot_left_reserved(tables: Tables, event: NewEvent) -> None:
 
     def settled(entities: list[dict[str, Any]]) -> bool:
         for entity in entities:
-            delivered = sum(1 for entry in log if entry["user"] == entity["user"] and 200 <= entry["status"] < 300)
+            delivered = sum(1 for entry in log if entry["user"] == entity["user"] and keeps_slot(entry["status"]))
             held = [e for e in json.loads(entity.get("inflight", "{}")).values() if e[3] == 0]
             if entity["reserved"] != delivered or held:
                 return False
@@ -223,7 +271,9 @@ async def test_killed_workers_lose_no_delivered_usage(
         killed = kill_workers(service, 5, outcomes, total, seed=7)
         load.join(300)
         assert len(killed) == 5 and len(outcomes.received) >= total
-        figures = await check_usage(tables, event, outcomes)
+        figures = await check_usage(tables, event, outcomes, slow_simulator)
+        # A stream left by its client is recorded at once: only a kill in that instant loses one.
+        assert figures["left_unlogged"] <= len(killed), figures
         await assert_no_slot_left_reserved(tables, event)
         report_figures("kills", figures, outcomes)
     finally:
