@@ -18,7 +18,11 @@ The steps, each one ``az`` call (a redeploy runs the same steps and changes only
    model that still takes new deployments on the event's last day (``--until``, default 30
    days from today), passed to the template; when none does, the deploy stops before changing
    anything and names what the region offers instead (``devtools.azmodels``).
-3. The resource group, created in LOCATION if missing.
+3. Azure OpenAI accounts of this deployment left soft-deleted by a deleted resource group
+   (``az cognitiveservices account list-deleted``) would make the deployment fail for 48 hours
+   (``FlagMustBeSetForRestore``): with the organizer's consent (``--soft-deleted purge|restore``
+   or an answer at the prompt) they are purged or restored, else the deploy stops.
+   The resource group, created in LOCATION if missing.
 4. The organizer key: ``ORGANIZER_KEY`` from the environment; else, on a redeploy, the one
    the app already has; else a new random one, printed once at the end.
 5. ``az deployment group what-if`` with ``--what-if`` (and stop), else
@@ -209,6 +213,62 @@ def resolve_models(az: Az, location: str, until: date) -> list[dict[str, Any]]:
     return azmodels.resolved(choices)
 
 
+@dataclass(frozen=True, slots=True)
+class DeletedAccount:
+    name: str
+    location: str
+    purge_date: str
+
+
+def soft_deleted_accounts(az: Az, group: str, prefix: str) -> list[DeletedAccount]:
+    """This deployment's Azure OpenAI accounts that a deleted resource group left soft-deleted.
+
+    Deleting a resource group only soft-deletes its Azure OpenAI accounts, for 48 hours, and the
+    template derives their names from the group: a deployment into a group of the same name then
+    fails with FlagMustBeSetForRestore until the account is purged or restored.
+    """
+    deleted = az.json("cognitiveservices", "account", "list-deleted")
+    found = []
+    for account in deleted or []:
+        match = re.search(r"/resourceGroups/([^/]+)/", str(account.get("id", "")), re.IGNORECASE)
+        if (
+            match
+            and match.group(1).lower() == group.lower()
+            and str(account.get("name", "")).startswith(f"{prefix}-oai-")
+        ):
+            purge = str((account.get("properties") or {}).get("scheduledPurgeDate", "?"))
+            found.append(DeletedAccount(account["name"], account["location"], purge))
+    return found
+
+
+def choose_soft_deleted_action(accounts: Sequence[DeletedAccount], given: str | None, group: str) -> str:
+    """``purge`` or ``restore``, as the organizer said (--soft-deleted) or answers; else stop."""
+    names = ", ".join(f"{a.name} ({a.location}, purged by Azure on {a.purge_date})" for a in accounts)
+    print(f"Soft-deleted Azure OpenAI account(s) of {group} block this deployment: {names}")
+    if given:
+        return given
+    if sys.stdin.isatty():
+        answer = input("Purge them (their model deployments are gone for good) or restore them? [purge/restore/stop] ")
+        if answer.strip().lower() in ("purge", "restore"):
+            return answer.strip().lower()
+    raise DeployError(
+        f"The resource group {group} was deleted less than 48 hours ago and its Azure OpenAI account(s) are "
+        f"soft-deleted under the same name(s): {names}. Run again with --soft-deleted purge (delete them for good) "
+        "or --soft-deleted restore (bring them back with their deployments). Nothing was deployed."
+    )
+
+
+def settle_soft_deleted(az: Az, group: str, accounts: Sequence[DeletedAccount], action: str) -> None:
+    for account in accounts:
+        where = ["--resource-group", group, "--location", account.location, "--name", account.name]
+        if action == "purge":
+            print(f"Purging the soft-deleted account {account.name} ({account.location})")
+            az.run("cognitiveservices", "account", "purge", *where, "--output", "none")
+        else:
+            print(f"Restoring the soft-deleted account {account.name} ({account.location})")
+            az.run("cognitiveservices", "account", "recover", *where, "--output", "none")
+
+
 def wait_until_healthy(url: str, timeout: float, interval: float) -> None:
     """Poll /api/health until storage is reachable with the app's identity."""
     deadline = time.monotonic() + timeout
@@ -249,9 +309,14 @@ def deploy(args: argparse.Namespace, az: Az) -> int:
     location = az.text("group", "show", "--name", group, "--query", "location") if exists else args.location
     today = args.today or date.today()
     deployments = resolve_models(az, location, args.until or today + timedelta(days=EVENT_DAYS))
+    prefix = (args.prefix or azmodels.parameter((ROOT / PARAMETERS).read_text(), "namePrefix")).lower()
+    deleted = soft_deleted_accounts(az, group, prefix)
+    action = choose_soft_deleted_action(deleted, args.soft_deleted, group) if deleted else None
     if not exists:
         print(f"Creating resource group {group} in {args.location}")
         az.run("group", "create", "--name", group, "--location", args.location, "--output", "none")
+    if action is not None and not args.what_if:
+        settle_soft_deleted(az, group, deleted, action)
     previous = previous_outputs(az, group) if exists else None
     key, new_key = organizer_key(az, group, previous)
 
@@ -324,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--deployer-can-call-models",
         action="store_true",
         help="also grant yourself Cognitive Services OpenAI User (to call the models directly)",
+    )
+    parser.add_argument(
+        "--soft-deleted",
+        choices=("purge", "restore"),
+        help="what to do with this deployment's Azure OpenAI accounts left soft-deleted by a deleted resource group",
     )
     parser.add_argument("--wait", type=float, default=900.0, help="seconds to wait for the app (default: 900)")
     parser.add_argument("--interval", type=float, default=15.0, help=argparse.SUPPRESS)

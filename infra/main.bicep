@@ -109,10 +109,26 @@ var deployerModelRoles = [
 ]
 var deployerRoles = deployerCanCallModels ? concat(deployerTableRoles, deployerModelRoles) : deployerTableRoles
 
+// Settings the app would refuse at start are refused here first, naming the parameter
+// (modules/checks.bicep): every resource waits for the check.
+module checks 'modules/checks.bicep' = {
+  name: 'checks'
+  params: {
+    location: location
+    openAiExtraRegions: openAiExtraRegions
+    organizerEntraClientId: checks.outputs.organizerEntraClientId
+    organizerEntraObjectIds: organizerEntraObjectIds
+    organizerEntraGroupIds: organizerEntraGroupIds
+  }
+}
+
 resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
   name: names.identity
   location: location
   tags: tags
+  dependsOn: [
+    checks
+  ]
 }
 
 module storage 'modules/storage.bicep' = {
@@ -122,6 +138,9 @@ module storage 'modules/storage.bicep' = {
     location: location
     tags: tags
   }
+  dependsOn: [
+    checks
+  ]
 }
 
 module openAi 'modules/openai.bicep' = {
@@ -132,14 +151,17 @@ module openAi 'modules/openai.bicep' = {
     tags: tags
     modelDeployments: modelDeployments
   }
+  dependsOn: [
+    checks
+  ]
 }
 
 // The same account and deployments in each extra region, named with the region.
-module openAiExtra 'modules/openai.bicep' = [for region in openAiExtraRegions: {
+module openAiExtra 'modules/openai.bicep' = [for (region, i) in openAiExtraRegions: {
   name: 'openai-${region}'
   params: {
     name: '${prefix}-oai-${take(region, 20)}-${suffix}'
-    location: region
+    location: checks.outputs.openAiExtraRegions[i]
     tags: tags
     modelDeployments: modelDeployments
   }
@@ -153,6 +175,9 @@ module monitoring 'modules/monitoring.bicep' = {
     location: location
     tags: tags
   }
+  dependsOn: [
+    checks
+  ]
 }
 
 module appRoleAssignments 'modules/roles.bicep' = {
@@ -225,7 +250,7 @@ module functionApp 'modules/functionapp.bicep' = {
       weight: 1
     }]
     organizerKey: organizerKey
-    organizerEntraClientId: organizerEntraClientId
+    organizerEntraClientId: checks.outputs.organizerEntraClientId
     organizerEntraObjectIds: organizerEntraObjectIds
     organizerEntraGroupIds: organizerEntraGroupIds
     maximumInstanceCount: maximumInstanceCount

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from devtools.bicep_check import TYPES, TYPES_FILE, Types, check
+from devtools.bicep_eval import DeploymentFailed, evaluate
 from devtools.bicep_parse import Node, parse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,8 +185,8 @@ MUTATIONS = {
         "https://github.com/Azure/bicep-types-az at ",
     ),
     "module parameter it does not declare": (
-        "main.bicep", "    modelDeployments: modelDeployments\n  }\n}\n\n// The same",
-        "    modelDeployments: modelDeployments\n    sku: 'S0'\n  }\n}\n\n// The same",
+        "main.bicep", "    name: names.openAi\n    location: location\n",
+        "    name: names.openAi\n    sku: 'S0'\n    location: location\n",
         "infra/main.bicep:{line}: module 'openAi': modules/openai.bicep has no parameter 'sku'",
     ),
     "literal a property does not allow": (
@@ -214,3 +215,64 @@ def test_a_broken_template_fails_with_file_and_line(mutation: str, tmp_path: Pat
     print("\n".join(problems))
     assert any(problem.startswith(expected.format(line=line)) for problem in problems), (line, problems)
     assert len(problems) == 1, problems  # nothing else reported: the checks are precise
+
+
+# Settings the app refuses at start are refused by the template first (infra/modules/checks.bicep).
+
+CHECK_DEFAULTS = {"location": "eastus2", "openAiExtraRegions": [], "organizerEntraClientId": "",
+                  "organizerEntraObjectIds": "", "organizerEntraGroupIds": ""}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("given", "refusal"),
+    [
+        ({"openAiExtraRegions": ["swedencentral", "EastUS2"]}, "openAiExtraRegions lists eastus2, the region"),
+        ({"openAiExtraRegions": ["swedencentral", "swedencentral"]}, "openAiExtraRegions lists a region twice"),
+        ({"organizerEntraClientId": "c1d", "organizerEntraObjectIds": " , "},
+         "organizerEntraClientId (ORGANIZER_ENTRA_CLIENT_ID) is set, but organizerEntraObjectIds and "
+         "organizerEntraGroupIds (ORGANIZER_ENTRA_OBJECT_IDS, ORGANIZER_ENTRA_GROUP_IDS) are both empty"),
+        ({"openAiExtraRegions": ["westus"], "organizerEntraClientId": "c1d", "organizerEntraGroupIds": "g"}, None),
+        ({}, None),
+    ],
+)  # fmt: skip
+def test_the_template_refuses_what_the_app_would_refuse(given: dict[str, Any], refusal: str | None) -> None:
+    """checks.bicep's own expressions, evaluated as Resource Manager would: the value, or fail()'s message."""
+    checks = parse(INFRA / "modules" / "checks.bicep")
+    parameters = {**CHECK_DEFAULTS, **given}
+    if refusal is None:
+        outputs = evaluate(checks, parameters)
+        assert outputs["openAiExtraRegions"] == parameters["openAiExtraRegions"]
+        assert outputs["organizerEntraClientId"] == parameters["organizerEntraClientId"]
+    else:
+        with pytest.raises(DeploymentFailed) as failed:
+            evaluate(checks, parameters)
+        assert str(failed.value).startswith(refusal), failed.value
+
+
+def test_everything_waits_for_the_checks_and_takes_the_checked_values() -> None:
+    main = parse(INFRA / "main.bicep")
+    text = (INFRA / "main.bicep").read_text()
+    assert main.of("module")["checks"].type_text == "modules/checks.bicep"
+    assert "organizerEntraClientId: checks.outputs.organizerEntraClientId" in text
+    assert "location: checks.outputs.openAiExtraRegions[i]" in text
+    for name, declaration in {**main.of("resource"), **main.of("module")}.items():
+        if name == "checks":
+            continue
+        body = declaration.value
+        while body is not None and body.kind in ("for", "if"):
+            body = body.parts[1]
+        source = json.dumps(body, default=lambda n: {"kind": n.kind, "value": n.value, "parts": n.parts})
+        waits = '"value": "checks"' in source  # dependsOn: [checks], or a checks output read
+        chained = any(f'"value": "{other}"' in source for other in ("identity", "storage", "openAi", "monitoring"))
+        assert waits or chained, f"infra/main.bicep:{declaration.line}: {name} does not wait for the checks"
+
+
+def test_the_app_names_the_same_settings() -> None:
+    from proxy.settings import Settings, SettingsError
+
+    base = {"STORAGE_CONNECTION_STRING": "UseDevelopmentStorage=true", "AZURE_OPENAI_ENDPOINT": "https://a.example"}
+    with pytest.raises(SettingsError, match="ORGANIZER_ENTRA_OBJECT_IDS nor ORGANIZER_ENTRA_GROUP_IDS"):
+        Settings.from_env({**base, "ORGANIZER_TRUST_APP_SERVICE_AUTH": "true"})
+    twice = [{"name": "eastus2", "endpoint": "https://a.example"}, {"name": "eastus2", "endpoint": "https://b.example"}]
+    with pytest.raises(SettingsError, match="AZURE_OPENAI_BACKENDS names backends twice: eastus2"):
+        Settings.from_env({**base, "AZURE_OPENAI_BACKENDS": json.dumps(twice)})

@@ -16,8 +16,6 @@ Every deploy runs from a copy of the repository's tracked files, as a new user's
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,11 +24,9 @@ from typing import Any
 
 import pytest
 
+from tests.fake_az import SUBSCRIPTION, USER_ID, calls, clone_repository, commands, put_on_path
 from tests.support import ORGANIZER_KEY, ROOT, app_env, start_app, start_simulator
 
-SUBSCRIPTION = "00000000-0000-0000-0000-0000000000aa"
-USER_ID = "11111111-2222-3333-4444-555555555555"
-OWNER = "8e3af657-a8ff-443c-a75c-2fe8c4bcb635"
 READER = "acdd72a7-3385-48ef-bd42-f606fba81ae7"
 MODEL_LISTS = json.loads((ROOT / "tests" / "data" / "az_model_list.json").read_text())
 CAPTURED = MODEL_LISTS["captured"]["entries"]  # real az output
@@ -38,78 +34,6 @@ CAPTURED_ON = MODEL_LISTS["captured"]["captured_on"]
 TODAYS = MODEL_LISTS["constructed"]["entries"]  # built in the same shape, for today's models
 TODAY = "2026-12-03"  # the day the constructed region describes
 SERVED = {"gpt-5.4": "reasoning", "text-embedding-3-small": "embeddings", "gpt-4o-mini": "chat", "gpt-35-turbo": "chat"}
-
-FAKE_AZ = r'''#!{python}
-"""A stand-in for the az CLI: records argv, answers from the scenario in $FAKE_AZ_STATE."""
-import json, os, sys, zipfile
-
-state_path = os.environ["FAKE_AZ_STATE"]
-state = json.load(open(state_path))
-argv = sys.argv[1:]
-record = {{"argv": argv}}
-if os.environ.get("ORGANIZER_KEY"):
-    record["env"] = {{
-        "ORGANIZER_KEY": "set" if os.environ["ORGANIZER_KEY"] == state["expected_key"] else "other",
-        "DEPLOYER_PRINCIPAL_ID": os.environ.get("DEPLOYER_PRINCIPAL_ID"),
-    }}
-with open(state["log"], "a") as log:
-    log.write(json.dumps(record) + "\n")
-
-def answer(value):
-    print(json.dumps(value) if "json" in argv else value)
-    sys.exit(0)
-
-def fail(message, code=1):
-    print("ERROR: " + message, file=sys.stderr)
-    sys.exit(code)
-
-words = [a for a in argv if not a.startswith("-")]
-if argv[:2] == ["account", "show"]:
-    if not state["logged_in"]:
-        fail("Please run 'az login' to setup account.")
-    user = {{"name": "organizer@example.com", "type": "user"}}
-    answer({{"id": state["subscription"], "name": "Events", "user": user}})
-if argv[:2] == ["bicep", "version"]:
-    answer("Bicep CLI version 0.38.5")
-if argv[:3] == ["ad", "signed-in-user", "show"]:
-    answer(state["user_id"])
-if argv[:2] == ["group", "exists"]:
-    answer(state["group_exists"])
-if argv[:2] == ["group", "show"]:
-    answer(state["group_location"])
-if argv[:3] == ["cognitiveservices", "model", "list"]:
-    region = argv[argv.index("--location") + 1]
-    if region not in state["model_lists"]:
-        fail("(NoRegisteredProviderFound) No registered resource provider found for location '" + region + "'.")
-    answer(state["model_lists"][region])
-if argv[:3] == ["role", "assignment", "list"]:
-    answer([{{"roleDefinitionId": "/subscriptions/x/providers/Microsoft.Authorization/roleDefinitions/" + r,
-              "scope": argv[argv.index("--scope") + 1]}} for r in state["roles"]])
-if argv[:2] == ["group", "create"]:
-    answer({{"name": argv[argv.index("--name") + 1], "properties": {{"provisioningState": "Succeeded"}}}})
-if argv[:3] == ["deployment", "group", "show"]:
-    if not state["deployed"]:
-        fail("(DeploymentNotFound) Deployment 'event-proxy' could not be found.", 3)
-    answer({{k: {{"type": "String", "value": v}} for k, v in state["outputs"].items()}})
-if argv[:4] == ["functionapp", "config", "appsettings", "list"]:
-    answer(state["expected_key"])
-if argv[:3] == ["deployment", "group", "what-if"]:
-    answer("Resource changes: 14 to create.")
-if argv[:3] == ["deployment", "group", "create"]:
-    outputs = dict(state["outputs"])
-    given = [a.split("=", 1)[1] for a in argv if a.startswith("modelDeployments=")]
-    if given and "AZURE_OPENAI_DEPLOYMENTS" not in outputs:
-        outputs["AZURE_OPENAI_DEPLOYMENTS"] = json.loads(given[-1])  # the template outputs its parameter
-    answer({{"properties": {{"provisioningState": "Succeeded",
-            "outputs": {{k: {{"type": "Array" if isinstance(v, list) else "String", "value": v}}
-                        for k, v in outputs.items()}}}}}})
-if argv[:4] == ["functionapp", "deployment", "source", "config-zip"]:
-    names = zipfile.ZipFile(argv[argv.index("--src") + 1]).namelist()
-    with open(state["log"], "a") as log:
-        log.write(json.dumps({{"zip": sorted(names)}}) + "\n")
-    answer("")
-fail("fake az: unexpected command " + " ".join(argv), 2)
-'''
 
 
 @pytest.fixture(scope="module")
@@ -124,56 +48,20 @@ def app(azurite: str) -> Iterator[str]:
 
 @pytest.fixture
 def clone(tmp_path: Path) -> Path:
-    """The files git tracks (and new ones it would), as a clone has them, with the shared install linked in."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout
-    target = tmp_path / "repo"
-    for name in files.decode().split("\0"):
-        source = ROOT / name
-        if name and source.is_file() and not source.is_symlink():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / name)  # mtimes kept: make finds the install up to date
-    for link in (".venv", "node_modules"):
-        (target / link).symlink_to((ROOT / link).resolve())
-    return target
+    return clone_repository(tmp_path)
 
 
 def fake_az(tmp_path: Path, app: str, **scenario: Any) -> tuple[dict[str, str], Path]:
-    """A PATH holding the fake ``az``, and the log its calls go to."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "az"
-    script.write_text(FAKE_AZ.format(python=sys.executable))
-    script.chmod(0o755)
-    log = tmp_path / "az-calls.jsonl"
-    state = {
-        "log": str(log),
-        "logged_in": True,
-        "subscription": SUBSCRIPTION,
-        "user_id": USER_ID,
-        "group_exists": False,
-        "group_location": "eastus2",
-        "model_lists": {"eastus2": TODAYS},
-        "roles": [OWNER],
-        "deployed": False,
-        "expected_key": ORGANIZER_KEY,
-        "outputs": {
-            "AZURE_FUNCTION_APP_NAME": "evtproxy-func-abc123",
-            "AZURE_FUNCTION_APP_URL": app,
-            "AZURE_OPENAI_ENDPOINT": "https://evtproxy-oai-abc123.openai.azure.com/",
-            "STORAGE_TABLE_ENDPOINT": "https://evtproxyst.table.core.windows.net/",
-        },
-        **scenario,
+    """The fake ``az`` on PATH, in a world where the deployment's app is ``app``."""
+    outputs = {
+        "AZURE_FUNCTION_APP_NAME": "evtproxy-func-abc123",
+        "AZURE_FUNCTION_APP_URL": app,
+        "AZURE_OPENAI_ENDPOINT": "https://evtproxy-oai-abc123.openai.azure.com/",
+        "STORAGE_TABLE_ENDPOINT": "https://evtproxyst.table.core.windows.net/",
     }
-    state_file = tmp_path / "state.json"
-    state_file.write_text(json.dumps(state))
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "STORAGE_", "ORGANIZER_"))}
-    env = {**keep, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_AZ_STATE": str(state_file)}
-    return env, log
+    state = {"group": "rg-event", "model_lists": {"eastus2": TODAYS}, "deployed_models": DEFAULTS,
+             "file_models": DEFAULTS, "expected_key": ORGANIZER_KEY, "outputs": outputs, **scenario}  # fmt: skip
+    return put_on_path(tmp_path, state)
 
 
 FAST = ("--interval", "0.2", "--wait", "30")
@@ -185,20 +73,12 @@ def run_deploy(env: dict[str, str], cwd: Path, *args: str, today: str = TODAY) -
         [*command, *FAST, "--today", today, *args],
         cwd=cwd,
         env=env,
+        stdin=subprocess.DEVNULL,  # no terminal: nothing is asked, a consent must be given as an option
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
-
-
-def calls(log: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in log.read_text().splitlines()]
-
-
-def commands(log: Path) -> list[str]:
-    """Each recorded call as a command line; the zip's content is checked separately."""
-    return ["az " + " ".join(c["argv"]) for c in calls(log) if "argv" in c]
 
 
 def set_models(clone: Path, *deployments: dict[str, Any]) -> None:
@@ -240,6 +120,7 @@ def fresh_calls(models: list[dict[str, Any]], regions: tuple[str, ...] = ("eastu
         f"az role assignment list --assignee {USER_ID} --scope {SCOPE} --include-inherited --include-groups "
         "--output json",
         *[f"az cognitiveservices model list --location {region} --output json" for region in regions],
+        "az cognitiveservices account list-deleted --output json",
         "az group create --name rg-event --location eastus2 --output none",
         template_call("create", models) + " --output json",
         "az functionapp deployment source config-zip --resource-group rg-event --name evtproxy-func-abc123 "
@@ -257,6 +138,7 @@ def redeploy_calls(models: list[dict[str, Any]]) -> list[str]:
         "--include-groups --output json",
         "az group show --name rg-event --query location --output tsv",
         "az cognitiveservices model list --location eastus2 --output json",
+        "az cognitiveservices account list-deleted --output json",
         "az deployment group show --resource-group rg-event --name event-proxy --query properties.outputs "
         "--output json",
         "az functionapp config appsettings list --resource-group rg-event --name evtproxy-func-abc123 "
@@ -449,9 +331,57 @@ def test_a_model_that_does_not_answer_fails_the_deploy_after_retries(app: str, c
     env, _ = fake_az(tmp_path, app)
     env["ORGANIZER_KEY"] = ORGANIZER_KEY
     state = json.loads(Path(env["FAKE_AZ_STATE"]).read_text())
-    state["outputs"]["AZURE_OPENAI_DEPLOYMENTS"] = [{"name": "gpt-5.3"}]  # deployed, but not what the app can reach
+    state["outputs"]["AZURE_OPENAI_DEPLOYMENTS"] = [{"name": "gpt-5.3"}]  # deployed, but not what the app serves
     Path(env["FAKE_AZ_STATE"]).write_text(json.dumps(state))
     result = run_deploy(env, clone)
     assert result.returncode == 1
     assert result.stdout.count("Running the doctor") == 3
     assert "PROBLEM  deployment: gpt-5.3 does not answer: 404 DeploymentNotFound" in result.stdout
+
+
+def deleted_account(name: str, group: str, location: str = "eastus2") -> dict[str, Any]:
+    """An entry of ``az cognitiveservices account list-deleted``, shaped as the CLI prints one."""
+    return {
+        "id": f"/subscriptions/{SUBSCRIPTION}/providers/Microsoft.CognitiveServices/locations/{location}/"
+        f"resourceGroups/{group}/deletedAccounts/{name}",
+        "name": name,
+        "location": location,
+        "kind": "OpenAI",
+        "properties": {"deletionDate": "2026-12-03T08:00:00Z", "scheduledPurgeDate": "2026-12-05T08:00:00Z"},
+    }
+
+
+SOFT_DELETED = [deleted_account("evtproxy-oai-abc123", "rg-event"), deleted_account("evtproxy-oai-zzz999", "rg-other")]
+
+
+def test_redeploy_after_tear_down_stops_without_consent(app: str, clone: Path, tmp_path: Path) -> None:
+    """The group was deleted an hour ago: its account is soft-deleted and would fail the deployment."""
+    env, log = fake_az(tmp_path, app, deleted_accounts=SOFT_DELETED)
+    env["ORGANIZER_KEY"] = ORGANIZER_KEY
+    result = run_deploy(env, clone)
+    print(result.stdout, result.stderr)
+    assert result.returncode == 1
+    assert "Soft-deleted Azure OpenAI account(s) of rg-event block this deployment: evtproxy-oai-abc123 (eastus2, " \
+        "purged by Azure on 2026-12-05T08:00:00Z)" in result.stdout  # fmt: skip
+    assert "Run again with --soft-deleted purge" in result.stderr and "Nothing was deployed." in result.stderr
+    assert "zzz999" not in result.stdout + result.stderr  # another group's account is not this deployment's
+    assert not [c for c in commands(log) if "group create" in c or "deployment group" in c or "purge" in c]
+
+
+@pytest.mark.parametrize("action", ["purge", "recover"])
+def test_redeploy_after_tear_down_purges_or_restores_with_consent(
+    app: str, clone: Path, tmp_path: Path, action: str
+) -> None:
+    env, log = fake_az(tmp_path, app, deleted_accounts=SOFT_DELETED)
+    env["ORGANIZER_KEY"] = ORGANIZER_KEY
+    result = run_deploy(env, clone, "--soft-deleted", "purge" if action == "purge" else "restore")
+    print(result.stdout, result.stderr)
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = fresh_calls(DEFAULTS)
+    settle = f"az cognitiveservices account {action} --resource-group rg-event --location eastus2 --name " \
+        "evtproxy-oai-abc123 --output none"  # fmt: skip
+    expected.insert(expected.index("az group create --name rg-event --location eastus2 --output none") + 1, settle)
+    assert commands(log) == expected
+    state = json.loads(Path(env["FAKE_AZ_STATE"]).read_text())
+    assert [a["name"] for a in state["deleted_accounts"]] == ["evtproxy-oai-zzz999"]
+    assert "All good." in result.stdout
