@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
+from proxy.errors import ProxyError
+from proxy.payload import BodyBudget, read_json, release_body
 from proxy.storage import Tables
 from proxy.usage import request_log
 from tests.conftest import LENIENT, MakeEvent
@@ -127,3 +133,41 @@ async def test_maximum_size_bodies_at_once_hold_bounded_memory(
 
 async def upstream_requests(client: httpx.AsyncClient, simulator: str) -> int:
     return int((await client.get(f"{simulator}/_sim/stats")).json()["requests"])
+
+
+async def test_a_body_of_unknown_length_is_held_as_it_is_read() -> None:
+    """A chunked body (no Content-Length, as a streaming host may forward it) is counted chunk by chunk."""
+    budget = BodyBudget(1 * MiB)  # bodies over 256 KiB may hold 768 KiB of it
+    holding: list[Request] = []
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            await read_json(request, 4 * MiB, budget)
+        except ProxyError as error:
+            release_body(request)  # as proxy.handlers.answering does whatever the handler raised
+            return Response(error.body(), status_code=error.status)
+        holding.append(request)  # still held, as by a handler that has not returned
+        return Response(str(budget.held))
+
+    app = Starlette(routes=[Route("/", endpoint, methods=["POST"])])
+
+    async def chunked(size: int) -> AsyncIterator[bytes]:
+        yield b'{"pad": "'
+        for _ in range(size // 65536):
+            yield b"x" * 65536
+        yield b'"}'
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as client:
+        first = await client.post("/", content=chunked(640 * 1024))
+        assert first.status_code == 200 and "content-length" not in first.request.headers
+        assert int(first.text) > 640 * 1024
+        refused = await client.post("/", content=chunked(320 * 1024))  # would pass 768 KiB: refused mid-read
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_busy"
+        small = await client.post("/", content=chunked(128 * 1024))  # the quarter kept for small bodies
+        assert small.status_code == 200
+        release_body(holding.pop(0))
+        again = await client.post("/", content=chunked(320 * 1024))
+        assert again.status_code == 200
+    for request in holding:
+        release_body(request)
+    assert budget.held == 0
