@@ -24,7 +24,7 @@ Bounds: at most the event's ``session_turns`` turns and ``session_chars``
 characters of their JSON, which organizers set per event; when an event leaves
 them unset, ``SESSION_MAX_TURNS`` (20) and ``SESSION_MAX_CHARS`` (60,000) of
 ``proxy.settings``. The oldest turns are dropped first (a single turn larger
-than the whole bound is not kept). A session is forgotten
+than the whole bound is not kept), and with them the tool results whose calls they held. A session is forgotten
 ``SESSION_TTL_SECONDS`` (24 h) after its last turn.
 
 The turn is stored before the answer ends (before the body is released, or a
@@ -92,6 +92,10 @@ def bounded(turns: Turns, limits: SessionLimits) -> Turns:
     ):
         total -= chars[start]
         size -= len(encoded[start]) + 1
+        start += 1
+    # A turn that opens with tool results answers calls made in a turn dropped above: upstream
+    # refuses results without their call (400), so they go too.
+    while 0 < start < len(turns) and turns[start] and turns[start][0].get("role") == "tool":
         start += 1
     return turns[start:]
 

@@ -108,3 +108,28 @@ async def test_malformed_tools_get_upstreams_400_through_the_proxy(app: str, mak
         body = {"model": "gpt-4o-mini", "input": "hi", "tools": [{"type": "function", "name": 7}]}
         response = http.post(f"{app}/api/v1/responses", json=body, headers={"api-key": key})
         assert response.status_code == 400 and response.json()["error"]["param"] == "tools[0].name", response.text
+
+
+async def test_a_session_whose_tool_call_turn_is_dropped_keeps_working(app: str, make_event: MakeEvent) -> None:
+    """A session keeps one turn here: the turn of the results goes with the turn of their calls."""
+    created = await make_event(session_turns=1)
+    tools: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    session = {"session_id": "trip"}
+    async with AsyncOpenAI(base_url=f"{app}/api/v1", api_key=created.key(), max_retries=0) as client:
+        asked = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "weather?"}], tools=tools, extra_body=session
+        )
+        call = (asked.choices[0].message.tool_calls or [])[0]
+        result: Any = [{"role": "tool", "tool_call_id": call.id, "content": "Sunny"}]
+        answered = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=result, tools=tools, extra_body=session
+        )
+        assert "Sunny" in (answered.choices[0].message.content or "")
+        # Upstream would refuse the kept tool result without its call: 400 before the fix.
+        again = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "and tomorrow?"}],
+            tools=tools,
+            extra_body=session,
+        )
+    assert again.choices[0].finish_reason == "tool_calls"
