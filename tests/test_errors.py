@@ -81,6 +81,10 @@ async def test_bad_bodies_are_400_and_never_forwarded(
     assert sim_stats(simulator)["requests"] == before
 
 
+# Azure refuses an empty "tools" array; a tool the model may call is forwarded as sent.
+TOOL = {"type": "function", "function": {"name": "noop", "parameters": {"type": "object", "properties": {}}}}
+
+
 async def test_messages_as_json_string_and_stop_as_string_are_accepted(
     app: str, http: httpx.Client, make_event: MakeEvent, simulator: str
 ) -> None:
@@ -91,7 +95,7 @@ async def test_messages_as_json_string_and_stop_as_string_are_accepted(
         "messages": '[{"role": "user", "content": "hi"}]',
         "stop": "END",
         "seed": 7,
-        "tools": [],
+        "tools": [TOOL],
         # The attendee's identity upstream is the proxy's to give, whichever field carries it.
         "user": "alice@example.org",
         "safety_identifier": "alice@example.org",
@@ -100,7 +104,7 @@ async def test_messages_as_json_string_and_stop_as_string_are_accepted(
     sent = sim_stats(simulator)["last_body"]
     assert isinstance(sent, dict)
     assert sent["messages"] == [{"role": "user", "content": "hi"}]
-    assert sent["stop"] == "END" and sent["seed"] == 7 and sent["tools"] == []
+    assert sent["stop"] == "END" and sent["seed"] == 7 and sent["tools"] == [TOOL]
     assert sent["user"] == sent["safety_identifier"] == pseudonym(created.event.id, "alice")
 
 
