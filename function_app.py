@@ -63,6 +63,7 @@ ROUTES: list[tuple[str, str, list[str], Handler]] = [
     ("manage_event", "manage/events/{event_id}", ["GET", "PATCH", "DELETE"], organizer.event),
     ("manage_rotate_code", "manage/events/{event_id}/rotate-code", ["POST"], organizer.rotate_code),
     ("manage_usage", "manage/events/{event_id}/usage", ["GET"], organizer.usage),
+    ("manage_plan", "manage/events/{event_id}/plan", ["GET"], organizer.plan),
     ("manage_attendees", "manage/events/{event_id}/attendees", ["GET"], organizer.attendees),
     ("manage_attendee", "manage/events/{event_id}/attendees/{user}", ["PATCH"], organizer.attendee),
     ("manage_openapi", "manage/openapi.json", ["GET"], organizer.openapi),

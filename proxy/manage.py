@@ -33,6 +33,7 @@ from proxy import doctor, organizer
 from proxy.doctor import DEFAULT_URL
 from proxy.errors import ProxyError, StorageUnavailable
 from proxy.events import DEFAULT_DAILY_REQUESTS, DEFAULT_MAX_TOKENS, DEFAULT_MODELS, EventStore
+from proxy.prices import PriceTable
 from proxy.settings import Settings, SettingsError, cli_values
 from proxy.storage import Tables
 from proxy.usage import FIGURES, GROUPINGS, report_csv
@@ -142,6 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--csv", action="store_true", help="print CSV")
     output.add_argument("--json", action="store_true", help="print one JSON object")
 
+    planning = commands.add_parser(
+        "plan",
+        help="will the quota hold, and what can the event cost at most",
+        description="Per model the event allows: the tokens per minute its caps allow all attendees at full use "
+        "against the deployment's quota, the largest cost the caps allow (per day and for the whole event), what "
+        "one typical request costs, and the cap changes that would make the quota hold.",
+    )
+    planning.add_argument("event_id", metavar="EVENT_ID")
+    planning.add_argument("--attendees", type=int, metavar="N", help="how many (default: max_attendees, else seen)")
+    planning.add_argument(
+        "--tpm",
+        action="append",
+        default=[],
+        metavar="MODEL=TPM",
+        help="a deployment's quota in tokens per minute (default: its capacity in infra/main.bicepparam)",
+    )
+    planning.add_argument("--json", action="store_true", help="print one JSON object")
+
     doctor = commands.add_parser(
         "doctor",
         help="check a running proxy before an event",
@@ -160,7 +179,7 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in sorted(organizer.EVENT_FIELDS) if hasattr(args, name)}
 
 
-async def run(args: argparse.Namespace, store: EventStore, tables: Tables) -> None:
+async def run(args: argparse.Namespace, store: EventStore, tables: Tables, settings: Settings) -> None:
     """Carry out one command and print its result."""
     if args.area == "usage":
         data = await organizer.usage_report(store, tables, args.event_id, args.by)
@@ -168,6 +187,11 @@ async def run(args: argparse.Namespace, store: EventStore, tables: Tables) -> No
             print(report_csv(data), end="")
         else:
             _print(args, data, _usage_table)
+        return
+    if args.area == "plan":
+        prices = PriceTable.load(settings.model_prices)
+        data = await organizer.plan_event(store, tables, prices, args.event_id, args.attendees, args.tpm)
+        _print(args, data, _plan_text)
         return
     if args.area == "attendees":
         if args.action == "list":
@@ -319,6 +343,37 @@ def _unpriced_line(totals: dict[str, Any]) -> str:
     )
 
 
+def _plan_text(data: dict[str, Any]) -> str:
+    def money(value: float | None) -> str:
+        if value is None:
+            return "no cap bounds it"
+        return f"${value:,.2f}" if value >= 1 else f"${value:.4f}" if value >= 0.001 else f"${value:.6f}"
+
+    def tpm(value: int | None) -> str:
+        return "unbounded (no --tpm cap)" if value is None else f"{value:,} TPM"
+
+    days = f"{data['days']} day" + ("s" if data["days"] != 1 else "")
+    lines = [f"Plan for {data['event_id']}: {data['attendees']} attendees ({data['attendees_from']}), {days}, "
+             f"open up to {data['open_minutes_per_day']} minutes a day."]  # fmt: skip
+    for model in data["models"]:
+        quota = "unknown" if model["quota_tpm"] is None else f"{model['quota_tpm']:,} TPM ({model['quota_from']})"
+        verdict = {True: "holds", False: "DOES NOT HOLD", None: "not checked (no quota known)"}[model["holds"]]
+        typical = model["typical_request"]
+        lines += [
+            "",
+            f"{model['model']}:",
+            f"  peak at full use   {tpm(model['peak_tpm'])} against a quota of {quota}: {verdict}",
+            f"  largest cost       {money(model['max_cost_per_day'])} a day, {money(model['max_cost_event'])} "
+            "for the whole event",
+            f"  typical request    {typical['prompt_tokens']:,} prompt + {typical['completion_tokens']:,} completion "
+            f"tokens = {money(typical['cost'])} ({typical['from']})",
+        ]
+        if model["price"] is None:
+            lines.append("  no known price for this model: set MODEL_PRICES to see costs")
+        lines += [f"  change: {change}" for change in model["changes"]]
+    return "\n".join(lines)
+
+
 def _budget_lines(figures: dict[str, Any] | None) -> str:
     """What is used of the event's budgets, one line each (nothing without a budget)."""
     if figures is None:
@@ -349,7 +404,7 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
     credential = _credential(settings)
     tables = Tables.create(settings, credential)
     try:
-        await run(args, EventStore(tables, 0), tables)
+        await run(args, EventStore(tables, 0), tables, settings)
     finally:
         await tables.aclose()
         if credential is not None:

@@ -14,6 +14,7 @@ The key is never logged nor echoed. The operations themselves live in
 - ``POST /events/{id}/rotate-code`` (optional body ``{"code": "..."}``)
 - ``GET /events/{id}/usage?by=user|model|day`` (JSON, or CSV with
   ``Accept: text/csv``); answers for deleted events whose usage was kept.
+- ``GET /events/{id}/plan?attendees=N&tpm=MODEL=TPM``: the pre-event plan (``proxy.plan``)
 - ``GET /events/{id}/attendees``; ``PATCH /events/{id}/attendees/{user}`` with
   ``{"blocked": true|false}``
 - ``GET /openapi.json``: the schema of all of the above (``proxy.models``)
@@ -30,11 +31,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy import organizer
-from proxy.errors import MethodNotAllowed, OrganizerApiDisabled, Unauthorized
+from proxy.errors import InvalidRequest, MethodNotAllowed, OrganizerApiDisabled, Unauthorized
 from proxy.events import EventStore
 from proxy.handlers import answering
 from proxy.models import AttendeePatch, RotateCode, openapi, validated
 from proxy.payload import read_json
+from proxy.prices import PriceTable
 from proxy.principal import PORTAL_HEADER, read_principal
 from proxy.settings import Settings
 from proxy.storage import Tables
@@ -48,6 +50,7 @@ class OrganizerApi:
 
     def __init__(self, settings: Settings, tables: Tables, events: EventStore) -> None:
         self.settings, self.tables, self.store = settings, tables, events
+        self.prices = PriceTable.load(settings.model_prices)
         self._schema = openapi()
 
     @answering
@@ -92,6 +95,19 @@ class OrganizerApi:
                 media_type="text/csv",
                 headers={"content-disposition": f'attachment; filename="{filename}"'},
             )
+        return _json(data)
+
+    @answering
+    async def plan(self, request: Request, event_id: str) -> Response:
+        """``GET /events/{id}/plan?attendees=N&tpm=MODEL=TPM``: the pre-event plan (``proxy.plan``)."""
+        self.authorize(request)
+        query = request.query_params
+        unknown = sorted(set(query) - {"attendees", "tpm"})
+        if unknown:
+            raise InvalidRequest(f"Unknown parameter '{unknown[0]}'. Known: attendees, tpm.", param=unknown[0])
+        data = await organizer.plan_event(
+            self.store, self.tables, self.prices, event_id, query.get("attendees"), query.getlist("tpm")
+        )
         return _json(data)
 
     @answering

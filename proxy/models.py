@@ -214,6 +214,14 @@ class EventDeleted(BaseModel):
     deleted: Literal[True]
 
 
+class PlanQuery(BaseModel):
+    """``GET /events/{id}/plan?attendees=N``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attendees: int = Field(gt=0, le=1_000_000)
+
+
 class Figures(BaseModel):
     requests: int
     prompt_tokens: int

@@ -39,6 +39,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from proxy.attendees import roster
@@ -53,7 +54,9 @@ from proxy.events import (
     new_event_id,
 )
 from proxy.guessing import check_chosen_code
-from proxy.models import AttendeePatch, EventCreate, EventUpdate, RotateCode, validated
+from proxy.models import AttendeePatch, EventCreate, EventUpdate, PlanQuery, RotateCode, validated
+from proxy.plan import BICEP_PARAMS, bicep_quotas, parse_tpm, plan
+from proxy.prices import PriceTable
 from proxy.storage import Tables
 from proxy.usage import GROUPINGS, GroupBy, report
 
@@ -159,6 +162,38 @@ async def usage_report(store: EventStore, tables: Tables, event_id: str, by: Any
         # The event's totals against its budgets (requests admitted; tokens recorded plus in flight).
         data["budget"] = totals(event, list((await read_shards(tables, event_id)).values()))
     return data
+
+
+async def plan_event(
+    store: EventStore,
+    tables: Tables,
+    prices: PriceTable,
+    event_id: str,
+    attendees: Any = None,
+    tpm: list[str] | None = None,
+    bicep_params: Path = BICEP_PARAMS,
+) -> dict[str, Any]:
+    """The pre-event plan (``proxy.plan``): attendees given, else ``max_attendees``, else the names seen."""
+    event = await store.get(event_id)
+    try:
+        quotas = {**bicep_quotas(bicep_params), **parse_tpm(tpm or [])}
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="tpm") from None
+    if attendees is not None:
+        count = validated(PlanQuery, {"attendees": attendees}).attendees
+        source = "given"
+    elif event.max_attendees is not None:
+        count, source = event.max_attendees, "max_attendees"
+    else:
+        count, source = len(await roster(tables, event_id)), "names seen so far"
+        if count == 0:
+            raise InvalidRequest(
+                f"'{event.name}' has no max_attendees and no attendee yet: say how many you expect "
+                "(--attendees N, or ?attendees=N).",
+                param="attendees",
+            )
+    usage = {row["key"]: row for row in (await report(tables, event_id, "model"))["rows"]}
+    return plan(event, count, source, quotas, prices, usage)
 
 
 async def list_attendees(store: EventStore, tables: Tables, event_id: str) -> dict[str, Any]:

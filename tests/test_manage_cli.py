@@ -173,6 +173,23 @@ def test_cli_and_api_answer_alike(cli: Cli, app: str, http: httpx.Client) -> Non
     readable = cli("usage", event_id)
     assert readable.returncode == 0 and "bob" in readable.stdout and "TOTAL" in readable.stdout
 
+    # The plan: the same figures from both, here with the event's own usage as its typical request.
+    plan_url = f"{app}/api/manage/events/{event_id}/plan"
+    query = {"attendees": "500", "tpm": ["gpt-4o-mini=50000", "text-embedding-3-small=350000"]}
+    api_plan = http.get(plan_url, params=query, headers=AUTH).json()
+    assert ok(cli("plan", event_id, "--attendees", "500", "--tpm", "gpt-4o-mini=50000",
+                  "--tpm", "text-embedding-3-small=350000", "--json")) == api_plan  # fmt: skip
+    chat = api_plan["models"][0]
+    assert chat["typical_request"]["from"] == "this event's average over 2 requests"
+    assert chat["quota_tpm"] == 50_000 and chat["quota_from"] == "--tpm"
+    text = cli("plan", event_id, "--attendees", "500", "--tpm", "gpt-4o-mini=50000").stdout
+    assert "gpt-4o-mini:" in text and "change: --tpm 100: no tokens-per-minute cap" in text
+    bad = http.get(plan_url, params={"tpm": "gpt-4o-mini"}, headers=AUTH)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tpm"
+    assert http.get(plan_url, params={"people": "5"}, headers=AUTH).json()["error"]["param"] == "people"
+    no_count = cli("plan", ok(cli("events", "create", "--name", "Empty", *window(), "--json"))["id"])
+    assert no_count.returncode == 2 and "--attendees N" in no_count.stderr
+
     cli_created = ok(cli("events", "create", "--name", "Shapes", *window(), "--json"))
     api_created = http.post(f"{app}/api/manage/events", json={**body, "name": "Shapes"}, headers=AUTH).json()
     assert cli_created.keys() == api_created.keys()

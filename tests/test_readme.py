@@ -102,7 +102,7 @@ def test_readme_organizer_walkthrough_runs(stack: Stack) -> None:
         return str(json.loads(created)["id"])
 
     cli = [b for b in blocks("Organizers: run your event", "bash") if "proxy.manage" in b and "ACCOUNT" not in b]
-    assert len(cli) == 5  # create; watch usage; attendees; update and rotate; disable, enable, delete
+    assert len(cli) == 6  # create; watch usage; attendees; plan; update and rotate; disable, enable, delete
     shared = new_event()
     for block in cli:
         assert "Traceback" not in run(block.replace("EVENT_ID", shared))
