@@ -1,6 +1,7 @@
 """Agents through the proxy against ``make run``'s simulator: the OpenAI Agents SDK runs an agent
 with a function tool on the Responses API and on chat completions, streamed and not, and
-every model call it makes is recorded once with the tokens the SDK saw.
+every model call it makes is recorded once with the tokens the SDK saw; LangChain's tool loop
+and structured output; a chat session that carries tool calls.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from agents import (
     function_tool,
     set_tracing_disabled,
 )
+from langchain_core.messages import HumanMessage, ToolMessage
+from langchain_core.tools import tool
+from langchain_openai import ChatOpenAI
 from openai import AsyncOpenAI
 from pydantic import BaseModel
 
@@ -32,6 +36,12 @@ set_tracing_disabled(True)  # the SDK would otherwise send traces to OpenAI's se
 
 @function_tool
 def get_weather(city: str) -> str:
+    """The weather in a city."""
+    return f"Sunny and 21 C in {city}"
+
+
+@tool("get_weather")
+def langchain_weather(city: str) -> str:
     """The weather in a city."""
     return f"Sunny and 21 C in {city}"
 
@@ -133,3 +143,22 @@ async def test_a_session_whose_tool_call_turn_is_dropped_keeps_working(app: str,
             extra_body=session,
         )
     assert again.choices[0].finish_reason == "tool_calls"
+
+
+async def test_langchain_tool_loop_and_structured_output(app: str, make_event: MakeEvent) -> None:
+    """LangChain's ChatOpenAI with bind_tools (streamed) and with_structured_output, through the proxy."""
+    key = (await make_event()).key()
+    model = ChatOpenAI(base_url=f"{app}/api/v1", api_key=key, model="gpt-4o-mini", max_retries=0)
+    with_tools = model.bind_tools([langchain_weather])
+    messages: list[Any] = [HumanMessage("What is the weather in Paris?")]
+    chunks = list(with_tools.stream(messages))
+    called = chunks[0]
+    for chunk in chunks[1:]:
+        called += chunk
+    assert [c["name"] for c in called.tool_calls] == ["get_weather"]  # type: ignore[attr-defined]
+    messages.append(called)
+    for call in called.tool_calls:  # type: ignore[attr-defined]
+        messages.append(ToolMessage(langchain_weather.invoke(call["args"]), tool_call_id=call["id"]))
+    assert "Sunny and 21 C in" in str(with_tools.invoke(messages).content)
+    report = model.with_structured_output(Report).invoke("Report on the weather in Oslo")
+    assert isinstance(report, Report) and report.city
