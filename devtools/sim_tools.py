@@ -237,8 +237,9 @@ def _choice(choice: Any, tools: tuple[Tool, ...], responses: bool) -> tuple[str,
 
 def chat_format(value: Any, messages: list[Any]) -> Format | None:
     """The structured answer ``response_format`` asks for, if any (raises ``BadRequest``)."""
-    texts = [text_of(m.get("content")) for m in messages if isinstance(m, dict)]
-    return None if value is None else _format(value, "response_format", texts)
+    if value is None:
+        return None
+    return _format(value, "response_format", [text_of(m.get("content")) for m in messages if isinstance(m, dict)])
 
 
 def responses_format(text: Any, texts: list[str]) -> Format | None:
