@@ -346,7 +346,8 @@ class Proxy:
         caller = await self._caller(request)
         event, now = caller.event, self._clock()
         self._check_open(event, now)
-        payload = await bodies.read_json(request, self.settings.max_request_bytes, self.bodies)
+        share = f"{event.id}/{caller.user}"  # one attendee's share of the worker's memory for bodies
+        payload = await bodies.read_json(request, self.settings.max_request_bytes, self.bodies, share)
         model = bodies.requested_model(payload, deployment)
         access: Access = request.state.access
         access.model = model

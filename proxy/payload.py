@@ -8,9 +8,10 @@ refused before it is read, with 503 ``server_busy`` and ``Retry-After: 1``
 (the official SDKs retry it). A body is held from its first byte until its
 request's handler returns, which is when the bytes read, the parsed object and
 the body sent upstream are all let go (a streamed answer keeps none of them).
-Bodies over ``SMALL_BODY_BYTES`` may fill only three quarters of the budget:
-the last quarter stays for ordinary requests, so other attendees are served
-while one sends large images.
+Bodies over ``SMALL_BODY_BYTES`` may fill only three quarters of the budget,
+and one attendee's only half of that: the last quarter stays for ordinary
+requests, and the other half of the rest for other attendees' large ones, so
+others are served while one sends large images as fast as they can.
 
 Every field the client sent is forwarded untouched except ``stream_options``
 (``include_usage`` is added to streams), ``max_tokens`` /
@@ -37,38 +38,56 @@ from starlette.requests import Request
 from proxy.errors import InvalidRequest, MaxTokensExceedsCap, RequestTooLarge, ServerBusy
 
 SMALL_BODY_BYTES = 256 * 1024
+MIB = 1024 * 1024
 
 
 class BodyBudget:
     """The bytes of request bodies one worker holds at once, shared by its concurrent requests.
 
-    One event loop runs a worker's requests, so the count needs no lock.
+    One event loop runs a worker's requests, so the counts need no lock.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.large_ceiling = capacity - capacity // 4
+        self.owner_share = self.large_ceiling // 2
         self.held = 0
+        self.by_owner: dict[str, int] = {}
 
-    def hold(self, request: Request, size: int) -> None:
+    def hold(self, request: Request, size: int, owner: str | None = None) -> None:
         """Let ``request`` hold ``size`` bytes of body in all (declared, or read so far), or 503 ``server_busy``."""
         more = size - getattr(request.state, "body_bytes", 0)
         if more <= 0:
             return
-        ceiling = self.capacity if size <= SMALL_BODY_BYTES else self.large_ceiling
-        if self.held + more > ceiling:
+        large = size > SMALL_BODY_BYTES
+        if large and owner is not None and self.by_owner.get(owner, 0) + more > self.owner_share:
+            raise ServerBusy(
+                f"Your requests already hold {self.by_owner[owner] // MIB} MiB of request bodies on this proxy "
+                f"instance, as much as one attendee may ({self.owner_share // MIB} MiB); retry once an answer has "
+                "come back. Images sent by URL rather than inline (base64) keep a request small."
+            )
+        if self.held + more > (self.large_ceiling if large else self.capacity):
             raise ServerBusy(
                 f"This proxy instance is holding as many request bodies as its memory allows "
-                f"({self.capacity // (1024 * 1024)} MiB); retry in a second. Images sent by URL rather than "
+                f"({self.capacity // MIB} MiB); retry in a second. Images sent by URL rather than "
                 "inline (base64) keep a request small."
             )
         self.held += more
         request.state.body_bytes = size
         request.state.body_budget = self
+        if owner is not None:
+            self.by_owner[owner] = self.by_owner.get(owner, 0) + more
+            request.state.body_owner = owner
 
     def release(self, request: Request) -> None:
-        self.held -= getattr(request.state, "body_bytes", 0)
+        held = getattr(request.state, "body_bytes", 0)
+        self.held -= held
         request.state.body_bytes = 0
+        owner: str | None = getattr(request.state, "body_owner", None)
+        if owner is not None and held:
+            left = self.by_owner.pop(owner) - held
+            if left:
+                self.by_owner[owner] = left
 
 
 def release_body(request: Request) -> None:
@@ -78,15 +97,18 @@ def release_body(request: Request) -> None:
         budget.release(request)
 
 
-async def read_json(request: Request, limit: int, budget: BodyBudget | None = None) -> dict[str, Any]:
-    """The body as a JSON object; 413 past ``limit`` bytes, 503 past ``budget``, 400 if not an object."""
+async def read_json(
+    request: Request, limit: int, budget: BodyBudget | None = None, owner: str | None = None
+) -> dict[str, Any]:
+    """The body as a JSON object; 413 past ``limit`` bytes, 503 past ``budget`` (or ``owner``'s share of it),
+    400 if not an object."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit():
         if int(declared) > limit:
             raise _too_large(limit)
         if budget is not None:
-            budget.hold(request, int(declared))  # refused before a byte is read
-    body = await _read_limited(request, limit, budget)
+            budget.hold(request, int(declared), owner)  # refused before a byte is read
+    body = await _read_limited(request, limit, budget, owner)
     if not body:
         raise InvalidRequest("The request body is empty; send a JSON object.")
     try:
@@ -98,14 +120,14 @@ async def read_json(request: Request, limit: int, budget: BodyBudget | None = No
     return payload
 
 
-async def _read_limited(request: Request, limit: int, budget: BodyBudget | None) -> bytearray:
+async def _read_limited(request: Request, limit: int, budget: BodyBudget | None, owner: str | None) -> bytearray:
     body = bytearray()  # grown in place: no list of chunks joined into a second copy
     async for chunk in request.stream():
         size = len(body) + len(chunk)
         if size > limit:
             raise _too_large(limit)
         if budget is not None:
-            budget.hold(request, size)  # no-op within a declared length
+            budget.hold(request, size, owner)  # no-op within a declared length
         body += chunk
     return body
 

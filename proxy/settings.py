@@ -34,7 +34,7 @@ DEFAULT_MAX_REQUEST_BYTES = 28 * 1024 * 1024
 # times what it holds (the bytes read, the parsed body, the one sent upstream and what the socket has not
 # taken yet): 64 bodies of 28 MiB sent at once took a worker from 89 to 442 MiB at its peak (3,101 MiB with
 # no budget and 32 MiB bodies), well inside a 2,048 MB Flex Consumption instance; three of the largest
-# bodies are held at once, and the rest are told to retry.
+# bodies are held at once (one of them an attendee's at most), and the rest are told to retry.
 DEFAULT_BODY_MEMORY_BYTES = 128 * 1024 * 1024
 # FUNCTIONS_REQUEST_BODY_SIZE_LIMIT, which the Bicep and local.settings.example.json give the Functions host:
 # it refuses (a bare 413) any body past it before the worker sees a byte, instead of taking 100 MB a request
@@ -218,10 +218,11 @@ class Settings(BaseModel):
             settings = cls.model_validate({**fields, **raw})
         except ValidationError as exc:
             raise _settings_error(exc, raw) from None
-        if settings.max_request_bytes > settings.body_memory_bytes * 3 // 4:
+        if settings.max_request_bytes > settings.body_memory_bytes * 3 // 8:
             raise SettingsError(
-                f"BODY_MEMORY_BYTES ({settings.body_memory_bytes}) must be at least 4/3 of MAX_REQUEST_BYTES "
-                f"({settings.max_request_bytes}): large bodies may use three quarters of it, and the largest must fit"
+                f"BODY_MEMORY_BYTES ({settings.body_memory_bytes}) must be at least 8/3 of MAX_REQUEST_BYTES "
+                f"({settings.max_request_bytes}): one attendee's large bodies may use three eighths of it, and the "
+                "largest must fit"
             )
         return settings
 

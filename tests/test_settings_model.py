@@ -33,8 +33,8 @@ def test_defaults_and_conversions() -> None:
         ("FAILED_LOOKUPS_PER_MINUTE", "2.5", "whole number"),
         ("LOG_FORMAT", "xml", "one of logfmt, json"),
         ("BODY_MEMORY_BYTES", "0", "must be positive"),
-        # The largest body must fit in the three quarters of the budget that large bodies may use.
-        ("BODY_MEMORY_BYTES", str(37 << 20), "at least 4/3 of MAX_REQUEST_BYTES"),
+        # The largest body must fit in the three eighths of the budget that one attendee's large bodies may use.
+        ("BODY_MEMORY_BYTES", str(74 << 20), "at least 8/3 of MAX_REQUEST_BYTES"),
     ],
 )
 def test_a_bad_value_names_its_setting(name: str, value: str, said: str) -> None:
