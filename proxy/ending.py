@@ -17,9 +17,15 @@ without. An answer ends exactly once, in one of two ways.
   is queued at once (``UsageRecorder.submit``), and the caller closes the
   upstream response right after, so that Azure OpenAI stops generating.
 
-``AnswerStream`` is the streamed answer's response: however the server stops
-sending it (the client left, the stream was never even started), it
-abandons its answer, so no stream that reached upstream goes unrecorded.
+Streams (chat and Responses alike) are relayed by ``Answer.relay``, which
+holds their one ending: the kind's own generator yields what the client gets
+and holds back the last event (``Answer.ending``: ``data: [DONE]``, or the
+Responses terminal event), which goes out only once ``complete`` has stored
+the record; a stream that broke off, a bug, or storage refusing ends with the
+kind's error event instead. ``AnswerStream`` is the streamed answer's
+response: however the server stops sending it (the client left, the stream
+was never even started), it abandons its answer, so no stream that reached
+upstream goes unrecorded.
 
 The charging rule: a request that reached Azure OpenAI is charged, whatever
 the client does afterwards. Its slot stays taken (daily request cap, event
@@ -37,13 +43,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 
 import httpx
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from proxy.errors import StorageUnavailable
+from proxy.errors import ProxyError, StorageUnavailable, UpstreamError, internal_error
 from proxy.limits import CLIENT_GONE
 from proxy.usage import UsageRecord, UsageRecorder
 
@@ -60,6 +66,7 @@ class Answer:
         self._recorder = recorder
         self._response = response
         self.relayed = 0  # completion tokens relayed so far (streams), for the estimate
+        self.ending = b""  # a stream's last event, held back until the record is stored
         self.ended = False
 
     def abandon(self, status: int) -> None:
@@ -93,6 +100,49 @@ class Answer:
         ending = asyncio.ensure_future(self._complete(keep))
         ending.add_done_callback(_seen)
         await asyncio.shield(ending)
+
+    async def relay(
+        self, events: AsyncIterator[bytes], keep: Keep | None, error_event: Callable[[ProxyError], bytes]
+    ) -> AsyncIterator[bytes]:
+        """Yield a stream to the client, and end the answer however the stream stops.
+
+        ``events`` yields what the client gets as upstream sends it, and leaves
+        the last event in ``ending``; ``keep`` is what to store before it goes
+        out; ``error_event`` the kind's error event, which ends a stream that
+        could not complete (the SDKs raise on it, never return a truncated answer).
+        """
+        request_id = self.record.request_id
+        broken = False
+        failure: ProxyError | None = None
+        try:
+            async for chunk in events:
+                yield chunk
+        except httpx.TransportError:
+            log.warning("upstream stream broke off (request %s)", request_id)
+            broken = True
+        except (GeneratorExit, asyncio.CancelledError):
+            self.abandon(CLIENT_GONE)  # the client disconnected: nothing more to send
+            raise
+        except ProxyError as error:  # storage refused what goes with the answer (a stored response's owner)
+            failure = error
+        except Exception:
+            log.exception("internal error while relaying a stream (request %s)", request_id)
+            failure = internal_error(request_id)
+        finally:
+            await self.close()
+        if failure is None and self.ending:
+            try:
+                await self.complete(keep)
+            except StorageUnavailable as refused:
+                failure = refused
+            else:
+                yield self.ending
+                return
+        if failure is None:
+            reason = "broke off" if broken else "ended before its last event"
+            failure = UpstreamError(f"The answer from Azure OpenAI {reason}; it is incomplete. Retry the request.")
+        self.abandon(failure.status)  # a no-op when storage refused the completed answer
+        yield error_event(failure)
 
     async def _complete(self, keep: Keep | None) -> None:
         if keep is not None:

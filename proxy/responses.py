@@ -58,7 +58,6 @@ attendee can always erase what they stored.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import logging
@@ -79,12 +78,9 @@ from proxy.errors import (
     MaxTokensExceedsCap,
     NotFound,
     ProxyError,
-    StorageUnavailable,
     UpstreamError,
     UpstreamTimeout,
-    internal_error,
 )
-from proxy.limits import CLIENT_GONE
 from proxy.payload import Prepared, set_identity
 from proxy.storage import Tables, guarded
 from proxy.upstream import Upstream
@@ -275,81 +271,68 @@ class ResponsesApi:
             body, status_code=response.status_code, media_type=media_type, headers={"x-request-id": request_id}
         )
 
-    async def relay(self, answer: Answer, response: httpx.Response, owner: Owner) -> AsyncIterator[bytes]:
-        """Yield a Responses stream event by event; the terminal event waits for the usage record.
+    def relay(self, answer: Answer, response: httpx.Response, owner: Owner) -> AsyncIterator[bytes]:
+        """A Responses stream event by event; the terminal event waits for the usage record (``Answer.relay``).
 
         The ``response.created`` event waits for the ownership row, so that
-        the id a client sees can be retrieved at once. However the stream
-        stops, the answer ends through ``proxy.ending``.
+        the id a client sees can be retrieved at once.
         """
-        record = answer.record
-        ending = b""  # the terminal event and whatever follows it, sent once the record is stored
-        broken = False
-        failure: ProxyError | None = None
-        sequence = -1
-        try:
-            async for complete in _complete_events(response):
-                if ending:
-                    ending += complete
+        stream = _Stream(answer, response, owner, self.ownership)
+        return answer.relay(stream.events(), None, stream.error_event)
+
+
+class _Stream:
+    """One Responses stream's events for the client, and the last sequence number seen."""
+
+    def __init__(self, answer: Answer, response: httpx.Response, owner: Owner, ownership: Ownership) -> None:
+        self._answer = answer
+        self._response = response
+        self._owner = owner
+        self._ownership = ownership
+        self.sequence = -1
+
+    def error_event(self, failure: ProxyError) -> bytes:
+        return error_event(failure, self.sequence + 1)
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """Upstream's events as they come; the terminal event, and whatever follows it, held in ``answer.ending``."""
+        answer, record = self._answer, self._answer.record
+        async for complete in _complete_events(self._response):
+            if answer.ending:
+                answer.ending += complete
+                continue
+            out: list[bytes] = []
+            for event in complete.split(b"\n\n")[:-1]:
+                block = event + b"\n\n"
+                if answer.ending:
+                    answer.ending += block
                     continue
-                out: list[bytes] = []
-                for event in complete.split(b"\n\n")[:-1]:
-                    block = event + b"\n\n"
-                    if ending:
-                        ending += block
-                        continue
-                    sequence += 1
-                    kind = _event_type(event)
-                    if kind != "response.created" and kind not in TERMINAL_EVENTS:
-                        if kind.endswith(".delta"):
-                            answer.relayed += 1  # about one token each, for the estimate
-                        out.append(block)
-                        continue
-                    payload = _data(event)
-                    sequence = _sequence(payload, sequence)
-                    found = payload.get("response") if payload else None
-                    found = found if isinstance(found, dict) else {}
-                    if kind in TERMINAL_EVENTS:
-                        take_usage(record, found.get("usage"), found.get("model"))
-                        if kind == "response.failed":
-                            record.status = 502
-                        ending = block
-                        continue
-                    response_id = found.get("id")
-                    if isinstance(response_id, str) and found.get("store", True) is not False:
-                        if out:
-                            yield b"".join(out)
-                            out = []
-                        await self.ownership.claim(owner, response_id, record)
+                self.sequence += 1
+                kind = _event_type(event)
+                if kind != "response.created" and kind not in TERMINAL_EVENTS:
+                    if kind.endswith(".delta"):
+                        answer.relayed += 1  # about one token each, for the estimate
                     out.append(block)
-                if out:
-                    yield b"".join(out)
-        except httpx.TransportError:
-            log.warning("upstream stream broke off (request %s)", record.request_id)
-            broken = True
-        except (GeneratorExit, asyncio.CancelledError):
-            answer.abandon(CLIENT_GONE)
-            raise
-        except ProxyError as error:  # storage refused the ownership row
-            failure = error
-        except Exception:
-            log.exception("internal error while relaying a Responses stream (request %s)", record.request_id)
-            failure = internal_error(record.request_id)
-        finally:
-            await answer.close()
-        if failure is None and ending:
-            try:
-                await answer.complete()
-            except StorageUnavailable as refused:
-                failure = refused
-            else:
-                yield ending
-                return
-        if failure is None:
-            reason = "broke off" if broken else "ended before its last event"
-            failure = UpstreamError(f"The answer from Azure OpenAI {reason}; it is incomplete. Retry the request.")
-        answer.abandon(failure.status)  # a no-op when storage refused the completed answer
-        yield error_event(failure, sequence + 1)
+                    continue
+                payload = _data(event)
+                self.sequence = _sequence(payload, self.sequence)
+                found = payload.get("response") if payload else None
+                found = found if isinstance(found, dict) else {}
+                if kind in TERMINAL_EVENTS:
+                    take_usage(record, found.get("usage"), found.get("model"))
+                    if kind == "response.failed":
+                        record.status = 502
+                    answer.ending = block
+                    continue
+                response_id = found.get("id")
+                if isinstance(response_id, str) and found.get("store", True) is not False:
+                    if out:
+                        yield b"".join(out)
+                        out = []
+                    await self._ownership.claim(self._owner, response_id, record)
+                out.append(block)
+            if out:
+                yield b"".join(out)
 
 
 async def _complete_events(response: httpx.Response) -> AsyncIterator[bytes]:
