@@ -32,9 +32,10 @@ DEFAULT_API_VERSION = "2024-10-21"
 DEFAULT_MAX_REQUEST_BYTES = 28 * 1024 * 1024
 # The bodies one worker holds at once (proxy.payload.BodyBudget). A worker grows by up to about three
 # times what it holds (the bytes read, the parsed body, the one sent upstream and what the socket has not
-# taken yet): 64 bodies of 28 MiB sent at once took a worker from 89 to 442 MiB at its peak (3,101 MiB with
-# no budget and 32 MiB bodies), well inside a 2,048 MB Flex Consumption instance; three of the largest
-# bodies are held at once (one of them an attendee's at most), and the rest are told to retry.
+# taken yet): 64 bodies of 28 MiB sent at once by eight attendees took a worker from 89 to 413 MiB at its
+# peak, by one attendee to 261 MiB (3,101 MiB with no budget and 32 MiB bodies), well inside a 2,048 MB
+# Flex Consumption instance; three of the largest bodies are held at once (one of them an attendee's at
+# most), and the rest are told to retry.
 DEFAULT_BODY_MEMORY_BYTES = 128 * 1024 * 1024
 # FUNCTIONS_REQUEST_BODY_SIZE_LIMIT, which the Bicep and local.settings.example.json give the Functions host:
 # it refuses (a bare 413) any body past it before the worker sees a byte, instead of taking 100 MB a request
