@@ -23,6 +23,8 @@ The steps, each one ``az`` call (a redeploy runs the same steps and changes only
    (``FlagMustBeSetForRestore``): with the organizer's consent (``--soft-deleted purge|restore``
    or an answer at the prompt) they are purged or restored, else the deploy stops.
    The resource group, created in LOCATION if missing.
+   On a redeploy, an Azure OpenAI account that Microsoft has upgraded to a Foundry resource
+   (kind AIServices) stops the deploy unless ``--foundry-upgraded rollback`` says to put it back.
 4. The organizer key: ``ORGANIZER_KEY`` from the environment; else, on a redeploy, the one
    the app already has; else a new random one, printed once at the end.
 5. ``az deployment group what-if`` with ``--what-if`` (and stop), else
@@ -31,7 +33,9 @@ The steps, each one ``az`` call (a redeploy runs the same steps and changes only
    (``readEnvironmentVariable``), so they never appear in a process list.
 6. The code: ``dist/app.zip`` built by ``devtools.package`` (honouring ``.funcignore``),
    published with ``az functionapp deployment source config-zip --build-remote true``,
-   so the platform installs ``requirements.txt`` for its own Linux and Python.
+   so the platform installs ``requirements.txt`` for its own Linux and Python. A first
+   publish can be refused (403) while the app's new Storage Blob Data Owner role applies:
+   it is tried again, 15 s then doubling, up to 6 times, saying so.
 7. A wait for ``/api/health`` to report storage reachable: new role assignments take a
    few minutes to apply, and until then the app's identity is refused.
 8. ``python -m proxy.manage doctor --url URL --models ...``: health, organizer key, and a
@@ -269,6 +273,64 @@ def settle_soft_deleted(az: Az, group: str, accounts: Sequence[DeletedAccount], 
             az.run("cognitiveservices", "account", "recover", *where, "--output", "none")
 
 
+def check_foundry_upgrade(az: Az, group: str, previous: Mapping[str, Any], consent: str | None) -> None:
+    """Stop before a redeploy would roll back Microsoft's upgrade of the account to a Foundry resource.
+
+    Microsoft upgrades eligible Azure OpenAI accounts to Foundry resources (kind AIServices),
+    keeping name, endpoint, identity, roles and deployments. The template declares kind OpenAI
+    with an API version that predates Foundry's properties, so deploying it again would put the
+    account back: the proxy works either way, but Foundry projects made on the account since would
+    be lost. The organizer decides (``--foundry-upgraded rollback``).
+    """
+    host = str(previous.get("AZURE_OPENAI_ENDPOINT", "")).removeprefix("https://").split(".", 1)[0]
+    if not host:
+        return
+    try:
+        kind = az.text(
+            "cognitiveservices", "account", "show", "--resource-group", group, "--name", host, "--query", "kind"
+        )
+    except AzFailed:
+        return  # gone or renamed: the deployment recreates it
+    if kind != "AIServices" or consent == "rollback":
+        if kind == "AIServices":
+            print(f"Rolling {host} back from a Foundry resource to an Azure OpenAI account, as asked")
+        return
+    raise DeployError(
+        f"Microsoft has upgraded {host} to a Foundry resource (kind AIServices). This template declares an Azure "
+        "OpenAI account (kind OpenAI), so redeploying would roll the upgrade back: the proxy keeps working (same "
+        "endpoint, identity, roles and model deployments), but Foundry projects made on the account since would be "
+        "lost. Run again with --foundry-upgraded rollback to go ahead, or keep the upgrade by deploying the code "
+        "alone (README, Deploy to Azure: Step by step, the config-zip line). Nothing was deployed."
+    )
+
+
+PUBLISH_ATTEMPTS = 6
+# What Azure answers while the app's identity cannot yet write its deployment container.
+NOT_YET_AUTHORIZED = re.compile(
+    r"\b403\b|Forbidden|AuthorizationPermissionMismatch|AuthorizationFailure", re.IGNORECASE
+)
+
+
+def publish(az: Az, group: str, app: str, interval: float) -> None:
+    """Publish the package; a 403 is retried with backoff, since a first deploy's role takes minutes to apply."""
+    command = ["functionapp", "deployment", "source", "config-zip", "--resource-group", group, "--name", app]
+    command += ["--src", PACKAGE, "--build-remote", "true", "--output", "none"]
+    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+        try:
+            az.run(*command)
+            return
+        except AzFailed as exc:
+            if attempt == PUBLISH_ATTEMPTS or not NOT_YET_AUTHORIZED.search(exc.output):
+                raise
+            delay = interval * 2 ** (attempt - 1)
+            print(
+                f"  refused (403): the app's identity cannot write its deployment container yet, as a new role "
+                f"assignment takes a few minutes to apply; publishing again in {delay:.0f} s "
+                f"(attempt {attempt + 1} of {PUBLISH_ATTEMPTS})"
+            )
+            time.sleep(delay)
+
+
 def wait_until_healthy(url: str, timeout: float, interval: float) -> None:
     """Poll /api/health until storage is reachable with the app's identity."""
     deadline = time.monotonic() + timeout
@@ -318,6 +380,8 @@ def deploy(args: argparse.Namespace, az: Az) -> int:
     if action is not None and not args.what_if:
         settle_soft_deleted(az, group, deleted, action)
     previous = previous_outputs(az, group) if exists else None
+    if previous is not None:
+        check_foundry_upgrade(az, group, previous, args.foundry_upgraded)
     key, new_key = organizer_key(az, group, previous)
 
     template = ["--resource-group", group, "--name", DEPLOYMENT_NAME, "--template-file", TEMPLATE]
@@ -342,10 +406,7 @@ def deploy(args: argparse.Namespace, az: Az) -> int:
 
     count, size = build(ROOT, ROOT / PACKAGE)
     print(f"Publishing {PACKAGE} ({count} files, {size / 1024:.0f} KiB) to {app} with a remote build")
-    az.run(
-        "functionapp", "deployment", "source", "config-zip", "--resource-group", group, "--name", app,
-        "--src", PACKAGE, "--build-remote", "true", "--output", "none",
-    )  # fmt: skip
+    publish(az, group, app, args.interval)
 
     print(f"Waiting for {url}")
     wait_until_healthy(url, args.wait, args.interval)
@@ -394,6 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--soft-deleted",
         choices=("purge", "restore"),
         help="what to do with this deployment's Azure OpenAI accounts left soft-deleted by a deleted resource group",
+    )
+    parser.add_argument(
+        "--foundry-upgraded",
+        choices=("rollback",),
+        help="redeploy even though Microsoft upgraded the Azure OpenAI account to a Foundry resource (rolls it back)",
     )
     parser.add_argument("--wait", type=float, default=900.0, help="seconds to wait for the app (default: 900)")
     parser.add_argument("--interval", type=float, default=15.0, help=argparse.SUPPRESS)

@@ -5,7 +5,7 @@ A request is admitted with an entry in its attendee's day entity (see
 kills workers without warning (scale-in, restart, ``functionTimeout``), so an
 admitted request can lose its worker and never settle. Its entry then stays,
 holding one of the attendee's daily requests. The reconciler, run every
-minute by a timer-triggered function (and by ``python -m proxy.reconcile``),
+5 minutes by a timer-triggered function (and by ``python -m proxy.reconcile``),
 reads the day entities of today and yesterday that hold any entry, and the
 shards of event budgets that do (``proxy.budget``), and gives back every slot
 and estimate older than the reservation lease. Should such a request
@@ -14,10 +14,13 @@ settle after all (it outlived the lease), it takes its slot again then.
 The lease (``RESERVATION_LEASE_SECONDS``) must be longer than any request can
 live: the host's ``functionTimeout`` (10 minutes in ``host.json``) kills a
 worker whose request runs longer, so the default is that plus one minute. A
-slot is therefore given back between one lease and one lease plus a minute
-after its worker died. Such a request is never counted as used: its answer
-was not delivered in full, since delivery waits for the settlement
-(``proxy.usage``).
+slot is therefore given back between one lease and one lease plus 5 minutes
+(11 to 16 minutes) after its worker died. Every 5 minutes rather than every
+minute: each run wakes an instance (with a cold start when the app has scaled
+to zero) and is billed, 288 runs a day instead of 1,440, for a slot that comes
+back at most 4 minutes later, on the rare day a worker dies mid-request. Such
+a request is never counted as used: its answer was not delivered in full,
+since delivery waits for the settlement (``proxy.usage``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from proxy.settings import Settings
 from proxy.storage import Tables, gathered
 
 log = logging.getLogger("proxy.reconcile")
+
+# NCRONTAB (seconds first), for the timer function in function_app.py.
+RECONCILE_SCHEDULE = "0 */5 * * * *"
 
 
 async def reconcile(tables: Tables, ledger: Ledger, lease_seconds: float, now: datetime | None = None) -> int:

@@ -44,6 +44,7 @@ def main(argv: list[str]) -> NoReturn:
     try:
         value = run(state, words, options)
     except AzError as error:
+        state_path.write_text(json.dumps(state))
         print(f"ERROR: {error}", file=sys.stderr)
         sys.exit(error.code)
     state_path.write_text(json.dumps(state))
@@ -170,6 +171,14 @@ def run(state: dict[str, Any], words: list[str], options: dict[str, list[str]]) 
         return state["model_lists"][region]
     if command.startswith("cognitiveservices usage list"):
         return [{"name": {"value": "OpenAI.GlobalStandard.gpt-5.4"}, "currentValue": 0, "limit": 1000}]
+    if command.startswith("cognitiveservices account show"):
+        name = one(options, "--name")
+        found = [a for a in state["accounts"] if a["name"] == name]
+        if not found:
+            raise AzError(
+                f"(ResourceNotFound) The Resource 'Microsoft.CognitiveServices/accounts/{name}' was not found.", 3
+            )
+        return {"name": name, "location": found[0]["location"], "kind": found[0].get("kind", "OpenAI")}
     if command.startswith("cognitiveservices account list-deleted"):
         return state["deleted_accounts"]
     if command.startswith(("cognitiveservices account purge", "cognitiveservices account recover")):
@@ -213,6 +222,14 @@ def run(state: dict[str, Any], words: list[str], options: dict[str, list[str]]) 
     if command.startswith("functionapp config appsettings list"):
         return [{"name": "ORGANIZER_KEY", "value": state["expected_key"], "slotSetting": False}]
     if command.startswith("functionapp deployment source config-zip"):
+        if state.get("publish_refusals", 0):
+            state["publish_refusals"] -= 1
+            raise AzError(
+                "Status Code: 403, Details: This request is not authorized to perform this operation using this "
+                "permission. ErrorCode: AuthorizationPermissionMismatch"
+            )
+        if state.get("publish_error"):
+            raise AzError(state["publish_error"], 3)
         names = zipfile.ZipFile(one(options, "--src")).namelist()
         with open(state["log"], "a") as log:
             log.write(json.dumps({"zip": sorted(names)}) + "\n")
@@ -256,7 +273,7 @@ def clone_repository(tmp_path: Path) -> Path:
 def put_on_path(tmp_path: Path, scenario: dict[str, Any]) -> tuple[dict[str, str], Path]:
     """An environment whose PATH finds this script as ``az`` in the world ``scenario`` describes, and its call log."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(parents=True)
     script = bin_dir / "az"
     script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).resolve()}" "$@"\n')
     script.chmod(0o755)

@@ -141,6 +141,8 @@ def redeploy_calls(models: list[dict[str, Any]]) -> list[str]:
         "az cognitiveservices account list-deleted --output json",
         "az deployment group show --resource-group rg-event --name event-proxy --query properties.outputs "
         "--output json",
+        "az cognitiveservices account show --resource-group rg-event --name evtproxy-oai-abc123 --query kind "
+        "--output tsv",
         "az functionapp config appsettings list --resource-group rg-event --name evtproxy-func-abc123 "
         "--query [?name=='ORGANIZER_KEY'].value | [0] --output tsv",
         template_call("create", models) + " --output json",
@@ -385,3 +387,43 @@ def test_redeploy_after_tear_down_purges_or_restores_with_consent(
     state = json.loads(Path(env["FAKE_AZ_STATE"]).read_text())
     assert [a["name"] for a in state["deleted_accounts"]] == ["evtproxy-oai-zzz999"]
     assert "All good." in result.stdout
+
+
+def test_a_first_publish_refused_while_the_role_applies_is_retried(app: str, clone: Path, tmp_path: Path) -> None:
+    """Azure answers 403 to the first two publishes (the blob role is not applied yet): the third goes through."""
+    env, log = fake_az(tmp_path, app, publish_refusals=2)
+    env["ORGANIZER_KEY"] = ORGANIZER_KEY
+    result = run_deploy(env, clone)
+    print(result.stdout, result.stderr)
+    assert result.returncode == 0, result.stdout + result.stderr
+    publishes = [c for c in commands(log) if "config-zip" in c]
+    assert len(publishes) == 3 and commands(log)[-3:] == publishes
+    assert result.stdout.count("refused (403): the app's identity cannot write its deployment container yet") == 2
+    assert "publishing again in 0 s (attempt 2 of 6)" in result.stdout  # --interval 0.2 here; 15 s by default
+    assert "All good." in result.stdout
+
+
+def test_a_publish_refused_for_another_reason_fails_at_once(app: str, clone: Path, tmp_path: Path) -> None:
+    missing = "(ResourceNotFound) The Resource 'Microsoft.Web/sites/evtproxy-func-abc123' was not found."
+    env, log = fake_az(tmp_path, app, publish_error=missing)
+    env["ORGANIZER_KEY"] = ORGANIZER_KEY
+    result = run_deploy(env, clone)
+    assert result.returncode == 1
+    assert result.stderr.startswith("deploy: 'az functionapp deployment source ...' failed: ERROR: (ResourceNotFound)")
+    assert len([c for c in commands(log) if "config-zip" in c]) == 1 and "refused (403)" not in result.stdout
+
+
+def test_a_redeploy_does_not_roll_back_a_foundry_upgrade_unasked(app: str, clone: Path, tmp_path: Path) -> None:
+    upgraded = [{"name": "evtproxy-oai-abc123", "location": "eastus2", "kind": "AIServices"}]
+    env, log = fake_az(tmp_path, app, group_exists=True, deployed=True, accounts=upgraded)
+    result = run_deploy(env, clone)
+    assert result.returncode == 1
+    assert result.stderr.startswith("deploy: Microsoft has upgraded evtproxy-oai-abc123 to a Foundry resource")
+    assert "--foundry-upgraded rollback" in result.stderr and "Nothing was deployed." in result.stderr
+    assert not [c for c in commands(log) if "deployment group create" in c or "config-zip" in c]
+    env, log = fake_az(tmp_path / "again", app, group_exists=True, deployed=True, accounts=upgraded)
+    result = run_deploy(env, clone, "--foundry-upgraded", "rollback")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        "Rolling evtproxy-oai-abc123 back from a Foundry resource to an Azure OpenAI account, as asked" in result.stdout
+    )

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Iterator
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -361,6 +361,26 @@ def test_the_openai_module_takes_sku_and_version_per_deployment() -> None:
 
 
 # (4) Flex Consumption: nothing it forbids, scale settings inside its documented bounds.
+
+
+def test_key_vault_references_resolve_with_the_apps_identity() -> None:
+    """With only a user-assigned identity, a Key Vault reference needs keyVaultReferenceIdentity."""
+    app = function_app()
+    assert app["identity"]["type"] == "UserAssigned"
+    assert app["properties"]["keyVaultReferenceIdentity"] == "identityId"
+
+
+def test_the_reconcile_timer_wakes_the_app_every_5_minutes() -> None:
+    """Not every minute (1,440 billed wake-ups a day): 288, and a lost slot comes back within lease + 5 minutes."""
+    from devtools.funchost_timers import Schedule
+    from proxy.reconcile import RECONCILE_SCHEDULE
+
+    assert "schedule=RECONCILE_SCHEDULE" in (ROOT / "function_app.py").read_text()
+    schedule = Schedule.parse(RECONCILE_SCHEDULE)
+    moment, day_end, runs = datetime(2026, 12, 3, tzinfo=UTC), datetime(2026, 12, 4, tzinfo=UTC), 0
+    while (moment := schedule.next_after(moment)) <= day_end:
+        runs += 1
+    assert runs == 288
 
 
 def test_site_config_uses_nothing_flex_consumption_forbids() -> None:

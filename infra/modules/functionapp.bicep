@@ -39,7 +39,10 @@ param openAiApiVersion string = '2024-10-21'
 
 // An app setting holding the secret is the simple choice for a time-boxed event; in
 // production, store it in Key Vault and set a Key Vault reference
-// (@Microsoft.KeyVault(SecretUri=...)) resolved with the same identity.
+// (@Microsoft.KeyVault(SecretUri=...)). The platform resolves references with the
+// system-assigned identity unless keyVaultReferenceIdentity names another: this app has only
+// its user-assigned one, so the site sets it (below), and that identity needs Key Vault
+// Secrets User on the vault.
 @secure()
 param organizerKey string
 
@@ -126,6 +129,7 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
   }
   properties: {
     serverFarmId: plan.id
+    keyVaultReferenceIdentity: identityId
     httpsOnly: true
     clientCertEnabled: false
     functionAppConfig: {
