@@ -16,8 +16,8 @@ conflict). A shard holds:
 
 - ``requests``: requests admitted against ``event_requests`` (a failed request
   gives its slot back, as for the daily cap);
-- ``tokens``: tokens recorded, and ``inflight`` (JSON, the layout of
-  ``proxy.limits``): the estimates of the requests admitted and not settled;
+- ``tokens``: tokens recorded, and ``inflight`` (``proxy.inflight``): the
+  estimates of the requests admitted and not settled;
 - ``delta_requests``, ``delta_tokens``.
 
 A request fits its home shard when one more request stays within the shard's
@@ -49,9 +49,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from azure.core.exceptions import ResourceNotFoundError
 
+from proxy import inflight as flights
 from proxy.errors import CapExceeded
 from proxy.events import Event
 from proxy.storage import Tables, gathered
@@ -95,7 +95,7 @@ def empty_shard(event_id: str, index: int) -> dict[str, Any]:
         "tokens": 0,
         "delta_requests": 0,
         "delta_tokens": 0,
-        "inflight": "{}",
+        "inflight": {},
     }
 
 
@@ -105,14 +105,13 @@ def normalised(entity: dict[str, Any]) -> dict[str, Any]:
     shard = empty_shard(str(entity["PartitionKey"]), index)
     for name in ("requests", "tokens", "delta_requests", "delta_tokens"):
         shard[name] = int(entity.get(name, 0))
-    shard["inflight"] = str(entity.get("inflight", "{}"))
+    shard["inflight"] = flights.decode(entity)  # shared: copied by whoever changes it
     return shard
 
 
 def booked(shard: dict[str, Any]) -> int:
     """Recorded tokens plus the estimates of requests in flight."""
-    inflight: dict[str, list[int]] = orjson.loads(shard.get("inflight", "{}"))
-    return int(shard.get("tokens", 0)) + sum(entry[0] for entry in inflight.values() if not _released(entry))
+    return int(shard.get("tokens", 0)) + flights.booked(flights.decode(shard))
 
 
 def room(event: Event, shard: dict[str, Any]) -> Room:
@@ -135,9 +134,9 @@ def fits(event: Event, shard: dict[str, Any], estimate: int) -> bool:
 def admitted(shard: dict[str, Any], request_id: str, estimate: int, now_epoch: int) -> dict[str, Any]:
     updated = normalised(shard)
     updated["requests"] += 1
-    inflight = orjson.loads(updated["inflight"])
-    inflight[request_id] = [estimate, 0, now_epoch, 0]
-    updated["inflight"] = orjson.dumps(inflight).decode()
+    inflight = dict(updated["inflight"])
+    inflight[request_id] = [estimate, now_epoch]
+    updated["inflight"] = inflight
     return updated
 
 
@@ -146,11 +145,11 @@ def settled(
 ) -> dict[str, Any]:
     """The shard once a request ends: its estimate replaced by its tokens, its slot kept or given back."""
     updated = normalised(shard)
-    inflight = orjson.loads(updated["inflight"])
+    inflight = dict(updated["inflight"])
     entry = inflight.pop(request_id, None)
     if entry is None:
         return shard  # settled already
-    updated["inflight"] = orjson.dumps(inflight).decode()
+    updated["inflight"] = inflight
     was_released = _released(entry)
     if succeeded and was_released:
         updated["requests"] += 1  # it outlived its lease after all
@@ -164,13 +163,13 @@ def settled(
 def released(shard: dict[str, Any], stale: list[str], forgotten: list[str]) -> dict[str, Any]:
     """The shard with the slots of dead workers' requests given back (see ``proxy.reconcile``)."""
     updated = normalised(shard)
-    inflight = orjson.loads(updated["inflight"])
+    inflight = dict(updated["inflight"])
     for request_id in stale:
-        inflight[request_id][3] = 1
+        inflight[request_id] = [*inflight[request_id][:2], 1]
         updated["requests"] = max(0, updated["requests"] - 1)
     for request_id in forgotten:
         del inflight[request_id]
-    updated["inflight"] = orjson.dumps(inflight).decode()
+    updated["inflight"] = inflight
     return updated
 
 
@@ -180,9 +179,9 @@ def moves(
     """How much spare to move into ``home`` (per shard: requests and tokens it gives; home's are negative).
 
     ``shards`` holds every shard's current entity; ``want`` is what the waiting
-    requests need (requests, tokens), ``least`` what the smallest of them
-    needs. None when all the shards together lack even ``least``; an empty
-    dict when home has what is wanted already.
+    requests need (requests, tokens), ``least`` what admitting one more than
+    those home has room for needs. None when all the shards together lack even
+    ``least``; an empty dict when home has what is wanted already.
     """
     spaces = {index: room(event, shards[index]) for index in range(SHARDS)}
     amounts: list[int] = []
@@ -201,7 +200,11 @@ def moves(
         return {}
     given: dict[int, list[int]] = {}
     for dimension, amount in enumerate(amounts):
-        donors = sorted((i for i in range(SHARDS) if i != home), key=lambda i: -(_get(spaces[i], dimension) or 0))
+        # Idle shards first (nothing in flight: no worker's home), whose writes race with nobody's admissions.
+        donors = sorted(
+            (i for i in range(SHARDS) if i != home),
+            key=lambda i: (bool(shards[i].get("inflight")), -(_get(spaces[i], dimension) or 0)),
+        )
         for index in donors:
             take = min(amount, max(0, _get(spaces[index], dimension) or 0))
             if take > 0:
@@ -273,4 +276,4 @@ def _get(space: Room, dimension: int) -> int | None:
 
 
 def _released(entry: list[int]) -> bool:
-    return len(entry) > 3 and entry[3] == 1
+    return flights.released(entry)

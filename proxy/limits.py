@@ -15,9 +15,10 @@ One entity per (event, attendee, UTC day) in the ``proxyusage`` table,
   ``total_tokens``, ``models`` and ``backends`` (JSON, the same figures per
   model and per upstream backend): the day's recorded usage, which is also
   what the usage reports read.
-- ``inflight`` (JSON): the requests admitted and not yet settled, as
-  ``{request id: [estimate, minute, admitted at (epoch seconds), released]}``,
-  written by the same conditional writes. An admission's write that is sent
+- ``inflight``: the requests admitted and not yet settled, as ``{request id:
+  [estimate, admitted at (epoch seconds)]}`` (``[..., 1]`` once released),
+  written by the same conditional writes; stored as JSON cut into pieces
+  (``inflight``, ``inflight1``...), so that thousands fit (``proxy.inflight``). An admission's write that is sent
   again (its connection dropped after it landed) fails on the ETag, and the
   fresh read finds the request's entry: it is admitted, once. Settling
   removes a request's entry, which makes settlement idempotent (a retried
@@ -81,6 +82,7 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import UpdateMode
 
 from proxy import budget
+from proxy import inflight as flights
 from proxy.entities import TransactionRefused
 from proxy.errors import CapExceeded, StorageUnavailable
 from proxy.events import Event
@@ -98,7 +100,7 @@ Waiting = tuple[int, str, "asyncio.Future[Any]"]
 FLUSH_DELAY_SECONDS = 0.05
 # (request id, total tokens, reached upstream, succeeded) of a request to settle on its shard
 Unsettled = tuple[str, int, bool, bool]
-MAX_MOVES = 8  # spare moved into the home shard, per group write, before refusing
+MAX_MOVES = 8  # moves of spare into the home shard that landed, per group write, before refusing
 _COUNTERS = ("reserved", "requests", "failed", "prompt_tokens", "completion_tokens", "total_tokens")
 CLIENT_GONE = 499  # the client left after upstream had the request (nginx's "client closed request")
 
@@ -201,10 +203,10 @@ class Ledger:
 
     async def _fetch(self, key: tuple[str, str]) -> tuple[str, dict[str, Any]]:
         try:
-            state = await self._entities.get(*key)
+            etag, entity = await self._entities.get(*key)
         except ResourceNotFoundError:
             return "", {"PartitionKey": key[0], "RowKey": key[1]}
-        self._cache[key] = state
+        state = self._cache[key] = (etag, flights.read(entity))
         return state
 
     async def admit(self, event: Event, user: str, now: datetime, estimate: int, request_id: str) -> Admission:
@@ -325,7 +327,15 @@ class Ledger:
             etag, updated = state
             if not etag:
                 updated = budget.empty_shard(key[0], budget.shard_index(key[1]))
-            landed = orjson.loads(updated.get("inflight", "{}"))
+            landed = flights.decode(updated)
+            crowded = flights.full(landed, len(group))
+            if crowded is not None:
+                if not fresh:
+                    state = None
+                    continue
+                for *_, ticket in group:
+                    ticket.set_exception(crowded)
+                return
             settling = list(self._unsettled.get(key, ()))  # carried by this write
             for entry in settling:
                 updated = budget.settled(updated, *entry)
@@ -343,7 +353,6 @@ class Ledger:
                 state = None  # confirm against storage before refusing anyone
                 continue
             if refused and refusal is None and moves_left:
-                moves_left -= 1
                 shards = await self._shards(key[0])
                 home = budget.shard_index(key[1])
                 # Plan from storage plus what only this worker knows: its settlements not yet written
@@ -352,13 +361,19 @@ class Ledger:
                 for entry in settling:
                     planned = budget.settled(planned, *entry)
                 shards[home] = {**planned, "etag": shards[home]["etag"]}
-                want, least = (len(refused), sum(refused)), (1, min(refused))
+                # Room for the whole group: those that fitted this attempt are not written yet, so the
+                # home in storage does not count them.
+                fitted = [e for (e, rid, _), o in zip(group, outcomes, strict=True) if o is None and rid not in landed]
+                want = (len(fitted) + len(refused), sum(fitted) + sum(refused))
+                least = (len(fitted) + 1, sum(fitted) + min(refused))
                 plan = budget.moves(event, shards, home, want, least)
                 if plan is None:
                     refusal = budget.exhausted(event, shards, min(refused))
                 else:
-                    if plan:
-                        await self._move(key[0], shards, plan)
+                    # A move that lost a race with another write (the other workers' homes are written
+                    # all the time) is planned again from a fresh read; only moves that land count.
+                    if not plan or await self._move(key[0], shards, plan):
+                        moves_left -= 1
                     state = None  # read this shard again: spare moved in, or storage had it already
                     continue
             if updated is not state[1] and None in outcomes:
@@ -385,8 +400,8 @@ class Ledger:
     async def _shards(self, event_id: str) -> dict[int, dict[str, Any]]:
         return await budget.read_shards(self._tables, event_id)
 
-    async def _move(self, event_id: str, shards: dict[int, dict[str, Any]], plan: dict[int, tuple[int, int]]) -> None:
-        """Move spare between shards in one transaction; a lost race leaves things as they were."""
+    async def _move(self, event_id: str, shards: dict[int, dict[str, Any]], plan: dict[int, tuple[int, int]]) -> bool:
+        """Move spare between shards in one transaction; False when a lost race left things as they were."""
         operations: list[tuple[str, Any, dict[str, Any]]] = []
         written: list[tuple[tuple[str, str], dict[str, Any]]] = []
         for index, gives in sorted(plan.items()):
@@ -395,16 +410,17 @@ class Ledger:
             written.append(((event_id, updated["RowKey"]), updated))
             if shard["etag"]:
                 options = {"mode": UpdateMode.REPLACE, "etag": shard["etag"], "match_condition": _UNCHANGED}
-                operations.append(("update", updated, options))
+                operations.append(("update", flights.stored(updated), options))
             else:
-                operations.append(("create", updated, {}))
+                operations.append(("create", flights.stored(updated), {}))
         try:
             results = await self._submit(operations)
         except TransactionRefused:
-            await asyncio.sleep(random.uniform(0, 0.005))
-            return
+            await asyncio.sleep(random.uniform(0, 0.01))
+            return False
         for (key, updated), result in zip(written, results, strict=False):
             self._cache[key] = (str(result["etag"]), updated)
+        return True
 
     async def _admit_group(
         self,
@@ -423,12 +439,12 @@ class Ledger:
                 fresh = True
             etag, updated = state
             outcomes: list[Admission | CapExceeded] = []
-            landed = orjson.loads(updated.get("inflight", "{}"))
+            landed = flights.decode(updated)
             for estimate, request_id, _ in group:
                 if request_id in landed:  # an earlier attempt of this write landed, its answer lost
                     outcomes.append(Admission(request_id, day, minute, estimate, *_remaining(event, updated), True))
                     continue
-                refusal = _refusal(event, updated, now, minute, estimate)
+                refusal = _refusal(event, updated, now, minute, estimate) or flights.full(flights.decode(updated))
                 if refusal is not None:
                     outcomes.append(refusal)
                     continue
@@ -570,9 +586,9 @@ class Ledger:
                             "etag": etag,
                             "match_condition": MatchConditions.IfNotModified,
                         }
-                        operations.append(("update", updated, options))
+                        operations.append(("update", flights.stored(updated), options))
                     else:
-                        operations.append(("create", updated, {}))
+                        operations.append(("create", flights.stored(updated), {}))
                 logged = [item for item in pending if item.log is not None]
                 operations.extend(("create", item.log, {}) for item in logged)
                 if not operations:
@@ -613,9 +629,10 @@ class Ledger:
         async with self._lock(key):
             for _ in range(MAX_ATTEMPTS):
                 etag, entity = await self._fetch(key)
-                inflight: dict[str, list[int]] = orjson.loads(entity.get("inflight", "{}"))
-                stale = [rid for rid, entry in inflight.items() if entry[2] < cutoff and not _released(entry)]
-                forgotten = [rid for rid, entry in inflight.items() if entry[2] < forget_before and _released(entry)]
+                inflight = flights.decode(entity)
+                at = flights.admitted_at
+                stale = [rid for rid, entry in inflight.items() if at(entry) < cutoff and not _released(entry)]
+                forgotten = [rid for rid, entry in inflight.items() if at(entry) < forget_before and _released(entry)]
                 if not etag or not (stale or forgotten):
                     return 0
                 if row_key.startswith(budget.SHARD_PREFIX):
@@ -646,7 +663,7 @@ class Ledger:
         """
         lost: list[str] = []
         for request_id in stale:
-            day = datetime.fromtimestamp(inflight[request_id][2], UTC).date().isoformat()
+            day = datetime.fromtimestamp(flights.admitted_at(inflight[request_id]), UTC).date().isoformat()
             try:
                 _, logged = await self._entities.get(event_id, f"log|{day}|{request_id}")
             except ResourceNotFoundError:
@@ -661,25 +678,27 @@ class Ledger:
         entity: dict[str, Any], inflight: dict[str, list[int]], stale: list[str], forgotten: list[str]
     ) -> dict[str, Any]:
         updated = _base(entity, str(entity.get("user", "")), str(entity.get("day", "")))
+        inflight = dict(inflight)
         for request_id in stale:
-            estimate, minute = inflight[request_id][:2]
-            inflight[request_id] = [estimate, minute, inflight[request_id][2], 1]
+            estimate, admitted_at = inflight[request_id][:2]
+            inflight[request_id] = [estimate, admitted_at, 1]
             updated["reserved"] = max(0, updated["reserved"] - 1)
-            if updated["tpm_minute"] == minute:
+            if updated["tpm_minute"] == admitted_at // 60:
                 updated["tpm_tokens"] = max(0, updated["tpm_tokens"] - estimate)
         for request_id in forgotten:
             del inflight[request_id]
-        updated["inflight"] = orjson.dumps(inflight).decode()
+        updated["inflight"] = inflight
         return updated
 
     async def _write(self, key: tuple[str, str], etag: str, entity: dict[str, Any]) -> str:
+        stored = flights.stored(entity)
         if etag:
-            return await self._entities.replace(entity, etag)
+            return await self._entities.replace(stored, etag)
         try:
-            return await self._entities.insert(entity)
+            return await self._entities.insert(stored)
         except ResourceNotFoundError:  # no table yet: an empty Azurite, say
             await self._tables.ensure()
-            return await self._entities.insert(entity)
+            return await self._entities.insert(stored)
 
 
 def _day_row(item: Finished) -> str:
@@ -745,8 +764,7 @@ def _remaining(event: Event, entity: dict[str, Any]) -> tuple[int | None, int | 
 
 def booked_tokens(entity: dict[str, Any]) -> int:
     """The day's tokens as the daily token cap counts them: recorded, plus the estimates in flight."""
-    inflight: dict[str, list[int]] = orjson.loads(entity.get("inflight", "{}"))
-    return int(entity.get("total_tokens", 0)) + sum(e[0] for e in inflight.values() if not _released(e))
+    return int(entity.get("total_tokens", 0)) + flights.booked(flights.decode(entity))
 
 
 def _next_midnight(now: datetime) -> datetime:
@@ -761,7 +779,7 @@ def _base(entity: dict[str, Any], user: str, day: str) -> dict[str, Any]:
     updated["backends"] = entity.get("backends", "{}")
     updated["tpm_minute"] = int(entity.get("tpm_minute", 0))
     updated["tpm_tokens"] = int(entity.get("tpm_tokens", 0))
-    updated["inflight"] = entity.get("inflight", "{}")
+    updated["inflight"] = flights.decode(entity)  # shared: copied by whoever changes it
     return updated
 
 
@@ -770,9 +788,9 @@ def _admitted(
 ) -> dict[str, Any]:
     updated = _base(entity, user, day)
     updated["reserved"] += 1
-    inflight = orjson.loads(updated["inflight"])
-    inflight[request_id] = [estimate, minute, int(now.timestamp()), 0]
-    updated["inflight"] = orjson.dumps(inflight).decode()
+    inflight = dict(updated["inflight"])
+    inflight[request_id] = [estimate, int(now.timestamp())]
+    updated["inflight"] = inflight
     if updated["tpm_minute"] != minute:
         updated["tpm_minute"], updated["tpm_tokens"] = minute, 0
     updated["tpm_tokens"] += estimate
@@ -780,7 +798,7 @@ def _admitted(
 
 
 def _released(entry: list[int]) -> bool:
-    return len(entry) > 3 and entry[3] == 1
+    return flights.released(entry)
 
 
 def _settled(entity: dict[str, Any], user: str, admission: Admission, settlement: Settlement) -> dict[str, Any]:
@@ -788,11 +806,11 @@ def _settled(entity: dict[str, Any], user: str, admission: Admission, settlement
         return entity  # nothing taken and nothing used: a request refused by the event's budget, say
     updated = _base(entity, user, admission.day)
     if admission.reserved:
-        inflight = orjson.loads(updated["inflight"])
+        inflight = dict(updated["inflight"])
         entry = inflight.pop(admission.request_id, None)
         if entry is None:
             return entity  # settled already: a retried write whose first attempt had landed
-        updated["inflight"] = orjson.dumps(inflight).decode()
+        updated["inflight"] = inflight
         released = _released(entry)
         if settlement.succeeded and released:
             updated["reserved"] += 1  # it outlived its lease after all: it takes its slot again

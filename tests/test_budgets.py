@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-import orjson
 
 from proxy import budget
 from proxy.events import EventStore
@@ -205,7 +204,7 @@ async def test_reconciler_gives_back_the_budget_of_a_killed_worker(tables: Table
     assert released >= 1
     after = (await budget.read_shards(tables, created.event.id))[budget.shard_index(shard)]
     assert after["requests"] == 0 and budget.booked(after) == 0
-    assert orjson.loads(after["inflight"])["dead-request"][3] == 1  # marked released, forgotten a lease later
+    assert after["inflight"]["dead-request"][2] == 1  # marked released, forgotten a lease later
 
 
 async def test_reconciler_settles_from_the_log_a_request_whose_shard_was_not_settled(
@@ -221,7 +220,7 @@ async def test_reconciler_settles_from_the_log_a_request_whose_shard_was_not_set
     await reconcile(tables, Ledger(tables), 60, now=now + timedelta(minutes=2))
     after = (await budget.read_shards(tables, created.event.id))[budget.shard_index(shard)]
     assert after["requests"] == 1 and after["tokens"] == 37 and budget.booked(after) == 37
-    assert "logged-request" not in orjson.loads(after["inflight"])
+    assert "logged-request" not in after["inflight"]
 
 
 async def test_spare_moves_count_the_settlements_not_yet_written(tables: Tables, make_event: MakeEvent) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy import inflight
 from proxy.payload import pseudonym
 from proxy.sessions import SessionLimits, Sessions
 from proxy.storage import Tables
@@ -151,7 +152,7 @@ async def check_invariants(
         shards = [row for row in rows if row["RowKey"].startswith("shard|")]
         attendee_days = [row for row in rows if "day" in row and "user" in row]
         for row in shards + attendee_days:
-            if any(entry[3] == 0 for entry in json.loads(row.get("inflight", "{}")).values()):
+            if any(not inflight.released(entry) for entry in inflight.decode(dict(row)).values()):
                 return False  # still in flight
         for row in attendee_days:
             kept = sum(1 for e in log if e["user"] == row["user"] and keeps_slot(e["status"]))

@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy import inflight
 from proxy.payload import pseudonym
 from proxy.storage import Tables
 from proxy.usage import report, request_log
@@ -236,7 +237,7 @@ async def assert_no_slot_left_reserved(tables: Tables, event: NewEvent) -> None:
     def settled(entities: list[dict[str, Any]]) -> bool:
         for entity in entities:
             delivered = sum(1 for entry in log if entry["user"] == entity["user"] and keeps_slot(entry["status"]))
-            held = [e for e in json.loads(entity.get("inflight", "{}")).values() if e[3] == 0]
+            held = [e for e in inflight.decode(dict(entity)).values() if not inflight.released(e)]
             if entity["reserved"] != delivered or held:
                 return False
         return True
