@@ -219,6 +219,12 @@ class Settings(BaseModel):
             settings = cls.model_validate({**fields, **raw})
         except ValidationError as exc:
             raise _settings_error(exc, raw) from None
+        host_limit = get("FUNCTIONS_REQUEST_BODY_SIZE_LIMIT")
+        if host_limit is not None and host_limit.isdigit() and int(host_limit) < settings.max_request_bytes:
+            raise SettingsError(
+                f"FUNCTIONS_REQUEST_BODY_SIZE_LIMIT ({host_limit}) is below MAX_REQUEST_BYTES "
+                f"({settings.max_request_bytes}): the Functions host would refuse bodies the proxy takes; raise it too"
+            )
         if settings.max_request_bytes > settings.body_memory_bytes * 3 // 8:
             raise SettingsError(
                 f"BODY_MEMORY_BYTES ({settings.body_memory_bytes}) must be at least 8/3 of MAX_REQUEST_BYTES "

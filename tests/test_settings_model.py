@@ -35,6 +35,8 @@ def test_defaults_and_conversions() -> None:
         ("BODY_MEMORY_BYTES", "0", "must be positive"),
         # The largest body must fit in the three eighths of the budget that one attendee's large bodies may use.
         ("BODY_MEMORY_BYTES", str(74 << 20), "at least 8/3 of MAX_REQUEST_BYTES"),
+        # The host's own limit (as the Bicep sets it) must not cut bodies the proxy would take.
+        ("FUNCTIONS_REQUEST_BODY_SIZE_LIMIT", str(16 << 20), "below MAX_REQUEST_BYTES"),
     ],
 )
 def test_a_bad_value_names_its_setting(name: str, value: str, said: str) -> None:
