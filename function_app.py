@@ -26,7 +26,7 @@ from proxy.settings import Settings
 
 settings = Settings.from_env()
 proxy = Proxy.from_settings(settings)
-organizer = OrganizerApi(settings, proxy.tables, proxy.events)
+organizer = OrganizerApi(settings, proxy.tables, proxy.events, proxy.keys)
 pages = Pages(entra_sign_in=settings.organizer_sign_in.trusted)
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
@@ -43,6 +43,7 @@ ROUTES: list[tuple[str, str, list[str], Handler]] = [
     ("response", "v1/responses/{response_id}", ["GET", "DELETE"], proxy.stored_response),
     ("response_input_items", "v1/responses/{response_id}/input_items", ["GET"], proxy.response_input_items),
     ("session", "v1/sessions/{session_id}", ["DELETE"], proxy.forget_session),
+    ("keys", "v1/keys", ["POST"], proxy.register_key),
     ("azure_responses", "openai/responses", ["POST"], proxy.create_response),
     ("azure_response", "openai/responses/{response_id}", ["GET", "DELETE"], proxy.stored_response),
     ("azure_response_input_items", "openai/responses/{response_id}/input_items", ["GET"], proxy.response_input_items),
@@ -66,6 +67,7 @@ ROUTES: list[tuple[str, str, list[str], Handler]] = [
     ("manage_plan", "manage/events/{event_id}/plan", ["GET"], organizer.plan),
     ("manage_attendees", "manage/events/{event_id}/attendees", ["GET"], organizer.attendees),
     ("manage_attendee", "manage/events/{event_id}/attendees/{user}", ["PATCH"], organizer.attendee),
+    ("manage_reset_key", "manage/events/{event_id}/attendees/{user}/reset-key", ["POST"], organizer.reset_key),
     ("manage_openapi", "manage/openapi.json", ["GET"], organizer.openapi),
     ("manage_probe", "manage/probe", ["POST"], ProbeApi(organizer, proxy.upstream).probe),
     ("portal", "portal/{*asset}", ["GET"], pages.portal),  # the attendee page and the pages' assets

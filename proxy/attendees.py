@@ -45,6 +45,8 @@ MAX_NAMES_PER_WRITE = 99  # an entity group transaction holds 100 operations, on
 MAX_ATTEMPTS = 100
 _KNOWN_LIMIT = 200_000
 
+Waiting = tuple[str, asyncio.Future[bool], dict[str, Any] | None]
+
 
 class Roster:
     """Registers attendee names per event, exact under ``max_attendees`` across instances."""
@@ -52,7 +54,8 @@ class Roster:
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
         self._known: set[tuple[str, str]] = set()
-        self._waiting: dict[str, list[tuple[str, asyncio.Future[None]]]] = {}
+        # Names waiting for the next group write: (name, ticket, properties of its row or None).
+        self._waiting: dict[str, list[Waiting]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def admit(self, event: Event, user: str) -> None:
@@ -64,45 +67,63 @@ class Roster:
         if (event.id, user) in self._known:
             return
         if not await self._registered(event.id, user):
-            await self._register(event, user)
+            await self._register(event, user, None)
         self._remember(event.id, user)
+
+    async def join(self, event: Event, user: str, properties: dict[str, Any]) -> bool:
+        """Register a new name with ``properties`` on its row (a personal key's claim, ``proxy.keys``): True when
+        this call created the row, False when the name had one already (then the row is as it was). Raises
+        ``AttendeeLimitReached`` for a new name past the limit. Of simultaneous calls for one name, one creates."""
+        created = await self._register(event, user, properties)
+        self._remember(event.id, user)
+        return created
 
     def _remember(self, event_id: str, user: str) -> None:
         if len(self._known) > _KNOWN_LIMIT:
             self._known.clear()
         self._known.add((event_id, user))
 
-    async def _register(self, event: Event, user: str) -> None:
-        ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def _register(self, event: Event, user: str, properties: dict[str, Any] | None) -> bool:
+        """Register the name in the next group write; True when its row was created for these properties."""
+        ticket: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         ticket.add_done_callback(lambda done: done.cancelled() or done.exception())
         waiting = self._waiting.setdefault(event.id, [])
-        waiting.append((user, ticket))
+        waiting.append((user, ticket, properties))
         lock = self._locks.setdefault(event.id, asyncio.Lock())
         async with lock:
             if not ticket.done():
                 group, self._waiting[event.id] = waiting, []
                 write = asyncio.ensure_future(self._register_group(event, group))
                 await asyncio.shield(write)
-        await ticket
+        return await ticket
 
-    async def _register_group(self, event: Event, group: list[tuple[str, asyncio.Future[None]]]) -> None:
+    async def _register_group(self, event: Event, group: list[Waiting]) -> None:
+        # Per name, the one ticket whose properties its row is created with: the first that has some.
+        creators: dict[str, tuple[asyncio.Future[bool], dict[str, Any]]] = {}
+        for user, ticket, properties in group:
+            if user not in creators or (properties is not None and not creators[user][1]):
+                creators[user] = (ticket, properties or {})
         try:
-            names = list(dict.fromkeys(user for user, _ in group))
+            names = list(creators)
             refused: set[str] = set()
+            existed: set[str] = set()
             while names:
                 batch, names = names[:MAX_NAMES_PER_WRITE], names[MAX_NAMES_PER_WRITE:]
-                refused |= await self._insert(event, batch)
+                rows = {user: creators[user][1] for user in batch}
+                batch_refused, batch_existed = await self._insert(event, batch, rows)
+                refused |= batch_refused
+                existed |= batch_existed
         except Exception as error:
             failure = error if isinstance(error, StorageUnavailable) else StorageUnavailable(
                 "The attendee list could not be updated; try again in a moment."
             )  # fmt: skip
-            for _, ticket in group:
+            for _, ticket, _ in group:
                 if not ticket.done():
                     ticket.set_exception(failure)
             if not isinstance(error, StorageUnavailable):
                 raise
             return
-        for user, ticket in group:
+        for user, ticket, _ in group:
             if ticket.done():
                 continue
             if user in refused:
@@ -114,10 +135,14 @@ class Roster:
                     )
                 )
             else:
-                ticket.set_result(None)
+                ticket.set_result(user not in existed and creators[user][0] is ticket)
 
-    async def _insert(self, event: Event, names: list[str]) -> set[str]:
-        """Register names (at most 99) in one transaction with the roster; the names refused."""
+    async def _insert(
+        self, event: Event, names: list[str], rows: dict[str, dict[str, Any]]
+    ) -> tuple[set[str], set[str]]:
+        """Register names (at most 99, each row with its properties) in one transaction with the roster; the
+        names refused, and those whose rows existed already."""
+        existed: set[str] = set()
         for _ in range(MAX_ATTEMPTS):
             etag, count = await self._roster(event.id)
             room = len(names) if event.max_attendees is None else max(0, event.max_attendees - count)
@@ -126,9 +151,10 @@ class Roster:
                 if await self._registered(event.id, user):
                     self._remember(event.id, user)
                     refused.discard(user)
+                    existed.add(user)
                     names.remove(user)
             if not taken:
-                return refused
+                return refused, existed
             roster = {"PartitionKey": event.id, "RowKey": ROSTER_ROW, "count": count + len(taken)}
             condition = {"mode": UpdateMode.REPLACE, "etag": etag, "match_condition": MatchConditions.IfNotModified}
             operations: list[tuple[str, Any, dict[str, Any]]] = [
@@ -136,7 +162,8 @@ class Roster:
             ]
             now = datetime.now(UTC)
             for user in taken:
-                row = {"PartitionKey": event.id, "RowKey": USER_PREFIX + user, "user": user, **_first_seen(now)}
+                row = {"PartitionKey": event.id, "RowKey": USER_PREFIX + user, "user": user, **_first_seen(now),
+                       **rows.get(user, {})}  # fmt: skip
                 operations.append(("create", row, {}))
             try:
                 await self._submit(operations)
@@ -145,12 +172,13 @@ class Roster:
                     # Registered meanwhile by another instance: it is in, and needs no place.
                     known = taken[error.index - 1]
                     self._remember(event.id, known)
+                    existed.add(known)
                     names = [name for name in names if name != known]
                 elif error.status_code not in (409, 412):
                     raise StorageUnavailable("The attendee list could not be updated.") from error
                 await asyncio.sleep(random.uniform(0, 0.005))
                 continue
-            return refused
+            return refused, existed
         raise StorageUnavailable("Too much contention on the attendee list; try again in a moment.")
 
     async def _registered(self, event_id: str, user: str) -> bool:

@@ -6,6 +6,7 @@
     ├── MissingCredentials            401     missing_credentials
     ├── InvalidEventCode              401     invalid_event_code
     ├── Unauthorized                  401     unauthorized (organizer API)
+    ├── PersonalKeyRequired           401     personal_key_required (a claimed name, or an event that needs keys)
     ├── EventNotStarted               403     event_not_started
     ├── EventEnded                    403     event_ended
     ├── EventDisabled                 403     event_disabled
@@ -15,6 +16,7 @@
     ├── ModelNotFound                 404     model_not_found
     ├── MethodNotAllowed              405     method_not_allowed (with ``Allow``)
     ├── EditConflict                  409     edit_conflict (organizer writes that kept colliding)
+    ├── NameTaken                     409     name_taken (registering a name that has a personal key)
     ├── RequestTooLarge               413     request_too_large
     ├── CapExceeded                   429     daily_request_cap_exceeded / daily_token_cap_exceeded /
     │                                         rate_limited / event_budget_exhausted (with ``Retry-After``)
@@ -80,6 +82,10 @@ class Unauthorized(ProxyError):
     status, code, type = 401, "unauthorized", "authentication_error"
 
 
+class PersonalKeyRequired(ProxyError):
+    status, code, type = 401, "personal_key_required", "authentication_error"
+
+
 class EventNotStarted(ProxyError):
     status, code, type = 403, "event_not_started", "permission_error"
 
@@ -120,6 +126,10 @@ class MethodNotAllowed(ProxyError):
 
 class EditConflict(ProxyError):
     status, code = 409, "edit_conflict"
+
+
+class NameTaken(ProxyError):
+    status, code = 409, "name_taken"
 
 
 class RequestTooLarge(ProxyError):

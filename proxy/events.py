@@ -93,6 +93,8 @@ class Event:
     session_turns: int | None = None
     session_chars: int | None = None
     blocked: tuple[str, ...] = ()
+    # Every attendee must use a personal key (proxy.keys): CODE/name is refused with personal_key_required.
+    attendee_keys: bool = False
     active: bool = True
     description: str = ""
     organizer: str = ""
@@ -122,6 +124,7 @@ class Event:
             "max_attendees": self.max_attendees,
             "session_turns": self.session_turns,
             "session_chars": self.session_chars,
+            "attendee_keys": self.attendee_keys,
             "active": self.active,
             "description": self.description,
             "organizer": self.organizer,
@@ -144,6 +147,7 @@ class Event:
             "organizer": self.organizer,
             "created_at": self.created_at,
             "blocked": orjson.dumps(self.blocked).decode(),
+            "attendee_keys": self.attendee_keys,
         }
         # Table Storage has no null: an absent property means "no cap".
         for name in _OPTIONAL_CAPS:
@@ -172,6 +176,7 @@ class Event:
             session_turns=_optional_int(entity.get("session_turns")),
             session_chars=_optional_int(entity.get("session_chars")),
             blocked=tuple(orjson.loads(entity.get("blocked") or "[]")),
+            attendee_keys=bool(entity.get("attendee_keys", False)),
             active=bool(entity.get("active", True)),
             description=entity.get("description") or "",
             organizer=entity.get("organizer") or "",

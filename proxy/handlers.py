@@ -36,16 +36,18 @@ from proxy import payload as bodies
 from proxy.access import Access, AccessLog, access_log, configure_access_log
 from proxy.attendees import Roster
 from proxy.budget import has_budget
-from proxy.credentials import read_credential
+from proxy.credentials import CODE_PATTERN, USER_PATTERN, PersonalKey, read_credential
 from proxy.ending import Answer, AnswerStream
 from proxy.errors import (
     EventDisabled,
     EventEnded,
     EventNotStarted,
     InvalidEventCode,
+    InvalidRequest,
     MethodNotAllowed,
     ModelNotFound,
     NotFound,
+    PersonalKeyRequired,
     ProxyError,
     StorageUnavailable,
     UpstreamError,
@@ -54,6 +56,7 @@ from proxy.errors import (
 )
 from proxy.events import Event, EventStore, hash_code
 from proxy.guessing import FailedLookups, client_address
+from proxy.keys import PersonalKeys
 from proxy.limits import CLIENT_GONE, Admission, Ledger, booked_tokens, day_of
 from proxy.prices import PriceTable
 from proxy.responses import Owner, ResponsesApi
@@ -151,6 +154,7 @@ class Proxy:
         self.events = EventStore(tables, settings.event_cache_seconds)
         self.ledger = Ledger(tables)
         self.roster = Roster(tables)
+        self.keys = PersonalKeys(tables, self.events, self.roster, settings.event_cache_seconds)
         self.failed_lookups = FailedLookups(settings.failed_lookups_per_minute)
         self._routes: list[tuple[re.Pattern[str], list[str]]] = []
         self.telemetry = telemetry or Telemetry()
@@ -222,6 +226,26 @@ class Proxy:
             raise NotFound(f"No chat session '{session_id}' is kept for you in this event.", param="session_id")
         forgotten = {"id": session_id, "object": "session.deleted", "deleted": True}
         return Response(orjson.dumps(forgotten), media_type=_JSON)
+
+    @answering
+    async def register_key(self, request: Request) -> Response:
+        """``POST /v1/keys`` ``{"code", "name"}``, no credential: 201 with the name's personal key, shown once."""
+        fields = await bodies.read_json(request, self.settings.max_request_bytes)
+        code, user = fields.get("code"), fields.get("name")
+        if not isinstance(code, str) or not CODE_PATTERN.fullmatch(code):
+            raise InvalidRequest("'code' must be the event code: 4 to 64 of A-Z a-z 0-9 _ -", param="code")
+        if not isinstance(user, str) or not USER_PATTERN.fullmatch(user):
+            raise InvalidRequest("'name' must be 1 to 128 of A-Z a-z 0-9 . _ @ + -", param="name")
+        access: Access = request.state.access
+        access.attendee = user
+        address = client_address(request.headers.get("x-forwarded-for"), request.client and request.client.host)
+        event = await self._event(address, code)
+        access.event_id = event.id
+        self._check_open(event, self._clock())
+        key = await self.keys.register(event, user)
+        registered = {"key": key, "name": user, "event_id": event.id, "event": event.name,
+                      "starts_at": event.starts_at.isoformat(), "ends_at": event.ends_at.isoformat()}  # fmt: skip
+        return Response(orjson.dumps(registered), 201, headers={"cache-control": "no-store"}, media_type=_JSON)
 
     async def _stored(self, request: Request, response_id: str, suffix: str) -> Response:
         caller = await self._caller(request)
@@ -318,9 +342,27 @@ class Proxy:
     async def _caller(self, request: Request) -> Caller:
         credential = read_credential(request.headers)
         access: Access = request.state.access
-        access.attendee = credential.user
         address = client_address(request.headers.get("x-forwarded-for"), request.client and request.client.host)
-        code_hash = hash_code(credential.code)
+        if isinstance(credential, PersonalKey):
+            return await self._key_holder(access, address, credential)
+        access.attendee = credential.user
+        event = await self._event(address, credential.code)
+        access.event_id = event.id
+        if event.attendee_keys:
+            raise PersonalKeyRequired(
+                f"'{event.name}' needs a personal key instead of CODE/name: register your name at /api/portal on "
+                "this proxy (or POST /api/v1/keys), then use the key as your API key."
+            )
+        if await self.keys.claimed(event.id, credential.user):
+            raise PersonalKeyRequired(
+                f"The name '{credential.user}' has a personal key in '{event.name}': use that key (ek-...) as the "
+                "API key instead of CODE/name. Lost it? The organizer can reset it."
+            )
+        return Caller(event, credential.user)
+
+    async def _event(self, address: str, code: str) -> Event:
+        """The event of a code, through the guessing throttle (``proxy.guessing``)."""
+        code_hash = hash_code(code)
         # A throttled address gets the same 429 for any code it has not used itself, without a lookup (no oracle).
         self.failed_lookups.check(address, code_hash)
         with self.telemetry.span("event lookup"):
@@ -329,8 +371,23 @@ class Proxy:
             self.failed_lookups.failed(address)
             raise InvalidEventCode("This event code is not known. Check the code the organizer shared.")
         self.failed_lookups.succeeded(address, code_hash)
-        access.event_id = event.id
-        return Caller(event, credential.user)
+        return event
+
+    async def _key_holder(self, access: Access, address: str, credential: PersonalKey) -> Caller:
+        """The event and name of a personal key (``proxy.keys``); unknown keys count as failed lookups."""
+        key_hash = self.keys.hash(credential.key)
+        self.failed_lookups.check(address, key_hash)
+        with self.telemetry.span("event lookup"):
+            found = await self.keys.lookup(key_hash)
+        if found is None:
+            self.failed_lookups.failed(address)
+            raise InvalidEventCode(
+                "This personal key is not known: check it, or if the organizer reset it, register again at /api/portal."
+            )
+        self.failed_lookups.succeeded(address, key_hash)
+        event, user = found
+        access.attendee, access.event_id = user, event.id
+        return Caller(event, user)
 
     def _check_open(self, event: Event, now: datetime) -> None:
         if not event.active:

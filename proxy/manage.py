@@ -30,9 +30,11 @@ from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import ClientAuthenticationError
 
 from proxy import doctor, organizer
+from proxy.attendees import Roster
 from proxy.doctor import DEFAULT_URL
 from proxy.errors import ProxyError, StorageUnavailable
 from proxy.events import DEFAULT_DAILY_REQUESTS, DEFAULT_MAX_TOKENS, DEFAULT_MODELS, EventStore
+from proxy.keys import PersonalKeys
 from proxy.prices import PriceTable
 from proxy.settings import Settings, SettingsError, cli_values
 from proxy.storage import Tables
@@ -93,6 +95,8 @@ def _event_options(parser: argparse.ArgumentParser, *, creating: bool) -> None:
     option("--session-chars", f"characters kept per chat session{back}", "60000", type=_number, metavar="N")
     option("--description", "shown to attendees at /api/v1/event", metavar="TEXT")
     option("--organizer", "who runs the event", metavar="TEXT")
+    keys_help = "every attendee needs a personal key (CODE/name refused); '--attendee-keys false' turns it off"
+    option("--attendee-keys", keys_help, "off", type=_flag, nargs="?", const=True, metavar="true|false")
     if creating:
         option("--code", "the event code, 4-64 of A-Z a-z 0-9 _ -", "a generated secret")
     else:
@@ -125,13 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     delete = action("delete", "Delete an event and its code; its usage is kept for reports.")
     delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
-    attendees = commands.add_parser("attendees", help="list an event's attendees, block or unblock one")
+    attendees = commands.add_parser("attendees", help="list an event's attendees, block or unblock one, reset a key")
     verbs = attendees.add_subparsers(dest="action", required=True, parser_class=_Parser)
     listing = verbs.add_parser("list", help="names seen: first seen, requests, tokens, blocked")
     listing.add_argument("event_id", metavar="EVENT_ID")
     listing.add_argument("--json", action="store_true", help="print one JSON object")
-    for verb, text in (("block", "refuse this name's requests (403 attendee_blocked)"), ("unblock", "let it in again")):
-        sub = verbs.add_parser(verb, help=text, description=f"{text.capitalize()}; applies within a minute.")
+    for verb, text in (
+        ("block", "refuse this name's requests (403 attendee_blocked)"),
+        ("unblock", "let it in again"),
+        ("reset-key", "the name's personal key stops working, and the name can register again"),
+    ):
+        sub = verbs.add_parser(verb, help=text, description=f"{text[0].upper()}{text[1:]}; applies within a minute.")
         sub.add_argument("event_id", metavar="EVENT_ID")
         sub.add_argument("user", metavar="USER")
         sub.add_argument("--json", action="store_true", help="print one JSON object")
@@ -194,8 +202,11 @@ async def run(args: argparse.Namespace, store: EventStore, tables: Tables, setti
         _print(args, data, _plan_text)
         return
     if args.area == "attendees":
+        keys = PersonalKeys(tables, store, Roster(tables), 0)
         if args.action == "list":
-            _print(args, await organizer.list_attendees(store, tables, args.event_id), _attendees_table)
+            _print(args, await organizer.list_attendees(store, tables, args.event_id, keys), _attendees_table)
+        elif args.action == "reset-key":
+            _print(args, await organizer.reset_key(store, keys, args.event_id, args.user), _key_reset)
         else:
             blocked = await organizer.set_blocked(store, args.event_id, args.user, args.action == "block")
             _print(args, blocked, _blocked)
@@ -293,10 +304,19 @@ def _attendees_table(data: dict[str, Any]) -> str:
     limit = "" if data["max_attendees"] is None else f" of at most {data['max_attendees']}"
     if not data["data"]:
         return f"No attendees yet{limit}."
-    header = ("USER", "FIRST SEEN", "REQUESTS", "TOTAL TOKENS", "BLOCKED")
-    rows = [(a["user"], a["first_seen"], a["requests"], a["total_tokens"], "yes" if a["blocked"] else "")
-            for a in data["data"]]  # fmt: skip
-    return f"{data['count']} attendees{limit}.\n" + _table(header, rows, (False, False, True, True, False))
+    header = ("USER", "FIRST SEEN", "REQUESTS", "TOTAL TOKENS", "BLOCKED", "PERSONAL KEY")
+    rows = [(a["user"], a["first_seen"], a["requests"], a["total_tokens"], "yes" if a["blocked"] else "",
+             "yes" if a["personal_key"] else "") for a in data["data"]]  # fmt: skip
+    return f"{data['count']} attendees{limit}.\n" + _table(header, rows, (False, False, True, True, False, False))
+
+
+def _key_reset(data: dict[str, Any]) -> str:
+    if not data["reset"]:
+        return f"'{data['user']}' has no personal key in event {data['event_id']}; nothing to reset."
+    return (
+        f"Reset the personal key of '{data['user']}' in event {data['event_id']}: it stops working on every instance "
+        "within a minute, and the name can register again."
+    )
 
 
 def _blocked(data: dict[str, Any]) -> str:

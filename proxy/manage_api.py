@@ -16,7 +16,8 @@ The key is never logged nor echoed. The operations themselves live in
   ``Accept: text/csv``); answers for deleted events whose usage was kept.
 - ``GET /events/{id}/plan?attendees=N&tpm=MODEL=TPM``: the pre-event plan (``proxy.plan``)
 - ``GET /events/{id}/attendees``; ``PATCH /events/{id}/attendees/{user}`` with
-  ``{"blocked": true|false}``
+  ``{"blocked": true|false}``; ``POST /events/{id}/attendees/{user}/reset-key``
+  (the name's personal key stops working, ``proxy.keys``)
 - ``GET /openapi.json``: the schema of all of the above (``proxy.models``)
 - ``POST /probe``: does each model answer? (``proxy.probe``, for the doctor)
 """
@@ -34,6 +35,7 @@ from proxy import organizer
 from proxy.errors import InvalidRequest, MethodNotAllowed, OrganizerApiDisabled, Unauthorized
 from proxy.events import EventStore
 from proxy.handlers import answering
+from proxy.keys import PersonalKeys
 from proxy.models import AttendeePatch, RotateCode, openapi, validated
 from proxy.payload import read_json
 from proxy.prices import PriceTable
@@ -48,8 +50,8 @@ _JSON = "application/json"
 class OrganizerApi:
     """The handlers of ``/api/manage/...``, on the worker's tables and event store."""
 
-    def __init__(self, settings: Settings, tables: Tables, events: EventStore) -> None:
-        self.settings, self.tables, self.store = settings, tables, events
+    def __init__(self, settings: Settings, tables: Tables, events: EventStore, keys: PersonalKeys) -> None:
+        self.settings, self.tables, self.store, self.keys = settings, tables, events, keys
         self.prices = PriceTable.load(settings.model_prices)
         self._schema = openapi()
 
@@ -113,7 +115,7 @@ class OrganizerApi:
     @answering
     async def attendees(self, request: Request, event_id: str) -> Response:
         self.authorize(request)
-        return _json(await organizer.list_attendees(self.store, self.tables, event_id))
+        return _json(await organizer.list_attendees(self.store, self.tables, event_id, self.keys))
 
     @answering
     async def attendee(self, request: Request, event_id: str, user: str) -> Response:
@@ -121,6 +123,12 @@ class OrganizerApi:
         self.authorize(request)
         body = validated(AttendeePatch, await read_json(request, self.settings.max_request_bytes))
         return _json(await organizer.set_blocked(self.store, event_id, user, body.blocked))
+
+    @answering
+    async def reset_key(self, request: Request, event_id: str, user: str) -> Response:
+        """``POST``: the name's personal key stops working, and the name can be registered again."""
+        self.authorize(request)
+        return _json(await organizer.reset_key(self.store, self.keys, event_id, user))
 
     @answering
     async def openapi(self, request: Request) -> Response:

@@ -68,6 +68,7 @@ def _text(value: Any) -> Any:
     return "" if value is None else value
 
 
+ATTENDEE_KEYS = "every attendee must register a personal key (POST /api/v1/keys): CODE/name is refused"
 Positive = Annotated[StrictInt, Field(gt=0)]
 Time = Annotated[datetime, BeforeValidator(_utc_time), Field(json_schema_extra={"format": "date-time"})]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
@@ -122,6 +123,7 @@ class EventCreate(_Fields):
     max_attendees: Positive | None = None
     session_turns: Positive | None = Field(None, description="turns kept per chat session; default 20")
     session_chars: Positive | None = Field(None, description="characters kept per chat session; default 60000")
+    attendee_keys: StrictBool = Field(False, description=ATTENDEE_KEYS)
     active: StrictBool = True
     description: Text = ""
     organizer: ShortText = ""
@@ -144,6 +146,7 @@ class EventUpdate(_Fields):
     max_attendees: Positive | None = None
     session_turns: Positive | None = Field(None, description="turns kept per chat session; default 20")
     session_chars: Positive | None = Field(None, description="characters kept per chat session; default 60000")
+    attendee_keys: StrictBool | None = Field(None, description=ATTENDEE_KEYS)
     active: StrictBool | None = None
     description: Text | None = None
     organizer: ShortText | None = None
@@ -189,6 +192,7 @@ class EventOut(BaseModel):
     max_attendees: int | None
     session_turns: int | None
     session_chars: int | None
+    attendee_keys: bool
     active: bool
     description: str
     organizer: str
@@ -262,6 +266,7 @@ class Attendee(BaseModel):
     total_tokens: int
     cost: float = Field(description="USD")
     blocked: bool
+    personal_key: bool = Field(description="the name has a personal key: CODE/name is refused for it")
 
 
 class AttendeeList(BaseModel):
@@ -276,6 +281,12 @@ class AttendeeBlocked(BaseModel):
     event_id: str
     user: str
     blocked: bool
+
+
+class KeyReset(BaseModel):
+    event_id: str
+    user: str
+    reset: bool = Field(description="whether the name had a personal key")
 
 
 class ErrorBody(BaseModel):
@@ -319,7 +330,7 @@ def openapi() -> dict[str, Any]:
     """The organizer API's OpenAPI 3.1 document."""
     models: list[type[BaseModel]] = [
         EventCreate, EventUpdate, RotateCode, AttendeePatch, EventOut, EventCreated, EventList, CodeRotated,
-        EventDeleted, UsageReport, AttendeeList, AttendeeBlocked, ErrorBody,
+        EventDeleted, UsageReport, AttendeeList, AttendeeBlocked, KeyReset, ErrorBody,
     ]  # fmt: skip
     _, schemas = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
     components = schemas["$defs"]
@@ -372,6 +383,11 @@ def openapi() -> dict[str, Any]:
             "parameters": [event_id, user],
             "patch": {"summary": "Block or unblock a name", "requestBody": body("AttendeePatch"),
                       "responses": answer("AttendeeBlocked", "done; applies within EVENT_CACHE_SECONDS")},
+        },
+        "/events/{event_id}/attendees/{user}/reset-key": {
+            "parameters": [event_id, user],
+            "post": {"summary": "Reset a name's personal key: it stops working, the name can register again",
+                     "responses": answer("KeyReset", "done; applies within EVENT_CACHE_SECONDS on other instances")},
         },
     }  # fmt: skip
     return {

@@ -22,6 +22,9 @@ collisions the answer is 409 ``edit_conflict``, and nothing was changed.
 - ``list_attendees``, ``set_blocked``: the names seen (``proxy.attendees``)
   and blocking one; a block applies on every instance within
   ``EVENT_CACHE_SECONDS``.
+- ``reset_key``: a name's personal key stops working (``proxy.keys``: at once
+  on the instance that resets, within ``EVENT_CACHE_SECONDS`` on the others),
+  and the name can be registered again.
 
 A code the organizer chooses must not be easy to guess (``proxy.guessing``);
 an event whose ``end`` is already past is refused on create (an update may
@@ -54,6 +57,7 @@ from proxy.events import (
     new_event_id,
 )
 from proxy.guessing import check_chosen_code
+from proxy.keys import PersonalKeys
 from proxy.models import AttendeePatch, EventCreate, EventUpdate, PlanQuery, RotateCode, validated
 from proxy.plan import BICEP_PARAMS, bicep_quotas, parse_tpm, plan
 from proxy.prices import PriceTable
@@ -196,10 +200,12 @@ async def plan_event(
     return plan(event, count, source, quotas, prices, usage)
 
 
-async def list_attendees(store: EventStore, tables: Tables, event_id: str) -> dict[str, Any]:
-    """Every name seen in the event (and every blocked one): first seen, requests and tokens, blocked."""
+async def list_attendees(store: EventStore, tables: Tables, event_id: str, keys: PersonalKeys) -> dict[str, Any]:
+    """Every name seen in the event (and every blocked one): first seen, requests and tokens, blocked, whether
+    it has a personal key."""
     event = await store.get(event_id)
     seen = await roster(tables, event_id)
+    keyed = await keys.keyed_names(event_id)
     usage = {row["key"]: row for row in (await report(tables, event_id, "user"))["rows"]}
     data = []
     for user in sorted(set(seen) | set(usage) | set(event.blocked)):
@@ -213,6 +219,7 @@ async def list_attendees(store: EventStore, tables: Tables, event_id: str) -> di
                 "total_tokens": figures.get("total_tokens", 0),
                 "cost": figures.get("cost", 0.0),
                 "blocked": user in event.blocked,
+                "personal_key": user in keyed,
             }
         )
     return {"event_id": event.id, "object": "list", "max_attendees": event.max_attendees, "count": len(seen),
@@ -221,8 +228,7 @@ async def list_attendees(store: EventStore, tables: Tables, event_id: str) -> di
 
 async def set_blocked(store: EventStore, event_id: str, user: Any, blocked: Any) -> dict[str, Any]:
     """Block or unblock one attendee name (``{"event_id", "user", "blocked"}``); applies within EVENT_CACHE_SECONDS."""
-    if not isinstance(user, str) or not USER_PATTERN.fullmatch(user):
-        raise InvalidRequest("'user' must be an attendee name: 1 to 128 of A-Z a-z 0-9 . _ @ + -", param="user")
+    _check_user(user)
     blocked = validated(AttendeePatch, {"blocked": blocked}).blocked
 
     def change(event: Event) -> Event:
@@ -233,6 +239,18 @@ async def set_blocked(store: EventStore, event_id: str, user: Any, blocked: Any)
 
     event = await store.modify(check_event_id(event_id), change)
     return {"event_id": event.id, "user": user, "blocked": blocked}
+
+
+async def reset_key(store: EventStore, keys: PersonalKeys, event_id: str, user: Any) -> dict[str, Any]:
+    """Remove a name's personal key (``{"event_id", "user", "reset"}``: whether it had one)."""
+    _check_user(user)
+    event = await store.get(event_id)
+    return {"event_id": event.id, "user": user, "reset": await keys.reset(event.id, user)}
+
+
+def _check_user(user: Any) -> None:
+    if not isinstance(user, str) or not USER_PATTERN.fullmatch(user):
+        raise InvalidRequest("'user' must be an attendee name: 1 to 128 of A-Z a-z 0-9 . _ @ + -", param="user")
 
 
 def _chosen(code: str) -> str:
