@@ -72,6 +72,7 @@ log = logging.getLogger("proxy")
 
 Handler = Callable[..., Awaitable[Response]]
 _JSON = "application/json"
+REGISTRATION_BYTES = 4096  # POST /v1/keys: a code and a name
 _PASSED_HEADERS = ("retry-after", "retry-after-ms", "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens")
 
 
@@ -230,7 +231,7 @@ class Proxy:
     @answering
     async def register_key(self, request: Request) -> Response:
         """``POST /v1/keys`` ``{"code", "name"}``, no credential: 201 with the name's personal key, shown once."""
-        fields = await bodies.read_json(request, self.settings.max_request_bytes)
+        fields = await bodies.read_json(request, REGISTRATION_BYTES)  # no credential yet: a small body only
         code, user = fields.get("code"), fields.get("name")
         if not isinstance(code, str) or not CODE_PATTERN.fullmatch(code):
             raise InvalidRequest("'code' must be the event code: 4 to 64 of A-Z a-z 0-9 _ -", param="code")

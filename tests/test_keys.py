@@ -297,3 +297,8 @@ def test_guessed_keys_are_throttled_and_learn_nothing(strict_app: str) -> None:
 def window() -> dict[str, str]:
     now = datetime.now(UTC)
     return {"start": (now - timedelta(hours=1)).isoformat(), "end": (now + timedelta(hours=2)).isoformat()}
+
+
+def test_registration_takes_small_bodies_only(app: str) -> None:
+    big = httpx.post(f"{app}/api/v1/keys", json={"code": "x" * 5000, "name": "a"}, timeout=30)
+    assert big.status_code == 413 and error(big)["code"] == "request_too_large"
