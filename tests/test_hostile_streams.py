@@ -255,3 +255,22 @@ async def test_chained_responses_cannot_pass_the_event_token_budget(
     used = data["totals"]["total_tokens"]
     assert used <= budget, f"{used} tokens charged on a budget of {budget}"
     print(f"\n{answers} chained responses: {used} tokens of an event budget of {budget}")
+
+
+@pytest.mark.timeout(120)
+async def test_hang_ups_cannot_pass_the_daily_token_cap(
+    hostile_app: tuple[Service, str], slow_simulator: str, make_event: MakeEvent, tables: Tables
+) -> None:
+    """A stream left at its first bytes still costs its prompt: the token cap stops the calls."""
+    _, url = hostile_app
+    cap, requests = 300, 20
+    event = await make_event(daily_tokens=cap)
+    path, body = KINDS["stream"]
+    for _ in range(requests):
+        hang_up(url, event.key("taker"), path, body, 1)
+    figures = await check_invariants(tables, slow_simulator, event, ["taker"], None)
+    # Each call is charged at least its prompt, counted from a body larger than the client's.
+    least = len(json.dumps(body, separators=(",", ":"))) // 4
+    assert figures["calls"]["taker"] <= cap // least + 1, figures
+    data = await report(tables, event.event.id, "user")
+    print(f"\n{requests} streams left at their first byte, daily tokens {cap}: {figures}, {data['totals']}")
