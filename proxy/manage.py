@@ -146,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     usage = commands.add_parser("usage", help="an event's usage", description="Usage of an event, totals last.")
     usage.add_argument("event_id", metavar="EVENT_ID")
-    usage.add_argument("--by", choices=GROUPINGS, default="user", help="group by user (default), model, day or backend")
+    usage.add_argument(
+        "--by",
+        choices=GROUPINGS,
+        default="user",
+        help="group by user (default), model, day, backend or hour (the last 48 hours)",
+    )
     output = usage.add_mutually_exclusive_group()
     output.add_argument("--csv", action="store_true", help="print CSV")
     output.add_argument("--json", action="store_true", help="print one JSON object")

@@ -351,7 +351,11 @@ def openapi() -> dict[str, Any]:
 
     event_id = {"name": "event_id", "in": "path", "required": True, "schema": {"type": "string"}}
     user = {"name": "user", "in": "path", "required": True, "schema": {"type": "string"}}
-    by = {"name": "by", "in": "query", "schema": {"enum": ["user", "model", "day", "backend"], "default": "user"}}
+    by = {"name": "by", "in": "query",
+          "schema": {"enum": ["user", "model", "day", "backend", "hour"], "default": "user"}}  # fmt: skip
+    attendees = {"name": "attendees", "in": "query", "schema": {"type": "integer", "minimum": 1}}
+    quota = {"name": "tpm", "in": "query", "schema": {"type": "array", "items": {"type": "string"}},
+             "description": "MODEL=TPM: a deployment's quota in tokens per minute; repeatable"}  # fmt: skip
     paths = {
         "/events": {
             "post": {"summary": "Create an event", "requestBody": body("EventCreate"),
@@ -374,6 +378,11 @@ def openapi() -> dict[str, Any]:
         "/events/{event_id}/usage": {
             "parameters": [event_id, by],
             "get": {"summary": "Usage (CSV with Accept: text/csv)", "responses": answer("UsageReport", "the report")},
+        },
+        "/events/{event_id}/plan": {
+            "parameters": [event_id, attendees, quota],
+            "get": {"summary": "Will the quota hold, and what can the event cost at most (proxy/plan.py)",
+                    "responses": {"200": {"description": "the plan, per model"}}},
         },
         "/events/{event_id}/attendees": {
             "parameters": [event_id],

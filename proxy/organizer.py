@@ -62,7 +62,7 @@ from proxy.models import AttendeePatch, EventCreate, EventUpdate, PlanQuery, Rot
 from proxy.plan import BICEP_PARAMS, bicep_quotas, parse_tpm, plan
 from proxy.prices import PriceTable
 from proxy.storage import Tables
-from proxy.usage import GROUPINGS, GroupBy, report
+from proxy.usage import GROUPINGS, GroupBy, hourly_report, report
 
 EVENT_FIELDS = frozenset(EventCreate.model_fields)
 USER_PATTERN = re.compile(r"[A-Za-z0-9._@+-]{1,128}")  # as in the credential (proxy.credentials)
@@ -157,11 +157,17 @@ async def usage_report(store: EventStore, tables: Tables, event_id: str, by: Any
     try:
         event = await store.get(event_id)
     except NotFound:
-        data = await report(tables, event_id, grouping)
+        if grouping == "hour":
+            data = await hourly_report(tables, event_id, "UTC", datetime.now(UTC))
+        else:
+            data = await report(tables, event_id, grouping)
         if not data["rows"]:
             raise
         return data
-    data = await report(tables, event_id, grouping)
+    if grouping == "hour":
+        data = await hourly_report(tables, event_id, event.time_zone, datetime.now(UTC))
+    else:
+        data = await report(tables, event_id, grouping)
     if has_budget(event):
         # The event's totals against its budgets (requests admitted; tokens recorded plus in flight).
         data["budget"] = totals(event, list((await read_shards(tables, event_id)).values()))

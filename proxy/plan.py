@@ -187,7 +187,7 @@ def _typical(price: Price | None, usage: dict[str, Any] | None, embedding: bool)
         requests = usage["requests"]
         prompt, completion = round(usage["prompt_tokens"] / requests), round(usage["completion_tokens"] / requests)
         cached = round(usage.get("cached_tokens", 0) / requests)
-        source = f"this event's average over {requests} requests"
+        source = f"this event's average over {requests} request" + ("s" if requests != 1 else "")
     else:
         (prompt, completion), cached = TYPICAL_EMBEDDING if embedding else TYPICAL_CHAT, 0
         source = "assumed"

@@ -34,15 +34,16 @@ import csv
 import io
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 import orjson
 from azure.core.exceptions import ResourceNotFoundError
 
 from proxy.errors import StorageUnavailable
 from proxy.limits import Admission, Finished, Ledger, Settlement, keeps_slot
-from proxy.prices import Priced, PriceTable, usd
+from proxy.prices import NANOS_PER_USD, Priced, PriceTable, usd
 from proxy.storage import Tables, gathered
 from proxy.telemetry import Telemetry
 
@@ -71,8 +72,9 @@ LOG_FIELDS = (
 )
 MAX_BACKOFF_SECONDS = 2.0
 
-GroupBy = Literal["user", "model", "day", "backend"]
-GROUPINGS: tuple[GroupBy, ...] = ("user", "model", "day", "backend")
+GroupBy = Literal["user", "model", "day", "backend", "hour"]
+GROUPINGS: tuple[GroupBy, ...] = ("user", "model", "day", "backend", "hour")
+HOURLY_WINDOW = timedelta(hours=48)  # what ``by=hour`` covers, read from the request log
 FIGURES = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
 # What a report row holds, in order (DESIGN, Organizers); cost in USD.
 COLUMNS = (*FIGURES, "cached_tokens", "cost", "unpriced_requests")
@@ -452,6 +454,62 @@ async def request_log(tables: Tables, event_id: str) -> list[dict[str, Any]]:
     except ResourceNotFoundError:
         return []
     return [{name: row.get(name, "") for name in LOG_FIELDS} for row in rows]
+
+
+async def hourly_report(tables: Tables, event_id: str, zone: str, now: datetime) -> dict[str, Any]:
+    """The last ``HOURLY_WINDOW`` of an event by hour of its time zone (``"2026-11-21T09:00"``), from the
+    request log; each hour also has ``models``: the same figures per model.
+
+    The log is read from the first UTC day the window touches (its row keys start with the day), so the
+    query stays bounded however long the event.
+    """
+    since = now - HOURLY_WINDOW
+    entities = tables.usage.query_entities(
+        "PartitionKey eq @pk and RowKey ge @first and RowKey lt @after",
+        parameters={"pk": event_id, "first": f"{LOG_PREFIX}{since.date().isoformat()}",
+                    "after": LOG_PREFIX[:-1] + chr(ord(LOG_PREFIX[-1]) + 1)},
+    )  # fmt: skip
+    try:
+        found = await gathered(entities)
+    except ResourceNotFoundError:
+        found = []
+    local = ZoneInfo(zone)
+    # Every hour of the window, empty ones too, so that a chart's columns are a time axis.
+    hours: dict[str, list[int]] = {}
+    slot = since.astimezone(local).replace(minute=0, second=0, microsecond=0).astimezone(UTC)
+    while slot <= now:
+        hours.setdefault(slot.astimezone(local).strftime("%Y-%m-%dT%H:00"), [0] * len(_ROW))
+        slot += timedelta(hours=1)
+    models: dict[str, dict[str, list[int]]] = {}
+    totals = [0] * len(_ROW)
+    for entry in found:
+        try:
+            moment = datetime.fromisoformat(str(entry.get("time", "")))
+        except ValueError:
+            continue
+        if not since <= moment <= now:
+            continue
+        hour = moment.astimezone(local).strftime("%Y-%m-%dT%H:00")
+        figures = [1, *(int(entry.get(name, 0) or 0) for name in FIGURES[1:]), int(entry.get("cached_tokens", 0) or 0),
+                   round(float(entry.get("cost", 0) or 0) * NANOS_PER_USD),
+                   int("priced_as" in entry and not entry["priced_as"])]  # fmt: skip
+        _add(hours.setdefault(hour, [0] * len(_ROW)), figures)
+        _add(models.setdefault(hour, {}).setdefault(str(entry.get("model", "")), [0] * len(_ROW)), figures)
+        _add(totals, figures)
+    return {
+        "event_id": event_id,
+        "by": "hour",
+        "time_zone": zone,
+        "totals": _figures(totals),
+        "rows": [
+            {
+                "key": key,
+                **_figures(figures),
+                "models": {m: _figures(f) for m, f in sorted(models.get(key, {}).items())},
+            }
+            for key, figures in sorted(hours.items())
+        ],
+    }
 
 
 def report_csv(data: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import h11
 import httpx
@@ -393,6 +394,59 @@ class _Elsewhere(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+
+async def test_organizer_sees_charts_and_the_plan(app: str, browsing: Watched, make_event: MakeEvent) -> None:
+    """Requests, tokens and cost per hour by model, the models, the top attendees, drawn as SVG by the page."""
+    name = f"Charted {secrets.token_hex(3)}"
+    created = await make_event(name=name, max_attendees=40, time_zone="Pacific/Auckland")
+    async with httpx.AsyncClient(base_url=f"{app}/api/v1", timeout=30) as client:
+        for user, asks in (("ana", 3), ("ben", 2), ("cy", 1)):
+            for _ in range(asks):
+                headers = {"api-key": created.key(user)}
+                chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "chart me " * 20}]}
+                assert (await client.post("/chat/completions", json=chat, headers=headers)).status_code == 200
+        embed = {"model": "text-embedding-3-small", "input": "embed me"}
+        assert (
+            await client.post("/embeddings", json=embed, headers={"api-key": created.key("ana")})
+        ).status_code == 200
+
+    manage = await browsing.page()
+    await manage.goto(f"{app}/api/manage/portal")
+    await manage.get_by_label("Organizer key").fill(ORGANIZER_KEY)
+    await manage.get_by_role("button", name="Sign in").click()
+    await manage.get_by_role("button", name=f"Manage {name}").click()
+
+    hours = manage.locator("#activity-hours svg")
+    await expect(hours).to_have_count(3)
+    for title in ("Requests per hour", "Tokens per hour", "Cost (USD) per hour"):
+        await expect(manage.get_by_role("img", name=title)).to_be_visible()
+    # One column this hour, stacked by model: 7 requests, 6 of gpt-4o-mini and 1 embedding.
+    requests_chart = manage.get_by_role("img", name="Requests per hour")
+    await expect(requests_chart.locator("rect")).to_have_count(2)
+    stacked = [re.compile(r"gpt-4o-mini: 6$"), re.compile(r"text-embedding-3-small: 1$")]
+    await expect(requests_chart.locator("rect title")).to_contain_text(stacked)
+    # The hour is the event's own (Auckland), not the browser's (Paris) nor UTC.
+    auckland = datetime.now(UTC).astimezone(ZoneInfo("Pacific/Auckland")).strftime("%Y-%m-%dT%H:00")
+    await expect(requests_chart.locator("rect title").first).to_contain_text(auckland)
+    models = manage.get_by_role("img", name="Cost by model")
+    await expect(models.locator("text")).to_contain_text(["Cost by model", "gpt-4o-mini", re.compile(r"^\$0\.0\d+ · ")],
+                                                         timeout=WAIT_MS)  # fmt: skip
+    top = manage.get_by_role("img", name="Top attendees by cost")
+    await expect(top.locator("text").nth(1)).to_have_text("ana")  # 3 chats and an embedding: the most
+    await expect(top.locator("text").nth(3)).to_have_text("ben")
+    await expect(manage.locator("#activity-legend")).to_contain_text("text-embedding-3-small")
+
+    # The plan, on the page: 40 attendees (max_attendees) and no tokens-per-minute cap: the quota cannot hold.
+    await expect(manage.get_by_label("Expected attendees")).to_have_value("40")
+    await manage.get_by_label("Quota per model (MODEL=TPM, comma-separated)").fill("gpt-4o-mini=40000")
+    await manage.get_by_role("button", name="Show plan").click()
+    result = manage.locator("#plan-result")
+    await expect(result).to_contain_text("40 attendees (given)")
+    await expect(result.locator(".plan-model").first).to_contain_text("against 40,000 TPM (--tpm): does not hold")
+    await expect(result.locator(".plan-model").first.locator("li").first).to_contain_text("--tpm 1000:")
+    await manage.locator("#activity").scroll_into_view_if_needed()
+    await screenshots(manage, "organizer-charts")
 
 
 def test_pages_and_assets_carry_strict_headers(app: str, http: httpx.Client) -> None:

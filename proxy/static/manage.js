@@ -20,6 +20,7 @@
   let editing = null; // the event being edited, null when creating
   let grouping = "user";
   let liveTimer = null;
+  const ACTIVITY_EVERY = 6; // live ticks between two readings of the charts (30 s)
   let lastRows = []; // the usage rows charted, drawn again when the window's width changes
 
   function headers(extra) {
@@ -122,10 +123,20 @@
     $("editor").hidden = true;
     showDetail(event);
     $("usage").hidden = false;
+    $("activity").hidden = false;
+    $("plan").hidden = false;
+    $("plan-result").replaceChildren();
+    $("plan-attendees").value = event.max_attendees || "";
     refreshUsage();
     refreshAttendees();
+    refreshActivity();
     clearInterval(liveTimer);
-    liveTimer = setInterval(() => { if ($("live").checked) { refreshUsage(); refreshAttendees(); } }, LIVE_MS);
+    let ticks = 0;
+    liveTimer = setInterval(() => {
+      if (!$("live").checked) return;
+      refreshUsage(); refreshAttendees();
+      if (++ticks % ACTIVITY_EVERY === 0) refreshActivity();  // reads the request log: not every 5 s
+    }, LIVE_MS);
     $("detail").scrollIntoView({ block: "start" });
   }
 
@@ -343,7 +354,7 @@
     if (!answer.ok) { showAlert(answer.message); return; }
     clearInterval(liveTimer);
     selected = null;
-    for (const id of ["detail", "usage", "attendees", "code-card"]) $(id).hidden = true;
+    for (const id of ["detail", "usage", "activity", "plan", "attendees", "code-card"]) $(id).hidden = true;
     showAlert(`"${event.name}" is deleted.`, "info");
     await loadEvents();
   }
@@ -421,6 +432,77 @@
       ($("live").checked ? ", refreshed every 5 seconds." : ".");
   }
 
+  // Activity: the charts (proxy/static/charts.js)
+
+  let lastActivity = null;
+
+  async function refreshActivity() {
+    if (!selected) return;
+    const id = selected.id;
+    const base = "/events/" + encodeURIComponent(id) + "/usage?by=";
+    const [hours, models, users] = await Promise.all(["hour", "model", "user"].map((by) => manage(base + by)));
+    if (!selected || selected.id !== id) return;
+    const failed = [hours, models, users].find((answer) => !answer.ok);
+    if (failed) { showAlert(failed.message); return; }
+    lastActivity = { hours: hours.data.rows, models: models.data.rows, users: users.data.rows };
+    drawActivity();
+  }
+
+  function drawActivity() {
+    if (!lastActivity) return;
+    const { hours, models, users } = lastActivity;
+    const width = Math.max(300, Math.min(704, $("activity").clientWidth - 32 || 640));
+    const colourOf = Charts.colours(models.map((row) => row.key));
+    const active = hours.some((row) => row.requests > 0);
+    $("activity-empty").hidden = active;
+    $("activity-legend").replaceChildren(Charts.legend(colourOf));
+    $("activity-hours").replaceChildren(...(active ? [
+      Charts.hourly(hours, "requests", "Requests", number, colourOf, width),
+      Charts.hourly(hours, "total_tokens", "Tokens", number, colourOf, width),
+      Charts.hourly(hours, "cost", "Cost (USD)", usd, colourOf, width),
+    ] : []));
+    const byCost = (rows) => rows.slice().sort((a, b) => b.cost - a.cost || b.total_tokens - a.total_tokens);
+    $("activity-models").replaceChildren(...(models.length ? [Charts.bars(
+      byCost(models).map((row) => ({ key: row.key, value: row.cost || row.total_tokens,
+        label: `${usd(row.cost)} · ${number(row.total_tokens)} tok` })), "Cost by model", width, colourOf)] : []));
+    $("activity-top").replaceChildren(...(users.length ? [Charts.bars(
+      byCost(users).slice(0, 10).map((row) => ({ key: row.key, value: row.cost || row.total_tokens,
+        label: `${usd(row.cost)} · ${number(row.requests)} req` })), "Top attendees by cost", width)] : []));
+  }
+
+  // Plan: will the quota hold, what can it cost (proxy/plan.py)
+
+  async function showPlan(submitted) {
+    submitted.preventDefault();
+    if (!selected) return;
+    const query = new URLSearchParams();
+    const attendees = $("plan-attendees").value.trim();
+    if (attendees) query.set("attendees", attendees);
+    for (const pair of $("plan-tpm").value.split(",").map((p) => p.trim()).filter(Boolean)) query.append("tpm", pair);
+    const answer = await manage("/events/" + encodeURIComponent(selected.id) + "/plan?" + query.toString());
+    if (!answer.ok) { showAlert(answer.message); return; }
+    clearAlert();
+    const plan = answer.data;
+    const money = (value) => (value === null ? "no cap bounds it" : usd(value));
+    const head = el("p", {}, `${number(plan.attendees)} attendees (${plan.attendees_from}), ${plan.days} ` +
+      `day${plan.days === 1 ? "" : "s"}, open up to ${number(plan.open_minutes_per_day)} minutes a day.`);
+    const blocks = plan.models.map((model) => {
+      const verdict = model.holds === null ? el("span", {}, "not checked (no quota known)")
+        : el("span", { className: model.holds ? "good" : "bad" }, model.holds ? "holds" : "does not hold");
+      const peak = model.peak_tpm === null ? "unbounded (no tokens-per-minute cap)" : number(model.peak_tpm) + " TPM";
+      const quota = model.quota_tpm === null ? "unknown" : `${number(model.quota_tpm)} TPM (${model.quota_from})`;
+      const typical = model.typical_request;
+      return el("div", { className: "plan-model" }, el("h3", {}, model.model), el("dl", {},
+        el("dt", {}, "Peak at full use"), el("dd", {}, `${peak} against ${quota}: `, verdict),
+        el("dt", {}, "Largest cost"), el("dd", {}, `${money(model.max_cost_per_day)} a day, ` +
+          `${money(model.max_cost_event)} for the whole event`),
+        el("dt", {}, "Typical request"), el("dd", {}, `${number(typical.prompt_tokens)} prompt + ` +
+          `${number(typical.completion_tokens)} completion tokens = ${money(typical.cost)} (${typical.from})`)),
+        ...(model.changes.length ? [el("ul", {}, ...model.changes.map((change) => el("li", {}, change)))] : []));
+    });
+    $("plan-result").replaceChildren(head, ...blocks);
+  }
+
   async function downloadCsv() {
     const event = selected;
     const answer = await manage("/events/" + encodeURIComponent(event.id) + "/usage?by=" + grouping,
@@ -495,7 +577,9 @@
         refreshUsage();
       });
     }
+    $("plan-form").addEventListener("submit", showPlan);
     window.addEventListener("resize", () => {
+      if (!$("activity").hidden) drawActivity();
       if (lastRows.length && !$("usage").hidden) $("usage-chart").replaceChildren(chart(lastRows));
     });
     if (key) signIn(key);
