@@ -4,7 +4,8 @@
 worker; ``function_app.py`` registers its handlers as Azure Functions, which
 the Functions host (or locally its emulator, ``devtools/funchost.py``) serves. Errors are turned into responses in one
 place (``answering``) and, for streams already under way, in
-``proxy.streaming``.
+``proxy.ending`` (``Answer.relay``), which also ends every answer that
+reached upstream, however it ends.
 
 A chat or embeddings request costs, on its critical path: the cached event
 lookup (0 storage operations when cached, 2 point reads per code per
