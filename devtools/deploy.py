@@ -18,12 +18,12 @@ The steps, each one ``az`` call (a redeploy runs the same steps and changes only
    model that still takes new deployments on the event's last day (``--until``, default 30
    days from today), passed to the template; when none does, the deploy stops before changing
    anything and names what the region offers instead (``devtools.azmodels``).
-3. Azure OpenAI accounts of this deployment left soft-deleted by a deleted resource group
-   (``az cognitiveservices account list-deleted``) would make the deployment fail for 48 hours
-   (``FlagMustBeSetForRestore``): with the organizer's consent (``--soft-deleted purge|restore``
-   or an answer at the prompt) they are purged or restored, else the deploy stops.
-   The resource group, created in LOCATION if missing.
-   On a redeploy, an Azure OpenAI account that Microsoft has upgraded to a Foundry resource
+3. Accounts in the way (``devtools.azaccounts``): Azure OpenAI accounts of this deployment
+   left soft-deleted by a deleted resource group (``az cognitiveservices account
+   list-deleted``) would fail the deployment for 48 hours (``FlagMustBeSetForRestore``), so
+   they are purged or restored with the organizer's consent (``--soft-deleted purge|restore``
+   or an answer at the prompt), else the deploy stops; then the resource group is created in
+   LOCATION if missing. On a redeploy, an account Microsoft has upgraded to a Foundry resource
    (kind AIServices) stops the deploy unless ``--foundry-upgraded rollback`` says to put it back.
 4. The organizer key: ``ORGANIZER_KEY`` from the environment; else, on a redeploy, the one
    the app already has; else a new random one, printed once at the end.
@@ -59,15 +59,20 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from devtools import azmodels
+from devtools.azaccounts import (
+    check_foundry_upgrade,
+    choose_soft_deleted_action,
+    settle_soft_deleted,
+    soft_deleted_accounts,
+)
+from devtools.azcli import ROOT, Az, AzFailed, DeployError
 from devtools.package import build
 
-ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = "infra/main.bicep"
 PARAMETERS = "infra/main.bicepparam"
 PACKAGE = "dist/app.zip"
@@ -83,45 +88,6 @@ ASSIGNING_ROLES = {
     "18d7d88d-d35e-4fb5-a5c3-7773c20a72d9": "User Access Administrator",
     "f58310d9-a9f6-439a-9e8d-f62e7b41a168": "Role Based Access Control Administrator",
 }
-
-
-class DeployError(Exception):
-    """A step failed; the message says what to do."""
-
-
-@dataclass(frozen=True, slots=True)
-class Az:
-    """The ``az`` CLI, run as a child process with ``env`` added to this one's environment."""
-
-    executable: str
-    cwd: Path = ROOT
-
-    def run(self, *args: str, env: Mapping[str, str] | None = None) -> str:
-        command = [self.executable, *args]
-        result = subprocess.run(
-            command,
-            cwd=self.cwd,
-            env={**os.environ, **(env or {})},
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise AzFailed(args, result.returncode, result.stderr.strip() or result.stdout.strip())
-        return result.stdout
-
-    def json(self, *args: str, env: Mapping[str, str] | None = None) -> Any:
-        return json.loads(self.run(*args, "--output", "json", env=env) or "null")
-
-    def text(self, *args: str) -> str:
-        return self.run(*args, "--output", "tsv").strip()
-
-
-class AzFailed(DeployError):
-    def __init__(self, args: Sequence[str], code: int, output: str) -> None:
-        last = output.splitlines()[-1] if output else f"exit code {code}"
-        super().__init__(f"'az {' '.join(args[:3])} ...' failed: {last}")
-        self.output = output
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,93 +181,6 @@ def resolve_models(az: Az, location: str, until: date) -> list[dict[str, Any]]:
     for choice in choices:
         print(choice.line())
     return azmodels.resolved(choices)
-
-
-@dataclass(frozen=True, slots=True)
-class DeletedAccount:
-    name: str
-    location: str
-    purge_date: str
-
-
-def soft_deleted_accounts(az: Az, group: str, prefix: str) -> list[DeletedAccount]:
-    """This deployment's Azure OpenAI accounts that a deleted resource group left soft-deleted.
-
-    Deleting a resource group only soft-deletes its Azure OpenAI accounts, for 48 hours, and the
-    template derives their names from the group: a deployment into a group of the same name then
-    fails with FlagMustBeSetForRestore until the account is purged or restored.
-    """
-    deleted = az.json("cognitiveservices", "account", "list-deleted")
-    found = []
-    for account in deleted or []:
-        match = re.search(r"/resourceGroups/([^/]+)/", str(account.get("id", "")), re.IGNORECASE)
-        if (
-            match
-            and match.group(1).lower() == group.lower()
-            and str(account.get("name", "")).startswith(f"{prefix}-oai-")
-        ):
-            purge = str((account.get("properties") or {}).get("scheduledPurgeDate", "?"))
-            found.append(DeletedAccount(account["name"], account["location"], purge))
-    return found
-
-
-def choose_soft_deleted_action(accounts: Sequence[DeletedAccount], given: str | None, group: str) -> str:
-    """``purge`` or ``restore``, as the organizer said (--soft-deleted) or answers; else stop."""
-    names = ", ".join(f"{a.name} ({a.location}, purged by Azure on {a.purge_date})" for a in accounts)
-    print(f"Soft-deleted Azure OpenAI account(s) of {group} block this deployment: {names}")
-    if given:
-        return given
-    if sys.stdin.isatty():
-        answer = input("Purge them (their model deployments are gone for good) or restore them? [purge/restore/stop] ")
-        if answer.strip().lower() in ("purge", "restore"):
-            return answer.strip().lower()
-    raise DeployError(
-        f"The resource group {group} was deleted less than 48 hours ago and its Azure OpenAI account(s) are "
-        f"soft-deleted under the same name(s): {names}. Run again with --soft-deleted purge (delete them for good) "
-        "or --soft-deleted restore (bring them back with their deployments). Nothing was deployed."
-    )
-
-
-def settle_soft_deleted(az: Az, group: str, accounts: Sequence[DeletedAccount], action: str) -> None:
-    for account in accounts:
-        where = ["--resource-group", group, "--location", account.location, "--name", account.name]
-        if action == "purge":
-            print(f"Purging the soft-deleted account {account.name} ({account.location})")
-            az.run("cognitiveservices", "account", "purge", *where, "--output", "none")
-        else:
-            print(f"Restoring the soft-deleted account {account.name} ({account.location})")
-            az.run("cognitiveservices", "account", "recover", *where, "--output", "none")
-
-
-def check_foundry_upgrade(az: Az, group: str, previous: Mapping[str, Any], consent: str | None) -> None:
-    """Stop before a redeploy would roll back Microsoft's upgrade of the account to a Foundry resource.
-
-    Microsoft upgrades eligible Azure OpenAI accounts to Foundry resources (kind AIServices),
-    keeping name, endpoint, identity, roles and deployments. The template declares kind OpenAI
-    with an API version that predates Foundry's properties, so deploying it again would put the
-    account back: the proxy works either way, but Foundry projects made on the account since would
-    be lost. The organizer decides (``--foundry-upgraded rollback``).
-    """
-    host = str(previous.get("AZURE_OPENAI_ENDPOINT", "")).removeprefix("https://").split(".", 1)[0]
-    if not host:
-        return
-    try:
-        kind = az.text(
-            "cognitiveservices", "account", "show", "--resource-group", group, "--name", host, "--query", "kind"
-        )
-    except AzFailed:
-        return  # gone or renamed: the deployment recreates it
-    if kind != "AIServices" or consent == "rollback":
-        if kind == "AIServices":
-            print(f"Rolling {host} back from a Foundry resource to an Azure OpenAI account, as asked")
-        return
-    raise DeployError(
-        f"Microsoft has upgraded {host} to a Foundry resource (kind AIServices). This template declares an Azure "
-        "OpenAI account (kind OpenAI), so redeploying would roll the upgrade back: the proxy keeps working (same "
-        "endpoint, identity, roles and model deployments), but Foundry projects made on the account since would be "
-        "lost. Run again with --foundry-upgraded rollback to go ahead, or keep the upgrade by deploying the code "
-        "alone (README, Deploy to Azure: Step by step, the config-zip line). Nothing was deployed."
-    )
 
 
 PUBLISH_ATTEMPTS = 6

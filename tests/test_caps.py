@@ -43,7 +43,7 @@ async def test_max_tokens_cap(app: str, http: httpx.Client, make_event: MakeEven
     assert chat(http, app, key, max_tokens=100).status_code == 200
     assert sim_stats(simulator)["last_body"]["max_tokens"] == 100  # type: ignore[index]
     assert chat(http, app, key).status_code == 200
-    # Set as max_completion_tokens, which reasoning models (gpt-5.2, the Bicep's default) require.
+    # Set as max_completion_tokens, which reasoning models (gpt-5.4, the Bicep's default) require.
     last = sim_stats(simulator)["last_body"]
     assert last["max_completion_tokens"] == 100 and "max_tokens" not in last  # type: ignore[index,operator]
     embedded = http.post(
