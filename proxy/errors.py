@@ -24,6 +24,8 @@
     ├── InternalError                 500     internal_error (a bug; names the request id)
     ├── UpstreamError                 502     upstream_error
     ├── StorageUnavailable            503     storage_unavailable
+    │   └── StorageRefused            503     storage_unavailable (a write Table Storage refuses as
+    │                                         invalid, 400 or 413: trying it again will not help)
     ├── ServerBusy                    503     server_busy (the worker's memory for bodies is taken; ``Retry-After``)
     ├── OrganizerApiDisabled          503     organizer_api_disabled
     └── UpstreamTimeout               504     upstream_timeout
@@ -175,6 +177,14 @@ class UpstreamThrottled(ProxyError):
 
 class StorageUnavailable(ProxyError):
     status, code, type = 503, "storage_unavailable", "api_error"
+
+
+class StorageRefused(StorageUnavailable):
+    """Table Storage refused a write as invalid (400, 413): the same write would be refused again."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class ServerBusy(ProxyError):

@@ -84,7 +84,7 @@ from azure.data.tables import UpdateMode
 from proxy import budget
 from proxy import inflight as flights
 from proxy.entities import TransactionRefused
-from proxy.errors import CapExceeded, StorageUnavailable
+from proxy.errors import CapExceeded, StorageRefused, StorageUnavailable
 from proxy.events import Event
 from proxy.storage import Tables
 
@@ -147,6 +147,7 @@ class Finished:
     settlement: Settlement
     log: dict[str, Any] | None
     stored: bool = False
+    refused: bool = False  # Table Storage refused its transaction as invalid (``Ledger._refused``)
 
 
 @dataclass(slots=True)
@@ -480,21 +481,66 @@ class Ledger:
         stored or none, so the log and the days always agree. A log entry that
         already exists means an earlier attempt whose answer was lost did
         land; that request is done. Races with other instances are retried.
+        A transaction Table Storage refuses as invalid is split, so that one
+        request's refusal does not keep the others from being stored.
         """
         part: list[Finished] = []
         rows: set[str] = set()
         for item in finished:
             operations = len(rows | set(_rows(item))) + len(part) + 1
             if part and operations > MAX_OPERATIONS:
-                await self._transact(event_id, part)
+                await self._transact_apart(event_id, part)
                 part, rows = [], set()
             part.append(item)
             rows.update(_rows(item))
         if part:
-            await self._transact(event_id, part)
+            await self._transact_apart(event_id, part)
         for item in finished:
             if item.admission.shard is not None and item.stored:
                 self._defer(event_id, item)
+
+    async def _transact_apart(self, event_id: str, part: list[Finished]) -> None:
+        """``_transact``; when Table Storage refuses it as invalid (400, 413), each request apart."""
+        try:
+            await self._transact(event_id, part)
+        except StorageRefused as refusal:
+            if len(part) == 1:
+                await self._refused(event_id, part[0], refusal)
+                return
+            for item in part:
+                if not item.stored:
+                    await self._transact_apart(event_id, [item])
+
+    async def _refused(self, event_id: str, item: Finished, refusal: StorageRefused) -> None:
+        """Store what storage takes of a request whose transaction it refuses: its log entry, then its day.
+
+        Never tried again: the same write would be refused again, and a
+        worker that kept it would refuse every request meanwhile. It counts as
+        stored when its log entry is (or, without one, its day), and is logged
+        as an error either way, for the operator.
+        """
+        item.refused = True
+        logged = False
+        if item.log is not None:
+            try:
+                await self._entities.insert(item.log)
+                logged = True
+            except ResourceExistsError:
+                logged = True
+            except StorageUnavailable:
+                pass
+        day = Finished(item.user, item.admission, item.settlement, None)
+        with contextlib.suppress(StorageUnavailable):
+            await self._transact(event_id, [day])
+        item.stored = logged or (item.log is None and day.stored)
+        log.error(
+            "Table Storage refused the usage of request %s in event %s (%d); stored apart: log entry %s, day %s",
+            item.admission.request_id,
+            event_id,
+            refusal.status_code,
+            "yes" if logged else "no" if item.log is not None else "none",
+            "yes" if day.stored else "no",
+        )
 
     def _defer(self, event_id: str, item: Finished) -> None:
         """Settle a request on its shard of the event's budget soon, with the next write there.

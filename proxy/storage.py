@@ -24,7 +24,7 @@ from azure.core.exceptions import (
 from azure.data.tables.aio import TableClient
 
 from proxy.entities import EntityClient, TransactionRefused
-from proxy.errors import StorageUnavailable
+from proxy.errors import StorageRefused, StorageUnavailable
 from proxy.settings import Settings
 
 EVENTS_TABLE = "proxyevents"
@@ -89,7 +89,8 @@ class Tables:
         A pooled connection the server had closed is tried again (twice), and a
         missing table is created. Retrying is safe for callers whose transactions
         fail a second time on an ETag (412) or an existing row (409): they raise
-        ``TransactionRefused`` for the caller to handle; other refusals and
+        ``TransactionRefused`` for the caller to handle; a write refused as invalid
+        (400, 413) is ``StorageRefused``, not tried again; other refusals and
         outages are ``StorageUnavailable``.
         """
         for attempt in range(1, TRANSACT_ATTEMPTS + 1):
@@ -102,6 +103,9 @@ class Tables:
             except TransactionRefused as error:
                 if error.status_code in (409, 412):
                     raise
+                if error.status_code in (400, 413):  # invalid, or too large: the same again would be too
+                    message = f"Table Storage refused a write as invalid ({error.status_code})."
+                    raise StorageRefused(message, error.status_code) from error
                 raise StorageUnavailable("Table Storage refused a write; try again shortly.") from error
             except StorageUnavailable:
                 if attempt == TRANSACT_ATTEMPTS:

@@ -110,6 +110,7 @@ class UsageRecord:
     upstream_model: str = ""  # the model upstream's answer names (gpt-4o-mini-2024-07-18): its price applies
     priced: Priced | None = None  # set when the record is settled (proxy.prices)
     stored: bool = field(default=False, repr=False)
+    refused: bool = field(default=False, repr=False)  # storage refused it as invalid (Ledger._refused)
 
     def log_entity(self) -> dict[str, Any]:
         """This request's entry in the request log."""
@@ -189,6 +190,10 @@ class UsageRecord:
             cost_nanos=priced.cost_nanos,
             unpriced=self.reached_upstream and priced.unpriced,
         )
+
+
+def _refused() -> StorageUnavailable:
+    return StorageUnavailable("Table Storage refused this request's usage record, so its answer was withheld.")
 
 
 class UsageRecorder:
@@ -287,7 +292,7 @@ class UsageRecorder:
             log.exception("usage writer failed; %d records not stored", len(batch))
         else:
             for record in batch:
-                self._resolve(record, None)
+                self._resolve(record, _refused() if record.refused and not record.stored else None)
         finally:
             self._writing -= len(batch)
             for record in batch:  # cancelled, or a bug: the caller answers with an error
@@ -302,8 +307,8 @@ class UsageRecorder:
         the retry finds its log entry and the record stays as first stored.)
         """
         for record in batch:
-            if record.stored:
-                self._resolve(record, None)
+            if record.stored or record.refused:  # a refused one would be refused again: not kept
+                self._resolve(record, None if record.stored else _refused())
                 continue
             if id(record) in self._waiters:
                 record.status = 503
@@ -368,7 +373,7 @@ class UsageRecorder:
                 await self._ledger.settle(event_id, finished)
         finally:
             for record, item in zip(records, finished, strict=True):
-                record.stored = item.stored
+                record.stored, record.refused = item.stored, item.refused
 
     async def drain(self, timeout: float = 30.0) -> bool:
         """Wait until everything is stored (graceful shutdown); True when nothing is left."""

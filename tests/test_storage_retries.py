@@ -7,6 +7,8 @@ body short: what a dropped connection does to a client that retries.
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -17,10 +19,10 @@ import pytest
 
 from proxy import budget
 from proxy.storage import Tables
-from proxy.usage import report
+from proxy.usage import report, request_log
 from tests.conftest import LENIENT, MakeEvent
 from tests.relay import Match, StorageRelay
-from tests.support import app_env, eventually, sim_stats, start_app
+from tests.support import Service, app_env, eventually, sim_stats, start_app
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -34,11 +36,16 @@ def relay(azurite: str) -> Iterator[StorageRelay]:
 
 
 @pytest.fixture(scope="module")
-def relayed_app(azurite: str, simulator: str, relay: StorageRelay) -> Iterator[str]:
+def relayed_service(azurite: str, simulator: str, relay: StorageRelay) -> Iterator[tuple[Service, str]]:
     """An app process whose storage calls all go through the relay."""
     service, url = start_app(app_env(relay.connection_string(azurite), simulator, EVENT_CACHE_SECONDS="1", **LENIENT))
-    yield url
+    yield service, url
     service.stop()
+
+
+@pytest.fixture(scope="module")
+def relayed_app(relayed_service: tuple[Service, str]) -> str:
+    return relayed_service[1]
 
 
 def writes_row(event_id: str, row_key_start: str) -> Match:
@@ -112,3 +119,47 @@ async def test_an_answer_cut_short_is_read_again(relayed_app: str, relay: Storag
         )
     assert cut.fired == 1, cut.seen
     assert response.status_code == 200, response.text
+
+
+async def test_a_settlement_storage_refuses_is_stored_apart_and_the_worker_goes_on(
+    relayed_service: tuple[Service, str], relay: StorageRelay, make_event: MakeEvent, tables: Tables
+) -> None:
+    """Table Storage refusing one request's settling transaction as invalid (400) is not an outage.
+
+    The relay makes every transaction holding mallory's log entry invalid (a property over 64 KiB), so
+    Azurite refuses it, every time. Before, the worker kept the batch for a retry and refused every
+    request of every event with a 503 meanwhile, forever. Now the others in that batch are stored
+    apart, mallory's log entry and day are written on their own, and an error is logged.
+    """
+    service, url = relayed_service
+    created = await make_event(daily_requests=10)
+    event_id = created.event.id
+
+    def mallorys_settlement(method: str, path: str, body: bytes) -> bool:
+        return (
+            path.endswith("$batch")
+            and event_id.encode() in body
+            and b'"RowKey":"log|' in body
+            and b'"user":"mallory"' in body
+        )
+
+    def invalid(body: bytes) -> bytes:
+        return body.replace(b'"user":"mallory"', b'"user":"mallory","padding":"' + b"x" * 40_000 + b'"')
+
+    poison = relay.arm(mallorys_settlement, "tamper", times=1000, rewrite=invalid)
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def chat(user: str) -> httpx.Response:
+            headers = {"api-key": created.key(user)}
+            return await client.post(f"{url}/api/v1/chat/completions", json=CHAT, headers=headers)
+
+        together = await asyncio.gather(chat("mallory"), chat("alice"), chat("bob"))
+        assert poison.fired >= 1
+        assert [r.status_code for r in together] == [200, 200, 200], [r.text for r in together]
+        after = [await chat(user) for user in ("alice", "bob", "mallory")]
+    assert [r.status_code for r in after] == [200, 200, 200], [r.text for r in after]
+    log = await eventually(lambda: request_log(tables, event_id), lambda entries: len(entries) == 6)
+    assert Counter(entry["user"] for entry in log) == {"alice": 2, "bob": 2, "mallory": 2}
+    data = await eventually(lambda: report(tables, event_id, "user"), lambda d: d["totals"]["requests"] == 6)
+    assert {row["key"]: row["requests"] for row in data["rows"]} == {"alice": 2, "bob": 2, "mallory": 2}
+    service.wait_for_output("Table Storage refused the usage of request")
