@@ -266,7 +266,7 @@ async def test_killed_workers_lose_no_delivered_usage(
     service, url = start_loaded_app(azurite, slow_simulator)
     try:
         event = await make_event(daily_requests=100_000)
-        outcomes, total = Outcomes(), 2400
+        outcomes, total = Outcomes(), 2000  # received in full; with the streams left, about 2,500 sent
         load = threading.Thread(target=run_load, args=(url, event, total, stop, outcomes), daemon=True)
         load.start()
         killed = kill_workers(service, 5, outcomes, total, seed=7)
@@ -292,7 +292,7 @@ async def test_killed_workers_and_a_storage_outage_lose_no_delivered_usage(
     service, url = start_loaded_app(azurite_connection_string(relay.port), slow_simulator)
     try:
         event = await make_event(daily_requests=100_000)
-        outcomes, total = Outcomes(), 1500
+        outcomes, total = Outcomes(), 1250
         load = threading.Thread(target=run_load, args=(url, event, total, stop, outcomes), daemon=True)
         load.start()
         kill_workers(service, 2, outcomes, total // 2, seed=11)
