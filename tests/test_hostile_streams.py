@@ -14,25 +14,35 @@ stops a stream whose client left, as Azure does) and in storage:
 - the usage report (the attendees' days) equals the log;
 - no slot stays reserved: each day's ``reserved`` is its requests that kept
   their slot, and nothing is left in flight.
+
+Besides: a daily token cap against streams left at their first byte, an event
+token budget against a chain of ``previous_response_id``, and the ending path
+itself cancelled while it saves a session's turn (in process, real storage).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import random
 import socket
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
 
 from proxy import inflight
+from proxy.ending import Answer
+from proxy.limits import Ledger
 from proxy.payload import pseudonym
+from proxy.prices import PriceTable
 from proxy.sessions import SessionLimits, Sessions
 from proxy.storage import Tables
-from proxy.usage import report, request_log
+from proxy.usage import UsageRecord, UsageRecorder, report, request_log
 from tests.conftest import LENIENT, MakeEvent, NewEvent
 from tests.support import Service, app_env, eventually, sim_stats, start_app, start_simulator
 
@@ -274,3 +284,34 @@ async def test_hang_ups_cannot_pass_the_daily_token_cap(
     assert figures["calls"]["taker"] <= cap // least + 1, figures
     data = await report(tables, event.event.id, "user")
     print(f"\n{requests} streams left at their first byte, daily tokens {cap}: {figures}, {data['totals']}")
+
+
+async def test_a_cancelled_ending_still_stores_the_turn_and_the_record(make_event: MakeEvent, tables: Tables) -> None:
+    """The path every answer ends by (``Answer.complete``), cancelled while it saves a session's turn.
+
+    In process, with real storage: this is what a non-streamed answer with ``session_id`` (or a
+    Responses answer storing its owner) does before its body goes out, whoever cancels it.
+    """
+    event = await make_event()
+    ledger = Ledger(tables)
+    recorder = UsageRecorder(tables, ledger, PriceTable.load())
+    sessions = Sessions(tables, SessionLimits(20, 60_000, 3600))
+    payload: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "session_id": "cut"}
+    turn = await sessions.open(payload, event.event, "canceller")
+    assert turn is not None
+    now = datetime.now(UTC)
+    admission = await ledger.admit(event.event, "canceller", now, 10, "cancelled-ending")
+    record = UsageRecord(event.event.id, "canceller", MODEL, "chat", False, admission, "cancelled-ending", now)
+    record.reached_upstream, record.status = True, 200
+    body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "Hello"}}]}).encode()
+    record.take_usage({"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6})
+    ending = asyncio.ensure_future(Answer(record, recorder, None).complete(functools.partial(turn.keep, 200, body)))
+    await asyncio.sleep(0.001)  # under way: the turn is being written
+    ending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await ending
+    log = await eventually(lambda: request_log(tables, event.event.id), lambda entries: len(entries) == 1)
+    assert (log[0]["request_id"], log[0]["status"], log[0]["total_tokens"]) == ("cancelled-ending", 200, 6)
+    assert await sessions.history(event.event.id, "canceller", "cut") == [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    ]
