@@ -62,7 +62,7 @@ class BodyBudget:
         large = size > SMALL_BODY_BYTES
         if large and owner is not None and self.by_owner.get(owner, 0) + more > self.owner_share:
             raise ServerBusy(
-                f"Your requests already hold {self.by_owner[owner] // MIB} MiB of request bodies on this proxy "
+                f"Your requests already hold {self.by_owner.get(owner, 0) // MIB} MiB of request bodies on this proxy "
                 f"instance, as much as one attendee may ({self.owner_share // MIB} MiB); retry once an answer has "
                 "come back. Images sent by URL rather than inline (base64) keep a request small."
             )
