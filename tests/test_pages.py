@@ -179,7 +179,7 @@ async def test_attendee_sees_the_event_and_chats_in_the_playground(
                              timeout=60, check=False)  # fmt: skip
         assert ran.returncode == 0 and ran.stdout.strip(), (title, ran.stderr)
     await page.reload()
-    # 1 chat and 2 snippets; the stopped answer gives its request back once the proxy sees the hang-up.
+    # 1 chat and 2 snippets, and the stopped answer once recorded: it reached Azure OpenAI, so it is charged.
     await expect(page.locator("#used-requests")).to_have_text(re.compile(r"^[34]$"))
 
     # A reload keeps the tab signed in; signing out forgets the credential.
