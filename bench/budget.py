@@ -40,7 +40,7 @@ from bench.procs import ROOT, Proc, http_ok, quiesce, spawn
 from bench.run import SIMULATOR_KEY, app_env
 from devtools.azurite import command as azurite_command
 from devtools.azurite import connection_string as azurite_connection_string
-from tests.support import free_port
+from tests.support import CODE_HASH_KEY, free_port
 
 USERS = 256
 PER_APP = 32
@@ -50,11 +50,13 @@ BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Write 
 
 
 async def create_events(connection_string: str, exhaust: int) -> dict[str, str]:
-    from proxy.events import Event, EventStore, hash_code, new_event_id
+    from proxy.events import Event, EventStore, new_event_id
     from proxy.settings import Settings
     from proxy.storage import opened
 
-    settings = Settings.from_env({"STORAGE_CONNECTION_STRING": connection_string}, need_upstream=False)
+    settings = Settings.from_env(
+        {"STORAGE_CONNECTION_STRING": connection_string, "CODE_HASH_KEY": CODE_HASH_KEY}, need_upstream=False
+    )
     now = datetime.now(UTC)
     codes = {name: f"Bench{name}{secrets.token_hex(6)}" for name in ("caps", "budget", "exhaust")}
     base = Event(
@@ -68,9 +70,10 @@ async def create_events(connection_string: str, exhaust: int) -> dict[str, str]:
     }
     async with opened(settings, None) as tables:
         await tables.ensure()
+        store = EventStore(tables, settings.hasher(), 0)
         for name, code in codes.items():
-            event = replace(base, id=new_event_id(name), code_hash=hash_code(code), **budgets[name])
-            await EventStore(tables, 0).create(event)
+            event = replace(base, id=new_event_id(name), code_hash=store.hash_code(code), **budgets[name])
+            await store.create(event)
     return codes
 
 
@@ -81,9 +84,11 @@ async def recorded(connection_string: str, code: str) -> int:
     from proxy.storage import opened
     from proxy.usage import report
 
-    settings = Settings.from_env({"STORAGE_CONNECTION_STRING": connection_string}, need_upstream=False)
+    settings = Settings.from_env(
+        {"STORAGE_CONNECTION_STRING": connection_string, "CODE_HASH_KEY": CODE_HASH_KEY}, need_upstream=False
+    )
     async with opened(settings, None) as tables:
-        event = await EventStore(tables, 0).by_code(code)
+        event = await EventStore(tables, settings.hasher(), 0).by_code(code)
         assert event is not None
         return int((await report(tables, event.id, "user"))["totals"]["requests"])
 

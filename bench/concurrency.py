@@ -34,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tests.support import app_env, start_app, start_azurite, start_simulator, worker_pids
+from tests.support import CODE_HASH_KEY, app_env, start_app, start_azurite, start_simulator, worker_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTENDEES = 512
@@ -63,19 +63,22 @@ def rss_mb(pid: int) -> float:
 
 
 async def create_event(connection_string: str) -> str:
-    from proxy.events import Event, EventStore, hash_code, new_event_id
+    from proxy.events import Event, EventStore, new_event_id
     from proxy.settings import Settings
     from proxy.storage import opened
 
-    settings = Settings.from_env({"STORAGE_CONNECTION_STRING": connection_string}, need_upstream=False)
+    settings = Settings.from_env(
+        {"STORAGE_CONNECTION_STRING": connection_string, "CODE_HASH_KEY": CODE_HASH_KEY}, need_upstream=False
+    )
     code = "CONC-" + secrets.token_hex(6)
     now = datetime.now(UTC)
     async with opened(settings, None) as tables:
         await tables.ensure()
+        store = EventStore(tables, settings.hasher(), 0)
         event = Event(
             id=new_event_id("concurrency"),
             name="Concurrency",
-            code_hash=hash_code(code),
+            code_hash=store.hash_code(code),
             starts_at=now - timedelta(hours=1),
             ends_at=now + timedelta(hours=8),
             max_tokens=4096,
@@ -83,7 +86,7 @@ async def create_event(connection_string: str) -> str:
             daily_tokens=CAP,
             tpm=CAP,
         )
-        await EventStore(tables, 0).create(event)
+        await store.create(event)
     return code
 
 

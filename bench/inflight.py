@@ -39,11 +39,12 @@ from bench.run import SIMULATOR_KEY, app_env
 from devtools.azurite import command as azurite_command
 from devtools.azurite import connection_string as azurite_connection_string
 from proxy import budget
-from proxy.events import Event, EventStore, hash_code, new_event_id
+from proxy.events import Event, EventStore, new_event_id
+from proxy.hashing import SecretHasher
 from proxy.settings import Settings
 from proxy.storage import Tables
 from proxy.usage import report
-from tests.support import free_port
+from tests.support import CODE_HASH_KEY, free_port
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hold on."}], "max_tokens": 16}
 
@@ -55,8 +56,9 @@ async def run(urls: list[str], simulator: str, tables: Tables, args: argparse.Na
         id="", name="In flight", code_hash="", starts_at=now - timedelta(hours=1), ends_at=now + timedelta(hours=8),
         daily_requests=args.per_attendee, event_requests=total, event_tokens=10**9,
     )  # fmt: skip
-    event = replace(event, id=new_event_id("inflight"), code_hash=hash_code(code))
-    await EventStore(tables, 0).create(event)
+    store = EventStore(tables, SecretHasher(CODE_HASH_KEY), 0)  # the apps' key (bench.run.app_env)
+    event = replace(event, id=new_event_id("inflight"), code_hash=store.hash_code(code))
+    await store.create(event)
     peaks = {"in_flight": 0, "one_shard": 0}
     started = time.monotonic()
     admitted_after: list[float] = []

@@ -36,7 +36,7 @@ from bench.load import Measured, Target, run_stream, run_wrk, wrk_path
 from bench.procs import BENCH, ROOT, Proc, Sampler, ensure_litellm, http_ok, litellm_version, quiesce, spawn
 from devtools.azurite import command as azurite_command
 from devtools.azurite import connection_string as azurite_connection_string
-from tests.support import free_port
+from tests.support import CODE_HASH_KEY, free_port
 
 API_VERSION = "2024-10-21"
 SIMULATOR_KEY = "bench-simulator-key"
@@ -92,20 +92,22 @@ class Stack:
 
 async def create_events(connection_string: str) -> dict[str, str]:
     """Two open events: one with (never reached) caps, one with none. Returns their codes."""
-    from proxy.events import Event, EventStore, hash_code, new_event_id
+    from proxy.events import Event, EventStore, new_event_id
     from proxy.settings import Settings
     from proxy.storage import opened
 
-    settings = Settings.from_env({"STORAGE_CONNECTION_STRING": connection_string}, need_upstream=False)
+    settings = Settings.from_env(
+        {"STORAGE_CONNECTION_STRING": connection_string, "CODE_HASH_KEY": CODE_HASH_KEY}, need_upstream=False
+    )
     now = datetime.now(UTC)
     codes = {"proxy": "BENCH-CAPS-" + secrets.token_hex(4), "proxy_nocaps": "BENCH-FREE-" + secrets.token_hex(4)}
     async with opened(settings, None) as tables:
         await tables.ensure()
-        store = EventStore(tables, 0)
+        store = EventStore(tables, settings.hasher(), 0)
         base = Event(
             id=new_event_id("bench"),
             name="Benchmark",
-            code_hash=hash_code(codes["proxy"]),
+            code_hash=store.hash_code(codes["proxy"]),
             starts_at=now - timedelta(hours=1),
             ends_at=now + timedelta(hours=8),
             max_tokens=4096,
@@ -117,7 +119,7 @@ async def create_events(connection_string: str) -> dict[str, str]:
         free = replace(
             base,
             id=new_event_id("bench-free"),
-            code_hash=hash_code(codes["proxy_nocaps"]),
+            code_hash=store.hash_code(codes["proxy_nocaps"]),
             daily_requests=None,
             daily_tokens=None,
             tpm=None,
@@ -150,6 +152,7 @@ def app_env(connection_string: str, simulator: str) -> dict[str, str]:
         "STORAGE_CONNECTION_STRING": connection_string,
         "AZURE_OPENAI_ENDPOINT": simulator,
         "AZURE_OPENAI_API_KEY": SIMULATOR_KEY,
+        "CODE_HASH_KEY": CODE_HASH_KEY,
         "PYTHON_ENABLE_INIT_INDEXING": "1",
         "FUNCTIONS_WORKER_RUNTIME": "python",
     }

@@ -26,7 +26,9 @@ The steps, each one ``az`` call (a redeploy runs the same steps and changes only
    LOCATION if missing. On a redeploy, an account Microsoft has upgraded to a Foundry resource
    (kind AIServices) stops the deploy unless ``--foundry-upgraded rollback`` says to put it back.
 4. The organizer key: ``ORGANIZER_KEY`` from the environment; else, on a redeploy, the one
-   the app already has; else a new random one, printed once at the end.
+   the app already has; else a new random one, printed once at the end. The key of the stored
+   hashes of codes, ``CODE_HASH_KEY``, the same way (never printed): a new key would make every
+   event's code unknown, so a redeploy keeps the app's.
 5. ``az deployment group what-if`` with ``--what-if`` (and stop), else
    ``az deployment group create -f infra/main.bicep -p infra/main.bicepparam``. Secrets
    and per-user values reach ``main.bicepparam`` through environment variables
@@ -149,15 +151,17 @@ def values(outputs: Mapping[str, Any]) -> dict[str, Any]:
     return {name: output["value"] for name, output in outputs.items()}
 
 
-def organizer_key(az: Az, resource_group: str, previous: Mapping[str, Any] | None) -> tuple[str, bool]:
-    """The key to deploy with, and whether it is new (to be shown once)."""
-    given = os.environ.get("ORGANIZER_KEY", "").strip()
+def organizer_key(
+    az: Az, resource_group: str, previous: Mapping[str, Any] | None, name: str = "ORGANIZER_KEY"
+) -> tuple[str, bool]:
+    """The secret setting ``name`` to deploy with, and whether it is new (to be shown once)."""
+    given = os.environ.get(name, "").strip()
     if given:
         return given, False
     if previous is not None:
         kept = az.text(
             "functionapp", "config", "appsettings", "list", "--resource-group", resource_group,
-            "--name", previous["AZURE_FUNCTION_APP_NAME"], "--query", "[?name=='ORGANIZER_KEY'].value | [0]",
+            "--name", previous["AZURE_FUNCTION_APP_NAME"], "--query", f"[?name=='{name}'].value | [0]",
         )  # fmt: skip
         if kept:
             return kept, False
@@ -262,6 +266,7 @@ def deploy(args: argparse.Namespace, az: Az) -> int:
     if previous is not None:
         check_foundry_upgrade(az, group, previous, args.foundry_upgraded)
     key, new_key = organizer_key(az, group, previous)
+    code_hash_key, _ = organizer_key(az, group, previous, "CODE_HASH_KEY")
 
     template = ["--resource-group", group, "--name", DEPLOYMENT_NAME, "--template-file", TEMPLATE]
     template += ["--parameters", PARAMETERS]
@@ -270,6 +275,7 @@ def deploy(args: argparse.Namespace, az: Az) -> int:
         template += ["--parameters", f"namePrefix={args.prefix}"]
     env = {
         "ORGANIZER_KEY": key,
+        "CODE_HASH_KEY": code_hash_key,
         "DEPLOYER_PRINCIPAL_ID": caller.principal_id if caller.is_user else "",
         "DEPLOYER_CAN_CALL_MODELS": "true" if args.deployer_can_call_models else "false",
     }

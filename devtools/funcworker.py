@@ -19,8 +19,11 @@ support for it), so the host's only way to stop it is to kill it. It exits when 
 stream ends, so a worker never outlives its host.
 
 What differs: logs are written to this process's stderr instead of being sent to the host as
-``RpcLog`` messages; the library's own INFO lines and uvicorn's access lines are left out, as
-``host.json``'s ``"default": "Warning"`` leaves them out in Azure.
+``RpcLog`` messages; the library's own INFO lines (``azure.functions``) and uvicorn's access
+lines are left out, as ``host.json``'s ``"default": "Warning"`` leaves them out in Azure. What
+the app and the Azure SDKs it uses log during an invocation is kept at INFO, as Azure's
+``"Function": "Information"`` sends it to Application Insights; ``PYTHON_ENABLE_DEBUG_LOGGING=1``
+turns DEBUG on, as it does in Azure.
 """
 
 from __future__ import annotations
@@ -131,8 +134,9 @@ def configure_logging() -> None:
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    logging.getLogger("azure").setLevel(logging.WARNING)
+    debug = os.environ.get("PYTHON_ENABLE_DEBUG_LOGGING", "").lower() in ("1", "true")
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.getLogger("azure.functions").setLevel(logging.WARNING)
     # uvicorn reconfigures its loggers when the library starts it; filters survive that.
     logging.getLogger("uvicorn.access").addFilter(lambda record: False)
     logging.getLogger("uvicorn.error").addFilter(lambda record: record.levelno >= logging.WARNING)

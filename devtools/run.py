@@ -6,8 +6,9 @@ on ``http://localhost:$PROXY_PORT`` (7071): with ``func start`` when Azure
 Functions Core Tools are installed, else under the real Python worker behind the
 host emulator (``devtools/funchost.py``). It writes the settings it uses into
 ``local.settings.json`` (so ``func start`` and the organizer CLI reach the same
-storage), opens the demo event ``DEMO-EVENT`` for the next seven days and
-prints a ready-to-paste credential, curl and Python.
+storage with the same ``CODE_HASH_KEY``, generated on the first run), opens the
+demo event ``DEMO-EVENT`` for the next seven days and prints a ready-to-paste
+credential, curl and Python.
 
 The children run in sessions of their own, so it is this process that stops
 them all: on Ctrl-C (SIGINT), SIGTERM, or SIGHUP when its terminal closes. If
@@ -38,7 +39,7 @@ from types import FrameType
 import httpx
 
 from devtools import azurite
-from proxy.events import Event, EventStore, hash_code
+from proxy.events import Event, EventStore
 from proxy.settings import Settings
 from proxy.storage import opened
 
@@ -125,7 +126,7 @@ async def open_demo_event(settings: Settings) -> Event:
     now = datetime.now(UTC)
     async with opened(settings, None) as tables:
         await tables.ensure()
-        store = EventStore(tables, 0)
+        store = EventStore(tables, settings.hasher(), 0)
         starts_at, ends_at = now - timedelta(minutes=5), now + timedelta(days=7)
         existing = await store.by_code(DEMO_CODE)
         if existing is not None:
@@ -133,7 +134,7 @@ async def open_demo_event(settings: Settings) -> Event:
         event = Event(
             id=DEMO_ID,
             name="Demo event",
-            code_hash=hash_code(DEMO_CODE),
+            code_hash=store.hash_code(DEMO_CODE),
             starts_at=starts_at,
             ends_at=ends_at,
             description="Created by make run",
@@ -190,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     generated = not organizer_key or organizer_key == PLACEHOLDER_KEY
     if generated:
         organizer_key = secrets.token_urlsafe(24)
+    # The key of the stored hashes of codes: generated once and kept in local.settings.json, since codes stored
+    # under one key are unknown under another (proxy.hashing).
+    code_hash_key = os.environ.get("CODE_HASH_KEY") or values.get("CODE_HASH_KEY") or secrets.token_urlsafe(32)
     real_upstream = os.environ.get("AZURE_OPENAI_ENDPOINT")
 
     stack = Stack()
@@ -217,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         values.update(
             STORAGE_CONNECTION_STRING=connection_string,
             ORGANIZER_KEY=organizer_key,
+            CODE_HASH_KEY=code_hash_key,
             PYTHON_ENABLE_INIT_INDEXING="1",
             FUNCTIONS_WORKER_RUNTIME="python",
         )

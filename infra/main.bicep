@@ -28,6 +28,11 @@ param openAiExtraRegionsOnlyOnFailover bool = false
 @minLength(16)
 param organizerKey string
 
+@description('The key of the stored hashes of event codes (CODE_HASH_KEY): a random secret generated on the first deployment and kept on every later one (devtools/deploy.py reads it back from the app); a new value makes every code unknown. Never written to an output.')
+@secure()
+@minLength(32)
+param codeHashKey string
+
 @description('Client id of an Entra ID app registration for organizer sign-in through App Service authentication (README: Organizer sign-in with Entra ID); empty: the organizer key only.')
 param organizerEntraClientId string = ''
 
@@ -250,6 +255,7 @@ module functionApp 'modules/functionapp.bicep' = {
       weight: 1
     }]
     organizerKey: organizerKey
+    codeHashKey: codeHashKey
     organizerEntraClientId: checks.outputs.organizerEntraClientId
     organizerEntraObjectIds: organizerEntraObjectIds
     organizerEntraGroupIds: organizerEntraGroupIds

@@ -41,8 +41,10 @@ param alwaysReadyInstances = 0
 // Secrets and per-user values come from the environment (devtools/deploy.py sets them):
 // the CLI can override only parameters this file sets, and a secret in an environment
 // variable stays out of the process list. An empty organizer key fails the template's
-// @minLength(16) check on purpose.
+// @minLength(16) check on purpose, and an empty CODE_HASH_KEY its @minLength(32): a deployment
+// must never replace the key that the stored codes are hashed with.
 param organizerKey = readEnvironmentVariable('ORGANIZER_KEY', '')
+param codeHashKey = readEnvironmentVariable('CODE_HASH_KEY', '')
 param deployerPrincipalId = readEnvironmentVariable('DEPLOYER_PRINCIPAL_ID', '')
 param deployerCanCallModels = bool(readEnvironmentVariable('DEPLOYER_CAN_CALL_MODELS', 'false'))
 // Organizer sign-in with Entra ID (optional; README, "Organizer sign-in with Entra ID").

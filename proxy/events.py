@@ -3,10 +3,16 @@
 Layout in the ``proxyevents`` table:
 
 - ``PartitionKey="event"``, ``RowKey=<event id>``: the event itself, with the
-  SHA-256 of its code (the code is never stored).
+  keyed hash of its code (``proxy.hashing``; the code is never stored).
 - ``PartitionKey="code"``, ``RowKey=<code hash>``: an index row pointing at the
   event id. A credential is looked up by this key, never by a filter built from
   input; the hash found on the event is compared in constant time.
+
+Events stored before codes were keyed (plain SHA-256) are upgraded on their
+code's first use: a code unknown under its keyed hash is looked up once more
+under its old hash, and an event found that way is re-hashed (new index row,
+event rewritten under its ETag, old index row deleted). An event never used
+after the upgrade keeps its old hash until then; rotating its code removes it.
 
 Every change to a stored event is conditional on the ETag it was read with
 (``EventStore.modify``): a change that another write overtook (a block, a
@@ -27,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import random
 import re
@@ -45,6 +50,8 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import UpdateMode
 
 from proxy.errors import EditConflict, InvalidRequest, NotFound
+from proxy.hashing import EVENT_CODE, SecretHasher, legacy_sha256
+from proxy.settings import SettingsError
 from proxy.storage import Tables, gathered, guarded
 
 EVENT_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
@@ -59,11 +66,6 @@ _EVENT_PK = "event"
 _OPTIONAL_CAPS = ("daily_requests", "daily_tokens", "tpm", "event_requests", "event_tokens", "max_attendees",
                   "session_turns", "session_chars")  # fmt: skip
 _CODE_PK = "code"
-
-
-def hash_code(code: str) -> str:
-    """The stored form of an event code."""
-    return hashlib.sha256(b"event-code:" + code.encode()).hexdigest()
 
 
 def generate_code() -> str:
@@ -207,23 +209,40 @@ def new_event_id(name: str) -> str:
 class EventStore:
     """Events in Table Storage, with the per-worker cache of code lookups."""
 
-    def __init__(self, tables: Tables, cache_seconds: float = 30.0, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self, tables: Tables, hasher: SecretHasher | None, cache_seconds: float = 30.0, clock: Any = time.monotonic
+    ) -> None:
         self._tables = tables
+        self._hasher = hasher  # None: the CLI without CODE_HASH_KEY, which can do all but touch a code
         self._cache_seconds = cache_seconds
         self._clock = clock
         self._by_code: dict[str, tuple[float, Event | None]] = {}
 
-    async def by_code(self, code: str) -> Event | None:
-        """The event whose code this is, or None. Cached; at most two point reads."""
-        return await self.by_hash(hash_code(code))
+    def hash_code(self, code: str) -> str:
+        """The stored form of an event code: its keyed hash (``proxy.hashing``)."""
+        if self._hasher is None:
+            raise SettingsError(
+                "CODE_HASH_KEY is not set: codes are stored as hashes keyed with the app's CODE_HASH_KEY, so "
+                "creating an event, rotating a code or looking one up needs it. Set it to the app's value (in Azure: "
+                "az functionapp config appsettings list -g RESOURCE_GROUP -n APP "
+                "--query \"[?name=='CODE_HASH_KEY'].value\" -o tsv)."
+            )
+        return self._hasher.hash(EVENT_CODE, code)
 
-    async def by_hash(self, code_hash: str) -> Event | None:
-        """The event whose code has this hash (``hash_code``), or None. Cached; at most two point reads."""
+    async def by_code(self, code: str, code_hash: str | None = None) -> Event | None:
+        """The event whose code this is (``code_hash``: its ``hash_code``, if already made), or None.
+
+        Cached; at most two point reads (four for an unknown code: the old hash is tried too, and a few
+        writes once per event created before keyed hashes, to upgrade it).
+        """
+        code_hash = code_hash or self.hash_code(code)
         now = self._clock()
         cached = self._by_code.get(code_hash)
         if cached is not None and cached[0] > now:
             return cached[1]
         event = await self._lookup(code_hash)
+        if event is None:
+            event = await self._upgrade(legacy_sha256(EVENT_CODE, code), code_hash)
         ttl = self._cache_seconds if event is not None else min(NEGATIVE_CACHE_SECONDS, self._cache_seconds)
         if len(self._by_code) > 10_000:
             self._by_code.clear()
@@ -238,6 +257,28 @@ class EventStore:
             return None
         # A rotated-out index row must not open the event: compare the hashes.
         return event if hmac.compare_digest(event.code_hash, code_hash) else None
+
+    async def _upgrade(self, legacy_hash: str, code_hash: str) -> Event | None:
+        """The event stored with this code's old, unkeyed hash, re-hashed with the key; None if there is none."""
+        event = await self._lookup(legacy_hash)
+        if event is None:
+            return None
+        try:
+            await self._claim_code(code_hash, event.id)
+        except InvalidRequest:  # claimed already: by a concurrent upgrade of this event, or by another event
+            try:
+                index = await guarded(self._tables.events.get_entity(_CODE_PK, code_hash))
+            except ResourceNotFoundError:
+                return None
+            if index["event_id"] != event.id:
+                return None
+        rehashed = await self.modify(
+            event.id, lambda e: replace(e, code_hash=code_hash) if e.code_hash == legacy_hash else e
+        )
+        if rehashed.code_hash != code_hash:
+            return None  # rotated meanwhile: the code is no longer the event's
+        await self._release_code(legacy_hash)
+        return rehashed
 
     async def get(self, event_id: str) -> Event:
         check_event_id(event_id)
@@ -351,6 +392,7 @@ class EventStore:
         raise EditConflict(f"The event {event_id!r} kept changing while it was being deleted; try again.")
 
     async def _claim_code(self, code_hash: str, event_id: str) -> None:
+        """Take a code's index row for an event: 400 when another event has the code."""
         try:
             index = {"PartitionKey": _CODE_PK, "RowKey": code_hash, "event_id": event_id}
             await self._tables.insert(self._tables.events, index)

@@ -55,7 +55,7 @@ from proxy.errors import (
     UpstreamTimeout,
     internal_error,
 )
-from proxy.events import Event, EventStore, hash_code
+from proxy.events import Event, EventStore
 from proxy.guessing import FailedLookups, client_address
 from proxy.keys import PersonalKeys
 from proxy.limits import CLIENT_GONE, Admission, Ledger, booked_tokens, day_of
@@ -153,7 +153,7 @@ class Proxy:
     ) -> None:
         self.settings = settings
         self.tables = tables
-        self.events = EventStore(tables, settings.event_cache_seconds)
+        self.events = EventStore(tables, settings.hasher(), settings.event_cache_seconds)
         self.ledger = Ledger(tables)
         self.roster = Roster(tables)
         self.keys = PersonalKeys(tables, self.events, self.roster, settings.event_cache_seconds)
@@ -364,11 +364,11 @@ class Proxy:
 
     async def _event(self, address: str, code: str) -> Event:
         """The event of a code, through the guessing throttle (``proxy.guessing``)."""
-        code_hash = hash_code(code)
+        code_hash = self.events.hash_code(code)
         # A throttled address gets the same 429 for any code it has not used itself, without a lookup (no oracle).
         self.failed_lookups.check(address, code_hash)
         with self.telemetry.span("event lookup"):
-            event = await self.events.by_hash(code_hash)
+            event = await self.events.by_code(code, code_hash)
         if event is None:
             self.failed_lookups.failed(address)
             raise InvalidEventCode("This event code is not known. Check the code the organizer shared.")

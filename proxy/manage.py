@@ -4,7 +4,9 @@ It reads the same settings as the app (the environment first, then the
 ``Values`` of ``local.settings.json`` in the current folder), so it reaches
 Azurite locally and Table Storage in Azure alike. With
 ``STORAGE_TABLE_ENDPOINT`` (and no connection string) it signs in with
-``DefaultAzureCredential``, so an ``az login`` is enough.
+``DefaultAzureCredential``, so an ``az login`` is enough. Creating an event or
+rotating a code also needs the app's ``CODE_HASH_KEY`` (codes are stored as
+hashes keyed with it, ``proxy.hashing``).
 
 Output is an aligned table by default, one JSON object with ``--json`` (the
 same shapes as ``/api/manage/``), CSV with ``usage --csv``. Errors are one line
@@ -429,7 +431,9 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
     credential = _credential(settings)
     tables = Tables.create(settings, credential)
     try:
-        await run(args, EventStore(tables, 0), tables, settings)
+        # Without CODE_HASH_KEY all works but what touches a code (create, rotate-code): they say what to set.
+        hasher = settings.hasher() if settings.code_hash_key else None
+        await run(args, EventStore(tables, hasher, 0), tables, settings)
     finally:
         await tables.aclose()
         if credential is not None:
@@ -469,6 +473,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(1, f"Table Storage cannot be reached at {settings.table_endpoint}: check the account name and network.")
     except ProxyError as exc:
         _fail(2 if exc.status < 500 else 1, exc.message)
+    except SettingsError as exc:
+        _fail(2, str(exc))
     except _Refused as exc:
         _fail(2, str(exc))
     except KeyboardInterrupt:

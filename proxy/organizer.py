@@ -53,7 +53,6 @@ from proxy.events import (
     EventStore,
     check_event_id,
     generate_code,
-    hash_code,
     new_event_id,
 )
 from proxy.guessing import check_chosen_code
@@ -82,7 +81,7 @@ async def create_event(store: EventStore, fields: Mapping[str, Any]) -> dict[str
     values = new.model_dump(exclude={"code", "start", "end", "models"})
     event = Event(
         id=new_event_id(new.name),
-        code_hash=hash_code(code),
+        code_hash=store.hash_code(code),
         starts_at=new.start,
         ends_at=new.end,
         models=tuple(new.models),
@@ -123,9 +122,10 @@ async def rotate_code(store: EventStore, event_id: str, new_code: str | None = N
     asked = validated(RotateCode, {"code": new_code}).code
     code = generate_code() if asked is None else _chosen(asked)
     event = await store.get(event_id)
-    if hash_code(code) == event.code_hash:
+    code_hash = store.hash_code(code)
+    if code_hash == event.code_hash:
         raise InvalidRequest("That is the event's current code; choose a different one.", param="code")
-    await store.rotate(event.id, hash_code(code))
+    await store.rotate(event.id, code_hash)
     return {"id": event.id, "code": code}
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from proxy.backends import Backend, parse_backends, single_backend
+from proxy.hashing import MIN_KEY_LENGTH, SecretHasher
 from proxy.prices import Price, parse_model_prices
 from proxy.principal import NO_SIGN_IN, OrganizerSignIn
 
@@ -63,6 +64,7 @@ APP_SETTINGS: tuple[str, ...] = (
     "STORAGE_TABLE_ENDPOINT",
     "STORAGE_CONNECTION_STRING",
     "ORGANIZER_KEY",
+    "CODE_HASH_KEY",
     "ORGANIZER_TRUST_APP_SERVICE_AUTH",
     "ORGANIZER_ENTRA_OBJECT_IDS",
     "ORGANIZER_ENTRA_GROUP_IDS",
@@ -130,6 +132,8 @@ class Settings(BaseModel):
     table_endpoint: str | None
     storage_connection_string: str | None
     organizer_key: str | None
+    # The key of the stored hashes of codes (proxy.hashing); the app needs it, the CLI only to touch a code.
+    code_hash_key: str | None = Field(None, repr=False)
     max_request_bytes: int = Field(gt=0)
     body_memory_bytes: int = Field(DEFAULT_BODY_MEMORY_BYTES, gt=0)
     upstream_timeout_seconds: float = Field(gt=0)
@@ -206,6 +210,7 @@ class Settings(BaseModel):
             table_endpoint=table_endpoint,
             storage_connection_string=connection_string,
             organizer_key=get("ORGANIZER_KEY"),
+            code_hash_key=_code_hash_key(get("CODE_HASH_KEY")),
             appinsights_connection_string=get("APPLICATIONINSIGHTS_CONNECTION_STRING"),
             appinsights_identity=_appinsights_identity(get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING")),
             organizer_sign_in=_organizer_sign_in(get),
@@ -232,6 +237,15 @@ class Settings(BaseModel):
                 "largest must fit"
             )
         return settings
+
+    def hasher(self) -> SecretHasher:
+        """The keyed hash of codes (``proxy.hashing``); ``SettingsError`` without ``CODE_HASH_KEY``."""
+        if self.code_hash_key is None:
+            raise SettingsError(
+                "CODE_HASH_KEY is not set: give a random secret of at least 32 characters (the Bicep generates one; "
+                "make run writes one into local.settings.json). Keep it: codes stored under another key stop working"
+            )
+        return SecretHasher(self.code_hash_key)
 
     @classmethod
     def for_cli(cls, settings_file: Path = Path("local.settings.json")) -> Settings:
@@ -266,6 +280,12 @@ def _appinsights_identity(raw: str | None) -> str | None:
             "APPLICATIONINSIGHTS_AUTHENTICATION_STRING must read Authorization=AAD;ClientId=<the identity's client id>"
         )
     return pairs.get("clientid", "")
+
+
+def _code_hash_key(raw: str | None) -> str | None:
+    if raw is not None and len(raw) < MIN_KEY_LENGTH:
+        raise SettingsError(f"CODE_HASH_KEY must have at least {MIN_KEY_LENGTH} characters (a random secret)")
+    return raw
 
 
 def _organizer_sign_in(get: Callable[[str], str | None]) -> OrganizerSignIn:

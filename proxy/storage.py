@@ -2,6 +2,7 @@
 
 Azure uses ``STORAGE_TABLE_ENDPOINT`` with a managed identity; local runs use
 ``STORAGE_CONNECTION_STRING`` (Azurite). Clients are made once per worker.
+No storage URL is ever logged (a row key can be a code's keyed hash).
 Every storage failure that is not a conflict or a miss becomes
 ``StorageUnavailable``: the proxy fails closed.
 """
@@ -9,6 +10,7 @@ Every storage failure that is not a conflict or a miss becomes
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -35,8 +37,15 @@ TABLE_NAMES = (EVENTS_TABLE, USAGE_TABLE, REQUESTS_TABLE)
 T = TypeVar("T")
 TRANSACT_ATTEMPTS = 3
 
+# azure-core logs every request's URL at INFO (headers at DEBUG), and a Table Storage URL names the row: an
+# event's index row is named by its code's keyed hash. The storage clients log to a logger of their own, off
+# and outside logging's hierarchy, so that no logging configuration (the Functions worker's, DEBUG) shows them.
+_NO_REQUEST_LOG = logging.Logger("proxy.storage.requests")
+_NO_REQUEST_LOG.disabled = True
+
 # Fail fast when storage is down: a request waits at most a few seconds before 503.
 _CLIENT_OPTIONS: dict[str, Any] = {
+    "logger": _NO_REQUEST_LOG,
     "retry_total": 2,
     "retry_backoff_factor": 0.2,
     "connection_timeout": 5,

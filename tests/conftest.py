@@ -12,10 +12,11 @@ import httpx
 import pytest
 
 from proxy.errors import StorageUnavailable
-from proxy.events import Event, EventStore, hash_code, new_event_id
+from proxy.events import Event, EventStore, new_event_id
+from proxy.hashing import SecretHasher
 from proxy.settings import Settings
 from proxy.storage import Tables
-from tests.support import Service, app_env, start_app, start_azurite, start_simulator
+from tests.support import CODE_HASH_KEY, Service, app_env, start_app, start_azurite, start_simulator
 
 # Every test client is 127.0.0.1: the shared apps must not throttle the unknown codes that
 # tests send on purpose. tests/test_guessing.py checks the default on an app of its own.
@@ -78,7 +79,7 @@ MakeEvent = Callable[..., Awaitable[NewEvent]]
 @pytest.fixture(scope="module")
 async def make_event(tables: Tables) -> MakeEvent:
     """Create an open event (override any field); returns it with its code."""
-    store = EventStore(tables, 0)
+    store = EventStore(tables, SecretHasher(CODE_HASH_KEY), 0)
 
     async def create(**fields: Any) -> NewEvent:
         code = fields.pop("code", None) or "T" + secrets.token_hex(8)
@@ -86,7 +87,7 @@ async def make_event(tables: Tables) -> MakeEvent:
         event = Event(
             id=new_event_id(fields.get("name", "test")),
             name="Test event",
-            code_hash=hash_code(code),
+            code_hash=store.hash_code(code),
             starts_at=now - timedelta(hours=1),
             ends_at=now + timedelta(hours=8),
         )

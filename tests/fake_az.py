@@ -220,7 +220,8 @@ def run(state: dict[str, Any], words: list[str], options: dict[str, list[str]]) 
         return {"name": "event-proxy", "properties": {"provisioningState": "Succeeded",
                                                       "outputs": outputs(state, state["deployed_models"])}}  # fmt: skip
     if command.startswith("functionapp config appsettings list"):
-        return [{"name": "ORGANIZER_KEY", "value": state["expected_key"], "slotSetting": False}]
+        settings = {"ORGANIZER_KEY": state["expected_key"], "CODE_HASH_KEY": state.get("code_hash_key", "")}
+        return [{"name": name, "value": value, "slotSetting": False} for name, value in settings.items()]
     if command.startswith("functionapp deployment source config-zip"):
         if state.get("publish_refusals", 0):
             state["publish_refusals"] -= 1

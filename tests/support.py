@@ -134,11 +134,14 @@ def app_env(connection_string: str, upstream: str, **extra: str) -> dict[str, st
         "AZURE_OPENAI_ENDPOINT": upstream,
         "AZURE_OPENAI_API_KEY": "simulator-key",
         "ORGANIZER_KEY": ORGANIZER_KEY,
+        "CODE_HASH_KEY": CODE_HASH_KEY,
         **extra,
     }
 
 
 ORGANIZER_KEY = "test-organizer-" + secrets.token_hex(8)
+# The key of the stored hashes of codes, shared by every app process, CLI run and in-process store of a test run.
+CODE_HASH_KEY = "test-code-hash-" + secrets.token_urlsafe(32)
 
 
 def start_app(env: Mapping[str, str], *extra: str, app_dir: Path = ROOT) -> tuple[Service, str]:

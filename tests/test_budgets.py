@@ -169,7 +169,7 @@ async def test_ended_event_lists_no_models_and_nothing_remains(
     app: str, http: httpx.Client, make_event: MakeEvent, tables: Tables
 ) -> None:
     created = await make_event(daily_requests=10)
-    await EventStore(tables, 0).save(replace(created.event, ends_at=datetime.now(UTC) - timedelta(minutes=1)))
+    await EventStore(tables, None, 0).save(replace(created.event, ends_at=datetime.now(UTC) - timedelta(minutes=1)))
     key = created.key()
     wait_for(lambda: http.get(f"{app}/api/v1/models", headers={"api-key": key}).status_code == 403, timeout=5)
     assert http.get(f"{app}/api/v1/models", headers={"api-key": key}).json()["error"]["code"] == "event_ended"

@@ -143,7 +143,7 @@ async def test_disabling_takes_effect_within_the_cache_time(
 ) -> None:
     created = await make_event()
     assert chat(http, app, created.key()).status_code == 200
-    await EventStore(tables, 0).save(replace(created.event, active=False))
+    await EventStore(tables, None, 0).save(replace(created.event, active=False))
 
     async def status() -> int:
         return chat(http, app, created.key()).status_code

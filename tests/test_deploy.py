@@ -145,6 +145,8 @@ def redeploy_calls(models: list[dict[str, Any]]) -> list[str]:
         "--output tsv",
         "az functionapp config appsettings list --resource-group rg-event --name evtproxy-func-abc123 "
         "--query [?name=='ORGANIZER_KEY'].value | [0] --output tsv",
+        "az functionapp config appsettings list --resource-group rg-event --name evtproxy-func-abc123 "
+        "--query [?name=='CODE_HASH_KEY'].value | [0] --output tsv",
         template_call("create", models) + " --output json",
         "az functionapp deployment source config-zip --resource-group rg-event --name evtproxy-func-abc123 "
         "--src dist/app.zip --build-remote true --output none",

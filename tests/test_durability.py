@@ -13,12 +13,13 @@ import openai
 import pytest
 from openai import OpenAI
 
-from proxy.events import Event, EventStore, hash_code
+from proxy.events import Event, EventStore
 from proxy.settings import Settings
 from proxy.storage import Tables
 from proxy.usage import report, request_log
 from tests.conftest import MakeEvent
 from tests.support import (
+    CODE_HASH_KEY,
     app_env,
     azurite_connection_string,
     eventually,
@@ -191,15 +192,18 @@ async def test_storage_outage_withholds_answers_and_keeps_their_usage(
 async def test_fresh_storage_without_usage_tables_works(simulator: str) -> None:
     """Only the events table exists (as after creating an event): the first request creates the rest."""
     azurite, connection_string = start_azurite()
-    settings = Settings.from_env({"STORAGE_CONNECTION_STRING": connection_string}, need_upstream=False)
+    settings = Settings.from_env(
+        {"STORAGE_CONNECTION_STRING": connection_string, "CODE_HASH_KEY": CODE_HASH_KEY}, need_upstream=False
+    )
     fresh = Tables.create(settings, None)
     service = None
     try:
         await fresh.events.create_table()
         code = "FRESH-CODE"
         now = datetime.now(UTC)
-        event = Event("fresh", "Fresh", hash_code(code), now - timedelta(hours=1), now + timedelta(hours=1))
-        await EventStore(fresh, 0).create(event)
+        store = EventStore(fresh, settings.hasher(), 0)
+        event = Event("fresh", "Fresh", store.hash_code(code), now - timedelta(hours=1), now + timedelta(hours=1))
+        await store.create(event)
         service, url = start_app(app_env(connection_string, simulator))
         response = httpx.post(f"{url}/api/v1/chat/completions", json=CHAT, headers={"api-key": f"{code}/alice"})
         assert response.status_code == 200, response.text

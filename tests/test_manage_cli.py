@@ -17,7 +17,7 @@ import pytest
 from openai import OpenAI
 
 from proxy.settings import Settings
-from tests.support import ORGANIZER_KEY, ROOT, azurite_connection_string, free_port, wait_for
+from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, ROOT, azurite_connection_string, free_port, wait_for
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
@@ -31,7 +31,7 @@ def cli(azurite: str, tmp_path_factory: pytest.TempPathFactory) -> Cli:
     base["PYTHONPATH"] = str(ROOT)
 
     def run(*args: str, connection_string: str = azurite, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        env = {**base, "STORAGE_CONNECTION_STRING": connection_string}
+        env = {**base, "STORAGE_CONNECTION_STRING": connection_string, "CODE_HASH_KEY": CODE_HASH_KEY}
         return subprocess.run(
             [sys.executable, "-m", "proxy.manage", *args],
             cwd=folder,

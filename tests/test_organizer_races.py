@@ -17,8 +17,9 @@ import httpx
 import pytest
 
 from proxy.events import EventStore
+from proxy.hashing import SecretHasher
 from proxy.storage import Tables
-from tests.support import ORGANIZER_KEY, ROOT, Service
+from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, ROOT, Service
 
 AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
 
@@ -43,7 +44,7 @@ async def set_blocked(client: httpx.AsyncClient, app: str, event_id: str, user: 
 async def cli_block(folder: Path, azurite: str, event_id: str, user: str) -> None:
     """``python -m proxy.manage attendees block`` as a process of its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "STORAGE_", "ORGANIZER_"))}
-    env.update(PYTHONPATH=str(ROOT), STORAGE_CONNECTION_STRING=azurite)
+    env.update(PYTHONPATH=str(ROOT), STORAGE_CONNECTION_STRING=azurite, CODE_HASH_KEY=CODE_HASH_KEY)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy.manage", "attendees", "block", event_id, user, "--json",
         cwd=folder, env=env, stdin=asyncio.subprocess.DEVNULL,
@@ -97,7 +98,7 @@ async def test_rotations_racing_blocks_never_leave_the_event_without_its_code(
     apps = (app, app_process[1])
     created = (await client.post(f"{app}/api/manage/events", json={"name": "Rotate", **window()}, headers=AUTH)).json()
     event_id, code = created["id"], created["code"]
-    store = EventStore(tables, 0)  # no cache: what storage says now
+    store = EventStore(tables, SecretHasher(CODE_HASH_KEY), 0)  # no cache: what storage says now
     blocked: set[str] = set()
 
     async def rotate(via: str) -> str:

@@ -23,7 +23,7 @@ import pytest
 
 from devtools.azmodels import parameter
 from tests.fake_az import clone_repository, commands, put_on_path
-from tests.support import ORGANIZER_KEY, ROOT, app_env, start_app, start_simulator
+from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, ROOT, app_env, start_app, start_simulator
 
 MODEL_LISTS = json.loads((ROOT / "tests" / "data" / "az_model_list.json").read_text())
 SERVED = {"gpt-5.4": "reasoning", "text-embedding-3-small": "embeddings"}
@@ -55,7 +55,7 @@ def test_every_command_of_the_deploy_section_runs(app: str, azurite: str, tmp_pa
     }
     state = {"group": "my-event", "model_lists": {"eastus2": MODEL_LISTS["constructed"]["entries"]},
              "deployed_models": defaults, "file_models": defaults, "expected_key": ORGANIZER_KEY,
-             "outputs": outputs, "logged_in": False}  # fmt: skip
+             "code_hash_key": CODE_HASH_KEY, "outputs": outputs, "logged_in": False}  # fmt: skip
     env, log = put_on_path(tmp_path, state)
     venv = clone / ".venv" / "bin"
     env.update(

@@ -225,7 +225,7 @@ async def test_caps_and_window_apply(app: str, make_event: MakeEvent, tables: Ta
     # Reading a stored response costs no request.
     assert sdk.responses.retrieve(kept.id).id == kept.id
 
-    await EventStore(tables, 0).save(replace(created.event, active=False))
+    await EventStore(tables, None, 0).save(replace(created.event, active=False))
     await asyncio.sleep(1.5)  # the app caches events for a second
     with pytest.raises(openai.PermissionDeniedError):
         sdk.responses.retrieve(kept.id)

@@ -20,7 +20,7 @@ from proxy.sessions import SessionLimits, bounded, purge_expired
 from proxy.storage import Tables
 from proxy.usage import request_log
 from tests.conftest import MakeEvent
-from tests.support import ORGANIZER_KEY, ROOT, Service, app_env, sim_stats, start_app
+from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, ROOT, Service, app_env, sim_stats, start_app
 
 MODEL = "gpt-4o-mini"
 SYSTEM = {"role": "system", "content": "You are a travel guide."}
@@ -242,7 +242,7 @@ async def test_organizers_set_the_bound_per_event(app: str, simulator: str, azur
 
     # The CLI takes the same fields.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "STORAGE_", "ORGANIZER_"))}
-    env.update(PYTHONPATH=str(ROOT), STORAGE_CONNECTION_STRING=azurite)
+    env.update(PYTHONPATH=str(ROOT), STORAGE_CONNECTION_STRING=azurite, CODE_HASH_KEY=CODE_HASH_KEY)
     args = ["events", "create", "--name", "CLI sessions", "--start", times["start"], "--end", times["end"]]
     done = subprocess.run(
         [sys.executable, "-m", "proxy.manage", *args, "--session-turns", "3", "--session-chars", "900", "--json"],

@@ -46,6 +46,10 @@ param openAiApiVersion string = '2024-10-21'
 @secure()
 param organizerKey string
 
+// The key of the stored hashes of event codes (proxy/hashing.py); the same on every deployment.
+@secure()
+param codeHashKey string
+
 // Organizer sign-in with Entra ID through App Service authentication (README, "Organizer
 // sign-in with Entra ID"): off while the client id is empty. The app trusts the platform's
 // principal header only with ORGANIZER_TRUST_APP_SERVICE_AUTH, set here with the config.
@@ -225,6 +229,10 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'ORGANIZER_KEY'
           value: organizerKey
+        }
+        {
+          name: 'CODE_HASH_KEY'
+          value: codeHashKey
         }
         {
           name: 'ORGANIZER_TRUST_APP_SERVICE_AUTH'

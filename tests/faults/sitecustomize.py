@@ -15,19 +15,18 @@ from __future__ import annotations
 from typing import Any
 
 from proxy import streaming
-from proxy.events import EventStore, hash_code
+from proxy.events import EventStore
 from proxy.upstream import Upstream
 
-_by_hash = EventStore.by_hash
-_FAULTY = hash_code("FAULTY-LOOKUP")
+_by_code = EventStore.by_code
 _send = Upstream.send
 _take_usage = streaming._take_usage
 
 
-async def _faulty_by_hash(self: EventStore, code_hash: str) -> Any:
-    if code_hash == _FAULTY:  # the attendee path looks events up by the code's hash
+async def _faulty_by_code(self: EventStore, code: str, code_hash: str | None = None) -> Any:
+    if code == "FAULTY-LOOKUP":
         raise RuntimeError("injected fault in the event lookup")
-    return await _by_hash(self, code_hash)
+    return await _by_code(self, code, code_hash)
 
 
 async def _faulty_send(self: Upstream, model: str, operation: str, body: bytes, request_id: str, **options: Any) -> Any:
@@ -42,6 +41,6 @@ def _faulty_take_usage(complete: bytes, record: Any, wants_usage: bool) -> bytes
     return _take_usage(complete, record, wants_usage)
 
 
-EventStore.by_hash = _faulty_by_hash  # type: ignore[method-assign]
+EventStore.by_code = _faulty_by_code  # type: ignore[method-assign]
 Upstream.send = _faulty_send  # type: ignore[method-assign]
 streaming._take_usage = _faulty_take_usage

@@ -1,0 +1,141 @@
+"""Codes are stored as keyed hashes, and neither a code nor any hash of it reaches a log line, even at DEBUG."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from azure.core.exceptions import ResourceNotFoundError
+
+from proxy.errors import NotFound
+from proxy.events import Event, EventStore, new_event_id
+from proxy.hashing import EVENT_CODE, SecretHasher, legacy_sha256
+from proxy.settings import Settings, SettingsError
+from proxy.storage import Tables
+from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, Service, app_env, start_app
+
+AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def window() -> dict[str, str]:
+    now = datetime.now(UTC)
+    return {"start": (now - timedelta(hours=1)).isoformat(), "end": (now + timedelta(hours=2)).isoformat()}
+
+
+def forms(code: str) -> list[str]:
+    """Every form of a code that must never be logged: itself, its old plain SHA-256, its keyed hash."""
+    return [
+        code,
+        hashlib.sha256(b"event-code:" + code.encode()).hexdigest(),
+        hashlib.sha256(code.encode()).hexdigest(),
+        SecretHasher(CODE_HASH_KEY).hash(EVENT_CODE, code),
+    ]
+
+
+@pytest.fixture
+async def tables(azurite: str) -> AsyncIterator[Tables]:
+    """A pool of this test's own: the sync tests here block the loop, and a shared pool's connections go stale."""
+    settings = Settings.from_env({"STORAGE_CONNECTION_STRING": azurite}, need_upstream=False)
+    fresh = Tables.create(settings, None)
+    yield fresh
+    await fresh.aclose()
+
+
+@pytest.fixture(scope="module")
+def debug_app(azurite: str, simulator: str) -> Iterator[tuple[Service, str]]:
+    """An app whose worker logs everything at DEBUG, the Azure SDKs' loggers included (as PYTHON_ENABLE_DEBUG_LOGGING
+    does in Azure)."""
+    service, url = start_app(app_env(azurite, simulator, PYTHON_ENABLE_DEBUG_LOGGING="1", EVENT_CACHE_SECONDS="0"))
+    yield service, url
+    service.stop()
+
+
+def test_no_log_line_carries_a_code_or_its_hash(debug_app: tuple[Service, str]) -> None:
+    service, app = debug_app
+    with httpx.Client(timeout=30) as http:
+        created = http.post(f"{app}/api/manage/events", json={"name": "Logs", **window()}, headers=AUTH).json()
+        code, event_id = created["code"], created["id"]
+        key = {"api-key": f"{code}/alice"}
+        assert http.post(f"{app}/api/v1/chat/completions", json=CHAT, headers=key).status_code == 200
+        assert http.get(f"{app}/api/v1/event", headers=key).status_code == 200
+        assert http.post(f"{app}/api/v1/embeddings", json={"model": "text-embedding-3-small", "input": "x"},
+                         headers=key).status_code == 200  # fmt: skip
+        wrong = "NoSuchCode" + code[:6]
+        assert http.get(f"{app}/api/v1/models", headers={"api-key": f"{wrong}/alice"}).status_code == 401
+        rotated = http.post(f"{app}/api/manage/events/{event_id}/rotate-code", headers=AUTH).json()["code"]
+        assert http.get(f"{app}/api/v1/models", headers={"api-key": f"{rotated}/alice"}).status_code == 200
+        assert http.get(f"{app}/api/v1/models", headers=key).status_code == 401
+    service.wait_for_output("route=/api/v1/models status=401")
+    text = service.text
+    # The worker did log at DEBUG, and storage was called: a leak would have shown.
+    assert "DEBUG " in text and "event=" + event_id in text
+    for secret in (*forms(code), *forms(rotated), *forms(wrong)):
+        assert secret not in text
+    assert "proxyevents(" not in text and "RowKey=" not in text  # no storage URL at all
+
+
+async def test_the_stored_row_key_is_the_keyed_hash(tables: Tables) -> None:
+    store = EventStore(tables, SecretHasher(CODE_HASH_KEY), 0)
+    now = datetime.now(UTC)
+    code = "Stored-" + secrets.token_hex(6)
+    event = await store.create(
+        Event(
+            new_event_id("stored"), "Stored", store.hash_code(code), now - timedelta(hours=1), now + timedelta(hours=1)
+        )
+    )
+    index = await tables.events.get_entity("code", SecretHasher(CODE_HASH_KEY).hash(EVENT_CODE, code))
+    assert index["event_id"] == event.id
+    stored = await tables.events.get_entity("event", event.id)
+    assert stored["code_hash"] == index["RowKey"]
+    for plain in forms(code)[:3]:
+        assert plain not in (index["RowKey"], stored["code_hash"])
+    # Another key finds nothing: the hash is worth nothing without the deployment's key.
+    assert await EventStore(tables, SecretHasher("another-key-" + "x" * 32), 0).by_code(code) is None
+    assert (await store.by_code(code)) == event
+
+
+async def test_an_event_stored_before_keyed_hashes_is_upgraded_on_first_use(
+    app: str, tables: Tables, http: httpx.Client
+) -> None:
+    """An event written by the previous version (plain SHA-256) keeps working, and its old hash is gone after."""
+    old = EventStore(tables, None, 0)
+    code = "Legacy-" + secrets.token_hex(6)
+    legacy = legacy_sha256(EVENT_CODE, code)
+    assert legacy == hashlib.sha256(b"event-code:" + code.encode()).hexdigest()  # what the old version stored
+    now = datetime.now(UTC)
+    event = await old.create(
+        Event(new_event_id("legacy"), "Legacy", legacy, now - timedelta(hours=1), now + timedelta(hours=1))
+    )
+    answer = http.post(f"{app}/api/v1/chat/completions", json=CHAT, headers={"api-key": f"{code}/alice"})
+    assert answer.status_code == 200, answer.text
+    keyed = SecretHasher(CODE_HASH_KEY).hash(EVENT_CODE, code)
+    assert (await tables.events.get_entity("event", event.id))["code_hash"] == keyed
+    assert (await tables.events.get_entity("code", keyed))["event_id"] == event.id
+    with pytest.raises(ResourceNotFoundError):
+        await tables.events.get_entity("code", legacy)
+    assert http.get(f"{app}/api/v1/models", headers={"api-key": f"{code}/bob"}).status_code == 200
+
+
+def test_purposes_hash_apart_and_the_key_is_required() -> None:
+    hasher = SecretHasher(CODE_HASH_KEY)
+    assert hasher.hash(EVENT_CODE, "same") != hasher.hash("personal-key", "same")
+    assert hasher.hash(EVENT_CODE, "same") == SecretHasher(CODE_HASH_KEY).hash(EVENT_CODE, "same")
+    assert CODE_HASH_KEY not in repr(hasher)
+    base = {"STORAGE_CONNECTION_STRING": "UseDevelopmentStorage=true", "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:1"}
+    with pytest.raises(SettingsError, match="CODE_HASH_KEY is not set"):
+        Settings.from_env(base).hasher()
+    with pytest.raises(SettingsError, match="CODE_HASH_KEY must have at least 32"):
+        Settings.from_env({**base, "CODE_HASH_KEY": "short"})
+    assert CODE_HASH_KEY not in repr(Settings.from_env({**base, "CODE_HASH_KEY": CODE_HASH_KEY}))
+
+
+async def test_the_cli_without_the_key_says_what_to_set(tables: Tables) -> None:
+    with pytest.raises(SettingsError, match="CODE_HASH_KEY is not set"):
+        await EventStore(tables, None, 0).by_code("Any-Code-1234")
+    with pytest.raises(NotFound):
+        await EventStore(tables, None, 0).get("no-such-event")
