@@ -4,7 +4,8 @@ Two bounds keep one attendee from exhausting an instance's memory. Each body
 is at most ``MAX_REQUEST_BYTES`` (413 ``request_too_large``; default 28 MiB,
 see ``proxy.settings``). And all the bodies a worker holds at once are at
 most ``BODY_MEMORY_BYTES`` (``BodyBudget``): a body that would pass it is
-refused before it is read, with 503 ``server_busy`` and ``Retry-After: 1``
+refused before it is read (as it is read, when no length is declared), with
+503 ``server_busy`` and ``Retry-After: 1``
 (the official SDKs retry it). A body is held from its first byte until its
 request's handler returns, which is when the bytes read, the parsed object and
 the body sent upstream are all let go (a streamed answer keeps none of them).
