@@ -5,12 +5,18 @@ request log's ``log|``, so the reports' ``RowKey lt 'log|'`` never sees them):
 
 - ``RowKey="user|<name>"``: one per distinct name that sent a request, with
   ``first_seen``;
-- ``RowKey="roster"``: ``count``, the number of those names.
+- ``RowKey="roster"``: ``count``, the number of those names when the last was
+  registered under ``max_attendees``.
 
-A new name is registered by one entity group transaction that inserts its row
-and raises the roster's count under its ETag, refused (403
-``attendee_limit_reached``) when the count has reached ``max_attendees``: two
-instances can never both take the last place. Names new to a worker at the
+Under ``max_attendees``, a new name is registered by one entity group
+transaction that inserts its row and rewrites the roster under its ETag,
+refused (403 ``attendee_limit_reached``) when the names registered (counted
+from their rows, one range query) have reached the limit: two instances can
+never both take the last place. Without a limit there is nothing to count, so
+a new name's row is inserted alone and names never contend on the roster row
+(an existing row, 409, means another request registered it). A limit set
+later holds from when every worker has seen it (``EVENT_CACHE_SECONDS``);
+names registered before count, as they are counted from their rows. Names new to a worker at the
 same moment are registered together, one transaction for all of them (group
 commit); only the first request of each name ever writes here. A worker
 remembers the names it has seen, so a known name costs nothing, and a name new
@@ -143,8 +149,9 @@ class Roster:
         """Register names (at most 99, each row with its properties) in one transaction with the roster; the
         names refused, and those whose rows existed already."""
         existed: set[str] = set()
+        limited = event.max_attendees is not None
         for _ in range(MAX_ATTEMPTS):
-            etag, count = await self._roster(event.id)
+            etag, count = await self._roster(event.id) if limited else ("", 0)
             room = len(names) if event.max_attendees is None else max(0, event.max_attendees - count)
             taken, refused = names[:room], set(names[room:])
             for user in list(refused):  # registered meanwhile by another instance: in, with no place needed
@@ -155,11 +162,11 @@ class Roster:
                     names.remove(user)
             if not taken:
                 return refused, existed
-            roster = {"PartitionKey": event.id, "RowKey": ROSTER_ROW, "count": count + len(taken)}
-            condition = {"mode": UpdateMode.REPLACE, "etag": etag, "match_condition": MatchConditions.IfNotModified}
-            operations: list[tuple[str, Any, dict[str, Any]]] = [
-                ("update", roster, condition) if etag else ("create", roster, {})
-            ]
+            operations: list[tuple[str, Any, dict[str, Any]]] = []
+            if limited:
+                roster = {"PartitionKey": event.id, "RowKey": ROSTER_ROW, "count": count + len(taken)}
+                condition = {"mode": UpdateMode.REPLACE, "etag": etag, "match_condition": MatchConditions.IfNotModified}
+                operations.append(("update", roster, condition) if etag else ("create", roster, {}))
             now = datetime.now(UTC)
             for user in taken:
                 row = {"PartitionKey": event.id, "RowKey": USER_PREFIX + user, "user": user, **_first_seen(now),
@@ -168,9 +175,10 @@ class Roster:
             try:
                 await self._submit(operations)
             except TransactionRefused as error:
-                if error.status_code == 409 and error.index >= 1:
+                first_name = 1 if limited else 0  # the index of the first name's row in the transaction
+                if error.status_code == 409 and error.index >= first_name:
                     # Registered meanwhile by another instance: it is in, and needs no place.
-                    known = taken[error.index - 1]
+                    known = taken[error.index - first_name]
                     self._remember(event.id, known)
                     existed.add(known)
                     names = [name for name in names if name != known]
@@ -189,11 +197,13 @@ class Roster:
         return True
 
     async def _roster(self, event_id: str) -> tuple[str, int]:
+        """The roster row's ETag (under which names are registered) and the number of names registered."""
         try:
-            etag, entity = await self._tables.usage_entities.get(event_id, ROSTER_ROW)
+            etag, _ = await self._tables.usage_entities.get(event_id, ROSTER_ROW)
         except ResourceNotFoundError:
-            return "", 0
-        return etag, int(entity.get("count", 0))
+            etag = ""
+        # Counted from the rows: names registered while the event had no limit wrote no count.
+        return etag, len(await roster(self._tables, event_id))
 
     async def _submit(self, operations: list[tuple[str, Any, dict[str, Any]]]) -> None:
         """Submit a transaction (``Tables.transact``). Retrying is safe: a transaction that

@@ -10,15 +10,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
+from azure.core.exceptions import ResourceNotFoundError
 
 from proxy import budget
+from proxy.attendees import ROSTER_ROW, roster
 from proxy.events import EventStore
 from proxy.limits import Admission, Finished, Ledger, Settlement
 from proxy.reconcile import reconcile
 from proxy.storage import Tables
 from proxy.usage import report
 from tests.conftest import MakeEvent
-from tests.support import ORGANIZER_KEY, Service, sim_stats, wait_for
+from tests.support import ORGANIZER_KEY, Service, eventually, sim_stats, wait_for
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
@@ -239,3 +242,28 @@ async def test_spare_moves_count_the_settlements_not_yet_written(tables: Tables,
     shards = await budget.read_shards(tables, created.event.id)
     assert sum(budget.booked(s) for s in shards.values()) == 10 + 750
     assert sum(s["delta_tokens"] for s in shards.values()) == 0
+
+
+async def test_new_names_without_a_limit_never_write_the_roster_row_and_a_later_limit_counts_them(
+    app: str, app_process: tuple[Service, str], make_event: MakeEvent, tables: Tables
+) -> None:
+    created = await make_event()  # no max_attendees
+    names = [f"free{i}" for i in range(12)] * 2
+    responses = await burst([app, app_process[1]], [created.key(name) for name in names])
+    assert codes(responses) == {"ok": 24}
+    with pytest.raises(ResourceNotFoundError):  # no name contended on it
+        await tables.usage.get_entity(created.event.id, ROSTER_ROW)
+    assert len(await roster(tables, created.event.id)) == 12
+    # A limit set afterwards counts the names registered before it: 2 places left of 14.
+    await EventStore(tables, 0).save(replace(created.event, max_attendees=14))
+    for url in (app, app_process[1]):  # both workers see the limit (EVENT_CACHE_SECONDS is 1 there)
+        await eventually(
+            lambda url=url: asyncio.to_thread(
+                lambda: httpx.get(f"{url}/api/v1/event", headers={"api-key": created.key("free0")}).json()
+            ),
+            lambda info: info["caps"]["max_attendees"] == 14,
+            what="the limit seen",
+        )
+    later = await burst([app, app_process[1]], [created.key(f"late{i}") for i in range(6)])
+    assert codes(later) == {"ok": 2, "attendee_limit_reached": 4}
+    assert len(await roster(tables, created.event.id)) == 14
