@@ -220,14 +220,18 @@ class EventStore:
 
     def hash_code(self, code: str) -> str:
         """The stored form of an event code: its keyed hash (``proxy.hashing``)."""
+        return self.hash_secret(EVENT_CODE, code)
+
+    def hash_secret(self, purpose: str, secret: str) -> str:
+        """The stored form of a secret (a code, a personal key): its keyed hash for ``purpose``."""
         if self._hasher is None:
             raise SettingsError(
-                "CODE_HASH_KEY is not set: codes are stored as hashes keyed with the app's CODE_HASH_KEY, so "
-                "creating an event, rotating a code or looking one up needs it. Set it to the app's value (in Azure: "
+                "CODE_HASH_KEY is not set: codes and personal keys are stored as hashes keyed with the app's "
+                "CODE_HASH_KEY, so creating an event, rotating a code or looking one up needs it. Set it to the app's value (in Azure: "
                 "az functionapp config appsettings list -g RESOURCE_GROUP -n APP "
                 "--query \"[?name=='CODE_HASH_KEY'].value\" -o tsv)."
             )
-        return self._hasher.hash(EVENT_CODE, code)
+        return self._hasher.hash(purpose, secret)
 
     async def by_code(self, code: str, code_hash: str | None = None) -> Event | None:
         """The event whose code this is (``code_hash``: its ``hash_code``, if already made), or None.

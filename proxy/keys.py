@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import secrets
 import time
@@ -57,6 +56,7 @@ from proxy.attendees import USER_END, USER_PREFIX, Roster
 from proxy.credentials import KEY_PREFIX
 from proxy.errors import AttendeeBlocked, NameTaken, NotFound, StorageUnavailable
 from proxy.events import NEGATIVE_CACHE_SECONDS, Event, EventStore
+from proxy.hashing import PERSONAL_KEY
 from proxy.storage import Tables, gathered, guarded
 
 KEY_BYTES = 24  # 32 URL-safe characters, 192 bits
@@ -69,11 +69,6 @@ T = TypeVar("T")
 
 def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(KEY_BYTES)
-
-
-def hash_key(key: str) -> str:
-    """The stored form of a personal key."""
-    return hashlib.sha256(b"personal-key:" + key.encode()).hexdigest()
 
 
 class _Cache:
@@ -133,16 +128,18 @@ class PersonalKeys:
         events: EventStore,
         roster: Roster,
         cache_seconds: float = 30.0,
-        hash_secret: Callable[[str], str] = hash_key,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._tables = tables
         self._events = events
         self._roster = roster
         self._cache_seconds = cache_seconds
-        self.hash = hash_secret
         self._keys = _Cache(clock)  # key hash: (event, name) or None
         self._claims = _Cache(clock)  # (event id, name): whether the name has a key
+
+    def hash(self, key: str) -> str:
+        """The stored form of a personal key: its keyed hash (``proxy.hashing``), as codes are kept."""
+        return self._events.hash_secret(PERSONAL_KEY, key)
 
     async def lookup(self, key_hash: str) -> tuple[Event, str] | None:
         """The event and name this key opens, or None. Cached; two sequential reads when not."""

@@ -11,9 +11,11 @@ import httpx
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 
+from proxy.attendees import Roster
 from proxy.errors import NotFound
 from proxy.events import Event, EventStore, new_event_id
-from proxy.hashing import EVENT_CODE, SecretHasher, legacy_sha256
+from proxy.hashing import EVENT_CODE, PERSONAL_KEY, SecretHasher, legacy_sha256
+from proxy.keys import PersonalKeys
 from proxy.settings import Settings, SettingsError
 from proxy.storage import Tables
 from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, Service, app_env, start_app
@@ -27,13 +29,13 @@ def window() -> dict[str, str]:
     return {"start": (now - timedelta(hours=1)).isoformat(), "end": (now + timedelta(hours=2)).isoformat()}
 
 
-def forms(code: str) -> list[str]:
-    """Every form of a code that must never be logged: itself, its old plain SHA-256, its keyed hash."""
+def forms(secret: str, purpose: str = EVENT_CODE) -> list[str]:
+    """Every form of a code (or key) that must never be logged: itself, plain SHA-256s of it, its keyed hash."""
     return [
-        code,
-        hashlib.sha256(b"event-code:" + code.encode()).hexdigest(),
-        hashlib.sha256(code.encode()).hexdigest(),
-        SecretHasher(CODE_HASH_KEY).hash(EVENT_CODE, code),
+        secret,
+        hashlib.sha256(f"{purpose}:{secret}".encode()).hexdigest(),
+        hashlib.sha256(secret.encode()).hexdigest(),
+        SecretHasher(CODE_HASH_KEY).hash(purpose, secret),
     ]
 
 
@@ -67,6 +69,8 @@ def test_no_log_line_carries_a_code_or_its_hash(debug_app: tuple[Service, str]) 
                          headers=key).status_code == 200  # fmt: skip
         wrong = "NoSuchCode" + code[:6]
         assert http.get(f"{app}/api/v1/models", headers={"api-key": f"{wrong}/alice"}).status_code == 401
+        personal = http.post(f"{app}/api/v1/keys", json={"code": code, "name": "carol"}).json()["key"]
+        assert http.post(f"{app}/api/v1/chat/completions", json=CHAT, headers={"api-key": personal}).status_code == 200
         rotated = http.post(f"{app}/api/manage/events/{event_id}/rotate-code", headers=AUTH).json()["code"]
         assert http.get(f"{app}/api/v1/models", headers={"api-key": f"{rotated}/alice"}).status_code == 200
         assert http.get(f"{app}/api/v1/models", headers=key).status_code == 401
@@ -74,7 +78,7 @@ def test_no_log_line_carries_a_code_or_its_hash(debug_app: tuple[Service, str]) 
     text = service.text
     # The worker did log at DEBUG, and storage was called: a leak would have shown.
     assert "DEBUG " in text and "event=" + event_id in text
-    for secret in (*forms(code), *forms(rotated), *forms(wrong)):
+    for secret in (*forms(code), *forms(rotated), *forms(wrong), *forms(personal, PERSONAL_KEY)):
         assert secret not in text
     assert "proxyevents(" not in text and "RowKey=" not in text  # no storage URL at all
 
@@ -94,6 +98,13 @@ async def test_the_stored_row_key_is_the_keyed_hash(tables: Tables) -> None:
     assert stored["code_hash"] == index["RowKey"]
     for plain in forms(code)[:3]:
         assert plain not in (index["RowKey"], stored["code_hash"])
+    # A personal key is kept the same way, under a purpose of its own.
+    keys = PersonalKeys(tables, store, Roster(tables), 0)
+    personal = await keys.register(event, "dora")
+    stored_key = SecretHasher(CODE_HASH_KEY).hash(PERSONAL_KEY, personal)
+    assert (await tables.events.get_entity("key", stored_key))["event_id"] == event.id
+    assert keys.hash(personal) == stored_key != SecretHasher(CODE_HASH_KEY).hash(EVENT_CODE, personal)
+    assert await keys.lookup(stored_key) == (event, "dora")
     # Another key finds nothing: the hash is worth nothing without the deployment's key.
     assert await EventStore(tables, SecretHasher("another-key-" + "x" * 32), 0).by_code(code) is None
     assert (await store.by_code(code)) == event
