@@ -227,9 +227,9 @@ class EventStore:
         if self._hasher is None:
             raise SettingsError(
                 "CODE_HASH_KEY is not set: codes and personal keys are stored as hashes keyed with the app's "
-                "CODE_HASH_KEY, so creating an event, rotating a code or looking one up needs it. Set it to the app's value (in Azure: "
-                "az functionapp config appsettings list -g RESOURCE_GROUP -n APP "
-                "--query \"[?name=='CODE_HASH_KEY'].value\" -o tsv)."
+                "CODE_HASH_KEY, so creating an event, rotating a code or looking one up needs it. Set it to the "
+                "app's value (in Azure: az functionapp config appsettings list -g RESOURCE_GROUP -n APP "
+                "--query \"[?name=='CODE_HASH_KEY'].value | [0]\" -o tsv)."
             )
         return self._hasher.hash(purpose, secret)
 
