@@ -7,10 +7,12 @@ without. An answer ends exactly once, in one of two ways.
 - ``complete``: upstream's answer is complete (a body read in full, a stream
   up to its last event). What goes with it is kept first (a chat session's
   turn, a stored response's owner), then its usage record is committed, and
-  only then may the end of the answer reach the client. This runs in a task
-  of its own, shielded: a client that leaves meanwhile (its stream's task is
-  cancelled) does not stop it, so the turn and the record are stored whatever
-  the client does.
+  only then may the end of the answer reach the client. With something to
+  keep, this runs in a task of its own, shielded: a client that leaves
+  meanwhile (its stream's task is cancelled) does not stop it, so the turn and
+  the record are stored whatever the client does. Without, the record is
+  queued before the first await (``UsageRecorder.commit``), which no
+  cancellation can skip either, and costs no task.
 - ``abandon``: the answer ends before it is complete: the client left
   (``CLIENT_GONE``, 499), upstream broke off (502) or was too slow (504), or a
   bug (500). It never awaits, so no cancellation can cut it short: the record
@@ -97,6 +99,11 @@ class Answer:
         self.ended = True
         self.record.latency_ms = (time.perf_counter() - self.record.perf_start) * 1000
         self.record.estimate(self.relayed)
+        if keep is None:
+            # The record is queued before the first await (``UsageRecorder.commit``): nothing to shield,
+            # and no task on the hot path of plain chat, streams and embeddings.
+            await self._recorder.commit(self.record)
+            return
         ending = asyncio.ensure_future(self._complete(keep))
         ending.add_done_callback(_seen)
         await asyncio.shield(ending)
@@ -144,19 +151,18 @@ class Answer:
         self.abandon(failure.status)  # a no-op when storage refused the completed answer
         yield error_event(failure)
 
-    async def _complete(self, keep: Keep | None) -> None:
-        if keep is not None:
-            try:
-                await keep()
-            except StorageUnavailable:
-                self.record.status = 503  # the answer is withheld: a failed request
-                self._recorder.submit(self.record)
-                raise
-            except Exception:
-                log.exception("internal error while ending an answer (request %s)", self.record.request_id)
-                self.record.status = 500
-                self._recorder.submit(self.record)
-                raise
+    async def _complete(self, keep: Keep) -> None:
+        try:
+            await keep()
+        except StorageUnavailable:
+            self.record.status = 503  # the answer is withheld: a failed request
+            self._recorder.submit(self.record)
+            raise
+        except Exception:
+            log.exception("internal error while ending an answer (request %s)", self.record.request_id)
+            self.record.status = 500
+            self._recorder.submit(self.record)
+            raise
         await self._recorder.commit(self.record)
 
 
