@@ -177,7 +177,9 @@ class Sessions:
                         )
                     )
                 return
-            except (ResourceExistsError, ResourceModifiedError):
+            except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
+                # Written meanwhile, or forgotten (or purged) since it was read: a forgotten session starts
+                # afresh with this turn, never with the history it had.
                 etag, history = await self._load(turn.key)
         raise StorageUnavailable("The chat session is being written by many requests at once; try again.")
 

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from openai import OpenAI
 
-from proxy.sessions import SessionLimits, bounded, purge_expired
+from proxy.sessions import SessionLimits, Sessions, bounded, purge_expired
 from proxy.storage import Tables
 from proxy.usage import request_log
 from tests.conftest import MakeEvent
@@ -255,3 +255,25 @@ async def test_organizers_set_the_bound_per_event(app: str, simulator: str, azur
     assert done.returncode == 0, done.stderr
     created = orjson.loads(done.stdout)
     assert (created["session_turns"], created["session_chars"]) == (3, 900)
+
+
+async def test_a_turn_saved_after_its_session_was_forgotten_starts_it_afresh(
+    tables: Tables, make_event: MakeEvent
+) -> None:
+    """A turn in flight while its session is forgotten: saved alone (the forgotten history stays forgotten),
+    not an error that loses the turn."""
+    created = await make_event()
+    sessions = Sessions(tables, SessionLimits(max_turns=10, max_chars=60_000, ttl_seconds=600))
+
+    def asked(text: str) -> dict[str, Any]:
+        return {"session_id": "forgotten", "messages": [{"role": "user", "content": text}]}
+
+    first = await sessions.open(asked("one"), created.event, "alice")
+    assert first is not None
+    await sessions.save(first, {"role": "assistant", "content": "1"})
+    second = await sessions.open(asked("two"), created.event, "alice")  # read the session, with its ETag
+    assert second is not None and second.etag is not None
+    assert await sessions.forget(created.event.id, "alice", "forgotten")
+    await sessions.save(second, {"role": "assistant", "content": "2"})
+    kept = await sessions.history(created.event.id, "alice", "forgotten")
+    assert kept == [[{"role": "user", "content": "two"}, {"role": "assistant", "content": "2"}]]
