@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -100,6 +101,8 @@ class Event:
     active: bool = True
     description: str = ""
     organizer: str = ""
+    # Where budget alerts are POSTed ("" for none; proxy.alerts). A secret: shown masked, never logged.
+    alert_webhook: str = ""
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     # The stored entity's ETag when read or written ("" before): every write is conditional on it.
     etag: str = field(default="", compare=False, repr=False)
@@ -130,6 +133,8 @@ class Event:
             "active": self.active,
             "description": self.description,
             "organizer": self.organizer,
+            # Its scheme and host only: the path of a Slack or Teams webhook is its token.
+            "alert_webhook": _masked(self.alert_webhook) if self.alert_webhook else None,
             "created_at": self.created_at.isoformat(),
         }
 
@@ -151,6 +156,8 @@ class Event:
             "blocked": orjson.dumps(self.blocked).decode(),
             "attendee_keys": self.attendee_keys,
         }
+        if self.alert_webhook:
+            entity["alert_webhook"] = self.alert_webhook
         # Table Storage has no null: an absent property means "no cap".
         for name in _OPTIONAL_CAPS:
             value = getattr(self, name)
@@ -182,9 +189,15 @@ class Event:
             active=bool(entity.get("active", True)),
             description=entity.get("description") or "",
             organizer=entity.get("organizer") or "",
+            alert_webhook=entity.get("alert_webhook") or "",
             created_at=_utc(entity.get("created_at") or entity["starts_at"]),
             etag=str(getattr(entity, "metadata", {}).get("etag", "")),
         )
+
+
+def _masked(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}/…"
 
 
 def _utc(value: datetime) -> datetime:

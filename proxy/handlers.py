@@ -35,11 +35,13 @@ from starlette.responses import Response
 
 from proxy import payload as bodies
 from proxy.access import Access, AccessLog, access_log, configure_access_log
+from proxy.alerts import Alerts
 from proxy.attendees import Roster
 from proxy.budget import has_budget
 from proxy.credentials import CODE_PATTERN, USER_PATTERN, PersonalKey, read_credential
 from proxy.ending import Answer, AnswerStream
 from proxy.errors import (
+    CapExceeded,
     EventDisabled,
     EventEnded,
     EventNotStarted,
@@ -161,6 +163,8 @@ class Proxy:
         self._routes: list[tuple[re.Pattern[str], list[str]]] = []
         self.telemetry = telemetry or Telemetry()
         self.prices = PriceTable.load(settings.model_prices)
+        # Plain http webhooks (to loopback) only in a local run, on Azurite's connection string.
+        self.alerts = Alerts(tables, local=settings.storage_connection_string is not None)
         self.recorder = UsageRecorder(tables, self.ledger, self.prices, self.telemetry)
         # What the access log names the backend when upstream does not say (one endpoint).
         self.backend_name = httpx.URL(settings.openai_endpoint).netloc.decode() if settings.openai_endpoint else ""
@@ -192,6 +196,7 @@ class Proxy:
         """Graceful shutdown: store pending usage, then close the clients."""
         await self.recorder.drain()
         await self.ledger.drain()
+        await self.alerts.aclose()
         await self.upstream.aclose()
         await self.tables.aclose()
         if self._credential is not None:
@@ -432,9 +437,15 @@ class Proxy:
         request_id: str = request.state.request_id
         access.stream = prepared.stream
         self.recorder.check_storage()
+        self.alerts.touch(event)  # its budgets are checked a moment later, off this path (proxy.alerts)
         with self.telemetry.span("cap reservation"):
             await self.roster.admit(event, caller.user)
-            admission = await self.ledger.admit_all(event, caller.user, now, estimate, request_id)
+            try:
+                admission = await self.ledger.admit_all(event, caller.user, now, estimate, request_id)
+            except CapExceeded as refused:
+                if refused.code == "event_budget_exhausted":
+                    self.alerts.touch(event, exhausted=True)  # used up for attendees, if not to the last token
+                raise
         record = UsageRecord(
             event_id=event.id,
             user=caller.user,

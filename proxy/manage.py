@@ -60,6 +60,10 @@ def _number(value: str) -> int | str | None:
         return value
 
 
+def _url(value: str) -> str | None:
+    return None if value.strip().lower() in ("none", "null", "off") else value
+
+
 def _flag(value: str) -> bool | str:
     lowered = value.strip().lower()
     return {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}.get(lowered, value)
@@ -95,6 +99,8 @@ def _event_options(parser: argparse.ArgumentParser, *, creating: bool) -> None:
     back = "" if creating else "; 'none' goes back to the default"
     option("--session-turns", f"turns kept per chat session (session_id){back}", "20", type=_number, metavar="N")
     option("--session-chars", f"characters kept per chat session{back}", "60000", type=_number, metavar="N")
+    option("--alert-webhook", f"POST budget alerts here at 80 % and 100 % (https){clear}", "none",
+           type=_url, metavar="URL")  # fmt: skip
     option("--description", "shown to attendees at /api/v1/event", metavar="TEXT")
     option("--organizer", "who runs the event", metavar="TEXT")
     keys_help = "every attendee needs a personal key (CODE/name refused); '--attendee-keys false' turns it off"

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -33,6 +34,7 @@ from pydantic import (
 )
 from pydantic.json_schema import models_json_schema
 
+from proxy.alerts import check_webhook
 from proxy.errors import InvalidRequest
 from proxy.events import DEFAULT_DAILY_REQUESTS, DEFAULT_MAX_TOKENS, DEFAULT_MODELS
 
@@ -43,7 +45,7 @@ CODE_PATTERN = r"^[A-Za-z0-9_-]{4,64}$"
 MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Fields that null clears (no cap); the texts too, as empty.
 CLEARABLE = frozenset({"daily_requests", "daily_tokens", "tpm", "event_requests", "event_tokens", "max_attendees",
-                       "session_turns", "session_chars"})  # fmt: skip
+                       "session_turns", "session_chars", "alert_webhook"})  # fmt: skip
 
 
 def _utc_time(value: Any) -> datetime:
@@ -76,6 +78,9 @@ Text = Annotated[str, BeforeValidator(_text), StringConstraints(strip_whitespace
 ShortText = Annotated[str, BeforeValidator(_text), StringConstraints(strip_whitespace=True, max_length=200)]
 Code = Annotated[str, StringConstraints(pattern=CODE_PATTERN)]
 Models = Annotated[list[str], BeforeValidator(_models), Field(min_length=1)]
+Webhook = Annotated[str, StringConstraints(strip_whitespace=True, max_length=2000), AfterValidator(check_webhook)]
+WEBHOOK = ("POST {text, event_id, event, budget, used, limit, percent} here at 80 % and 100 % of each event-wide "
+           "budget (https; http only to loopback, locally); shown masked")  # fmt: skip
 
 
 class _Fields(BaseModel):
@@ -127,6 +132,7 @@ class EventCreate(_Fields):
     active: StrictBool = True
     description: Text = ""
     organizer: ShortText = ""
+    alert_webhook: Webhook | None = Field(None, description=WEBHOOK)
 
 
 class EventUpdate(_Fields):
@@ -150,6 +156,7 @@ class EventUpdate(_Fields):
     active: StrictBool | None = None
     description: Text | None = None
     organizer: ShortText | None = None
+    alert_webhook: Webhook | None = Field(None, description=WEBHOOK + "; null removes it")
 
     def changes(self) -> dict[str, Any]:
         """The fields given, with null refused where it means nothing."""
@@ -196,6 +203,7 @@ class EventOut(BaseModel):
     active: bool
     description: str
     organizer: str
+    alert_webhook: str | None = Field(description="scheme and host of the alert webhook (its path is a secret)")
     created_at: datetime
 
 

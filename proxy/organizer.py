@@ -79,6 +79,7 @@ async def create_event(store: EventStore, fields: Mapping[str, Any]) -> dict[str
             param="end",
         )
     values = new.model_dump(exclude={"code", "start", "end", "models"})
+    values["alert_webhook"] = values["alert_webhook"] or ""
     event = Event(
         id=new_event_id(new.name),
         code_hash=store.hash_code(code),
@@ -105,7 +106,7 @@ async def update_event(store: EventStore, event_id: str, fields: Mapping[str, An
     attributes = {renamed.get(name, name): value for name, value in changes.items()}
     if "models" in attributes:
         attributes["models"] = tuple(attributes["models"])
-    for text in ("description", "organizer"):
+    for text in ("description", "organizer", "alert_webhook"):
         if text in attributes and attributes[text] is None:
             attributes[text] = ""
 
