@@ -58,7 +58,7 @@ def maximal_body(size: int) -> bytes:
             {
                 "role": "user",
                 "content": [
-                    {"type": "text", "text": "SIM_SLOW_MS=1500 What is in this picture?"},
+                    {"type": "text", "text": "SIM_SLOW_MS=3000 What is in this picture?"},
                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,"}},
                 ],
             }
@@ -104,7 +104,7 @@ async def test_maximum_size_bodies_at_once_hold_bounded_memory(
         before, _ = memory(pid)
         headers = {"api-key": created.key("mallory"), "content-type": "application/json"}
         sending = [asyncio.create_task(client.post(chat, content=body, headers=headers)) for _ in range(BODIES)]
-        # Once the first large body is upstream (held there 1.5 s), another attendee asks.
+        # Once the first large body is upstream (held there 3 s), other attendees ask.
         started = await upstream_requests(client, slow_upstream)
         await eventually(
             lambda: upstream_requests(client, slow_upstream), lambda n: n > started, 60, "a large body upstream"
