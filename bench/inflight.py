@@ -1,12 +1,15 @@
 """2,000 requests in flight at once for one event with an event budget, over two app processes.
 
-    python -m bench.inflight [--attendees 500] [--per-attendee 4] [--hold-ms 60000]
+    python -m bench.inflight [--attendees 500] [--per-attendee 4] [--hold-ms 90000] [--ramp-seconds 20]
 
 Starts Azurite, the simulator (each answer held ``--hold-ms`` before it is
 sent, so requests stay in flight) and the app twice under the real Python
 worker behind the host emulator, creates an event with ``event_requests`` and
 ``event_tokens`` (and a daily cap per attendee), then sends every request at
-once, half to each app, ``--per-attendee`` per attendee. While they are in
+once (spread over ``--ramp-seconds``, well within the hold, so that a
+two-core machine's Azurite is not handed every storage call of 2,000 new
+requests in the same instant), half to each app, ``--per-attendee`` per
+attendee. While they are in
 flight it reads the event budget's shards: the peak of requests they hold in
 flight together and on one shard. It prints one JSON object: the answers by
 status (every one must be 200: no 503), how long until upstream had them all
@@ -77,6 +80,7 @@ async def run(urls: list[str], simulator: str, tables: Tables, args: argparse.Na
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
 
         async def one(index: int) -> int | str:
+            await asyncio.sleep(args.ramp_seconds * index / total)
             user = f"{code}/attendee{index % args.attendees}@example.org"
             url = f"{urls[index % 2]}/api/v1/chat/completions"
             try:
@@ -96,6 +100,7 @@ async def run(urls: list[str], simulator: str, tables: Tables, args: argparse.Na
         "requests": total,
         "attendees": args.attendees,
         "hold_ms": args.hold_ms,
+        "ramp_s": args.ramp_seconds,
         "statuses": dict(Counter(str(status) for status in statuses)),
         "all_admitted_after_s": round(admitted_after[0], 1) if admitted_after else None,
         "all_answered_after_s": round(answered_after, 1),
@@ -109,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attendees", type=int, default=500)
     parser.add_argument("--per-attendee", type=int, default=4)
-    parser.add_argument("--hold-ms", type=int, default=60_000, help="how long the simulator holds each answer")
+    parser.add_argument("--hold-ms", type=int, default=90_000, help="how long the simulator holds each answer")
+    parser.add_argument("--ramp-seconds", type=float, default=20.0, help="the sends spread over this long")
     args = parser.parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-inflight-"))
     procs: list[Proc] = []

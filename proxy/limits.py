@@ -95,8 +95,8 @@ MAX_OPERATIONS = 100  # per entity group transaction
 _UNCHANGED = MatchConditions.IfNotModified
 _UNAVAILABLE = "Table Storage cannot be reached right now; usage could not be stored."
 
-# (estimate, request id, ticket) of a request waiting for the next group write
-Waiting = tuple[int, str, "asyncio.Future[Any]"]
+# (estimate, request id, ticket, its own time in epoch seconds) of a request waiting for the next group write
+Waiting = tuple[int, str, "asyncio.Future[Any]", int]
 FLUSH_DELAY_SECONDS = 0.05
 # (request id, total tokens, reached upstream, succeeded) of a request to settle on its shard
 Unsettled = tuple[str, int, bool, bool]
@@ -223,7 +223,10 @@ class Ledger:
             return Admission(request_id, day, minute, estimate, None, None, reserved=False)
         key = (event.id, f"{day}|{user}")
         result: Admission = await self._grouped(
-            key, estimate, request_id, lambda group: self._admit_group(event, user, key, now, group)
+            key,
+            (estimate, request_id, int(now.timestamp())),
+            lambda group: self._admit_group(event, user, key, now, group),
+            lambda admission: self._give_back(event.id, user, admission, None),
         )
         return result
 
@@ -243,11 +246,19 @@ class Ledger:
                 if has_caps(event):
                     self._give_back(event.id, user, self._untaken(now, estimate, request_id, True), None)
                 raise
-        attendee, shard = await asyncio.gather(
-            self.admit(event, user, now, estimate, request_id),
-            self.admit_budget(event, now, estimate, request_id),
-            return_exceptions=True,
-        )
+        attendee_task = asyncio.ensure_future(self.admit(event, user, now, estimate, request_id))
+        shard_task = asyncio.ensure_future(self.admit_budget(event, now, estimate, request_id))
+        try:
+            await asyncio.wait((attendee_task, shard_task))
+        except asyncio.CancelledError:  # the client went away: what either took is given back
+            if attendee_task.done() and _taken(attendee_task):
+                self._give_back(event.id, user, attendee_task.result(), None)
+            if shard_task.done() and _taken(shard_task):
+                self._give_back(event.id, user, self._untaken(now, estimate, request_id, False), shard_task.result())
+            attendee_task.cancel()  # those still waiting leave their queue, or give back (_grouped)
+            shard_task.cancel()
+            raise
+        attendee, shard = (task.exception() or task.result() for task in (attendee_task, shard_task))
         if isinstance(attendee, Admission) and isinstance(shard, str):
             attendee.shard = shard
             return attendee
@@ -290,30 +301,47 @@ class Ledger:
         """Reserve one request and its estimate on this worker's shard of the event's budget; its row key."""
         key = (event.id, budget.shard_row(self._home))
         result: str = await self._grouped(
-            key, estimate, request_id, lambda group: self._admit_shard_group(event, key, now, group)
+            key,
+            (estimate, request_id, int(now.timestamp())),
+            lambda group: self._admit_shard_group(event, key, now, group),
+            lambda shard: self._give_back(event.id, "", self._untaken(now, estimate, request_id, False), shard),
         )
         return result
 
     async def _grouped(
         self,
         key: tuple[str, str],
-        estimate: int,
-        request_id: str,
+        request: tuple[int, str, int],
         write_group: Callable[[list[Waiting]], Awaitable[None]],
+        give_back: Callable[[Any], None],
     ) -> Any:
-        """Wait for a turn on ``key``; whoever gets it writes for everyone waiting (group commit)."""
+        """Wait for a turn on ``key``; whoever gets it writes for everyone waiting (group commit).
+
+        A caller that goes away (its client gone) while it waits leaves the
+        queue; one that goes away while its group is being written has what
+        the write gave it handed to ``give_back``, since nobody will settle it.
+        """
         ticket: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         # Mark a refusal as seen even if its caller went away (client disconnected).
         ticket.add_done_callback(lambda done: done.cancelled() or done.exception())
         waiting = self._waiting.setdefault(key, [])
-        waiting.append((estimate, request_id, ticket))
-        async with self._lock(key):
-            if not ticket.done():
-                group, self._waiting[key] = waiting, []
-                # Shielded: a leader whose client goes away must not strand the others.
-                write = asyncio.ensure_future(write_group(group))
-                write.add_done_callback(_resolve_all(group))
-                await asyncio.shield(write)
+        entry = (request[0], request[1], ticket, request[2])
+        waiting.append(entry)
+        try:
+            async with self._lock(key):
+                if not ticket.done():
+                    group, self._waiting[key] = waiting, []
+                    # Shielded: a leader whose client goes away must not strand the others.
+                    write = asyncio.ensure_future(write_group(group))
+                    write.add_done_callback(_resolve_all(group))
+                    await asyncio.shield(write)
+        except asyncio.CancelledError:
+            if waiting is self._waiting.get(key) and entry in waiting:
+                waiting.remove(entry)  # not in a write yet: never admitted
+                ticket.cancel()
+            else:
+                ticket.add_done_callback(lambda done: give_back(done.result()) if _taken(done) else None)
+            raise
         return ticket.result()
 
     async def _admit_shard_group(self, event: Event, key: tuple[str, str], now: datetime, group: list[Waiting]) -> None:
@@ -334,18 +362,19 @@ class Ledger:
                 if not fresh:
                     state = None
                     continue
-                for *_, ticket in group:
+                for _, _, ticket, _ in group:
                     ticket.set_exception(crowded)
                 return
             settling = list(self._unsettled.get(key, ()))  # carried by this write
             for entry in settling:
                 updated = budget.settled(updated, *entry)
             outcomes: list[int | None] = []  # None: admitted; else the estimate refused
-            for estimate, request_id, _ in group:
+            for estimate, request_id, _, at in group:
                 if request_id in landed:  # an earlier attempt of this write landed, its answer lost
                     outcomes.append(None)
                 elif budget.fits(event, updated, estimate):
-                    updated = budget.admitted(updated, request_id, estimate, int(now.timestamp()))
+                    # Its own time, not the leader's: the reconciler finds its log entry by that day.
+                    updated = budget.admitted(updated, request_id, estimate, at)
                     outcomes.append(None)
                 else:
                     outcomes.append(estimate)
@@ -364,7 +393,11 @@ class Ledger:
                 shards[home] = {**planned, "etag": shards[home]["etag"]}
                 # Room for the whole group: those that fitted this attempt are not written yet, so the
                 # home in storage does not count them.
-                fitted = [e for (e, rid, _), o in zip(group, outcomes, strict=True) if o is None and rid not in landed]
+                fitted = [
+                    estimate
+                    for (estimate, request_id, _, _), outcome in zip(group, outcomes, strict=True)
+                    if outcome is None and request_id not in landed
+                ]
                 want = (len(fitted) + len(refused), sum(fitted) + sum(refused))
                 least = (len(fitted) + 1, sum(fitted) + min(refused))
                 plan = budget.moves(event, shards, home, want, least)
@@ -386,7 +419,7 @@ class Ledger:
                     continue
                 self._cache[key] = (new_etag, updated)
                 self._forget_settled(key, len(settling))
-            for (estimate, _, ticket), outcome in zip(group, outcomes, strict=True):
+            for (estimate, _, ticket, _), outcome in zip(group, outcomes, strict=True):
                 if outcome is None:
                     ticket.set_result(key[1])
                 else:
@@ -441,7 +474,7 @@ class Ledger:
             etag, updated = state
             outcomes: list[Admission | CapExceeded] = []
             landed = flights.decode(updated)
-            for estimate, request_id, _ in group:
+            for estimate, request_id, _, _ in group:
                 if request_id in landed:  # an earlier attempt of this write landed, its answer lost
                     outcomes.append(Admission(request_id, day, minute, estimate, *_remaining(event, updated), True))
                     continue
@@ -464,7 +497,7 @@ class Ledger:
                     await asyncio.sleep(random.uniform(0, 0.005))
                     continue
                 self._cache[key] = (new_etag, updated)
-            for (_, _, ticket), outcome in zip(group, outcomes, strict=True):
+            for (_, _, ticket, _), outcome in zip(group, outcomes, strict=True):
                 if isinstance(outcome, CapExceeded):
                     ticket.set_exception(outcome)
                 else:
@@ -484,9 +517,12 @@ class Ledger:
         A transaction Table Storage refuses as invalid is split, so that one
         request's refusal does not keep the others from being stored.
         """
+        for item in finished:
+            if not item.admission.reserved and not item.settlement.reached_upstream and item.log is None:
+                item.stored = True  # nothing for its day nor the log: only its shard, below, if it has one
         part: list[Finished] = []
         rows: set[str] = set()
-        for item in finished:
+        for item in (item for item in finished if not item.stored):
             operations = len(rows | set(_rows(item))) + len(part) + 1
             if part and operations > MAX_OPERATIONS:
                 await self._transact_apart(event_id, part)
@@ -794,11 +830,16 @@ def _resolve_all(group: list[Waiting]) -> Callable[[asyncio.Future[None]], None]
             return
         if not isinstance(error, StorageUnavailable):
             error = StorageUnavailable("The usage counters could not be updated; try again in a moment.")
-        for _, _, ticket in group:
+        for _, _, ticket, _ in group:
             if not ticket.done():
                 ticket.set_exception(error)
 
     return resolve
+
+
+def _taken(ticket: asyncio.Future[Any]) -> bool:
+    """Whether a ticket was resolved with what its write took (not refused, not failed)."""
+    return not ticket.cancelled() and ticket.exception() is None
 
 
 def _remaining(event: Event, entity: dict[str, Any]) -> tuple[int | None, int | None]:

@@ -9,7 +9,8 @@ method, path and body, and then, for as many requests as it is armed for:
 - ``"truncate"``: the answer's head and half its body reach the client, then the
   connection closes (a payload cut short);
 - ``"tamper"``: the request body is rewritten by the rule's function before it
-  reaches Azurite, which then answers what it answers (a genuine refusal).
+  reaches Azurite, which then answers what it answers (a genuine refusal);
+- ``"delay"``: the request reaches Azurite ``delay`` seconds late (a slow write).
 
 Runs its own event loop in a thread, so sync and async tests can use it alike.
 """
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-Action = Literal["drop", "truncate", "tamper"]
+Action = Literal["drop", "truncate", "tamper", "delay"]
 Match = Callable[[str, str, bytes], bool]
 
 
@@ -32,6 +33,7 @@ class Rule:
     action: Action
     times: int
     rewrite: Callable[[bytes], bytes] | None = None
+    delay: float = 0.0
     fired: int = 0
     seen: list[tuple[str, str]] = field(default_factory=list)
 
@@ -56,9 +58,14 @@ class StorageRelay:
         return account_connection_string.replace(f"127.0.0.1:{self.target_port}/", f"127.0.0.1:{self.port}/")
 
     def arm(
-        self, match: Match, action: Action, times: int = 1, rewrite: Callable[[bytes], bytes] | None = None
+        self,
+        match: Match,
+        action: Action,
+        times: int = 1,
+        rewrite: Callable[[bytes], bytes] | None = None,
+        delay: float = 0.0,
     ) -> Rule:
-        rule = Rule(match, action, times, rewrite)
+        rule = Rule(match, action, times, rewrite, delay)
         with self._lock:
             self.rules.append(rule)
         return rule
@@ -110,6 +117,8 @@ class StorageRelay:
                         body = rule.rewrite(body)
                         kept = [line for line in lines[1:] if line and not line.lower().startswith("content-length")]
                         head = "\r\n".join([lines[0], *kept, f"Content-Length: {len(body)}", "", ""]).encode("latin-1")
+                    if rule is not None and rule.action == "delay":
+                        await asyncio.sleep(rule.delay)
                     up_writer.write(head + body)
                     await up_writer.drain()
             except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.LimitOverrunError):

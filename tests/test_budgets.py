@@ -267,3 +267,25 @@ async def test_new_names_without_a_limit_never_write_the_roster_row_and_a_later_
     later = await burst([app, app_process[1]], [created.key(f"late{i}") for i in range(6)])
     assert codes(later) == {"ok": 2, "attendee_limit_reached": 4}
     assert len(await roster(tables, created.event.id)) == 14
+
+
+async def test_a_request_admitted_in_another_ones_group_across_midnight_is_found_by_its_own_day(
+    tables: Tables, make_event: MakeEvent
+) -> None:
+    """Shard entries carry each request's own time: the reconciler finds a request's log entry under the
+    day it was admitted on, even when the group write that admitted it was led by one from the day before."""
+    created = await make_event(event_requests=80, event_tokens=10**6)
+    ledger = Ledger(tables)
+    before, after = datetime(2026, 12, 1, 23, 59, 59, 900_000, UTC), datetime(2026, 12, 2, 0, 0, 0, 100_000, UTC)
+    # The first writes alone; the next two queue behind it and are written together, led by the second.
+    shards = await asyncio.gather(
+        ledger.admit_budget(created.event, before, 100, "leader-before"),
+        ledger.admit_budget(created.event, before, 100, "second-before"),
+        ledger.admit_budget(created.event, after, 100, "third-after"),
+    )
+    # The third was logged on its own day (as its attendee's admission has it), then its worker died.
+    log = {"PartitionKey": created.event.id, "RowKey": "log|2026-12-02|third-after", "status": 200, "total_tokens": 37}
+    await tables.usage.create_entity(log)
+    await reconcile(tables, Ledger(tables), 60, now=after + timedelta(minutes=2))
+    shard = (await budget.read_shards(tables, created.event.id))[budget.shard_index(shards[2])]
+    assert shard["requests"] == 1 and shard["tokens"] == 37  # the third settled from its log; the others lost

@@ -17,7 +17,9 @@ import httpx
 import orjson
 import pytest
 
-from proxy import budget
+from proxy import budget, inflight
+from proxy.limits import Ledger
+from proxy.settings import Settings
 from proxy.storage import Tables
 from proxy.usage import report, request_log
 from tests.conftest import LENIENT, MakeEvent
@@ -163,3 +165,43 @@ async def test_a_settlement_storage_refuses_is_stored_apart_and_the_worker_goes_
     data = await eventually(lambda: report(tables, event_id, "user"), lambda d: d["totals"]["requests"] == 6)
     assert {row["key"]: row["requests"] for row in data["rows"]} == {"alice": 2, "bob": 2, "mallory": 2}
     service.wait_for_output("Table Storage refused the usage of request")
+
+
+async def test_an_admission_whose_caller_left_while_it_queued_takes_no_slot(
+    azurite: str, relay: StorageRelay, make_event: MakeEvent, tables: Tables
+) -> None:
+    """A request of an attendee that queues behind her previous one's admission write and is cancelled
+    there (its client gone, or the function's timeout) is never admitted, and what its budget shard took
+    is given back: before, the next write admitted it, and no one ever settled it."""
+    created = await make_event(daily_requests=5, event_requests=5)
+    event, day = created.event, datetime.now(UTC).date().isoformat()
+    settings = Settings.from_env({"STORAGE_CONNECTION_STRING": relay.connection_string(azurite)}, need_upstream=False)
+    relayed = Tables.create(settings, None)
+    ledger, now = Ledger(relayed), datetime.now(UTC)
+    try:
+        slow = relay.arm(writes_row(event.id, f"{day}|alice"), "delay", delay=1.0)
+
+        async def fired() -> int:
+            return slow.fired
+
+        first = asyncio.create_task(ledger.admit_all(event, "alice", now, 10, "first"))
+        await eventually(fired, lambda count: count == 1, what="the first admission's write on its way")
+        left = asyncio.create_task(ledger.admit_all(event, "alice", now, 10, "left"))
+        for _ in range(10):  # let it queue: no I/O stands between it and the lock it waits for
+            await asyncio.sleep(0)
+        left.cancel()
+        assert (await first).reserved
+        with pytest.raises(asyncio.CancelledError):
+            await left
+        assert (await ledger.admit_all(event, "alice", now, 10, "third")).reserved
+        await ledger.drain()
+    finally:
+        await relayed.aclose()
+    entity = await tables.usage.get_entity(event.id, f"{day}|alice")
+    assert sorted(inflight.decode(dict(entity))) == ["first", "third"] and entity["reserved"] == 2
+    shards = await eventually(
+        lambda: budget.read_shards(tables, event.id),
+        lambda found: sum(shard["requests"] for shard in found.values()) == 2,
+        what="the shard's slot given back",
+    )
+    assert sorted(rid for shard in shards.values() for rid in shard["inflight"]) == ["first", "third"]
