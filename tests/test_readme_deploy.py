@@ -23,7 +23,7 @@ import pytest
 
 from devtools.azmodels import parameter
 from tests.fake_az import clone_repository, commands, put_on_path
-from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, ROOT, app_env, start_app, start_simulator
+from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, ROOT, app_env, start_app, start_azurite, start_simulator
 
 MODEL_LISTS = json.loads((ROOT / "tests" / "data" / "az_model_list.json").read_text())
 SERVED = {"gpt-5.4": "reasoning", "text-embedding-3-small": "embeddings"}
@@ -36,15 +36,19 @@ def section_blocks(heading: str = "Deploy to Azure") -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def app(azurite: str) -> Iterator[str]:
+def deployed() -> Iterator[tuple[str, str]]:
+    """The "deployed" app and its storage, of its own: the section's doctor checks every event stored."""
+    azurite, storage = start_azurite()
     simulator, upstream = start_simulator(*[f"--deployment={name}={kind}" for name, kind in SERVED.items()])
-    service, url = start_app(app_env(azurite, upstream))
-    yield url
+    service, url = start_app(app_env(storage, upstream))
+    yield url, storage
     service.stop()
     simulator.stop()
+    azurite.stop()
 
 
-def test_every_command_of_the_deploy_section_runs(app: str, azurite: str, tmp_path: Path) -> None:
+def test_every_command_of_the_deploy_section_runs(deployed: tuple[str, str], tmp_path: Path) -> None:
+    app, azurite = deployed
     clone = clone_repository(tmp_path)
     defaults = parameter((clone / "infra" / "main.bicepparam").read_text(), "modelDeployments")
     outputs = {
