@@ -249,8 +249,9 @@ class EventStore:
     async def by_code(self, code: str, code_hash: str | None = None) -> Event | None:
         """The event whose code this is (``code_hash``: its ``hash_code``, if already made), or None.
 
-        Cached; at most two point reads (four for an unknown code: the old hash is tried too, and a few
-        writes once per event created before keyed hashes, to upgrade it).
+        Cached; two point reads (three for an unknown code: its old hash is tried too, then the keyed one
+        again in case a concurrent request has just upgraded it; and a few writes once per event created before
+        keyed hashes, to upgrade it).
         """
         code_hash = code_hash or self.hash_code(code)
         now = self._clock()
@@ -279,7 +280,8 @@ class EventStore:
         """The event stored with this code's old, unkeyed hash, re-hashed with the key; None if there is none."""
         event = await self._lookup(legacy_hash)
         if event is None:
-            return None
+            # No old row, or another request upgraded it since this one missed the keyed row: look again.
+            return await self._lookup(code_hash)
         try:
             await self._claim_code(code_hash, event.id)
         except InvalidRequest:  # claimed already: by a concurrent upgrade of this event, or by another event

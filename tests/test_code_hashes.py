@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -111,9 +112,10 @@ async def test_the_stored_row_key_is_the_keyed_hash(tables: Tables) -> None:
 
 
 async def test_an_event_stored_before_keyed_hashes_is_upgraded_on_first_use(
-    app: str, tables: Tables, http: httpx.Client
+    app: str, app_process: tuple[Service, str], tables: Tables
 ) -> None:
-    """An event written by the previous version (plain SHA-256) keeps working, and its old hash is gone after."""
+    """An event written by the previous version (plain SHA-256) keeps working, even when its first requests
+    after the upgrade reach two app processes at once, and its old hash is gone after."""
     old = EventStore(tables, None, 0)
     code = "Legacy-" + secrets.token_hex(6)
     legacy = legacy_sha256(EVENT_CODE, code)
@@ -122,14 +124,19 @@ async def test_an_event_stored_before_keyed_hashes_is_upgraded_on_first_use(
     event = await old.create(
         Event(new_event_id("legacy"), "Legacy", legacy, now - timedelta(hours=1), now + timedelta(hours=1))
     )
-    answer = http.post(f"{app}/api/v1/chat/completions", json=CHAT, headers={"api-key": f"{code}/alice"})
-    assert answer.status_code == 200, answer.text
+    apps = (app, app_process[1])
+    async with httpx.AsyncClient(timeout=30) as client:
+        first = await asyncio.gather(
+            *(client.get(f"{apps[i % 2]}/api/v1/models", headers={"api-key": f"{code}/a{i}"}) for i in range(16))
+        )
+        assert [answer.status_code for answer in first] == [200] * 16
+        answer = await client.post(f"{app}/api/v1/chat/completions", json=CHAT, headers={"api-key": f"{code}/bob"})
+        assert answer.status_code == 200, answer.text
     keyed = SecretHasher(CODE_HASH_KEY).hash(EVENT_CODE, code)
     assert (await tables.events.get_entity("event", event.id))["code_hash"] == keyed
     assert (await tables.events.get_entity("code", keyed))["event_id"] == event.id
     with pytest.raises(ResourceNotFoundError):
         await tables.events.get_entity("code", legacy)
-    assert http.get(f"{app}/api/v1/models", headers={"api-key": f"{code}/bob"}).status_code == 200
 
 
 def test_purposes_hash_apart_and_the_key_is_required() -> None:
