@@ -21,13 +21,15 @@ from proxy.manage_api import OrganizerApi
 from proxy.pages import Pages
 from proxy.probe import ProbeApi
 from proxy.reconcile import RECONCILE_SCHEDULE, reconcile
+from proxy.registration import Registration
 from proxy.sessions import purge_expired
 from proxy.settings import Settings
 
 settings = Settings.from_env()
 proxy = Proxy.from_settings(settings)
+registration = Registration(proxy)
 organizer = OrganizerApi(settings, proxy.tables, proxy.events, proxy.keys)
-pages = Pages(entra_sign_in=settings.organizer_sign_in.trusted)
+pages = Pages(entra_sign_in=settings.organizer_sign_in.trusted, github_sign_in=registration.github)
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 
@@ -43,7 +45,7 @@ ROUTES: list[tuple[str, str, list[str], Handler]] = [
     ("response", "v1/responses/{response_id}", ["GET", "DELETE"], proxy.stored_response),
     ("response_input_items", "v1/responses/{response_id}/input_items", ["GET"], proxy.response_input_items),
     ("session", "v1/sessions/{session_id}", ["DELETE"], proxy.forget_session),
-    ("keys", "v1/keys", ["POST"], proxy.register_key),
+    ("keys", "v1/keys", ["POST"], registration.register),
     ("azure_responses", "openai/responses", ["POST"], proxy.create_response),
     ("azure_response", "openai/responses/{response_id}", ["GET", "DELETE"], proxy.stored_response),
     ("azure_response_input_items", "openai/responses/{response_id}/input_items", ["GET"], proxy.response_input_items),

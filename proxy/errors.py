@@ -7,6 +7,7 @@
     ├── InvalidEventCode              401     invalid_event_code
     ├── Unauthorized                  401     unauthorized (organizer API)
     ├── PersonalKeyRequired           401     personal_key_required (a claimed name, or an event that needs keys)
+    ├── SignInRequired                401     sign_in_required (keys are registered with GitHub sign-in)
     ├── EventNotStarted               403     event_not_started
     ├── EventEnded                    403     event_ended
     ├── EventDisabled                 403     event_disabled
@@ -86,6 +87,10 @@ class Unauthorized(ProxyError):
 
 class PersonalKeyRequired(ProxyError):
     status, code, type = 401, "personal_key_required", "authentication_error"
+
+
+class SignInRequired(ProxyError):
+    status, code, type = 401, "sign_in_required", "authentication_error"
 
 
 class EventNotStarted(ProxyError):

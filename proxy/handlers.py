@@ -38,7 +38,7 @@ from proxy.access import Access, AccessLog, access_log, configure_access_log
 from proxy.alerts import Alerts
 from proxy.attendees import Roster
 from proxy.budget import has_budget
-from proxy.credentials import CODE_PATTERN, USER_PATTERN, PersonalKey, read_credential
+from proxy.credentials import PersonalKey, read_credential
 from proxy.ending import Answer, AnswerStream
 from proxy.errors import (
     CapExceeded,
@@ -46,7 +46,6 @@ from proxy.errors import (
     EventEnded,
     EventNotStarted,
     InvalidEventCode,
-    InvalidRequest,
     MethodNotAllowed,
     ModelNotFound,
     NotFound,
@@ -75,7 +74,6 @@ log = logging.getLogger("proxy")
 
 Handler = Callable[..., Awaitable[Response]]
 _JSON = "application/json"
-REGISTRATION_BYTES = 4096  # POST /v1/keys: a code and a name
 _PASSED_HEADERS = ("retry-after", "retry-after-ms", "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens")
 
 
@@ -234,26 +232,6 @@ class Proxy:
         forgotten = {"id": session_id, "object": "session.deleted", "deleted": True}
         return Response(orjson.dumps(forgotten), media_type=_JSON)
 
-    @answering
-    async def register_key(self, request: Request) -> Response:
-        """``POST /v1/keys`` ``{"code", "name"}``, no credential: 201 with the name's personal key, shown once."""
-        fields = await bodies.read_json(request, REGISTRATION_BYTES)  # no credential yet: a small body only
-        code, user = fields.get("code"), fields.get("name")
-        if not isinstance(code, str) or not CODE_PATTERN.fullmatch(code):
-            raise InvalidRequest("'code' must be the event code: 4 to 64 of A-Z a-z 0-9 _ -", param="code")
-        if not isinstance(user, str) or not USER_PATTERN.fullmatch(user):
-            raise InvalidRequest("'name' must be 1 to 128 of A-Z a-z 0-9 . _ @ + -", param="name")
-        access: Access = request.state.access
-        access.attendee = user
-        address = client_address(request.headers.get("x-forwarded-for"), request.client and request.client.host)
-        event = await self._event(address, code)
-        access.event_id = event.id
-        self._check_open(event, self._clock())
-        key = await self.keys.register(event, user)
-        registered = {"key": key, "name": user, "event_id": event.id, "event": event.name,
-                      "starts_at": event.starts_at.isoformat(), "ends_at": event.ends_at.isoformat()}  # fmt: skip
-        return Response(orjson.dumps(registered), 201, headers={"cache-control": "no-store"}, media_type=_JSON)
-
     async def _stored(self, request: Request, response_id: str, suffix: str) -> Response:
         caller = await self._caller(request)
         if request.method != "DELETE":  # deleting what one stored stays possible once the event is over
@@ -353,7 +331,7 @@ class Proxy:
         if isinstance(credential, PersonalKey):
             return await self._key_holder(access, address, credential)
         access.attendee = credential.user
-        event = await self._event(address, credential.code)
+        event = await self.event_by_code(address, credential.code)
         access.event_id = event.id
         if event.attendee_keys:
             raise PersonalKeyRequired(
@@ -367,8 +345,8 @@ class Proxy:
             )
         return Caller(event, credential.user)
 
-    async def _event(self, address: str, code: str) -> Event:
-        """The event of a code, through the guessing throttle (``proxy.guessing``)."""
+    async def event_by_code(self, address: str, code: str) -> Event:
+        """The event of a code, through the guessing throttle (``proxy.guessing``); 401 when unknown."""
         code_hash = self.events.hash_code(code)
         # A throttled address gets the same 429 for any code it has not used itself, without a lookup (no oracle).
         self.failed_lookups.check(address, code_hash)
@@ -395,6 +373,12 @@ class Proxy:
         event, user = found
         access.attendee, access.event_id = user, event.id
         return Caller(event, user)
+
+    async def open_event(self, address: str, code: str) -> Event:
+        """The event of a code (``event_by_code``), refused when it is not open now (403)."""
+        event = await self.event_by_code(address, code)
+        self._check_open(event, self._clock())
+        return event
 
     def _check_open(self, event: Event, now: datetime) -> None:
         if not event.active:

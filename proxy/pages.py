@@ -93,17 +93,17 @@ def fingerprint(body: bytes) -> str:
 class Pages:
     """The pages and assets of one worker, read from ``directory`` once."""
 
-    def __init__(self, directory: Path = STATIC, *, entra_sign_in: bool = False) -> None:
+    def __init__(self, directory: Path = STATIC, *, entra_sign_in: bool = False, github_sign_in: bool = False) -> None:
         self.assets: dict[str, StaticFile] = {}
         for path in sorted(directory.iterdir()):
             if _ASSET_NAME.fullmatch(path.name):
                 self.assets[path.name] = StaticFile.of(path.read_bytes(), path.suffix)
         self.pages = {
-            name: StaticFile.of(self._render((directory / name).read_text(), entra_sign_in), ".html")
+            name: StaticFile.of(self._render((directory / name).read_text(), entra_sign_in, github_sign_in), ".html")
             for name in ("portal.html", "manage.html")
         }
 
-    def _render(self, html: str, entra_sign_in: bool) -> bytes:
+    def _render(self, html: str, entra_sign_in: bool, github_sign_in: bool) -> bytes:
         def reference(found: re.Match[str]) -> str:
             name = found.group(1)
             if name not in self.assets:
@@ -111,7 +111,9 @@ class Pages:
             return f"{ASSET_ROUTE}/{name}?v={self.assets[name].etag.strip(chr(34))}"
 
         html = _ASSET_REFERENCE.sub(reference, html)
-        # Whether the organizer page offers "Sign in with Microsoft" (App Service authentication, proxy.principal).
+        # Whether the organizer page offers "Sign in with Microsoft" (App Service authentication, proxy.principal),
+        # and the attendee page "Sign in with GitHub" (proxy.registration).
+        html = html.replace("{{github}}", "on" if github_sign_in else "off")
         return html.replace("{{entra}}", "on" if entra_sign_in else "off").encode()
 
     @answering

@@ -110,3 +110,47 @@ def _ids(setting: str, raw: str | None) -> frozenset[str]:
         if not _ID.fullmatch(value):
             raise ValueError(f"{setting} must list Entra object ids (GUIDs), got {value!r}")
     return ids
+
+
+# Attendees signed in with GitHub through App Service authentication (proxy.registration), trusted only with
+# ATTENDEE_SIGN_IN=github. GitHub logins: letters, digits and single hyphens, at most 39 characters.
+GITHUB_LOGIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}")
+NAME_CLAIMS = ("http://schemas.xmlsoap.org/ws/2005/05/identity/claims/name", "name")
+ID_CLAIMS = ("http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier", "nameidentifier")
+PRINCIPAL_NAME_HEADER = "x-ms-client-principal-name"
+PRINCIPAL_IDP_HEADER = "x-ms-client-principal-idp"
+
+
+@dataclass(frozen=True, slots=True)
+class GitHubUser:
+    """A GitHub account as App Service authentication names it: its numeric id (stable) and login."""
+
+    id: str
+    login: str
+
+
+def read_github_user(headers: Mapping[str, str]) -> GitHubUser | None:
+    """The GitHub account of ``X-MS-CLIENT-PRINCIPAL``; None when absent, not GitHub's, or not its shape."""
+    raw = headers.get(PRINCIPAL_HEADER)
+    if not raw or len(raw) > _MAX_HEADER:
+        return None
+    try:
+        data = orjson.loads(base64.b64decode(raw, validate=True))
+    except (binascii.Error, ValueError):
+        return None
+    if not isinstance(data, dict) or str(data.get("auth_typ", "")).lower() != "github":
+        return None
+    claims = data.get("claims")
+    values: dict[str, str] = {}
+    for claim in claims if isinstance(claims, list) else ():
+        if isinstance(claim, dict) and isinstance(claim.get("typ"), str) and isinstance(claim.get("val"), str):
+            values.setdefault(claim["typ"], claim["val"])
+    name_claim = data.get("name_typ")
+    login = values.get(name_claim) if isinstance(name_claim, str) else None
+    login = login or next((values[typ] for typ in NAME_CLAIMS if typ in values), None) or headers.get(
+        PRINCIPAL_NAME_HEADER
+    )  # fmt: skip
+    user_id = next((values[typ] for typ in ID_CLAIMS if typ in values), None) or headers.get(PRINCIPAL_ID_HEADER)
+    if not login or not GITHUB_LOGIN.fullmatch(login) or not user_id or not user_id.isdigit():
+        return None
+    return GitHubUser(user_id, login)

@@ -68,6 +68,7 @@ APP_SETTINGS: tuple[str, ...] = (
     "ORGANIZER_TRUST_APP_SERVICE_AUTH",
     "ORGANIZER_ENTRA_OBJECT_IDS",
     "ORGANIZER_ENTRA_GROUP_IDS",
+    "ATTENDEE_SIGN_IN",
     "MAX_REQUEST_BYTES",
     "BODY_MEMORY_BYTES",
     "UPSTREAM_TIMEOUT_SECONDS",
@@ -113,6 +114,7 @@ ENV_NAMES: dict[str, str] = {
     "session_max_chars": "SESSION_MAX_CHARS",
     "session_ttl_seconds": "SESSION_TTL_SECONDS",
     "log_format": "LOG_FORMAT",
+    "attendee_sign_in": "ATTENDEE_SIGN_IN",
 }
 
 
@@ -153,6 +155,9 @@ class Settings(BaseModel):
     appinsights_identity: str | None = None
     # Organizers signed in with Entra ID through App Service authentication (proxy.principal).
     organizer_sign_in: OrganizerSignIn = NO_SIGN_IN
+    # Attendees register their personal key by signing in with GitHub through App Service authentication
+    # (proxy.registration); "off": the platform's principal header is ignored on attendee routes.
+    attendee_sign_in: Literal["off", "github"] = "off"
     # AZURE_OPENAI_BACKENDS, or AZURE_OPENAI_ENDPOINT as the one backend (proxy.backends).
     backends: tuple[Backend, ...] = ()
     # MODEL_PRICES: USD per million tokens by deployment name, over the sourced table (proxy.prices).
@@ -200,8 +205,9 @@ class Settings(BaseModel):
             )
         # Read as given; the model converts and bounds them, and an error names the setting.
         raw: dict[str, Any] = {field: value for field, name in ENV_NAMES.items() if (value := get(name)) is not None}
-        if "log_format" in raw:
-            raw["log_format"] = raw["log_format"].lower()
+        for lowered in ("log_format", "attendee_sign_in"):
+            if lowered in raw:
+                raw[lowered] = raw[lowered].lower()
         fields = dict(
             openai_endpoint=(endpoint or (backends[0].endpoint if backends else "")).rstrip("/"),
             openai_api_key=api_key,

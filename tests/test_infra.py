@@ -52,6 +52,7 @@ DEPLOY_SCRIPT = ROOT / "devtools" / "deploy.py"
 # string are for local runs (Azure uses the managed identity), and the limits have
 # defaults in proxy/settings.py that suit Azure (the reservation lease follows host.json's functionTimeout).
 LOCAL_ONLY_OR_OPTIONAL = {
+    "ATTENDEE_SIGN_IN",  # set with az when GitHub sign-in is configured (README)
     "AZURE_OPENAI_API_KEY",
     "STORAGE_CONNECTION_STRING",
     "SESSION_MAX_TURNS",

@@ -21,7 +21,9 @@
     clearInterval(refreshTimer);
     $("event").hidden = true;
     $("sign-out").hidden = true;
+    $("key-shown").hidden = true;
     $("sign-in").hidden = false;
+    $("register").hidden = false;
     $("credential").value = "";
     $("transcript").replaceChildren();
     document.title = "Event portal";
@@ -93,36 +95,46 @@
     if (models.includes(chosen)) select.value = chosen;
   }
 
-  function snippets(event) {
+  /** Ready-to-paste snippets with this credential (a personal key or CODE/name), into a container. */
+  function snippets(container, secret, models) {
     const base = location.origin + API;
-    const model = chatModels(event.models)[0] || "MODEL";
-    $("base-url").textContent = base + "/v1";
+    const model = chatModels(models)[0] || "MODEL";
+    const hello = '[{"role": "user", "content": "Hello!"}]';
     const texts = [
       ["Python: OpenAI", [
         "from openai import OpenAI", "",
-        `client = OpenAI(base_url="${base}/v1", api_key="${credential}")`,
+        `client = OpenAI(base_url="${base}/v1", api_key="${secret}")`,
         `reply = client.chat.completions.create(`,
         `    model="${model}", messages=[{"role": "user", "content": "Hello!"}]`, ")",
         "print(reply.choices[0].message.content)"]],
       ["Python: AzureOpenAI", [
         "from openai import AzureOpenAI", "",
         "client = AzureOpenAI(",
-        `    azure_endpoint="${base}/v1", api_key="${credential}", api_version="2024-10-21"`, ")",
+        `    azure_endpoint="${base}/v1", api_key="${secret}", api_version="2024-10-21"`, ")",
         `reply = client.chat.completions.create(`,
         `    model="${model}", messages=[{"role": "user", "content": "Hello!"}]`, ")",
         "print(reply.choices[0].message.content)"]],
       ["Python: LangChain", [
         "from langchain_openai import ChatOpenAI", "",
-        `llm = ChatOpenAI(base_url="${base}/v1", api_key="${credential}", model="${model}")`,
+        `llm = ChatOpenAI(base_url="${base}/v1", api_key="${secret}", model="${model}")`,
         'print(llm.invoke("Hello!").content)']],
+      ["JavaScript: openai", [
+        'import OpenAI from "openai";', "",
+        `const client = new OpenAI({ baseURL: "${base}/v1", apiKey: "${secret}" });`,
+        "const reply = await client.chat.completions.create({",
+        `  model: "${model}", messages: [{ role: "user", content: "Hello!" }],`, "});",
+        "console.log(reply.choices[0].message.content);"]],
       ["curl", [
         `curl ${base}/v1/chat/completions \\`,
-        `  -H "Authorization: Bearer ${credential}" \\`,
+        `  -H "Authorization: Bearer ${secret}" \\`,
         '  -H "Content-Type: application/json" \\',
-        `  -d '{"model": "${model}", "messages": [{"role": "user", "content": "Hello!"}]}'`]],
+        `  -d '{"model": "${model}", "messages": ${hello}}'`]],
+      [".env (read by the OpenAI SDKs)", [
+        `OPENAI_BASE_URL=${base}/v1`,
+        `OPENAI_API_KEY=${secret}`]],
     ];
     const template = $("snippet-template");
-    $("snippets").replaceChildren(...texts.map(([title, lines]) => {
+    container.replaceChildren(...texts.map(([title, lines]) => {
       const figure = template.content.firstElementChild.cloneNode(true);
       const text = lines.join("\n");
       figure.querySelector(".snippet-title").textContent = title;
@@ -132,6 +144,45 @@
       button.addEventListener("click", () => copy(text, button));
       return figure;
     }));
+  }
+
+  // Registering a personal key: shown once, with snippets; the page then uses it as the credential.
+
+  const github = document.body.dataset.github === "on";
+
+  async function register(event) {
+    event.preventDefault();
+    clearAlert();
+    const body = { code: $("register-code").value.trim() };
+    if (!github) body.name = $("register-name").value.trim();
+    $("register-submit").disabled = true;
+    const headers = github ? { "x-attendee-portal": "1" } : {};
+    const answer = await call("/v1/keys", { method: "POST", json: body, headers: headers });
+    $("register-submit").disabled = false;
+    if (!answer.ok) {
+      if (answer.code === "sign_in_required") $("github").hidden = false;
+      showAlert(answer.message);
+      return;
+    }
+    const key = answer.data.key;
+    $("register-form").reset();
+    credential = key;
+    session.set(KEY, credential);
+    $("new-key").textContent = key;
+    $("sign-in").hidden = true;
+    $("register").hidden = true;
+    $("key-shown").hidden = false;
+    $("copy-key").focus();
+    // The models for the snippets: the event's list, as the key sees it.
+    const info = await call("/v1/event", { headers: auth() });
+    snippets($("key-snippets"), key, info.ok ? info.data.models : []);
+  }
+
+  function leaveKey() {
+    $("key-shown").hidden = true;
+    $("new-key").textContent = "";
+    $("key-snippets").replaceChildren();
+    open();
   }
 
   async function refresh() {
@@ -151,9 +202,11 @@
     clearAlert();
     if (!(await refresh())) return;
     $("sign-in").hidden = true;
+    $("register").hidden = true;
     $("event").hidden = false;
     $("sign-out").hidden = false;
-    snippets(info);
+    $("base-url").textContent = location.origin + API + "/v1";
+    snippets($("snippets"), credential, info.models);
     fillModels(info.models);
     // The models the proxy answers for now (it refuses outside the window: the event's list stands in).
     const models = await call("/v1/models", { headers: auth() });
@@ -277,8 +330,8 @@
     $("sign-in-form").addEventListener("submit", (event) => {
       event.preventDefault();
       const given = $("credential").value.trim();
-      if (!given.includes("/")) {
-        showAlert("Enter the event code, a slash and your name, like CODE/ada.");
+      if (!given.includes("/") && !given.startsWith("ek-")) {
+        showAlert("Enter your personal key (ek-...), or the event code, a slash and your name, like CODE/ada.");
         return;
       }
       credential = given;
@@ -292,6 +345,14 @@
     });
     $("chat-stop").addEventListener("click", stop);
     $("chat-clear").addEventListener("click", clear);
+    $("register-form").addEventListener("submit", register);
+    $("copy-key").addEventListener("click", () => copy($("new-key").textContent, $("copy-key")));
+    $("key-continue").addEventListener("click", leaveKey);
+    if (github) {
+      $("github").hidden = false;
+      $("register-name-field").hidden = true;
+      $("register-name").required = false;
+    }
     setInterval(tick, 1000);
     if (credential) open(); else $("credential").focus();
   });
