@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 import time
@@ -15,9 +16,11 @@ import openai
 import pytest
 from openai import AzureOpenAI, OpenAI
 
+from proxy.hashing import PERSONAL_KEY, SecretHasher
 from proxy.storage import Tables
 from tests.conftest import MakeEvent
-from tests.support import ORGANIZER_KEY, Service, app_env, start_app
+from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, Service, app_env, start_app
+from tests.test_manage_cli import Cli, cli, ok  # noqa: F401 (the cli fixture)
 
 AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
 MODEL = "gpt-4o-mini"
@@ -302,3 +305,45 @@ def window() -> dict[str, str]:
 def test_registration_takes_small_bodies_only(app: str) -> None:
     big = httpx.post(f"{app}/api/v1/keys", json={"code": "x" * 5000, "name": "a"}, timeout=30)
     assert big.status_code == 413 and error(big)["code"] == "request_too_large"
+
+
+async def test_only_a_keyed_hash_of_the_key_is_stored(app: str, make_event: MakeEvent, tables: Tables) -> None:
+    created = await make_event()
+    key = register(app, created.code, "alice").json()["key"]
+    row = await tables.usage.get_entity(created.event.id, "user|alice")
+    assert row["key_hash"] == SecretHasher(CODE_HASH_KEY).hash(PERSONAL_KEY, key)
+    assert row["key_hash"] != hashlib.sha256(key.encode()).hexdigest()
+    index = await tables.events.get_entity("key", row["key_hash"])
+    assert (index["event_id"], index["user"]) == (created.event.id, "alice")
+    stored = [
+        dict(e) async for e in tables.usage.query_entities("PartitionKey eq @pk", parameters={"pk": created.event.id})
+    ]
+    stored += [dict(e) async for e in tables.events.query_entities("PartitionKey eq 'key'")]
+    assert stored and not any(key in str(entity) or key[3:] in str(entity) for entity in stored)
+
+
+def test_the_cli_requires_lists_and_resets_keys(cli: Cli, app: str) -> None:  # noqa: F811
+    created = ok(cli("events", "create", "--name", "CLI keys", *window_options(), "--attendee-keys", "--json"))
+    event_id, code = created["id"], created["code"]
+    assert created["attendee_keys"] is True
+    models = f"{app}/api/v1/models"
+    refused = httpx.get(models, headers={"api-key": f"{code}/alice"}, timeout=30)
+    assert refused.status_code == 401 and error(refused)["code"] == "personal_key_required"
+    key = register(app, code, "alice").json()["key"]
+    assert httpx.get(models, headers={"api-key": key}, timeout=30).status_code == 200
+    listed = ok(cli("attendees", "list", event_id, "--json"))
+    assert [(a["user"], a["personal_key"]) for a in listed["data"]] == [("alice", True)]
+    assert "PERSONAL KEY" in cli("attendees", "list", event_id).stdout
+    assert ok(cli("attendees", "reset-key", event_id, "alice", "--json")) == {
+        "event_id": event_id, "user": "alice", "reset": True,
+    }  # fmt: skip
+    assert "no personal key" in cli("attendees", "reset-key", event_id, "alice").stdout
+    # The CLI is not the app: the app lets the key go within its cache lifetime (1 s here).
+    assert _eventually(lambda: httpx.get(models, headers={"api-key": key}, timeout=30), 401).status_code == 401
+    assert ok(cli("events", "update", event_id, "--attendee-keys", "false", "--json"))["attendee_keys"] is False
+    assert ok(cli("events", "show", event_id, "--json"))["attendee_keys"] is False
+
+
+def window_options() -> list[str]:
+    now = datetime.now(UTC).replace(microsecond=0)
+    return ["--start", (now - timedelta(hours=1)).isoformat(), "--end", (now + timedelta(hours=8)).isoformat()]
