@@ -100,6 +100,7 @@ class Types:
         self.types: list[dict[str, Any]] = data["types"]
         self.resources: dict[str, int] = {k.lower(): v for k, v in data["resources"].items()}
         self.source = f"{data['repository']} at {data['commit']}"
+        self.published: dict[str, list[str]] = data["published_versions"]
 
     @classmethod
     def load(cls, path: Path = TYPES_FILE) -> Types:
@@ -108,6 +109,20 @@ class Types:
     def body(self, resource_type: str) -> dict[str, Any] | None:
         index = self.resources.get(resource_type.lower())
         return None if index is None else self.types[self.types[index]["body"]]
+
+    def unknown(self, resource_type: str) -> str:
+        """Why ``Type@version`` has no definition here: Azure publishes no such version, or the subset lacks it."""
+        name, _, version = resource_type.partition("@")
+        versions = self.published.get(name.split("/")[0].lower())
+        if versions is not None and version not in versions:
+            return (
+                f"Azure publishes no API version {version} for {name.split('/')[0]} (its latest: "
+                f"{', '.join(versions[-4:])}; {self.source})"
+            )
+        return (
+            f"{resource_type} is not in {TYPES_FILE.name}: add it to TYPES in devtools/bicep_check.py and rebuild "
+            f"the file with --extract ({self.source})"
+        )
 
     def at(self, index: int) -> dict[str, Any]:
         return self.types[index]
@@ -226,8 +241,7 @@ class Checker:
         if type_body is None:
             file.report(
                 resource.line,
-                f"resource '{resource.name}': {resource_type} is not a type and API version Azure publishes "
-                f"(not in {TYPES_FILE.name}, from {self.types.source})",
+                f"resource '{resource.name}': {self.types.unknown(resource_type)}",
             )
         if body is None:
             return
@@ -532,6 +546,12 @@ def extract(git_dir: Path) -> dict[str, Any]:
             loaded[folder] = json.loads(_git(git_dir, "show", f"HEAD:generated/{folder}/types.json"))
         index = next(i for i, t in enumerate(loaded[folder]) if t.get("$type") == "ResourceType" and t["name"] == name)
         resources[name] = copy(folder, index)
+    namespaces = {name.split("/")[0].lower() for name in TYPES}
+    published: dict[str, set[str]] = {namespace: set() for namespace in namespaces}
+    for path in _git(git_dir, "ls-tree", "-r", "--name-only", "HEAD", "generated").splitlines():
+        parts = path.split("/")
+        if len(parts) == 5 and parts[4] == "types.json" and parts[2] in published:
+            published[parts[2]].add(parts[3])
     return {
         "about": "Azure's resource types for the types infra/ uses, copied from the types.json files that "
         "Azure/bicep-types-az generates from the Azure REST API specifications (descriptions and resource "
@@ -540,6 +560,7 @@ def extract(git_dir: Path) -> dict[str, Any]:
         "commit": commit,
         "files": {name: f"generated/{folder}/types.json" for name, folder in TYPES.items()},
         "resources": resources,
+        "published_versions": {namespace: sorted(versions) for namespace, versions in sorted(published.items())},
         "types": out,
     }
 

@@ -180,9 +180,14 @@ MUTATIONS = {
     "API version Azure does not publish": (
         "modules/openai.bicep", "'Microsoft.CognitiveServices/accounts@2024-10-01' = {",
         "'Microsoft.CognitiveServices/accounts@2024-10-31' = {",
-        "infra/modules/openai.bicep:{line}: resource 'account': Microsoft.CognitiveServices/accounts@2024-10-31 is "
-        "not a type and API version Azure publishes (not in bicep_types.json, from "
-        "https://github.com/Azure/bicep-types-az at ",
+        "infra/modules/openai.bicep:{line}: resource 'account': Azure publishes no API version 2024-10-31 for "
+        "Microsoft.CognitiveServices (its latest: ",
+    ),
+    "API version Azure publishes, not kept here": (
+        "modules/openai.bicep", "'Microsoft.CognitiveServices/accounts@2024-10-01' = {",
+        "'Microsoft.CognitiveServices/accounts@2023-05-01' = {",
+        "infra/modules/openai.bicep:{line}: resource 'account': Microsoft.CognitiveServices/accounts@2023-05-01 is "
+        "not in bicep_types.json: add it to TYPES in devtools/bicep_check.py and rebuild the file with --extract",
     ),
     "module parameter it does not declare": (
         "main.bicep", "    name: names.openAi\n    location: location\n",
