@@ -59,7 +59,7 @@ from proxy.errors import (
 from proxy.events import Event, EventStore
 from proxy.guessing import FailedLookups, client_address
 from proxy.keys import PersonalKeys
-from proxy.limits import CLIENT_GONE, Admission, Ledger, booked_tokens, day_of
+from proxy.limits import CLIENT_GONE, Admission, Ledger, booked_tokens, day_of, next_midnight
 from proxy.prices import PriceTable
 from proxy.responses import Owner, ResponsesApi
 from proxy.sessions import SessionLimits, Sessions
@@ -252,7 +252,7 @@ class Proxy:
     async def event_info(self, request: Request) -> Response:
         caller = await self._caller(request)
         event, now = caller.event, self._clock()
-        today = await self.ledger.read(event.id, caller.user, day_of(now))
+        today = await self.ledger.read(event.id, caller.user, day_of(now, event.time_zone))
         reserved, tokens = int(today.get("reserved", 0)), int(today.get("total_tokens", 0))
         is_open = event.active and event.starts_at <= now < event.ends_at
         event_budget = await self.ledger.budget_totals(event) if has_budget(event) else None
@@ -283,7 +283,9 @@ class Proxy:
             "user": caller.user,
             "blocked": caller.user in event.blocked,
             "usage_today": {
-                "day": day_of(now),
+                "day": day_of(now, event.time_zone),  # the event's local date: its daily caps reset at its midnight
+                "resets_at": next_midnight(now, event.time_zone).isoformat(),
+                "resets_at_local": event.local(next_midnight(now, event.time_zone)),
                 "requests": int(today.get("requests", 0)),
                 "prompt_tokens": int(today.get("prompt_tokens", 0)),
                 "completion_tokens": int(today.get("completion_tokens", 0)),

@@ -1,6 +1,7 @@
-"""Caps per attendee and UTC day, exact across any number of instances.
+"""Caps per attendee and day (the event's local day), exact across any number of instances.
 
-One entity per (event, attendee, UTC day) in the ``proxyusage`` table,
+One entity per (event, attendee, day) in the ``proxyusage`` table, the day being the event's
+local date (its ``time_zone``; UTC when it has none), so daily caps reset at its midnight;
 ``PartitionKey=<event id>``, ``RowKey="<YYYY-MM-DD>|<user>"``, holds:
 
 - ``reserved``: requests admitted against the daily request cap. A request is
@@ -69,12 +70,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 from azure.core import MatchConditions
@@ -111,13 +114,24 @@ def keeps_slot(status: int) -> bool:
     return 200 <= status < 300 or status == CLIENT_GONE
 
 
-def day_of(moment: datetime) -> str:
-    return moment.date().isoformat()
+def day_of(moment: datetime, zone: str = "UTC") -> str:
+    """The date of ``moment`` in the time zone ``zone``: an event's days are its local days."""
+    return moment.astimezone(_zone(zone)).date().isoformat()
 
 
-def seconds_to_midnight(moment: datetime) -> int:
-    midnight = (moment + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    return max(1, int((midnight - moment).total_seconds() + 0.999))
+def next_midnight(moment: datetime, zone: str = "UTC") -> datetime:
+    """The next midnight after ``moment`` in ``zone``, when an event's daily caps reset."""
+    local = _zone(zone)
+    return datetime.combine(moment.astimezone(local).date() + timedelta(days=1), time(0), tzinfo=local)
+
+
+def seconds_to_midnight(moment: datetime, zone: str = "UTC") -> int:
+    return max(1, int((next_midnight(moment, zone) - moment).total_seconds() + 0.999))
+
+
+@functools.lru_cache(maxsize=512)
+def _zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
 
 
 def has_caps(event: Event) -> bool:
@@ -217,7 +231,7 @@ class Ledger:
         written wait for it, then are reserved together in the next write:
         one storage operation admits them all (group commit).
         """
-        day = day_of(now)
+        day = day_of(now, event.time_zone)
         minute = int(now.timestamp()) // 60
         if not has_caps(event):
             return Admission(request_id, day, minute, estimate, None, None, reserved=False)
@@ -244,7 +258,9 @@ class Ledger:
                 return await self.admit(event, user, now, estimate, request_id)
             except StorageUnavailable:
                 if has_caps(event):
-                    self._give_back(event.id, user, self._untaken(now, estimate, request_id, True), None)
+                    self._give_back(
+                        event.id, user, self._untaken(now, estimate, request_id, True, event.time_zone), None
+                    )
                 raise
         attendee_task = asyncio.ensure_future(self.admit(event, user, now, estimate, request_id))
         shard_task = asyncio.ensure_future(self.admit_budget(event, now, estimate, request_id))
@@ -264,7 +280,9 @@ class Ledger:
             return attendee
         maybe_reserved = isinstance(attendee, StorageUnavailable) and has_caps(event)
         taken = (
-            attendee if isinstance(attendee, Admission) else self._untaken(now, estimate, request_id, maybe_reserved)
+            attendee
+            if isinstance(attendee, Admission)
+            else self._untaken(now, estimate, request_id, maybe_reserved, event.time_zone)
         )
         maybe_shard = budget.shard_row(self._home) if isinstance(shard, StorageUnavailable) else None
         self._give_back(event.id, user, taken, shard if isinstance(shard, str) else maybe_shard)
@@ -273,8 +291,8 @@ class Ledger:
         raise error
 
     @staticmethod
-    def _untaken(now: datetime, estimate: int, request_id: str, reserved: bool) -> Admission:
-        return Admission(request_id, day_of(now), int(now.timestamp()) // 60, estimate, None, None, reserved)
+    def _untaken(now: datetime, estimate: int, request_id: str, reserved: bool, zone: str) -> Admission:
+        return Admission(request_id, day_of(now, zone), int(now.timestamp()) // 60, estimate, None, None, reserved)
 
     def _give_back(self, event_id: str, user: str, taken: Admission, shard: str | None) -> None:
         """Give back in the background what an admission took (or may have taken) for a request never sent."""
@@ -464,7 +482,7 @@ class Ledger:
         now: datetime,
         group: list[Waiting],
     ) -> None:
-        day, minute = day_of(now), int(now.timestamp()) // 60
+        day, minute = day_of(now, event.time_zone), int(now.timestamp()) // 60
         state = self._cache.get(key)
         fresh = False
         for _ in range(MAX_ATTEMPTS):
@@ -745,10 +763,17 @@ class Ledger:
         """
         lost: list[str] = []
         for request_id in stale:
-            day = datetime.fromtimestamp(flights.admitted_at(inflight[request_id]), UTC).date().isoformat()
-            try:
-                _, logged = await self._entities.get(event_id, f"log|{day}|{request_id}")
-            except ResourceNotFoundError:
+            # Its log entry is under the event's local day of its admission: the UTC date, or one either side.
+            admitted = datetime.fromtimestamp(flights.admitted_at(inflight[request_id]), UTC)
+            logged = None
+            for offset in (0, -1, 1):
+                day = (admitted + timedelta(days=offset)).date().isoformat()
+                try:
+                    _, logged = await self._entities.get(event_id, f"log|{day}|{request_id}")
+                    break
+                except ResourceNotFoundError:
+                    continue
+            if logged is None:
                 lost.append(request_id)
                 continue
             succeeded = keeps_slot(int(logged.get("status", 0)))
@@ -796,16 +821,16 @@ def _refusal(event: Event, entity: dict[str, Any], now: datetime, minute: int, e
     if event.daily_requests is not None and entity.get("reserved", 0) >= event.daily_requests:
         return CapExceeded(
             f"You have used all {event.daily_requests} requests allowed per attendee today in "
-            f"'{event.name}'. The cap resets at 00:00 UTC ({event.local(_next_midnight(now))}).",
+            f"'{event.name}'. The cap resets at midnight in the event's time zone, {_reset(event, now)}.",
             code="daily_request_cap_exceeded",
-            retry_after=seconds_to_midnight(now),
+            retry_after=seconds_to_midnight(now, event.time_zone),
         )
     if event.daily_tokens is not None and booked_tokens(entity) >= event.daily_tokens:
         return CapExceeded(
             f"You have used your {event.daily_tokens} tokens for today in '{event.name}'. "
-            f"The budget resets at 00:00 UTC ({event.local(_next_midnight(now))}).",
+            f"The budget resets at midnight in the event's time zone, {_reset(event, now)}.",
             code="daily_token_cap_exceeded",
-            retry_after=seconds_to_midnight(now),
+            retry_after=seconds_to_midnight(now, event.time_zone),
         )
     if event.tpm is not None and entity.get("tpm_minute") == minute:
         booked = entity.get("tpm_tokens", 0)
@@ -854,8 +879,11 @@ def booked_tokens(entity: dict[str, Any]) -> int:
     return int(entity.get("total_tokens", 0)) + flights.booked(flights.decode(entity))
 
 
-def _next_midnight(now: datetime) -> datetime:
-    return (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0, tzinfo=UTC)
+def _reset(event: Event, now: datetime) -> str:
+    """When the daily caps reset, as a person reads it: the event's midnight, and that moment in UTC."""
+    midnight = next_midnight(now, event.time_zone)
+    in_utc = midnight.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{event.local(midnight)}" + ("" if event.time_zone == "UTC" else f" ({in_utc})")
 
 
 def _base(entity: dict[str, Any], user: str, day: str) -> dict[str, Any]:

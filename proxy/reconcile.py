@@ -46,8 +46,9 @@ RECONCILE_SCHEDULE = "0 */5 * * * *"
 async def reconcile(tables: Tables, ledger: Ledger, lease_seconds: float, now: datetime | None = None) -> int:
     """Release every reservation older than the lease; the number released."""
     now = now or datetime.now(UTC)
-    first_day = day_of(now - timedelta(days=1))
-    after_last = day_of(now + timedelta(days=1))
+    # Days are the events' local days (UTC-12 to UTC+14): yesterday and today anywhere on Earth.
+    first_day = day_of(now - timedelta(days=2))
+    after_last = day_of(now + timedelta(days=2))
     holding: list[dict[str, Any]] = []
     # The attendees' days of yesterday and today, and the shards of event budgets (proxy.budget).
     for first, after in ((first_day, after_last), (SHARD_PREFIX, SHARD_END)):

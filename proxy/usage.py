@@ -465,13 +465,14 @@ async def hourly_report(tables: Tables, event_id: str, zone: str, now: datetime)
     """The last ``HOURLY_WINDOW`` of an event by hour of its time zone (``"2026-11-21T09:00"``), from the
     request log; each hour also has ``models``: the same figures per model.
 
-    The log is read from the first UTC day the window touches (its row keys start with the day), so the
+    The log is read from the day before the first UTC day the window touches (its row keys start with the day), so the
     query stays bounded however long the event.
     """
     since = now - HOURLY_WINDOW
     entities = tables.usage.query_entities(
         "PartitionKey eq @pk and RowKey ge @first and RowKey lt @after",
-        parameters={"pk": event_id, "first": f"{LOG_PREFIX}{since.date().isoformat()}",
+        # Log rows are keyed by the event's local day: from the UTC date before, to be safe west of UTC.
+        parameters={"pk": event_id, "first": f"{LOG_PREFIX}{(since - timedelta(days=1)).date().isoformat()}",
                     "after": LOG_PREFIX[:-1] + chr(ord(LOG_PREFIX[-1]) + 1)},
     )  # fmt: skip
     try:

@@ -418,7 +418,7 @@
       $("usage-budget").textContent = "Whole event: " + (parts.length ? parts.join(", ") : "no budget") +
         (budget.exhausted ? " — used up." : ".");
     }
-    $("usage-key").textContent = { user: "Attendee", model: "Model", day: "Day (UTC)" }[grouping];
+    $("usage-key").textContent = { user: "Attendee", model: "Model", day: `Day (${selected.time_zone})` }[grouping];
     const rows = report.rows;
     $("usage-empty").hidden = rows.length > 0;
     lastRows = rows;

@@ -72,6 +72,8 @@
     $("event-zone").textContent = event.time_zone;
     $("event-user").textContent = event.user;
     $("usage-day").textContent = event.usage_today.day;
+    $("usage-zone").textContent = event.time_zone;
+    $("resets-at").textContent = event.usage_today.resets_at_local;
     $("used-requests").textContent = number(event.usage_today.requests);
     $("used-tokens").textContent = number(event.usage_today.total_tokens);
     $("remaining-requests").textContent = capped(event.remaining_today.requests, event.caps.daily_requests, event.open);
