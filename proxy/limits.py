@@ -270,7 +270,12 @@ class Ledger:
             if attendee_task.done() and _taken(attendee_task):
                 self._give_back(event.id, user, attendee_task.result(), None)
             if shard_task.done() and _taken(shard_task):
-                self._give_back(event.id, user, self._untaken(now, estimate, request_id, False), shard_task.result())
+                self._give_back(
+                    event.id,
+                    user,
+                    self._untaken(now, estimate, request_id, False, event.time_zone),
+                    shard_task.result(),
+                )
             attendee_task.cancel()  # those still waiting leave their queue, or give back (_grouped)
             shard_task.cancel()
             raise
@@ -322,7 +327,9 @@ class Ledger:
             key,
             (estimate, request_id, int(now.timestamp())),
             lambda group: self._admit_shard_group(event, key, now, group),
-            lambda shard: self._give_back(event.id, "", self._untaken(now, estimate, request_id, False), shard),
+            lambda shard: self._give_back(
+                event.id, "", self._untaken(now, estimate, request_id, False, event.time_zone), shard
+            ),
         )
         return result
 

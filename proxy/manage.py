@@ -87,8 +87,8 @@ def _event_options(parser: argparse.ArgumentParser, *, creating: bool) -> None:
     option("--models", "comma-separated deployment names", ",".join(DEFAULT_MODELS), type=_models, metavar="M1,M2")
     option("--max-tokens", "cap on max_tokens per request", str(DEFAULT_MAX_TOKENS), type=_number, metavar="N")
     clear = "" if creating else "; 'none' removes the cap"
-    option("--daily-requests", f"requests per attendee and day (midnight in --time-zone){clear}", str(DEFAULT_DAILY_REQUESTS),
-           type=_number, metavar="N")  # fmt: skip
+    option("--daily-requests", f"requests per attendee and day (to midnight in --time-zone){clear}",
+           str(DEFAULT_DAILY_REQUESTS), type=_number, metavar="N")  # fmt: skip
     option("--daily-tokens", f"tokens per attendee and day{clear}", "no cap", type=_number, metavar="N")
     option("--tpm", f"tokens per minute per attendee{clear}", "no limit", type=_number, metavar="N")
     option("--event-requests", f"requests for the whole event, all attendees{clear}", "no budget",
