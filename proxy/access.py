@@ -30,10 +30,10 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from proxy.settings import LogFormat
+from proxy.settings import LogFormat, Settings
+from proxy.telemetry import Telemetry
 
 if TYPE_CHECKING:
-    from proxy.telemetry import Telemetry
     from proxy.usage import UsageRecord
 
 access_logger = logging.getLogger("proxy.access")
@@ -89,6 +89,13 @@ class Access:
         return None if self.record is None else self.record.completion_tokens
 
     @property
+    def upstream_tokens(self) -> tuple[int, int] | None:
+        """Prompt and completion tokens, when the request reached upstream."""
+        if self.record is None or not self.record.reached_upstream:
+            return None
+        return self.record.prompt_tokens, self.record.completion_tokens
+
+    @property
     def upstream_ms(self) -> float | None:
         if self.record is None or not self.record.reached_upstream:
             return None
@@ -139,11 +146,18 @@ class AccessLog:
     """Writes each request's line (and, through ``telemetry``, its span and metrics) when its answer ends."""
 
     def __init__(self, log_format: LogFormat = "logfmt", telemetry: Telemetry | None = None) -> None:
-        from proxy.telemetry import Telemetry
-
         self.format = log_format
         _print_lines()
         self.telemetry = telemetry or Telemetry()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AccessLog:
+        """``LOG_FORMAT``, and spans and metrics to Application Insights when it is configured."""
+        if settings.appinsights_connection_string is None:
+            return cls(settings.log_format)
+        from proxy.otel import AzureMonitorTelemetry  # only now: it costs start-up time
+
+        return cls(settings.log_format, AzureMonitorTelemetry.configure(settings))
 
     def line(self, access: Access) -> str:
         fields = access.fields()

@@ -67,6 +67,7 @@ from proxy.settings import Settings
 from proxy.storage import Tables, guarded
 from proxy.streaming import relay
 from proxy.telemetry import Telemetry
+from proxy.tokens import make_credential
 from proxy.upstream import Upstream
 from proxy.usage import UsageRecord, UsageRecorder
 
@@ -122,17 +123,6 @@ def answering(handler: Handler) -> Handler:
     return wrapper
 
 
-def make_credential(settings: Settings) -> AsyncTokenCredential | None:
-    """The Azure credential, when upstream or storage needs one (imported only then)."""
-    if all(backend.api_key for backend in settings.backends) and settings.storage_connection_string:
-        return None
-    from azure.identity.aio import DefaultAzureCredential
-
-    if settings.client_id:
-        return DefaultAzureCredential(managed_identity_client_id=settings.client_id)
-    return DefaultAzureCredential()
-
-
 @dataclass(slots=True)
 class Caller:
     event: Event
@@ -186,9 +176,9 @@ class Proxy:
     def from_settings(cls, settings: Settings) -> Proxy:
         credential = make_credential(settings)
         upstream = Upstream(settings, Upstream.client(settings), credential)
-        telemetry = Telemetry.from_settings(settings)
-        configure_access_log(AccessLog(settings.log_format, telemetry))
-        return cls(settings, Tables.create(settings, credential), upstream, credential, telemetry=telemetry)
+        lines = AccessLog.from_settings(settings)
+        configure_access_log(lines)
+        return cls(settings, Tables.create(settings, credential), upstream, credential, telemetry=lines.telemetry)
 
     async def aclose(self) -> None:
         """Graceful shutdown: store pending usage, then close the clients."""

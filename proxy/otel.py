@@ -1,7 +1,7 @@
 """Spans and metrics to Application Insights through ``azure-monitor-opentelemetry``.
 
 Imported only when ``APPLICATIONINSIGHTS_CONNECTION_STRING`` is set
-(``proxy.telemetry``): OpenTelemetry and the exporter cost start-up time.
+(``AccessLog.from_settings``, ``proxy.access``): OpenTelemetry and the exporter cost start-up time.
 Authenticated with the managed identity when
 ``APPLICATIONINSIGHTS_AUTHENTICATION_STRING`` says ``Authorization=AAD``, as
 the Bicep sets it (local authentication is off on Application Insights).
@@ -39,9 +39,8 @@ from azure.monitor.opentelemetry import configure_azure_monitor
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from proxy.access import Access
 from proxy.settings import Settings
-from proxy.telemetry import Telemetry
+from proxy.telemetry import Telemetry, Traced
 
 # Errors that are a cap refusing the request (proxy.limits, proxy.budget).
 CAP_REFUSALS = frozenset(
@@ -96,17 +95,17 @@ class AzureMonitorTelemetry(Telemetry):
         configure_azure_monitor(**options)
         return cls()
 
-    def start(self, access: Access) -> None:
+    def start(self, access: Traced) -> None:
         access.span = self._tracer.start_span(f"{access.method} {access.route}", kind=SpanKind.SERVER)
 
-    def current(self, access: Access) -> AbstractContextManager[object]:
+    def current(self, access: Traced) -> AbstractContextManager[object]:
         return trace.use_span(access.span, end_on_exit=False, record_exception=False, set_status_on_exception=False)
 
     def span(self, name: str, attributes: dict[str, str] | None = None) -> AbstractContextManager[object]:
         kind = SpanKind.CLIENT if name in _CLIENT_STEPS else SpanKind.INTERNAL
         return self._tracer.start_as_current_span(name, kind=kind, attributes=attributes, record_exception=False)
 
-    def finish(self, access: Access) -> None:
+    def finish(self, access: Traced) -> None:
         fields = access.fields()
         span = access.span
         if span is not None:
@@ -122,9 +121,10 @@ class AzureMonitorTelemetry(Telemetry):
         event, model = access.event_id or "", access.model or ""
         error = access.error or ""
         self._requests.add(1, {"event": event, "model": model, "status": access.status, "error": error})
-        if access.record is not None and access.record.reached_upstream:
-            self._tokens.add(access.record.prompt_tokens, {"event": event, "model": model, "type": "prompt"})
-            self._tokens.add(access.record.completion_tokens, {"event": event, "model": model, "type": "completion"})
+        tokens = access.upstream_tokens
+        if tokens is not None:
+            self._tokens.add(tokens[0], {"event": event, "model": model, "type": "prompt"})
+            self._tokens.add(tokens[1], {"event": event, "model": model, "type": "completion"})
         if error in CAP_REFUSALS:
             self._refusals.add(1, {"event": event, "error": error})
         upstream = {"backend": access.backend or "", "model": model}

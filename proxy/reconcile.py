@@ -35,7 +35,8 @@ from azure.core.exceptions import ResourceNotFoundError
 from proxy.budget import SHARD_END, SHARD_PREFIX
 from proxy.limits import Ledger, day_of
 from proxy.settings import Settings
-from proxy.storage import Tables, gathered
+from proxy.storage import Tables, gathered, opened
+from proxy.tokens import make_credential
 
 log = logging.getLogger("proxy.reconcile")
 
@@ -72,9 +73,6 @@ async def reconcile(tables: Tables, ledger: Ledger, lease_seconds: float, now: d
 
 
 async def _main() -> None:
-    from proxy.handlers import make_credential
-    from proxy.storage import opened
-
     settings = Settings.for_cli()
     credential = make_credential(settings)
     try:

@@ -3,8 +3,9 @@
 ``Telemetry`` itself reports nothing and imports nothing: it is what a worker
 runs with when ``APPLICATIONINSIGHTS_CONNECTION_STRING`` is not set, so the
 cold start pays for no OpenTelemetry module. With the setting,
-``Telemetry.from_settings`` imports ``proxy.otel``, which exports through
-``azure-monitor-opentelemetry``. The handlers see only this interface:
+``AccessLog.from_settings`` (``proxy.access``) imports ``proxy.otel``, which
+exports through ``azure-monitor-opentelemetry``. The handlers see only this
+interface, over ``Traced``, what it reads of a request (``proxy.access.Access``):
 
 - ``start`` / ``finish``: the request's span, opened by ``proxy.handlers.answering``
   and ended with the access line (``proxy.access``), which also counts the metrics;
@@ -20,30 +21,48 @@ Span names and attribute keys, and metric names and dimensions, are listed in
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from proxy.access import Access
-    from proxy.settings import Settings
+from typing import Any, Protocol
 
 _NOTHING: AbstractContextManager[None] = nullcontext()
+
+
+class Traced(Protocol):
+    """What telemetry reads of a request: ``proxy.access.Access``, which imports this module, not the reverse."""
+
+    span: Any  # set by ``start``
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def route(self) -> str: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def event_id(self) -> str | None: ...
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def backend(self) -> str | None: ...
+    @property
+    def upstream_status(self) -> int | None: ...
+    @property
+    def upstream_attempts(self) -> int: ...
+    @property
+    def first_chunk_ms(self) -> float | None: ...
+    @property
+    def upstream_tokens(self) -> tuple[int, int] | None: ...
+    def fields(self) -> dict[str, object]: ...
 
 
 class Telemetry:
     """Reports nothing: telemetry is off."""
 
-    @staticmethod
-    def from_settings(settings: Settings) -> Telemetry:
-        if settings.appinsights_connection_string is None:
-            return Telemetry()
-        from proxy.otel import AzureMonitorTelemetry  # only now: it costs start-up time
-
-        return AzureMonitorTelemetry.configure(settings)
-
-    def start(self, access: Access) -> None:
+    def start(self, access: Traced) -> None:
         """Open the request's span."""
 
-    def current(self, access: Access) -> AbstractContextManager[object]:
+    def current(self, access: Traced) -> AbstractContextManager[object]:
         """Run what follows as part of the request's span."""
         return _NOTHING
 
@@ -51,5 +70,5 @@ class Telemetry:
         """One step of the request, a child of the current span."""
         return _NOTHING
 
-    def finish(self, access: Access) -> None:
+    def finish(self, access: Traced) -> None:
         """End the request's span and count its metrics."""

@@ -13,6 +13,8 @@ import time
 
 from azure.core.credentials_async import AsyncTokenCredential
 
+from proxy.settings import Settings
+
 REFRESH_MARGIN_SECONDS = 300
 
 
@@ -36,3 +38,14 @@ class BearerToken:
                 self._value = f"Bearer {token.token}"
                 self._refresh_at = token.expires_on - REFRESH_MARGIN_SECONDS
             return self._value
+
+
+def make_credential(settings: Settings) -> AsyncTokenCredential | None:
+    """The Azure credential, when upstream or storage needs one (imported only then)."""
+    if all(backend.api_key for backend in settings.backends) and settings.storage_connection_string:
+        return None
+    from azure.identity.aio import DefaultAzureCredential
+
+    if settings.client_id:
+        return DefaultAzureCredential(managed_identity_client_id=settings.client_id)
+    return DefaultAzureCredential()
