@@ -226,6 +226,8 @@ class EventStore:
         self, tables: Tables, hasher: SecretHasher | None, cache_seconds: float = 30.0, clock: Any = time.monotonic
     ) -> None:
         self._tables = tables
+        if hasher is not None and not isinstance(hasher, SecretHasher):  # EventStore(tables, 0) was the old call
+            raise TypeError("EventStore(tables, hasher, cache_seconds): the hasher is a SecretHasher or None")
         self._hasher = hasher  # None: the CLI without CODE_HASH_KEY, which can do all but touch a code
         self._cache_seconds = cache_seconds
         self._clock = clock

@@ -255,7 +255,7 @@ async def test_new_names_without_a_limit_never_write_the_roster_row_and_a_later_
         await tables.usage.get_entity(created.event.id, ROSTER_ROW)
     assert len(await roster(tables, created.event.id)) == 12
     # A limit set afterwards counts the names registered before it: 2 places left of 14.
-    await EventStore(tables, 0).save(replace(created.event, max_attendees=14))
+    await EventStore(tables, None, 0).save(replace(created.event, max_attendees=14))
     for url in (app, app_process[1]):  # both workers see the limit (EVENT_CACHE_SECONDS is 1 there)
         await eventually(
             lambda url=url: asyncio.to_thread(
