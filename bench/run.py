@@ -81,6 +81,8 @@ class Stack:
     litellm: Proc | None
     urls: dict[str, str]
     codes: dict[str, str]
+    # Targets whose attendees call with personal keys (--keys), by target name.
+    keys: dict[str, tuple[str, ...]]
 
     def procs(self) -> list[Proc]:
         return [p for p in (self.azurite, self.simulator, self.proxy, self.worker, self.litellm) if p is not None]
@@ -170,7 +172,7 @@ def litellm_env() -> dict[str, str]:
 def start(log_dir: Path, litellm_python: Path | None) -> Stack:
     port = free_port()
     azurite = spawn("azurite", [*azurite_command(port), "--disableProductStyleUrl", "--silent"], log_dir)
-    stack = Stack(azurite, azurite, azurite, None, None, {}, {})  # filled in below; stop() works at every step
+    stack = Stack(azurite, azurite, azurite, None, None, {}, {}, {})  # filled in below; stop() works at every step
     try:
         connection_string = azurite_connection_string(port)
         azurite.wait_ready(http_ok(f"http://127.0.0.1:{port}/devstoreaccount1/Tables"), 60)
@@ -249,9 +251,29 @@ def target(stack: Stack, name: str, kind: str) -> Target:
         return Target(base, path, "api-key", (SIMULATOR_KEY,), body)
     if name == "litellm":
         return Target(base, f"/v1/{operation}", "Authorization", (f"Bearer {MASTER_KEY}",), body)
+    if name in stack.keys:
+        return Target(base, f"/api/v1/{operation}", "api-key", stack.keys[name], body)
     code = stack.codes[name]
     users = tuple(f"{code}/attendee{i}@example.org" for i in range(USERS))
     return Target(base, f"/api/v1/{operation}", "api-key", users, body)
+
+
+def register_keys(stack: Stack) -> None:
+    """Targets ``proxy_keys`` and ``worker_keys``: the event with caps, each attendee calling with a personal key
+    (``POST /api/v1/keys``, once per name) instead of ``CODE/name``."""
+    import httpx
+
+    url = stack.urls["proxy"]
+    with httpx.Client(timeout=30) as client:
+        keys = []
+        for i in range(USERS):
+            answer = client.post(f"{url}/api/v1/keys", json={"code": stack.codes["proxy"], "name": f"keyed{i}"})
+            answer.raise_for_status()
+            keys.append(str(answer.json()["key"]))
+    for name in ("proxy", "worker"):
+        if name in stack.urls:
+            stack.urls[f"{name}_keys"] = stack.urls[name]
+            stack.keys[f"{name}_keys"] = tuple(keys)
 
 
 def measure(stack: Stack, scenario: Scenario, name: str, seconds: float, warmup: float) -> dict[str, Any]:
@@ -355,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated scenario names")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument("--import-runs", type=int, default=5)
+    parser.add_argument("--keys", action="store_true", help="also proxy_keys and worker_keys: personal keys")
     args = parser.parse_args(argv)
     scenarios = [s for s in SCENARIOS if not args.only or s.name in args.only.split(",")]
     wrk_path()
@@ -364,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         log_dir = Path(tmp)
         stack = start(log_dir, litellm_python)
+        if args.keys:
+            register_keys(stack)
         pids = {p.name: p.popen.pid for p in stack.procs()}
         print(f"stack ready in {time.monotonic() - started:.1f} s: {stack.urls}, pids {pids}", flush=True)
         rows: list[dict[str, Any]] = []
