@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import secrets
 from collections.abc import Iterator
 
 import httpx
@@ -171,3 +172,40 @@ def test_github_principal_parsing() -> None:
         assert read_github_user(github_principal("1", login)) is None
     assert read_github_user(github_principal("not-a-number", "octocat")) is None
     assert read_github_user({"x-ms-client-principal": "not base64!"}) is None
+
+
+async def test_organizer_requires_keys_and_resets_one_from_the_page(
+    app: str,
+    browsing: Watched,  # noqa: F811 (the fixture)
+) -> None:
+    manage = await browsing.page()
+    await manage.goto(f"{app}/api/manage/portal")
+    await manage.get_by_label("Organizer key").fill(ORGANIZER_KEY)
+    await manage.get_by_role("button", name="Sign in").click()
+    name = f"Keys only {secrets.token_hex(3)}"
+    await manage.get_by_role("button", name="New event").click()
+    await manage.get_by_label("Name", exact=True).fill(name)
+    await manage.get_by_label("Personal keys required").check()
+    await manage.get_by_role("button", name="Create event").click()
+    await expect(manage.locator("#code-value")).to_have_text(re.compile(r"^[A-Za-z0-9_-]{16,}$"))
+    code = await manage.locator("#code-value").inner_text()
+    await manage.get_by_role("button", name="I have copied it").click()
+    await expect(manage.locator("#detail-facts")).to_contain_text("personal keys only")
+    refused = httpx.get(f"{app}/api/v1/models", headers={"api-key": f"{code}/alice"}, timeout=30)
+    assert refused.json()["error"]["code"] == "personal_key_required"
+    key = register(app, {"code": code, "name": "alice"}).json()["key"]
+    assert httpx.get(f"{app}/api/v1/models", headers={"api-key": key}, timeout=30).status_code == 200
+    rows = manage.locator("#attendees-table tbody tr")
+    await expect(rows.filter(has_text="alice")).to_have_count(1)  # the page refreshes by itself
+    await manage.get_by_role("button", name="Reset the personal key of alice").click()
+    await manage.locator("#confirm").get_by_role("button", name="Reset key").click()
+    await expect(manage.get_by_role("alert")).to_contain_text("can register again")
+    await expect(manage.get_by_role("button", name="Reset the personal key of alice")).to_have_count(0)
+    assert httpx.get(f"{app}/api/v1/models", headers={"api-key": key}, timeout=30).status_code == 401
+    # Edit: turning the requirement off is a change like any other.
+    await manage.get_by_role("button", name="Edit").click()
+    await manage.get_by_label("Personal keys required").uncheck()
+    await manage.get_by_role("button", name="Save changes").click()
+    event_id = (await manage.locator("#detail-facts").inner_text()).rsplit("Id", 1)[1].strip()
+    shown = httpx.get(f"{app}/api/manage/events/{event_id}", headers=AUTH, timeout=30).json()
+    assert shown["attendee_keys"] is False

@@ -164,6 +164,7 @@
       facts.push(fact("Requests, whole event", cap(event.event_requests)),
         fact("Tokens, whole event", cap(event.event_tokens)), fact("Attendees at most", cap(event.max_attendees)));
     }
+    if (event.attendee_keys) facts.push(fact("Credentials", "personal keys only"));
     if (event.organizer) facts.push(fact("Organizer", event.organizer));
     facts.push(fact("Id", event.id));
     $("detail-facts").replaceChildren(...facts);
@@ -235,6 +236,7 @@
     // The event-wide fields only where the API has them (an event without them: an older proxy).
     $("f-event-wide").hidden = event ? !("event_requests" in event) : events.some((e) => !("event_requests" in e));
     $("f-active").checked = event ? event.active : true;
+    $("f-attendee-keys").checked = event ? !!event.attendee_keys : false;
     $("editor").hidden = false;
     $("f-name").focus();
   }
@@ -248,6 +250,7 @@
       time_zone: zone, start: wallToIso($("f-start").value, zone), end: wallToIso($("f-end").value, zone),
       active: $("f-active").checked,
     };
+    if (editing === null || "attendee_keys" in editing) fields.attendee_keys = $("f-attendee-keys").checked;
     if (models.length) fields.models = models;
     for (const [id, field] of Object.entries(NUMBERS)) {
       if (EVENT_WIDE.includes(field) && $("f-event-wide").hidden) continue;
@@ -534,9 +537,21 @@
       el("td", { "data-label": "First seen" }, a.first_seen ? localTime(a.first_seen, selected.time_zone) : "—"),
       el("td", { className: "n", "data-label": "Requests" }, number(a.requests)),
       el("td", { className: "n", "data-label": "Tokens" }, number(a.total_tokens)),
+      el("td", { "data-label": "Personal key" }, a.personal_key ? el("button", { type: "button", className: "quiet",
+        "aria-label": "Reset the personal key of " + a.user, onclick: () => resetKey(id, a.user) }, "Reset key") : "—"),
       el("td", {}, el("button", { type: "button", className: a.blocked ? "quiet" : "danger",
         "aria-label": (a.blocked ? "Unblock " : "Block ") + a.user,
         onclick: () => block(id, a.user, !a.blocked) }, a.blocked ? "Unblock" : "Block")))));
+  }
+
+  async function resetKey(id, user) {
+    if (!(await confirmed(`Reset the personal key of ${user}? It stops working, and the name can register again.`,
+        "Reset key"))) return;
+    const answer = await manage("/events/" + encodeURIComponent(id) + "/attendees/" + encodeURIComponent(user) +
+      "/reset-key", { method: "POST" });
+    if (!answer.ok) { showAlert(answer.message); return; }
+    showAlert(`The personal key of ${user} is reset. ${user} can register again at /api/portal.`, "info");
+    refreshAttendees();
   }
 
   async function block(id, user, blocked) {
