@@ -9,8 +9,12 @@ reached upstream, however it ends.
 
 A chat or embeddings request costs, on its critical path: the cached event
 lookup (0 storage operations when cached, 2 point reads per code per
-``EVENT_CACHE_SECONDS`` otherwise), the cap reservation of ``proxy.limits``
-(0 or 1 operation), and the upstream call. Usage is written afterwards.
+``EVENT_CACHE_SECONDS`` otherwise) and, for ``CODE/name``, whether the name
+has a personal key (0 when cached, 1 point read per name and
+``EVENT_CACHE_SECONDS``); with a personal key instead, the cached key lookup
+(0, or 2 sequential reads per key and ``EVENT_CACHE_SECONDS``, ``proxy.keys``);
+then the cap reservation of ``proxy.limits`` (0 or 1 operation), and the
+upstream call. Usage is written afterwards.
 """
 
 from __future__ import annotations
