@@ -21,6 +21,9 @@ its ETag (so ``max_attendees`` holds exactly, ``proxy.attendees``), and a name
 already on the roster without a key gets the hash by a merge under the row's
 ETag. Of any number of simultaneous registrations of one name, on any number
 of instances, one wins; the others find the hash and get 409 ``name_taken``.
+A registration whose client leaves before the claim leaves nothing (its index
+row is deleted); one whose claim landed leaves the name claimed by a key nobody
+read, which the organizer's reset frees.
 
 An organizer's reset removes the hash from the row (under its ETag), then the
 index row: the key stops working at once on the instance that did the reset,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -161,6 +163,10 @@ async def test_reset_key_revokes_at_once_and_the_name_registers_again(app: str, 
         sdk(app, old).models.list()
     assert httpx.post(url, headers=AUTH, timeout=30).json()["reset"] is True
     assert httpx.post(url, headers=AUTH, timeout=30).json()["reset"] is False  # nothing left to reset
+    schema = httpx.get(f"{app}/api/manage/openapi.json", headers=AUTH, timeout=30).json()
+    assert "post" in schema["paths"]["/events/{event_id}/attendees/{user}/reset-key"]
+    assert "personal_key" in schema["components"]["schemas"]["Attendee"]["properties"]
+    assert "attendee_keys" in schema["components"]["schemas"]["EventCreate"]["properties"]
     missing = httpx.post(f"{app}/api/manage/events/no-such-event/attendees/alice/reset-key", headers=AUTH, timeout=30)
     assert missing.status_code == 404
 
@@ -347,3 +353,34 @@ def test_the_cli_requires_lists_and_resets_keys(cli: Cli, app: str) -> None:  # 
 def window_options() -> list[str]:
     now = datetime.now(UTC).replace(microsecond=0)
     return ["--start", (now - timedelta(hours=1)).isoformat(), "--end", (now + timedelta(hours=8)).isoformat()]
+
+
+async def test_clients_that_hang_up_while_registering(app: str, make_event: MakeEvent) -> None:
+    """A client that leaves mid-body registers nothing; one that leaves before its answer may have claimed the
+    name (the key it never read is then lost: the organizer's reset frees the name). Never a 5xx, never two keys."""
+    created = await make_event()
+    host, port = app.removeprefix("http://").split(":")
+
+    def send(raw: bytes) -> None:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(raw)  # and close at once, without reading
+
+    def request(name: str, cut: int | None = None) -> bytes:
+        body = json.dumps({"code": created.code, "name": name}).encode()
+        head = f"POST /api/v1/keys HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        raw = head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        return raw if cut is None else raw[: len(raw) - len(body) + cut]
+
+    for i in range(5):
+        send(request(f"half{i}", cut=10))
+        send(request(f"left{i}"))
+    for i in range(5):
+        assert register(app, created.code, f"half{i}").status_code == 201  # nothing was registered
+        answer = register(app, created.code, f"left{i}")
+        if answer.status_code == 409:  # the claim landed before the client left: the organizer frees the name
+            url = f"{app}/api/manage/events/{created.event.id}/attendees/left{i}/reset-key"
+            assert httpx.post(url, headers=AUTH, timeout=30).json()["reset"] is True
+            answer = register(app, created.code, f"left{i}")
+        assert answer.status_code == 201
+        key = answer.json()["key"]
+        assert httpx.get(f"{app}/api/v1/event", headers={"api-key": key}, timeout=30).json()["user"] == f"left{i}"
