@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -101,10 +102,19 @@ async def test_rotations_racing_blocks_never_leave_the_event_without_its_code(
     store = EventStore(tables, SecretHasher(CODE_HASH_KEY), 0)  # no cache: what storage says now
     blocked: set[str] = set()
 
-    async def rotate(via: str) -> str:
-        answer = await client.post(f"{via}/api/manage/events/{event_id}/rotate-code", headers=AUTH)
+    async def rotate(via: str, new: str) -> str:
+        answer = await client.post(f"{via}/api/manage/events/{event_id}/rotate-code", json={"code": new}, headers=AUTH)
         assert answer.status_code == 200, answer.text
         return str(answer.json()["code"])
+
+    async def probe(codes: tuple[str, ...], done: asyncio.Event) -> int:
+        """While the round runs: at every moment, one of the codes (the current one, or a rotation's) opens it."""
+        probes = 0
+        while not done.is_set():
+            opening = await asyncio.gather(*(store.by_code(candidate) for candidate in codes))
+            assert any(event is not None and event.id == event_id for event in opening), codes
+            probes += 1
+        return probes
 
     async def block(via: str, user: str) -> None:
         await set_blocked(client, via, event_id, user, True)
@@ -115,11 +125,17 @@ async def test_rotations_racing_blocks_never_leave_the_event_without_its_code(
                                     headers=AUTH)  # fmt: skip
         assert answer.status_code == 200, answer.text
 
+    probes = 0
     for round_ in range(6):
+        chosen = ("Rot" + secrets.token_hex(8), "Rot" + secrets.token_hex(8))
+        done = asyncio.Event()
+        prober = asyncio.create_task(probe((code, *chosen), done))
         blocks = [block(apps[i % 2], f"r{round_}-{i}") for i in range(4)]
         first, second, *_ = await asyncio.gather(
-            rotate(apps[0]), rotate(apps[1]), *blocks, patch(apps[round_ % 2], f"round {round_}")
+            rotate(apps[0], chosen[0]), rotate(apps[1], chosen[1]), *blocks, patch(apps[round_ % 2], f"round {round_}")
         )
+        done.set()
+        probes += await prober
         # Two rotations: both answered, one after the other; exactly one of their codes is the event's now.
         opened = [await store.by_code(new) for new in (first, second)]
         assert [event is not None and event.id == event_id for event in opened].count(True) == 1, round_
@@ -129,4 +145,4 @@ async def test_rotations_racing_blocks_never_leave_the_event_without_its_code(
         assert set(event.blocked) == blocked and event.description == f"round {round_}"
     answer = await client.get(f"{app}/api/v1/event", headers={"api-key": f"{code}/alice"})
     assert answer.status_code == 200 and answer.json()["blocked"] is False
-    assert len(blocked) == 24
+    assert len(blocked) == 24 and probes >= 6
