@@ -5,11 +5,11 @@
 Starts Azurite, the simulator (each answer held ``--hold-ms`` before it is
 sent, so requests stay in flight) and the app twice under the real Python
 worker behind the host emulator, creates an event with ``event_requests`` and
-``event_tokens`` (and a daily cap per attendee), then sends every request at
-once (spread over ``--ramp-seconds``, well within the hold, so that a
-two-core machine's Azurite is not handed every storage call of 2,000 new
-requests in the same instant), half to each app, ``--per-attendee`` per
-attendee. While they are in
+``event_tokens`` (and a daily cap per attendee), then sends every request,
+spread over ``--ramp-seconds`` (well within the hold, so that all are in
+flight together, but a two-core machine's Azurite is not handed every storage
+call of 2,000 new requests in the same instant), half to each app,
+``--per-attendee`` per attendee. While they are in
 flight it reads the event budget's shards: the peak of requests they hold in
 flight together and on one shard. It prints one JSON object: the answers by
 status (every one must be 200: no 503), how long until upstream had them all

@@ -13,7 +13,9 @@ settle after all (it outlived the lease), it takes its slot again then.
 
 The lease (``RESERVATION_LEASE_SECONDS``) must be longer than any request can
 live: the host's ``functionTimeout`` (10 minutes in ``host.json``) kills a
-worker whose request runs longer, so the default is that plus one minute. A
+worker whose request runs longer, so the default is that plus one minute
+(derived from the timeout the host applies, and a lease set no longer than it
+refused at start: ``proxy.settings``). A
 slot is therefore given back between one lease and one lease plus 5 minutes
 (11 to 16 minutes) after its worker died. Every 5 minutes rather than every
 minute: each run wakes an instance (with a cold start when the app has scaled

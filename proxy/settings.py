@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -44,8 +45,15 @@ DEFAULT_BODY_MEMORY_BYTES = 128 * 1024 * 1024
 # #functions_request_body_size_limit). One MiB over the proxy's own limit, so that a body just over that
 # still gets the proxy's OpenAI-shaped 413, which names the limit.
 HOST_BODY_LIMIT_BYTES = DEFAULT_MAX_REQUEST_BYTES + 1024 * 1024
-# functionTimeout in host.json (10 min) plus a minute: no live request is older (proxy.reconcile)
+# functionTimeout in host.json (10 min) plus a minute: no live request is older (proxy.reconcile). The
+# lease is derived from the functionTimeout the host applies, and one given that is not longer is refused.
 DEFAULT_LEASE_SECONDS = 660.0
+LEASE_MARGIN_SECONDS = 60.0
+# The app's root, where host.json is deployed beside function_app.py.
+APP_ROOT = Path(__file__).resolve().parents[1]
+# Flex Consumption's functionTimeout when host.json sets none: 30 minutes
+# (https://learn.microsoft.com/en-us/azure/azure-functions/functions-scale#timeout).
+FLEX_DEFAULT_TIMEOUT_SECONDS = 1800.0
 DEFAULT_FAILED_LOOKUPS = 10
 # Chat sessions (``session_id``, ``proxy.sessions``): the bound on what is kept and prepended, and for how
 # long after its last turn. Defaults for every event until organizers can set them per event.
@@ -236,6 +244,22 @@ class Settings(BaseModel):
                 f"FUNCTIONS_REQUEST_BODY_SIZE_LIMIT ({host_limit}) is below MAX_REQUEST_BYTES "
                 f"({settings.max_request_bytes}): the Functions host would refuse bodies the proxy takes; raise it too"
             )
+        timeout = _function_timeout(get("AzureFunctionsJobHost__functionTimeout"), APP_ROOT / "host.json")
+        if "reservation_lease_seconds" not in raw:
+            if timeout is None:
+                raise SettingsError(
+                    "functionTimeout is -1 (no limit): set RESERVATION_LEASE_SECONDS to longer than any request may "
+                    "run, or the reconciler may give back the slot of one still running"
+                )
+            settings = settings.model_copy(update={"reservation_lease_seconds": timeout + LEASE_MARGIN_SECONDS})
+        elif timeout is not None and settings.reservation_lease_seconds <= timeout:
+            lease = settings.reservation_lease_seconds
+            raise SettingsError(
+                f"RESERVATION_LEASE_SECONDS ({lease:g}) must be longer than functionTimeout "
+                f"({timeout:g} s, host.json or AzureFunctionsJobHost__functionTimeout): a request may run that long, "
+                "and the reconciler would give back its slot while it still runs. Leave it unset to derive it "
+                f"(functionTimeout + {LEASE_MARGIN_SECONDS:g} s)"
+            )
         if settings.max_request_bytes > settings.body_memory_bytes * 3 // 8:
             raise SettingsError(
                 f"BODY_MEMORY_BYTES ({settings.body_memory_bytes}) must be at least 8/3 of MAX_REQUEST_BYTES "
@@ -257,6 +281,27 @@ class Settings(BaseModel):
     def for_cli(cls, settings_file: Path = Path("local.settings.json")) -> Settings:
         """The environment first, then ``Values`` of ``local.settings.json``."""
         return cls.from_env(cli_values(settings_file), need_upstream=False)
+
+
+def _function_timeout(setting: str | None, host_json: Path) -> float | None:
+    """The functionTimeout the Functions host applies, in seconds: the app setting that overrides
+    ``host.json``, else ``host.json``'s, else Flex Consumption's default; None for ``-1`` (no limit)."""
+    text = setting
+    if text is None and host_json.is_file():
+        try:
+            found = json.loads(host_json.read_text()).get("functionTimeout")
+        except (ValueError, AttributeError) as exc:
+            raise SettingsError(f"{host_json} is not a JSON object: {exc}") from None
+        text = None if found is None else str(found)
+    if text is None:
+        return FLEX_DEFAULT_TIMEOUT_SECONDS
+    if text.strip() == "-1":
+        return None
+    span = re.fullmatch(r"(?:(\d+)\.)?(\d{1,2}):(\d{1,2}):(\d{1,2}(?:\.\d+)?)", text.strip())
+    if span is None:
+        raise SettingsError(f"functionTimeout {text!r} is not a time span like 00:10:00 ([d.]hh:mm:ss)")
+    days, hours, minutes, seconds = span.groups()
+    return ((int(days or 0) * 24 + int(hours)) * 60 + int(minutes)) * 60 + float(seconds)
 
 
 def cli_values(settings_file: Path = Path("local.settings.json")) -> dict[str, str]:

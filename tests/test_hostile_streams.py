@@ -49,6 +49,8 @@ from tests.support import Service, app_env, eventually, sim_stats, start_app, st
 CHAT = "/api/v1/chat/completions"
 MODEL = "gpt-4o-mini"
 LEASE_SECONDS = 5
+# The lease must outlive functionTimeout (proxy.settings): a short lease goes with a short timeout.
+FUNCTION_TIMEOUT = {"AzureFunctionsJobHost__functionTimeout": "00:00:04"}
 # kind: (path, body); each answer takes a few hundred milliseconds to stream, so hang-ups land mid-way.
 KINDS: dict[str, tuple[str, dict[str, Any]]] = {
     "stream": (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "Tell me"}], "stream": True}),
@@ -71,7 +73,7 @@ def slow_simulator() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def hostile_app(azurite: str, slow_simulator: str) -> Iterator[tuple[Service, str]]:
-    env = app_env(azurite, slow_simulator, RESERVATION_LEASE_SECONDS=str(LEASE_SECONDS), **LENIENT)
+    env = app_env(azurite, slow_simulator, RESERVATION_LEASE_SECONDS=str(LEASE_SECONDS), **FUNCTION_TIMEOUT, **LENIENT)
     service, url = start_app(env, "--timer-interval", "1")
     yield service, url
     service.stop()

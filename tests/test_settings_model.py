@@ -43,3 +43,21 @@ def test_a_bad_value_names_its_setting(name: str, value: str, said: str) -> None
     with pytest.raises(SettingsError, match=name) as raised:
         Settings.from_env({**BASE, name: value})
     assert said in str(raised.value)
+
+
+def test_the_reservation_lease_follows_the_function_timeout() -> None:
+    """The lease outlives any request: derived from functionTimeout, and one given that is not longer is refused."""
+    assert Settings.from_env(BASE).reservation_lease_seconds == 600 + 60  # host.json's 00:10:00, plus a minute
+    shorter = {**BASE, "AzureFunctionsJobHost__functionTimeout": "00:00:04"}
+    assert Settings.from_env(shorter).reservation_lease_seconds == 64
+    assert Settings.from_env({**shorter, "RESERVATION_LEASE_SECONDS": "5"}).reservation_lease_seconds == 5
+    with pytest.raises(SettingsError, match=r"RESERVATION_LEASE_SECONDS \(300\) must be longer than functionTimeout"):
+        Settings.from_env({**BASE, "RESERVATION_LEASE_SECONDS": "300"})  # host.json: 600 s
+    longer = {**BASE, "AzureFunctionsJobHost__functionTimeout": "1.00:00:00"}
+    assert Settings.from_env(longer).reservation_lease_seconds == 86_400 + 60
+    unbounded = {**BASE, "AzureFunctionsJobHost__functionTimeout": "-1"}
+    with pytest.raises(SettingsError, match="functionTimeout is -1"):
+        Settings.from_env(unbounded)
+    assert Settings.from_env({**unbounded, "RESERVATION_LEASE_SECONDS": "7200"}).reservation_lease_seconds == 7200
+    with pytest.raises(SettingsError, match="not a time span"):
+        Settings.from_env({**BASE, "AzureFunctionsJobHost__functionTimeout": "10 minutes"})
