@@ -70,6 +70,12 @@ ROUTES: list[tuple[str, str, list[str], Handler]] = [
     ("manage_attendees", "manage/events/{event_id}/attendees", ["GET"], organizer.attendees),
     ("manage_attendee", "manage/events/{event_id}/attendees/{user}", ["PATCH"], organizer.attendee),
     ("manage_reset_key", "manage/events/{event_id}/attendees/{user}/reset-key", ["POST"], organizer.reset_key),
+    ("manage_share", "manage/events/{event_id}/share", ["POST"], organizer.share),
+    ("manage_unshare", "manage/events/{event_id}/share/{name}", ["DELETE"], organizer.unshare),
+    ("manage_organizers", "manage/organizers", ["GET", "POST"], organizer.organizers),
+    ("manage_organizer", "manage/organizers/{name}", ["DELETE"], organizer.organizer_account),
+    ("manage_organizer_reset_key", "manage/organizers/{name}/reset-key", ["POST"], organizer.organizer_reset_key),
+    ("manage_audit", "manage/audit", ["GET"], organizer.audit),
     ("manage_openapi", "manage/openapi.json", ["GET"], organizer.openapi),
     ("manage_probe", "manage/probe", ["POST"], ProbeApi(organizer, proxy.upstream).probe),
     ("portal", "portal/{*asset}", ["GET"], pages.portal),  # the attendee page and the pages' assets

@@ -13,11 +13,13 @@
     ├── EventDisabled                 403     event_disabled
     ├── AttendeeBlocked               403     attendee_blocked
     ├── AttendeeLimitReached          403     attendee_limit_reached
+    ├── Forbidden                     403     forbidden (an organizer account's role does not allow it)
     ├── NotFound                      404     not_found
     ├── ModelNotFound                 404     model_not_found
     ├── MethodNotAllowed              405     method_not_allowed (with ``Allow``)
     ├── EditConflict                  409     edit_conflict (organizer writes that kept colliding)
-    ├── NameTaken                     409     name_taken (registering a name that has a personal key)
+    ├── NameTaken                     409     name_taken (registering a name that has a personal key, or
+    │                                         adding an organizer account whose name is taken)
     ├── RequestTooLarge               413     request_too_large
     ├── CapExceeded                   429     daily_request_cap_exceeded / daily_token_cap_exceeded /
     │                                         rate_limited / event_budget_exhausted (with ``Retry-After``)
@@ -111,6 +113,12 @@ class AttendeeBlocked(ProxyError):
 
 class AttendeeLimitReached(ProxyError):
     status, code, type = 403, "attendee_limit_reached", "permission_error"
+
+
+class Forbidden(ProxyError):
+    """An organizer account whose role does not allow this change (a viewer's write, an organizer's account admin)."""
+
+    status, code, type = 403, "forbidden", "permission_error"
 
 
 class NotFound(ProxyError):

@@ -67,6 +67,10 @@ _EVENT_PK = "event"
 _OPTIONAL_CAPS = ("daily_requests", "daily_tokens", "tpm", "event_requests", "event_tokens", "max_attendees",
                   "session_turns", "session_chars")  # fmt: skip
 _CODE_PK = "code"
+AUDIT_PREFIX = "~audit|"  # the audit entries' row keys (proxy.audit) sort after every event id
+
+# Makes the audit entry (proxy.audit) of a change from the event before to the event after (None: none).
+Audit = Callable[["Event | None", "Event | None"], dict[str, Any]]
 
 
 def generate_code() -> str:
@@ -103,6 +107,9 @@ class Event:
     organizer: str = ""
     # Where budget alerts are POSTed ("" for none; proxy.alerts). A secret: shown masked, never logged.
     alert_webhook: str = ""
+    # Who may see and change it (proxy.accounts): the account that created it, and the shares {name: role}.
+    owner: str = ""
+    shared: tuple[tuple[str, str], ...] = ()
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     # The stored entity's ETag when read or written ("" before): every write is conditional on it.
     etag: str = field(default="", compare=False, repr=False)
@@ -135,6 +142,8 @@ class Event:
             "organizer": self.organizer,
             # Its scheme and host only: the path of a Slack or Teams webhook is its token.
             "alert_webhook": _masked(self.alert_webhook) if self.alert_webhook else None,
+            "owner": self.owner or None,
+            "shared": dict(self.shared),
             "created_at": self.created_at.isoformat(),
         }
 
@@ -155,6 +164,8 @@ class Event:
             "created_at": self.created_at,
             "blocked": orjson.dumps(self.blocked).decode(),
             "attendee_keys": self.attendee_keys,
+            "owner": self.owner,
+            "shared": orjson.dumps(dict(self.shared)).decode(),
         }
         if self.alert_webhook:
             entity["alert_webhook"] = self.alert_webhook
@@ -190,6 +201,8 @@ class Event:
             description=entity.get("description") or "",
             organizer=entity.get("organizer") or "",
             alert_webhook=entity.get("alert_webhook") or "",
+            owner=entity.get("owner") or "",
+            shared=tuple(sorted(orjson.loads(entity.get("shared") or "{}").items())),
             created_at=_utc(entity.get("created_at") or entity["starts_at"]),
             etag=str(getattr(entity, "metadata", {}).get("etag", "")),
         )
@@ -232,6 +245,10 @@ class EventStore:
         self._cache_seconds = cache_seconds
         self._clock = clock
         self._by_code: dict[str, tuple[float, Event | None]] = {}
+
+    @property
+    def hasher(self) -> SecretHasher | None:
+        return self._hasher
 
     def hash_code(self, code: str) -> str:
         """The stored form of an event code: its keyed hash (``proxy.hashing``)."""
@@ -310,20 +327,28 @@ class EventStore:
         return Event.from_entity(entity)
 
     async def list_all(self) -> list[Event]:
-        entities = self._tables.events.query_entities("PartitionKey eq @pk", parameters={"pk": _EVENT_PK})
+        # The partition also holds the events' audit entries (proxy.audit), whose row keys sort after every id.
+        entities = self._tables.events.query_entities(
+            "PartitionKey eq @pk and RowKey lt @audit", parameters={"pk": _EVENT_PK, "audit": AUDIT_PREFIX}
+        )
         try:
             events = [Event.from_entity(entity) for entity in await gathered(entities)]
         except ResourceNotFoundError:
             return []
         return sorted(events, key=lambda e: (e.starts_at, e.id))
 
-    async def create(self, event: Event) -> Event:
-        """Store a new event (its code must be free); the event with its ETag."""
+    async def create(self, event: Event, audit: Audit | None = None) -> Event:
+        """Store a new event (its code must be free); the event with its ETag. With ``audit``, the entry it
+        makes of (None, the event) is written in the same transaction (``proxy.audit``)."""
         await self._claim_code(event.code_hash, event.id)
-        stored = await self._tables.insert(self._tables.events, event.to_entity())
+        if audit is None:
+            stored = await self._tables.insert(self._tables.events, event.to_entity())
+        else:
+            operations = [("create", event.to_entity()), ("create", audit(None, event))]
+            stored = (await self._tables.submit(self._tables.events, operations))[0]
         return replace(event, etag=str(stored["etag"]))
 
-    async def save(self, event: Event) -> Event:
+    async def save(self, event: Event, entry: dict[str, Any] | None = None) -> Event:
         """Write an event read from storage, if nobody wrote it since (its ETag); the event with its new ETag.
 
         Raises ``ResourceModifiedError`` when another write came first (``modify`` retries), and
@@ -332,28 +357,39 @@ class EventStore:
         if not event.etag:
             raise ValueError("an event is saved under the ETag it was read with: get it from the store first")
         try:
-            stored = await guarded(
-                self._tables.events.update_entity(
-                    event.to_entity(), mode=UpdateMode.REPLACE, etag=event.etag,
-                    match_condition=MatchConditions.IfNotModified,
-                )
-            )  # fmt: skip
+            if entry is None:
+                stored = await guarded(
+                    self._tables.events.update_entity(
+                        event.to_entity(), mode=UpdateMode.REPLACE, etag=event.etag,
+                        match_condition=MatchConditions.IfNotModified,
+                    )
+                )  # fmt: skip
+            else:  # the change and its audit entry together, or neither
+                update = {
+                    "mode": UpdateMode.REPLACE,
+                    "etag": event.etag,
+                    "match_condition": MatchConditions.IfNotModified,
+                }
+                operations = [("update", event.to_entity(), update), ("create", entry)]
+                stored = (await self._tables.submit(self._tables.events, operations))[0]
         except ResourceNotFoundError:
             raise NotFound(f"No event with id {event.id!r}: it was deleted meanwhile.") from None
         self._by_code.pop(event.code_hash, None)
         return replace(event, etag=str(stored["etag"]))
 
-    async def modify(self, event_id: str, change: Callable[[Event], Event]) -> Event:
+    async def modify(self, event_id: str, change: Callable[[Event], Event], audit: Audit | None = None) -> Event:
         """Read the event, apply ``change`` and write the result under the ETag read, again and again while
         other writes come first; the event as stored. ``change`` must be a pure function of the event it is
-        given: it may run several times. A change that changes nothing writes nothing."""
+        given: it may run several times. A change that changes nothing writes nothing. With ``audit``, the
+        entry it makes of (event read, event changed) is written in the same transaction as the change."""
         for attempt in range(MODIFY_ATTEMPTS):
             event = await self.get(event_id)
             changed = change(event)
             if changed == event:
                 return event
             try:
-                return await self.save(replace(changed, etag=event.etag))
+                entry = None if audit is None else audit(event, changed)
+                return await self.save(replace(changed, etag=event.etag), entry)
             except ResourceModifiedError:
                 await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))  # let the other writer finish
         raise EditConflict(
@@ -361,7 +397,9 @@ class EventStore:
             "so this change was not made. Try again."
         )
 
-    async def rotate(self, event_id: str, new_hash: str) -> Event:
+    async def rotate(
+        self, event_id: str, new_hash: str, audit: Audit | None = None, guard: Callable[[Event], None] | None = None
+    ) -> Event:
         """Point the event at a new code (by its hash); the old one stops working.
 
         The new index row is claimed first and the old one released last, so the event opens with its
@@ -372,12 +410,14 @@ class EventStore:
         replaced: set[str] = set()
 
         def point(event: Event) -> Event:
+            if guard is not None:
+                guard(event)
             if event.code_hash != new_hash:
                 replaced.add(event.code_hash)
             return replace(event, code_hash=new_hash)
 
         try:
-            rotated = await self.modify(event_id, point)
+            rotated = await self.modify(event_id, point, audit)
         except (NotFound, EditConflict):
             try:
                 written = (await self.get(event_id)).code_hash == new_hash  # by an attempt whose answer was lost
@@ -391,17 +431,24 @@ class EventStore:
             self._by_code.pop(old_hash, None)
         return rotated
 
-    async def delete(self, event_id: str) -> Event:
+    async def delete(
+        self, event_id: str, audit: Audit | None = None, guard: Callable[[Event], None] | None = None
+    ) -> Event:
         """Delete the event, then its code's index row; the event as it was. Conditional on its ETag, so the
-        code released is the one the deleted event had, whatever rotation came between."""
+        code released is the one the deleted event had, whatever rotation came between. ``guard`` may refuse
+        the event as read; ``audit``'s entry of (event, None) is written in the same transaction."""
         for attempt in range(MODIFY_ATTEMPTS):
             event = await self.get(event_id)
+            if guard is not None:
+                guard(event)
+            condition: dict[str, Any] = {"etag": event.etag, "match_condition": MatchConditions.IfNotModified}
             try:
-                await guarded(
-                    self._tables.events.delete_entity(
-                        _EVENT_PK, event.id, etag=event.etag, match_condition=MatchConditions.IfNotModified
-                    )
-                )
+                if audit is None:
+                    await guarded(self._tables.events.delete_entity(_EVENT_PK, event.id, **condition))
+                else:
+                    operations = [("delete", {"PartitionKey": _EVENT_PK, "RowKey": event.id}, condition),
+                                  ("create", audit(event, None))]  # fmt: skip
+                    await self._tables.submit(self._tables.events, operations)
             except ResourceModifiedError:
                 await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))
                 continue

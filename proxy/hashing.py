@@ -6,7 +6,7 @@ a plain hash: with a plain SHA-256, a copy of the table (or of a log line that
 named a row) let anyone test candidate codes offline at billions per second.
 Without the key, a stored hash tells nothing about the secret.
 
-Each use of a secret has a *purpose* label (``EVENT_CODE``, ``PERSONAL_KEY``),
+Each use of a secret has a *purpose* label (``EVENT_CODE``, ``PERSONAL_KEY``, ``ORGANIZER_ACCOUNT_KEY``),
 and each purpose hashes under a key of its own derived from
 ``CODE_HASH_KEY``: the same string used for two purposes gives two unrelated
 hashes, so one kind of row can never be matched against another.
@@ -23,6 +23,7 @@ import hmac
 
 EVENT_CODE = "event-code"
 PERSONAL_KEY = "personal-key"
+ORGANIZER_ACCOUNT_KEY = "organizer-account-key"
 MIN_KEY_LENGTH = 32
 
 

@@ -32,6 +32,7 @@ from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import ClientAuthenticationError
 
 from proxy import doctor, organizer
+from proxy.accounts import CLI, ROLES, AccountStore
 from proxy.attendees import Roster
 from proxy.doctor import DEFAULT_URL
 from proxy.errors import ProxyError, StorageUnavailable
@@ -136,6 +137,30 @@ def build_parser() -> argparse.ArgumentParser:
     action("enable", "Switch an event back on.")
     delete = action("delete", "Delete an event and its code; its usage is kept for reports.")
     delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    share = action("share", "Let an organizer account see (viewer) or also change (organizer) an event; at once.")
+    share.add_argument("name", metavar="NAME", help="the account's name (see 'organizers list'), or entra:<object id>")
+    share.add_argument("--role", choices=("organizer", "viewer"), default="organizer", help="default: organizer")
+    unshare = action("unshare", "Stop sharing an event with an account; at once.")
+    unshare.add_argument("name", metavar="NAME")
+
+    accounts = commands.add_parser("organizers", help="organizer accounts: add, list, remove, reset-key")
+    account_actions = accounts.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    for verb, text in (
+        ("add", "Add an account; prints its key once."),
+        ("list", "List the accounts."),
+        ("remove", "Remove an account; its key stops working."),
+        ("reset-key", "Give an account a new key (printed once); the old one stops working."),
+    ):
+        sub = account_actions.add_parser(verb, help=text, description=text)
+        if verb != "list":
+            sub.add_argument("name", metavar="NAME", help="1-64 of A-Z a-z 0-9 . @ -, starting with a letter or digit")
+        if verb == "add":
+            sub.add_argument("--role", choices=ROLES, required=True, help="admin, organizer or viewer")
+        sub.add_argument("--json", action="store_true", help="print one JSON object")
+
+    log = commands.add_parser("audit", help="the audit log: who changed what, newest first")
+    log.add_argument("event_id", metavar="EVENT_ID", nargs="?", help="one event's entries (default: all)")
+    log.add_argument("--json", action="store_true", help="print one JSON object")
 
     attendees = commands.add_parser("attendees", help="list an event's attendees, block or unblock one, reset a key")
     verbs = attendees.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -202,8 +227,22 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace, store: EventStore, tables: Tables, settings: Settings) -> None:
     """Carry out one command and print its result."""
+    if args.area == "organizers":
+        accounts = AccountStore(tables, store.hasher, 0)
+        if args.action == "list":
+            _print(args, await accounts.list(), _accounts_table)
+        elif args.action == "add":
+            _print(args, await accounts.add(CLI, args.name, args.role), _account_key)
+        elif args.action == "reset-key":
+            _print(args, await accounts.reset_key(CLI, args.name), _account_key)
+        else:
+            _print(args, await accounts.remove(CLI, args.name), lambda data: f"Removed account {data['name']}.")
+        return
+    if args.area == "audit":
+        _print(args, await organizer.audit_log(store, tables, CLI, args.event_id), _audit_table)
+        return
     if args.area == "usage":
-        data = await organizer.usage_report(store, tables, args.event_id, args.by)
+        data = await organizer.usage_report(store, tables, CLI, args.event_id, args.by)
         if args.csv:
             print(report_csv(data), end="")
         else:
@@ -211,41 +250,48 @@ async def run(args: argparse.Namespace, store: EventStore, tables: Tables, setti
         return
     if args.area == "plan":
         prices = PriceTable.load(settings.model_prices)
-        data = await organizer.plan_event(store, tables, prices, args.event_id, args.attendees, args.tpm)
+        data = await organizer.plan_event(store, tables, prices, CLI, args.event_id, args.attendees, args.tpm)
         _print(args, data, _plan_text)
         return
     if args.area == "attendees":
         keys = PersonalKeys(tables, store, Roster(tables), 0)
         if args.action == "list":
-            _print(args, await organizer.list_attendees(store, tables, args.event_id, keys), _attendees_table)
+            _print(args, await organizer.list_attendees(store, tables, CLI, args.event_id, keys), _attendees_table)
         elif args.action == "reset-key":
-            _print(args, await organizer.reset_key(store, keys, args.event_id, args.user), _key_reset)
+            _print(args, await organizer.reset_key(store, tables, CLI, keys, args.event_id, args.user), _key_reset)
         else:
-            blocked = await organizer.set_blocked(store, args.event_id, args.user, args.action == "block")
+            blocked = await organizer.set_blocked(store, CLI, args.event_id, args.user, args.action == "block")
             _print(args, blocked, _blocked)
         return
     action: str = args.action
     if action == "create":
-        _print(args, await organizer.create_event(store, _fields(args)), _created)
+        _print(args, await organizer.create_event(store, CLI, _fields(args)), _created)
     elif action == "list":
-        _print(args, await organizer.list_events(store), _events_table)
+        _print(args, await organizer.list_events(store, CLI), _events_table)
     elif action == "show":
-        event = await organizer.get_event(store, args.id)
+        event = await organizer.get_event(store, CLI, args.id)
         if args.json:
             _print(args, event, _details)
         else:  # the readable form adds what is used of the event's budgets
-            print(_details(event) + _budget_lines((await organizer.usage_report(store, tables, args.id)).get("budget")))
+            budget = (await organizer.usage_report(store, tables, CLI, args.id)).get("budget")
+            print(_details(event) + _budget_lines(budget))
     elif action in ("update", "disable", "enable"):
         fields = _fields(args) if action == "update" else {"active": action == "enable"}
         shown = _details if action == "update" else _switched
-        _print(args, await organizer.update_event(store, args.id, fields), shown)
+        _print(args, await organizer.update_event(store, CLI, args.id, fields), shown)
     elif action == "rotate-code":
-        _print(args, await organizer.rotate_code(store, args.id, args.code), _rotated)
+        _print(args, await organizer.rotate_code(store, CLI, args.id, args.code), _rotated)
+    elif action == "share":
+        shared = await organizer.share_event(store, AccountStore(tables, store.hasher, 0), CLI, args.id,
+                                             {"organizer": args.name, "role": args.role})  # fmt: skip
+        _print(args, shared, _shares)
+    elif action == "unshare":
+        _print(args, await organizer.unshare_event(store, CLI, args.id, args.name), _shares)
     elif action == "delete":
-        event = await organizer.get_event(store, args.id)
+        event = await organizer.get_event(store, CLI, args.id)
         if not args.yes and not _confirmed(f"Delete event '{event['name']}' ({event['id']})? Usage is kept. [y/N] "):
             raise _Refused("Not deleted: confirm, or pass --yes.")
-        _print(args, await organizer.delete_event(store, args.id), lambda data: f"Deleted event {data['id']}.")
+        _print(args, await organizer.delete_event(store, CLI, args.id), lambda data: f"Deleted event {data['id']}.")
 
 
 class _Refused(Exception):
@@ -321,6 +367,41 @@ def _attendees_table(data: dict[str, Any]) -> str:
     rows = [(a["user"], a["first_seen"], a["requests"], a["total_tokens"], "yes" if a["blocked"] else "",
              "yes" if a["personal_key"] else "") for a in data["data"]]  # fmt: skip
     return f"{data['count']} attendees{limit}.\n" + _table(header, rows, (False, False, True, True, False, False))
+
+
+def _accounts_table(data: dict[str, Any]) -> str:
+    if not data["data"]:
+        return "No organizer accounts yet: add one with 'python -m proxy.manage organizers add NAME --role ROLE'."
+    rows = [(a["name"], a["role"], a["created_at"], a["created_by"]) for a in data["data"]]
+    return _table(("NAME", "ROLE", "CREATED", "BY"), rows, (False,) * 4)
+
+
+def _account_key(data: dict[str, Any]) -> str:
+    return (
+        f"Organizer account '{data['name']}' ({data['role']}).\nKey: {data['key']}\n"
+        "The key is shown only now: give it to its owner, who signs in with it on /api/manage/portal or sends it "
+        "as 'Authorization: Bearer <key>'."
+    )
+
+
+def _shares(data: dict[str, Any]) -> str:
+    shares = ", ".join(f"{name} ({role})" for name, role in data["shared"].items()) or "nobody"
+    return f"Event {data['event_id']}, owned by {data['owner'] or '-'}, is shared with: {shares}."
+
+
+def _audit_table(data: dict[str, Any]) -> str:
+    if not data["data"]:
+        return "No audit entries."
+    rows = [
+        (e["time"], e["account"], e["action"], e["event_id"], e["target"],
+         "; ".join(f"{name}: {_value(c['old'])} -> {_value(c['new'])}" for name, c in e["changes"].items()))
+        for e in data["data"]
+    ]  # fmt: skip
+    return _table(("TIME", "ACCOUNT", "ACTION", "EVENT", "TARGET", "CHANGES"), rows, (False,) * 6)
+
+
+def _value(value: Any) -> str:
+    return "-" if value is None else orjson.dumps(value).decode() if isinstance(value, (dict, list)) else str(value)
 
 
 def _key_reset(data: dict[str, Any]) -> str:

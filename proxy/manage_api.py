@@ -1,7 +1,9 @@
 """The organizer HTTP API under ``/api/manage/``: authentication, routing, rendering.
 
-Every route needs ``Authorization: Bearer <ORGANIZER_KEY>``, compared in
-constant time; a missing or wrong key is 401 ``unauthorized``.
+Every route needs ``Authorization: Bearer <key>``: ``ORGANIZER_KEY`` (an
+admin, compared in constant time) or an organizer account's key
+(``proxy.accounts``: its role decides what it sees and may change; an event it
+may not see is 404); a missing or wrong key is 401 ``unauthorized``.
 In Azure, an organizer signed in with Entra ID through App Service
 authentication is let in too, only where the app is told to trust the
 platform's header (``proxy.principal``). Without an
@@ -18,6 +20,10 @@ The key is never logged nor echoed. The operations themselves live in
 - ``GET /events/{id}/attendees``; ``PATCH /events/{id}/attendees/{user}`` with
   ``{"blocked": true|false}``; ``POST /events/{id}/attendees/{user}/reset-key``
   (the name's personal key stops working, ``proxy.keys``)
+- ``POST /events/{id}/share`` with ``{"organizer", "role"}``; ``DELETE /events/{id}/share/{name}``
+- ``POST``/``GET /organizers``, ``DELETE /organizers/{name}``, ``POST /organizers/{name}/reset-key``
+  (admins only; the key is shown once)
+- ``GET /audit?event=ID``: the audit log (``proxy.audit``), newest first
 - ``GET /openapi.json``: the schema of all of the above (``proxy.models``)
 - ``POST /probe``: does each model answer? (``proxy.probe``, for the doctor)
 """
@@ -32,11 +38,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy import organizer
+from proxy.accounts import ORGANIZER_KEY, AccountStore, Actor, require_admin
 from proxy.errors import InvalidRequest, MethodNotAllowed, OrganizerApiDisabled, Unauthorized
 from proxy.events import EventStore
 from proxy.handlers import answering
 from proxy.keys import PersonalKeys
-from proxy.models import AttendeePatch, RotateCode, openapi, validated
+from proxy.models import AttendeePatch, OrganizerCreate, RotateCode, openapi, validated
 from proxy.payload import read_json
 from proxy.prices import PriceTable
 from proxy.principal import PORTAL_HEADER, read_principal
@@ -52,44 +59,46 @@ class OrganizerApi:
 
     def __init__(self, settings: Settings, tables: Tables, events: EventStore, keys: PersonalKeys) -> None:
         self.settings, self.tables, self.store, self.keys = settings, tables, events, keys
+        self.accounts = AccountStore(tables, settings.hasher(), settings.event_cache_seconds)
         self.prices = PriceTable.load(settings.model_prices)
         self._schema = openapi()
 
     @answering
     async def events(self, request: Request) -> Response:
-        self.authorize(request)
+        actor = await self.authorize(request)
         if request.method == "POST":
             fields = await read_json(request, self.settings.max_request_bytes)
-            return _json(await organizer.create_event(self.store, fields), status=201)
+            return _json(await organizer.create_event(self.store, actor, fields), status=201)
         if request.method == "GET":
-            return _json(await organizer.list_events(self.store))
+            return _json(await organizer.list_events(self.store, actor))
         raise _no_method(request, ["GET", "POST"])
 
     @answering
     async def event(self, request: Request, event_id: str) -> Response:
-        self.authorize(request)
+        actor = await self.authorize(request)
         if request.method == "GET":
-            return _json(await organizer.get_event(self.store, event_id))
+            return _json(await organizer.get_event(self.store, actor, event_id))
         if request.method == "PATCH":
             fields = await read_json(request, self.settings.max_request_bytes)
-            return _json(await organizer.update_event(self.store, event_id, fields))
+            return _json(await organizer.update_event(self.store, actor, event_id, fields))
         if request.method == "DELETE":
-            return _json(await organizer.delete_event(self.store, event_id))
+            return _json(await organizer.delete_event(self.store, actor, event_id))
         raise _no_method(request, ["GET", "PATCH", "DELETE"])
 
     @answering
     async def rotate_code(self, request: Request, event_id: str) -> Response:
-        self.authorize(request)
+        actor = await self.authorize(request)
         fields: dict[str, Any] = {}
         if _has_body(request):
             fields = await read_json(request, self.settings.max_request_bytes)
         body = validated(RotateCode, fields)
-        return _json(await organizer.rotate_code(self.store, event_id, body.code))
+        return _json(await organizer.rotate_code(self.store, actor, event_id, body.code))
 
     @answering
     async def usage(self, request: Request, event_id: str) -> Response:
-        self.authorize(request)
-        data = await organizer.usage_report(self.store, self.tables, event_id, request.query_params.get("by", "user"))
+        actor = await self.authorize(request)
+        by = request.query_params.get("by", "user")
+        data = await organizer.usage_report(self.store, self.tables, actor, event_id, by)
         if "text/csv" in request.headers.get("accept", ""):
             filename = f"{data['event_id']}-usage-by-{data['by']}.csv"
             return Response(
@@ -102,42 +111,91 @@ class OrganizerApi:
     @answering
     async def plan(self, request: Request, event_id: str) -> Response:
         """``GET /events/{id}/plan?attendees=N&tpm=MODEL=TPM``: the pre-event plan (``proxy.plan``)."""
-        self.authorize(request)
+        actor = await self.authorize(request)
         query = request.query_params
         unknown = sorted(set(query) - {"attendees", "tpm"})
         if unknown:
             raise InvalidRequest(f"Unknown parameter '{unknown[0]}'. Known: attendees, tpm.", param=unknown[0])
         data = await organizer.plan_event(
-            self.store, self.tables, self.prices, event_id, query.get("attendees"), query.getlist("tpm")
+            self.store, self.tables, self.prices, actor, event_id, query.get("attendees"), query.getlist("tpm")
         )
         return _json(data)
 
     @answering
     async def attendees(self, request: Request, event_id: str) -> Response:
-        self.authorize(request)
-        return _json(await organizer.list_attendees(self.store, self.tables, event_id, self.keys))
+        actor = await self.authorize(request)
+        return _json(await organizer.list_attendees(self.store, self.tables, actor, event_id, self.keys))
 
     @answering
     async def attendee(self, request: Request, event_id: str, user: str) -> Response:
         """``PATCH {"blocked": true|false}``: block or unblock one name."""
-        self.authorize(request)
+        actor = await self.authorize(request)
         body = validated(AttendeePatch, await read_json(request, self.settings.max_request_bytes))
-        return _json(await organizer.set_blocked(self.store, event_id, user, body.blocked))
+        return _json(await organizer.set_blocked(self.store, actor, event_id, user, body.blocked))
 
     @answering
     async def reset_key(self, request: Request, event_id: str, user: str) -> Response:
         """``POST``: the name's personal key stops working, and the name can be registered again."""
-        self.authorize(request)
-        return _json(await organizer.reset_key(self.store, self.keys, event_id, user))
+        actor = await self.authorize(request)
+        return _json(await organizer.reset_key(self.store, self.tables, actor, self.keys, event_id, user))
+
+    @answering
+    async def share(self, request: Request, event_id: str) -> Response:
+        """``POST {"organizer": NAME, "role": "organizer"|"viewer"}``: share the event; at once everywhere."""
+        actor = await self.authorize(request)
+        fields = await read_json(request, self.settings.max_request_bytes)
+        return _json(await organizer.share_event(self.store, self.accounts, actor, event_id, fields))
+
+    @answering
+    async def unshare(self, request: Request, event_id: str, name: str) -> Response:
+        """``DELETE``: stop sharing the event with ``name``."""
+        actor = await self.authorize(request)
+        return _json(await organizer.unshare_event(self.store, actor, event_id, name))
+
+    @answering
+    async def organizers(self, request: Request) -> Response:
+        """``POST {"name", "role"}`` (201, the key shown once), ``GET``: organizer accounts, for admins."""
+        actor = await self.authorize(request)
+        if request.method == "POST":
+            body = validated(OrganizerCreate, await read_json(request, self.settings.max_request_bytes))
+            return _json(await self.accounts.add(actor, body.name, body.role), status=201)
+        if request.method == "GET":
+            require_admin(actor, "list organizer accounts")
+            return _json(await self.accounts.list())
+        raise _no_method(request, ["GET", "POST"])
+
+    @answering
+    async def organizer_account(self, request: Request, name: str) -> Response:
+        """``DELETE``: remove an account; its key stops working."""
+        actor = await self.authorize(request)
+        return _json(await self.accounts.remove(actor, name))
+
+    @answering
+    async def organizer_reset_key(self, request: Request, name: str) -> Response:
+        """``POST``: a new key for an account (shown once); the old one stops working."""
+        actor = await self.authorize(request)
+        return _json(await self.accounts.reset_key(actor, name))
+
+    @answering
+    async def audit(self, request: Request) -> Response:
+        """``GET /audit?event=ID``: the audit log, newest first."""
+        actor = await self.authorize(request)
+        query = request.query_params
+        unknown = sorted(set(query) - {"event"})
+        if unknown:
+            raise InvalidRequest(f"Unknown parameter '{unknown[0]}'. Known: event.", param=unknown[0])
+        return _json(await organizer.audit_log(self.store, self.tables, actor, query.get("event")))
 
     @answering
     async def openapi(self, request: Request) -> Response:
         """``GET /openapi.json``: this API's schema, from the models that validate it (``proxy.models``)."""
-        self.authorize(request)
+        await self.authorize(request)
         return _json(self._schema)
 
-    def authorize(self, request: Request) -> None:
-        """The organizer key, or an organizer signed in with Entra ID when the app trusts the platform's header."""
+    async def authorize(self, request: Request) -> Actor:
+        """Who calls: the organizer key (an admin), an organizer account's key (``proxy.accounts``, one point read
+        per key and cache lifetime), or an organizer signed in with Entra ID when the app trusts the platform's
+        header (an admin: every listed principal does everything)."""
         expected = self.settings.organizer_key
         sign_in = self.settings.organizer_sign_in
         if not expected and not sign_in.trusted:
@@ -146,14 +204,19 @@ class OrganizerApi:
                 "and restart the app, or use 'python -m proxy.manage' instead."
             )
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if expected and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode()):
-            return
+        given = given.strip()
+        if scheme.lower() == "bearer" and given:
+            if expected and hmac.compare_digest(given.encode(), expected.encode()):
+                return Actor(ORGANIZER_KEY, "admin")
+            account = await self.accounts.by_key(given)
+            if account is not None:
+                return account
         principal = read_principal(request.headers) if sign_in.trusted else None  # proxy.principal
         if principal is not None:
             if request.headers.get(PORTAL_HEADER) != "1":
                 raise Unauthorized(f"Signed in with Entra ID, call from the organizer page (it sends {PORTAL_HEADER}).")
             if sign_in.admits(principal):
-                return
+                return Actor(f"entra:{principal.object_id.lower()}", "admin")
             raise Unauthorized(
                 f"The Entra ID account {principal.object_id} is not an organizer of this app: add its object id to "
                 "ORGANIZER_ENTRA_OBJECT_IDS, or one of its groups to ORGANIZER_ENTRA_GROUP_IDS."

@@ -181,6 +181,22 @@ class AttendeePatch(BaseModel):
     blocked: StrictBool
 
 
+class Share(BaseModel):
+    """``POST /events/{id}/share``: an account (or ``entra:<object id>``) and what it may do with the event."""
+
+    model_config = ConfigDict(extra="forbid")
+    organizer: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    role: Literal["organizer", "viewer"] = "organizer"
+
+
+class OrganizerCreate(BaseModel):
+    """``POST /organizers``: a new account; its key is in the answer, once."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    role: Literal["admin", "organizer", "viewer"]
+
+
 class EventOut(BaseModel):
     """An event as organizers see it (never its code)."""
 
@@ -204,6 +220,8 @@ class EventOut(BaseModel):
     description: str
     organizer: str
     alert_webhook: str | None = Field(description="scheme and host of the alert webhook (its path is a secret)")
+    owner: str | None = Field(description="the account that created it (ORGANIZER_KEY, a name, entra:<object id>)")
+    shared: dict[str, Literal["organizer", "viewer"]] = Field(description="the accounts it is shared with")
     created_at: datetime
 
 

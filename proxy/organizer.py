@@ -45,10 +45,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from proxy import audit
+from proxy.accounts import ENTRA_NAME, AccountStore, Actor, check_name, event_role, require_writer
 from proxy.attendees import roster
 from proxy.budget import has_budget, read_shards, totals
-from proxy.errors import InvalidRequest, NotFound
+from proxy.errors import Forbidden, InvalidRequest, NotFound
 from proxy.events import (
+    Audit,
     Event,
     EventStore,
     check_event_id,
@@ -57,7 +60,7 @@ from proxy.events import (
 )
 from proxy.guessing import check_chosen_code
 from proxy.keys import PersonalKeys
-from proxy.models import AttendeePatch, EventCreate, EventUpdate, PlanQuery, RotateCode, validated
+from proxy.models import AttendeePatch, EventCreate, EventUpdate, PlanQuery, RotateCode, Share, validated
 from proxy.plan import BICEP_PARAMS, bicep_quotas, parse_tpm, plan
 from proxy.prices import PriceTable
 from proxy.storage import Tables
@@ -66,10 +69,12 @@ from proxy.usage import GROUPINGS, GroupBy, hourly_report, report
 EVENT_FIELDS = frozenset(EventCreate.model_fields)
 USER_PATTERN = re.compile(r"[A-Za-z0-9._@+-]{1,128}")  # as in the credential (proxy.credentials)
 MAX_BLOCKED = 500
+_EVENT_PARTITION = "event"  # audit entries of events' changes live beside the events (proxy.audit)
 
 
-async def create_event(store: EventStore, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate and store a new event; the result holds its code, shown only now."""
+async def create_event(store: EventStore, actor: Actor, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate and store a new event, owned by ``actor``; the result holds its code, shown only now."""
+    require_writer(actor, "create events")
     new = validated(EventCreate, fields)
     code = generate_code() if new.code is None else _chosen(new.code)
     _check_window(new.start, new.end)
@@ -86,13 +91,14 @@ async def create_event(store: EventStore, fields: Mapping[str, Any]) -> dict[str
         starts_at=new.start,
         ends_at=new.end,
         models=tuple(new.models),
+        owner=actor.name,
         **values,
     )
-    await store.create(event)
+    await store.create(event, _audited(actor, "create"))
     return {**event.public(), "code": code}
 
 
-async def update_event(store: EventStore, event_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+async def update_event(store: EventStore, actor: Actor, event_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
     """Change the given fields of an event (PATCH); returns the public event."""
     if "code" in fields:
         raise InvalidRequest(
@@ -111,37 +117,50 @@ async def update_event(store: EventStore, event_id: str, fields: Mapping[str, An
             attributes[text] = ""
 
     def change(event: Event) -> Event:
+        _writer(actor, event, "change events")
         updated = replace(event, **attributes)
         _check_window(updated.starts_at, updated.ends_at)
         return updated
 
-    return (await store.modify(event_id, change)).public()
+    return (await store.modify(event_id, change, _audited(actor, "update"))).public()
 
 
-async def rotate_code(store: EventStore, event_id: str, new_code: str | None = None) -> dict[str, Any]:
+async def rotate_code(store: EventStore, actor: Actor, event_id: str, new_code: str | None = None) -> dict[str, Any]:
     """Give the event a new code (``{"id", "code"}``, shown only now); the old one stops working."""
+    event = await store.get(event_id)
+    _writer(actor, event, "rotate codes")
     asked = validated(RotateCode, {"code": new_code}).code
     code = generate_code() if asked is None else _chosen(asked)
-    event = await store.get(event_id)
     code_hash = store.hash_code(code)
     if code_hash == event.code_hash:
         raise InvalidRequest("That is the event's current code; choose a different one.", param="code")
-    await store.rotate(event.id, code_hash)
+    await store.rotate(event.id, code_hash, _audited(actor, "rotate-code"), lambda e: _writer(actor, e, "rotate codes"))
     return {"id": event.id, "code": code}
 
 
-async def delete_event(store: EventStore, event_id: str) -> dict[str, Any]:
+async def delete_event(store: EventStore, actor: Actor, event_id: str) -> dict[str, Any]:
     """Delete the event and its code; its usage is kept for reports."""
-    event = await store.delete(check_event_id(event_id))
+    guard = lambda event: _writer(actor, event, "delete events")  # noqa: E731
+    event = await store.delete(check_event_id(event_id), _audited(actor, "delete"), guard)
     return {"id": event.id, "deleted": True}
 
 
-async def get_event(store: EventStore, event_id: str) -> dict[str, Any]:
-    return (await store.get(event_id)).public()
+async def get_event(store: EventStore, actor: Actor, event_id: str) -> dict[str, Any]:
+    return (await visible_event(store, actor, event_id)).public()
 
 
-async def list_events(store: EventStore) -> dict[str, Any]:
-    return {"object": "list", "data": [event.public() for event in await store.list_all()]}
+async def list_events(store: EventStore, actor: Actor) -> dict[str, Any]:
+    """The events ``actor`` may see (every one for an admin)."""
+    events = [event for event in await store.list_all() if _role(actor, event) is not None]
+    return {"object": "list", "data": [event.public() for event in events]}
+
+
+async def visible_event(store: EventStore, actor: Actor, event_id: str) -> Event:
+    """The event, if ``actor`` may see it; else 404, word for word as for an event that does not exist."""
+    event = await store.get(event_id)
+    if _role(actor, event) is None:
+        raise NotFound(f"No event with id {event_id!r}.")
+    return event
 
 
 def check_grouping(value: Any) -> GroupBy:
@@ -151,13 +170,18 @@ def check_grouping(value: Any) -> GroupBy:
     raise InvalidRequest(f"'by' must be one of {', '.join(GROUPINGS)}, got {value!r}", param="by")
 
 
-async def usage_report(store: EventStore, tables: Tables, event_id: str, by: Any = "user") -> dict[str, Any]:
-    """The usage report; also for a deleted event whose usage was kept (see module docstring)."""
+async def usage_report(
+    store: EventStore, tables: Tables, actor: Actor, event_id: str, by: Any = "user"
+) -> dict[str, Any]:
+    """The usage report; also for a deleted event whose usage was kept (see module docstring), to admins only
+    (whom a deleted event was shared with is gone with it)."""
     grouping = check_grouping(by)
     check_event_id(event_id)
     try:
-        event = await store.get(event_id)
+        event = await visible_event(store, actor, event_id)
     except NotFound:
+        if not actor.admin:
+            raise
         if grouping == "hour":
             data = await hourly_report(tables, event_id, "UTC", datetime.now(UTC))
         else:
@@ -179,13 +203,14 @@ async def plan_event(
     store: EventStore,
     tables: Tables,
     prices: PriceTable,
+    actor: Actor,
     event_id: str,
     attendees: Any = None,
     tpm: list[str] | None = None,
     bicep_params: Path = BICEP_PARAMS,
 ) -> dict[str, Any]:
     """The pre-event plan (``proxy.plan``): attendees given, else ``max_attendees``, else the names seen."""
-    event = await store.get(event_id)
+    event = await visible_event(store, actor, event_id)
     try:
         quotas = {**bicep_quotas(bicep_params), **parse_tpm(tpm or [])}
     except ValueError as exc:
@@ -207,10 +232,12 @@ async def plan_event(
     return plan(event, count, source, quotas, prices, usage)
 
 
-async def list_attendees(store: EventStore, tables: Tables, event_id: str, keys: PersonalKeys) -> dict[str, Any]:
+async def list_attendees(
+    store: EventStore, tables: Tables, actor: Actor, event_id: str, keys: PersonalKeys
+) -> dict[str, Any]:
     """Every name seen in the event (and every blocked one): first seen, requests and tokens, blocked, whether
     it has a personal key."""
-    event = await store.get(event_id)
+    event = await visible_event(store, actor, event_id)
     seen = await roster(tables, event_id)
     keyed = await keys.keyed_names(event_id)
     usage = {row["key"]: row for row in (await report(tables, event_id, "user"))["rows"]}
@@ -233,26 +260,116 @@ async def list_attendees(store: EventStore, tables: Tables, event_id: str, keys:
             "data": data}  # fmt: skip
 
 
-async def set_blocked(store: EventStore, event_id: str, user: Any, blocked: Any) -> dict[str, Any]:
+async def set_blocked(store: EventStore, actor: Actor, event_id: str, user: Any, blocked: Any) -> dict[str, Any]:
     """Block or unblock one attendee name (``{"event_id", "user", "blocked"}``); applies within EVENT_CACHE_SECONDS."""
     _check_user(user)
     blocked = validated(AttendeePatch, {"blocked": blocked}).blocked
 
     def change(event: Event) -> Event:
+        _writer(actor, event, "block attendees")
         names = set(event.blocked) | {user} if blocked else set(event.blocked) - {user}
         if len(names) > MAX_BLOCKED:
             raise InvalidRequest(f"At most {MAX_BLOCKED} names can be blocked per event.", param="user")
         return replace(event, blocked=tuple(sorted(names)))
 
-    event = await store.modify(check_event_id(event_id), change)
+    action = "block" if blocked else "unblock"
+    flip = {"blocked": {"old": not blocked, "new": blocked}}
+    event = await store.modify(check_event_id(event_id), change, _audited(actor, action, user, flip))
     return {"event_id": event.id, "user": user, "blocked": blocked}
 
 
-async def reset_key(store: EventStore, keys: PersonalKeys, event_id: str, user: Any) -> dict[str, Any]:
-    """Remove a name's personal key (``{"event_id", "user", "reset"}``: whether it had one)."""
+async def reset_key(
+    store: EventStore, tables: Tables, actor: Actor, keys: PersonalKeys, event_id: str, user: Any
+) -> dict[str, Any]:
+    """Remove a name's personal key (``{"event_id", "user", "reset"}``: whether it had one). Its audit entry
+    is written after the reset, before the answer (``proxy.audit``: the key's row is in another table)."""
     _check_user(user)
-    event = await store.get(event_id)
-    return {"event_id": event.id, "user": user, "reset": await keys.reset(event.id, user)}
+    event = await visible_event(store, actor, event_id)
+    _writer(actor, event, "reset attendees' keys")
+    reset = await keys.reset(event.id, user)
+    changes = {"personal_key": {"old": True, "new": False}} if reset else {}
+    entry = audit.entry(_EVENT_PARTITION, actor, "reset-key", event_id=event.id, target=user, changes=changes)
+    await tables.insert(tables.events, entry)
+    return {"event_id": event.id, "user": user, "reset": reset}
+
+
+async def share_event(
+    store: EventStore, accounts: AccountStore, actor: Actor, event_id: str, fields: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Share an event with an account (or ``entra:<object id>``) as organizer or viewer; at once everywhere."""
+    body = validated(Share, fields)
+    name = body.organizer
+    if not ENTRA_NAME.fullmatch(name):
+        check_name(name, "organizer")
+    event = await visible_event(store, actor, event_id)
+    _writer(actor, event, "share events")
+    if not ENTRA_NAME.fullmatch(name) and not await accounts.exists(name):
+        raise InvalidRequest(
+            f"No organizer account named '{name}' (see GET /api/manage/organizers).", param="organizer"
+        )
+
+    def change(event: Event) -> Event:
+        _writer(actor, event, "share events")
+        shares = dict(event.shared) | {name: body.role}
+        return replace(event, shared=tuple(sorted(shares.items())))
+
+    shared = await store.modify(event.id, change, _audited(actor, "share", name))
+    return {"event_id": shared.id, "owner": shared.owner or None, "shared": dict(shared.shared)}
+
+
+async def unshare_event(store: EventStore, actor: Actor, event_id: str, name: str) -> dict[str, Any]:
+    """Stop sharing an event with ``name``; at once everywhere."""
+
+    def change(event: Event) -> Event:
+        _writer(actor, event, "unshare events")
+        return replace(event, shared=tuple((who, role) for who, role in event.shared if who != name))
+
+    shared = await store.modify(check_event_id(event_id), change, _audited(actor, "unshare", name))
+    return {"event_id": shared.id, "owner": shared.owner or None, "shared": dict(shared.shared)}
+
+
+async def audit_log(store: EventStore, tables: Tables, actor: Actor, event_id: str | None = None) -> dict[str, Any]:
+    """The audit entries, newest first: one event's (if ``actor`` may see it; admins also a deleted one's), or
+    every entry ``actor`` may see (an admin: all, accounts included; others: those of the events they see)."""
+    if event_id is not None:
+        try:
+            await visible_event(store, actor, check_event_id(event_id))
+        except NotFound:
+            if not actor.admin:
+                raise
+        return {"object": "list", "event_id": event_id, "data": await audit.read(tables, event_id)}
+    entries = await audit.read(tables)
+    if not actor.admin:
+        seen = {event.id for event in await store.list_all() if _role(actor, event) is not None}
+        entries = [entry for entry in entries if entry["event_id"] in seen]
+    return {"object": "list", "event_id": None, "data": entries}
+
+
+def _role(actor: Actor, event: Event) -> str | None:
+    return event_role(actor, event.owner, dict(event.shared))
+
+
+def _writer(actor: Actor, event: Event, what: str) -> None:
+    """404 when ``actor`` may not see the event, 403 when it may only read it."""
+    role = _role(actor, event)
+    if role is None:
+        raise NotFound(f"No event with id {event.id!r}.")
+    if role == "viewer":
+        raise Forbidden(f"'{actor.name}' may read event {event.id} but not {what}: it is shared with them as viewer.")
+
+
+def _audited(actor: Actor, action: str, target: str = "", changes: dict[str, Any] | None = None) -> Audit:
+    """How a change's audit entry is made, from the event before and after (``proxy.audit``)."""
+
+    def make(before: Event | None, after: Event | None) -> dict[str, Any]:
+        event = after or before
+        assert event is not None
+        old = None if before is None else before.public()
+        new = None if after is None else after.public()
+        shown = changes if changes is not None else audit.diff(old, new)
+        return audit.entry(_EVENT_PARTITION, actor, action, event_id=event.id, target=target, changes=shown)
+
+    return make
 
 
 def _check_user(user: Any) -> None:

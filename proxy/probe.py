@@ -37,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy import organizer
+from proxy.accounts import Actor, require_writer
 from proxy.backends import Backend
 from proxy.errors import InvalidRequest, ProxyError
 from proxy.handlers import answering
@@ -59,23 +60,24 @@ class ProbeApi:
 
     @answering
     async def probe(self, request: Request) -> Response:
-        self.api.authorize(request)
+        actor = await self.api.authorize(request)
+        require_writer(actor, "probe models (each probe is a billed request)")
         fields = await read_json(request, self.api.settings.max_request_bytes)
-        models = await self._models(fields)
+        models = await self._models(actor, fields)
         # No backend serving a model: probed anyway, for upstream's own explanation.
         unserved: list[Backend | None] = [None]
         probes = [(model, backend) for model in models for backend in self.upstream.serving(model) or unserved]
         results = await asyncio.gather(*(self.probe_model(model, backend) for model, backend in probes))
         return Response(orjson.dumps({"results": list(results)}), media_type="application/json")
 
-    async def _models(self, fields: dict[str, Any]) -> list[str]:
+    async def _models(self, actor: Actor, fields: dict[str, Any]) -> list[str]:
         unknown = sorted(set(fields) - {"event", "models"})
         if unknown:
             raise InvalidRequest(f"Unknown field '{unknown[0]}': send 'event' or 'models'.", param=unknown[0])
         if ("event" in fields) == ("models" in fields):
             raise InvalidRequest("Send either 'event' (an event id) or 'models' (deployment names).")
         if "event" in fields:
-            event = await organizer.get_event(self.api.store, str(fields["event"]))
+            event = await organizer.get_event(self.api.store, actor, str(fields["event"]))
             return [str(model) for model in event["models"]]
         models = fields["models"]
         if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):

@@ -23,6 +23,7 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
+from azure.data.tables import TableTransactionError
 from azure.data.tables.aio import TableClient
 
 from proxy.entities import EntityClient, TransactionRefused
@@ -120,6 +121,36 @@ class Tables:
                 if attempt == TRANSACT_ATTEMPTS:
                     raise
                 await asyncio.sleep(0.05 * attempt)
+        raise AssertionError("unreachable")
+
+    async def submit(self, table: TableClient, operations: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+        """One entity group transaction through azure-data-tables (organizer writes, off the hot path); each
+        operation's metadata (its new ``etag``). Errors as ``guarded``: an operation refused for its ETag is
+        ``ResourceModifiedError``, a missing row ``ResourceNotFoundError``, an existing one ``ResourceExistsError``;
+        a missing table is created once."""
+        for attempt in (1, 2):
+            try:
+                return [dict(metadata) for metadata in await table.submit_transaction(operations)]
+            except TableTransactionError as error:
+                code = str(getattr(error, "error_code", "") or "")
+                if error.status_code == 404 and "TableNotFound" in code and attempt == 1:
+                    await self.ensure()
+                    continue
+                failed = {412: ResourceModifiedError, 404: ResourceNotFoundError, 409: ResourceExistsError}
+                if error.status_code in failed:
+                    message = f"Table Storage refused the transaction ({error.status_code})."
+                    raise failed[error.status_code](message) from error
+                raise StorageUnavailable("Table Storage refused a write; try again shortly.") from error
+            except ResourceNotFoundError:
+                if attempt == 2:
+                    raise
+                await self.ensure()  # the table itself is missing: an empty Azurite, say
+            except (ResourceExistsError, ResourceModifiedError):
+                raise
+            except (AzureError, OSError) as exc:
+                raise StorageUnavailable(
+                    "Table Storage cannot be reached right now; the change was not made. Try again shortly."
+                ) from exc
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:

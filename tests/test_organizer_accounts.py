@@ -1,0 +1,306 @@
+"""Organizer accounts and roles over real HTTP and the CLI (``proxy.accounts``), and the audit log (``proxy.audit``).
+
+The invariants: an account sees only the events it owns or that are shared with it, and every other event
+answers exactly as one that does not exist (404, same body); a viewer changes nothing (403); sharing takes
+effect at once; keys are shown once and never again; every change has exactly one audit entry, naming the
+right account, even when two processes change one event at once.
+"""
+
+from __future__ import annotations
+
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import ORGANIZER_KEY, Service
+from tests.test_manage_cli import Cli, cli, ok  # noqa: F401 (the cli fixture)
+
+ADMIN = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def window() -> dict[str, str]:
+    now = datetime.now(UTC).replace(microsecond=0)
+    return {"start": (now - timedelta(hours=1)).isoformat(), "end": (now + timedelta(hours=8)).isoformat()}
+
+
+def account(http: httpx.Client, app: str, role: str, prefix: str = "acct") -> tuple[str, str]:
+    name = f"{prefix}-{secrets.token_hex(4)}"
+    made = http.post(f"{app}/api/manage/organizers", json={"name": name, "role": role}, headers=ADMIN)
+    assert made.status_code == 201, made.text
+    body = made.json()
+    assert body["name"] == name and body["role"] == role and body["key"].startswith("ok-")
+    return name, str(body["key"])
+
+
+def event_of(http: httpx.Client, app: str, headers: dict[str, str], name: str = "Accounts test") -> str:
+    made = http.post(f"{app}/api/manage/events", json={"name": name, **window()}, headers=headers)
+    assert made.status_code == 201, made.text
+    return str(made.json()["id"])
+
+
+def every_route(event_id: str) -> list[tuple[str, str, dict[str, Any] | None]]:
+    """(method, path, body) of every event route: reads first, then writes."""
+    base = f"/api/manage/events/{event_id}"
+    return [
+        ("GET", base, None),
+        ("GET", f"{base}/usage", None),
+        ("GET", f"{base}/usage?by=model", None),
+        ("GET", f"{base}/attendees", None),
+        ("GET", f"{base}/plan?attendees=5", None),
+        ("GET", f"/api/manage/audit?event={event_id}", None),
+        ("PATCH", base, {"description": "changed"}),
+        ("POST", f"{base}/rotate-code", None),
+        ("PATCH", f"{base}/attendees/alice", {"blocked": True}),
+        ("POST", f"{base}/attendees/alice/reset-key", None),
+        ("POST", f"{base}/share", {"organizer": "someone", "role": "viewer"}),
+        ("DELETE", f"{base}/share/someone", None),
+        ("DELETE", base, None),
+    ]
+
+
+READS = 6
+
+
+def call(http: httpx.Client, app: str, method: str, path: str, body: Any, headers: dict[str, str]) -> httpx.Response:
+    return http.request(method, f"{app}{path}", json=body, headers=headers)
+
+
+def test_an_organizer_sees_only_its_events_and_others_are_404_like_nothing(http: httpx.Client, app: str) -> None:
+    ada, ada_key = account(http, app, "organizer", "ada")
+    _, bob_key = account(http, app, "organizer", "bob")
+    mine = event_of(http, app, bearer(ada_key))
+    theirs = event_of(http, app, bearer(bob_key))
+    created_by_admin = event_of(http, app, ADMIN)
+
+    listed = {e["id"] for e in http.get(f"{app}/api/manage/events", headers=bearer(ada_key)).json()["data"]}
+    assert mine in listed and theirs not in listed and created_by_admin not in listed
+    shown = http.get(f"{app}/api/manage/events/{mine}", headers=bearer(ada_key)).json()
+    assert shown["owner"] == ada and shown["shared"] == {}
+    admin_sees = {e["id"] for e in http.get(f"{app}/api/manage/events", headers=ADMIN).json()["data"]}
+    assert {mine, theirs, created_by_admin} <= admin_sees
+
+    # Every route on another's event answers as on an id that was never used: same status, same body.
+    nowhere = f"nothing-{secrets.token_hex(3)}"
+    for (method, path, body), (_, nothing_path, _) in zip(every_route(theirs), every_route(nowhere), strict=True):
+        guessed = call(http, app, method, path, body, bearer(ada_key))
+        absent = call(http, app, method, nothing_path, body, bearer(ada_key))
+        assert guessed.status_code == absent.status_code == 404, (method, path, guessed.text, absent.text)
+        assert guessed.text.replace(theirs, "ID") == absent.text.replace(nowhere, "ID"), (method, path)
+    # ... and nothing was changed: bob's event is whole.
+    still = http.get(f"{app}/api/manage/events/{theirs}", headers=bearer(bob_key))
+    assert still.status_code == 200 and still.json()["description"] == ""
+    # An organizer is no admin: accounts are out of reach.
+    assert http.get(f"{app}/api/manage/organizers", headers=bearer(ada_key)).status_code == 403
+    made = http.post(f"{app}/api/manage/organizers", json={"name": "x1", "role": "admin"}, headers=bearer(ada_key))
+    assert made.status_code == 403 and made.json()["error"]["code"] == "forbidden"
+
+
+def test_a_viewer_reads_what_is_shared_and_changes_nothing(http: httpx.Client, app: str) -> None:
+    ada, ada_key = account(http, app, "organizer", "ada")
+    vic, vic_key = account(http, app, "viewer", "vic")
+    event_id = event_of(http, app, bearer(ada_key))
+    assert http.get(f"{app}/api/manage/events/{event_id}", headers=bearer(vic_key)).status_code == 404
+
+    shared = http.post(f"{app}/api/manage/events/{event_id}/share", json={"organizer": vic, "role": "viewer"},
+                       headers=bearer(ada_key))  # fmt: skip
+    assert shared.status_code == 200 and shared.json()["shared"] == {vic: "viewer"}, shared.text
+    # At once: the share is read with the event, no cache in between.
+    for method, path, body in every_route(event_id)[:READS]:
+        answer = call(http, app, method, path, body, bearer(vic_key))
+        assert answer.status_code == 200, (path, answer.text)
+    for method, path, body in every_route(event_id)[READS:]:
+        answer = call(http, app, method, path, body, bearer(vic_key))
+        assert answer.status_code == 403 and answer.json()["error"]["code"] == "forbidden", (method, path, answer.text)
+    created = http.post(f"{app}/api/manage/events", json={"name": "V", **window()}, headers=bearer(vic_key))
+    assert created.status_code == 403
+    probe = http.post(f"{app}/api/manage/probe", json={"models": ["gpt-4o-mini"]}, headers=bearer(vic_key))
+    assert probe.status_code == 403
+    # Shared as organizer, a viewer account still only reads.
+    http.post(f"{app}/api/manage/events/{event_id}/share", json={"organizer": vic, "role": "organizer"},
+              headers=bearer(ada_key))  # fmt: skip
+    patch = http.patch(f"{app}/api/manage/events/{event_id}", json={"description": "x"}, headers=bearer(vic_key))
+    assert patch.status_code == 403
+    assert http.get(f"{app}/api/manage/events/{event_id}", headers=ADMIN).json()["description"] == ""
+
+    unshared = http.delete(f"{app}/api/manage/events/{event_id}/share/{vic}", headers=bearer(ada_key))
+    assert unshared.status_code == 200 and unshared.json()["shared"] == {}
+    assert http.get(f"{app}/api/manage/events/{event_id}", headers=bearer(vic_key)).status_code == 404
+    assert ada == http.get(f"{app}/api/manage/events/{event_id}", headers=ADMIN).json()["owner"]
+
+
+def test_a_shared_organizer_changes_the_event_and_sharing_names_real_accounts(http: httpx.Client, app: str) -> None:
+    _, ada_key = account(http, app, "organizer", "ada")
+    bob, bob_key = account(http, app, "organizer", "bob")
+    event_id = event_of(http, app, bearer(ada_key))
+    unknown = http.post(f"{app}/api/manage/events/{event_id}/share", json={"organizer": "nobody-here-x"},
+                        headers=bearer(ada_key))  # fmt: skip
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "organizer"
+    extra = http.post(f"{app}/api/manage/events/{event_id}/share", json={"organizer": bob, "admin": True},
+                      headers=bearer(ada_key))  # fmt: skip
+    assert extra.status_code == 400 and extra.json()["error"]["param"] == "admin"
+    http.post(f"{app}/api/manage/events/{event_id}/share", json={"organizer": bob}, headers=bearer(ada_key))
+    patched = http.patch(f"{app}/api/manage/events/{event_id}", json={"description": "by bob"}, headers=bearer(bob_key))
+    assert patched.status_code == 200 and patched.json()["description"] == "by bob"
+
+
+def test_account_keys_shown_once_reset_and_removed(http: httpx.Client, app: str) -> None:
+    name, key = account(http, app, "organizer", "kim")
+    assert http.get(f"{app}/api/manage/events", headers=bearer(key)).status_code == 200
+    listed = http.get(f"{app}/api/manage/organizers", headers=ADMIN)
+    assert listed.status_code == 200 and key not in listed.text
+    assert any(a["name"] == name and a["role"] == "organizer" for a in listed.json()["data"])
+    assert all(set(a) == {"name", "role", "created_at", "created_by"} for a in listed.json()["data"])
+    taken = http.post(f"{app}/api/manage/organizers", json={"name": name, "role": "viewer"}, headers=ADMIN)
+    assert taken.status_code == 409
+
+    reset = http.post(f"{app}/api/manage/organizers/{name}/reset-key", headers=ADMIN)
+    assert reset.status_code == 200, reset.text
+    new_key = reset.json()["key"]
+    assert new_key != key
+    assert http.get(f"{app}/api/manage/events", headers=bearer(key)).status_code == 401  # at once, this instance
+    assert http.get(f"{app}/api/manage/events", headers=bearer(new_key)).status_code == 200
+
+    removed = http.delete(f"{app}/api/manage/organizers/{name}", headers=ADMIN)
+    assert removed.status_code == 200 and removed.json() == {"name": name, "removed": True}
+    assert http.get(f"{app}/api/manage/events", headers=bearer(new_key)).status_code == 401
+    assert http.delete(f"{app}/api/manage/organizers/{name}", headers=ADMIN).status_code == 404
+    bad = http.post(f"{app}/api/manage/organizers", json={"name": "ORGANIZER_KEY", "role": "admin"}, headers=ADMIN)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "name"
+
+
+def audit_of(http: httpx.Client, app: str, event_id: str, headers: dict[str, str] = ADMIN) -> list[dict[str, Any]]:
+    answer = http.get(f"{app}/api/manage/audit", params={"event": event_id}, headers=headers)
+    assert answer.status_code == 200, answer.text
+    return list(answer.json()["data"])
+
+
+def test_every_change_has_one_audit_entry_without_secrets(http: httpx.Client, app: str) -> None:
+    ada, ada_key = account(http, app, "organizer", "ada")
+    vic, _ = account(http, app, "viewer", "vic")
+    code = "Audit" + secrets.token_hex(8)
+    made = http.post(f"{app}/api/manage/events", json={"name": "Audited", "code": code, **window()},
+                     headers=bearer(ada_key))  # fmt: skip
+    event_id = made.json()["id"]
+    base = f"{app}/api/manage/events/{event_id}"
+    http.patch(base, json={"description": "first", "tpm": 900}, headers=bearer(ada_key))
+    rotated = http.post(f"{base}/rotate-code", headers=bearer(ada_key)).json()["code"]
+    http.patch(f"{base}/attendees/alice", json={"blocked": True}, headers=ADMIN)
+    http.patch(f"{base}/attendees/alice", json={"blocked": False}, headers=bearer(ada_key))
+    http.post(f"{base}/attendees/alice/reset-key", headers=bearer(ada_key))
+    http.post(f"{base}/share", json={"organizer": vic, "role": "viewer"}, headers=bearer(ada_key))
+    http.delete(f"{base}/share/{vic}", headers=bearer(ada_key))
+    http.patch(base, json={"description": "first"}, headers=bearer(ada_key))  # no change: no entry
+    http.delete(base, headers=bearer(ada_key))
+
+    entries = audit_of(http, app, event_id)
+    actions = [(e["account"], e["action"]) for e in reversed(entries)]
+    assert actions == [
+        (ada, "create"), (ada, "update"), (ada, "rotate-code"), ("ORGANIZER_KEY", "block"), (ada, "unblock"),
+        (ada, "reset-key"), (ada, "share"), (ada, "unshare"), (ada, "delete"),
+    ]  # fmt: skip
+    by_action = {e["action"]: e for e in entries}
+    assert by_action["update"]["changes"] == {"description": {"old": "", "new": "first"},
+                                              "tpm": {"old": None, "new": 900}}  # fmt: skip
+    assert by_action["block"]["target"] == "alice"
+    assert by_action["block"]["changes"] == {"blocked": {"old": False, "new": True}}
+    assert by_action["share"]["changes"] == {"shared": {"old": {}, "new": {vic: "viewer"}}}
+    assert by_action["create"]["changes"]["name"] == {"old": None, "new": "Audited"}
+    assert by_action["delete"]["changes"]["name"] == {"old": "Audited", "new": None}
+    assert by_action["rotate-code"]["changes"] == {}
+    assert all(e["event_id"] == event_id and e["via"] == "api" for e in entries)
+    text = http.get(f"{app}/api/manage/audit", headers=ADMIN).text
+    assert code not in text and rotated not in text and "code_hash" not in text and ada_key not in text
+    # Entries cannot be changed through the product.
+    for method in ("POST", "PATCH", "DELETE", "PUT"):
+        assert http.request(method, f"{app}/api/manage/audit", headers=ADMIN).status_code in (404, 405)
+
+
+def test_account_changes_are_audited(http: httpx.Client, app: str) -> None:
+    name, key = account(http, app, "viewer", "aud")
+    http.post(f"{app}/api/manage/organizers/{name}/reset-key", headers=ADMIN)
+    http.delete(f"{app}/api/manage/organizers/{name}", headers=ADMIN)
+    entries = [e for e in http.get(f"{app}/api/manage/audit", headers=ADMIN).json()["data"] if e["target"] == name]
+    assert [e["action"] for e in reversed(entries)] == ["account-add", "account-reset-key", "account-remove"]
+    assert all(e["account"] == "ORGANIZER_KEY" and e["event_id"] is None for e in entries)
+    assert key not in str(entries)
+
+
+def test_concurrent_changes_from_two_processes_one_entry_each_with_its_account(
+    http: httpx.Client, app: str, app_process: tuple[Service, str]
+) -> None:
+    """Two accounts PATCH one event at once, each through its own app process: every change answered 200 has
+    exactly one entry naming its account, and the entries' old and new values chain into one history."""
+    _, other = app_process
+    ada, ada_key = account(http, app, "organizer", "ada")
+    bob, bob_key = account(http, app, "organizer", "bob")
+    event_id = event_of(http, app, bearer(ada_key))
+    http.post(f"{app}/api/manage/events/{event_id}/share", json={"organizer": bob}, headers=bearer(ada_key))
+    rounds = 12
+
+    def patch(index: int) -> tuple[str, int]:
+        who, url, key = (ada, app, ada_key) if index % 2 == 0 else (bob, other, bob_key)
+        value = f"{who}-{index}"
+        with httpx.Client(timeout=60) as client:
+            answer = client.patch(f"{url}/api/manage/events/{event_id}", json={"description": value},
+                                  headers=bearer(key))  # fmt: skip
+        return value, answer.status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(patch, range(rounds * 2)))
+    landed = {value for value, status in results if status == 200}
+    assert landed and all(status in (200, 409) for _, status in results), results
+    updates = [e for e in audit_of(http, app, event_id) if e["action"] == "update"]
+    assert sorted(e["changes"]["description"]["new"] for e in updates) == sorted(landed)
+    assert all(e["account"] == e["changes"]["description"]["new"].rsplit("-", 1)[0] for e in updates)
+    # One history: each value replaced the one before it, from the empty description to the last.
+    chain = {e["changes"]["description"]["old"]: e["changes"]["description"]["new"] for e in updates}
+    assert len(chain) == len(updates)
+    value, seen = "", 0
+    while value in chain:
+        value, seen = chain[value], seen + 1
+    assert seen == len(updates)
+    assert http.get(f"{app}/api/manage/events/{event_id}", headers=ADMIN).json()["description"] == value
+
+
+def test_cli_accounts_sharing_and_audit(cli: Cli, http: httpx.Client, app: str) -> None:  # noqa: F811
+    name = f"cli-{secrets.token_hex(4)}"
+    added = ok(cli("organizers", "add", name, "--role", "organizer", "--json"))
+    assert added["name"] == name and added["key"].startswith("ok-")
+    listed = cli("organizers", "list")
+    assert listed.returncode == 0 and name in listed.stdout and added["key"] not in listed.stdout
+    event_id = event_of(http, app, ADMIN)
+    assert http.get(f"{app}/api/manage/events/{event_id}", headers=bearer(added["key"])).status_code == 404
+    shared = ok(cli("events", "share", event_id, name, "--json"))
+    assert shared["shared"] == {name: "organizer"}
+    assert http.get(f"{app}/api/manage/events/{event_id}", headers=bearer(added["key"])).status_code == 200
+    ok(cli("events", "unshare", event_id, name, "--json"))
+    assert http.get(f"{app}/api/manage/events/{event_id}", headers=bearer(added["key"])).status_code == 404
+    log = ok(cli("audit", event_id, "--json"))
+    assert [(e["action"], e["account"], e["via"]) for e in log["data"]][:2] == [
+        ("unshare", "ORGANIZER_KEY", "cli"), ("share", "ORGANIZER_KEY", "cli"),
+    ]  # fmt: skip
+    readable = cli("audit", event_id)
+    assert readable.returncode == 0 and "unshare" in readable.stdout and name in readable.stdout
+    reset = ok(cli("organizers", "reset-key", name, "--json"))
+    assert reset["key"] != added["key"]
+    removed = cli("organizers", "remove", name)
+    assert removed.returncode == 0 and reset["key"] not in removed.stdout
+    missing = cli("organizers", "remove", name)
+    assert missing.returncode == 2 and "No organizer account" in missing.stderr
+    viewer = cli("organizers", "add", "v" + name, "--role", "superuser")
+    assert viewer.returncode == 2
+
+
+@pytest.mark.parametrize("header", ["Bearer ok-" + "A" * 32, "Bearer ok-short", "Bearer " + "x" * 5000])
+def test_unknown_and_malformed_account_keys_are_401(http: httpx.Client, app: str, header: str) -> None:
+    answer = http.get(f"{app}/api/manage/events", headers={"Authorization": header})
+    assert answer.status_code == 401 and answer.json()["error"]["code"] == "unauthorized"
+
