@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from azure.core.exceptions import ResourceNotFoundError
@@ -38,8 +38,17 @@ from azure.core.exceptions import ResourceNotFoundError
 from proxy.events import AUDIT_PREFIX
 from proxy.storage import Tables, gathered
 
-if TYPE_CHECKING:
-    from proxy.accounts import Actor
+
+class Author(Protocol):
+    """Who made a change (``proxy.accounts.Actor``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def via(self) -> str: ...
+
 
 PREFIX = AUDIT_PREFIX
 _AFTER = "~audit}"  # the first row key after every entry ("}" follows "|")
@@ -49,7 +58,7 @@ DEFAULT_LIMIT = 1000
 
 def entry(
     partition: str,
-    actor: Actor,
+    actor: Author,
     action: str,
     *,
     event_id: str = "",

@@ -303,4 +303,3 @@ def test_cli_accounts_sharing_and_audit(cli: Cli, http: httpx.Client, app: str) 
 def test_unknown_and_malformed_account_keys_are_401(http: httpx.Client, app: str, header: str) -> None:
     answer = http.get(f"{app}/api/manage/events", headers={"Authorization": header})
     assert answer.status_code == 401 and answer.json()["error"]["code"] == "unauthorized"
-
