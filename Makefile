@@ -43,7 +43,7 @@ bench: install
 	command -v wrk >/dev/null || apt-get install -y -q wrk || (apt-get update -q && apt-get install -y -q wrk) \
 		|| { echo "make bench needs wrk: install it (apt-get install wrk, brew install wrk)"; exit 1; }
 	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.failover
 
 package:

@@ -84,6 +84,10 @@ class Roster:
         self._remember(event.id, user)
         return created
 
+    def seen(self, event_id: str, user: str) -> None:
+        """The name's row was read elsewhere and exists (``proxy.keys``): admitting it needs no read."""
+        self._remember(event_id, user)
+
     def _remember(self, event_id: str, user: str) -> None:
         if len(self._known) > _KNOWN_LIMIT:
             self._known.clear()

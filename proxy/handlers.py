@@ -26,7 +26,6 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -42,26 +41,21 @@ from proxy.access import Access, AccessLog, access_log, configure_access_log
 from proxy.alerts import Alerts
 from proxy.attendees import Roster
 from proxy.budget import has_budget
-from proxy.credentials import PersonalKey, read_credential
+from proxy.callers import Callers, check_open
 from proxy.ending import Answer, AnswerStream
 from proxy.errors import (
     CapExceeded,
-    EventDisabled,
-    EventEnded,
-    EventNotStarted,
-    InvalidEventCode,
     MethodNotAllowed,
     ModelNotFound,
     NotFound,
-    PersonalKeyRequired,
     ProxyError,
     StorageUnavailable,
     UpstreamError,
     UpstreamTimeout,
     internal_error,
 )
-from proxy.events import Event, EventStore
-from proxy.guessing import FailedLookups, client_address
+from proxy.events import EventStore
+from proxy.guessing import FailedLookups
 from proxy.keys import PersonalKeys
 from proxy.limits import CLIENT_GONE, Admission, Ledger, booked_tokens, day_of, next_midnight
 from proxy.prices import PriceTable
@@ -127,12 +121,6 @@ def answering(handler: Handler) -> Handler:
     return wrapper
 
 
-@dataclass(slots=True)
-class Caller:
-    event: Event
-    user: str
-
-
 class Proxy:
     """The services of one worker and the handlers that use them."""
 
@@ -154,6 +142,8 @@ class Proxy:
         self.failed_lookups = FailedLookups(settings.failed_lookups_per_minute)
         self._routes: list[tuple[re.Pattern[str], list[str]]] = []
         self.telemetry = telemetry or Telemetry()
+        # Who is calling: a credential resolved to an event and a name (proxy.callers).
+        self.callers = Callers(self.events, self.keys, self.failed_lookups, self.telemetry, clock)
         self.prices = PriceTable.load(settings.model_prices)
         # Plain http webhooks (to loopback) only in a local run, on Azurite's connection string.
         self.alerts = Alerts(tables, local=settings.storage_connection_string is not None)
@@ -220,31 +210,31 @@ class Proxy:
     @answering
     async def forget_session(self, request: Request, session_id: str) -> Response:
         """``DELETE /v1/sessions/{id}``: forget one of the caller's chat sessions (``proxy.sessions``)."""
-        caller = await self._caller(request)
+        caller = await self.callers.of(request)
         if not await self.sessions.forget(caller.event.id, caller.user, session_id):
             raise NotFound(f"No chat session '{session_id}' is kept for you in this event.", param="session_id")
         forgotten = {"id": session_id, "object": "session.deleted", "deleted": True}
         return Response(orjson.dumps(forgotten), media_type=_JSON)
 
     async def _stored(self, request: Request, response_id: str, suffix: str) -> Response:
-        caller = await self._caller(request)
+        caller = await self.callers.of(request)
         if request.method != "DELETE":  # deleting what one stored stays possible once the event is over
-            self._check_open(caller.event, self._clock())
+            check_open(caller.event, self._clock())
         owner = Owner(caller.event.id, caller.user)
         query = list(request.query_params.multi_items())
         return await self.responses.stored(request.method, owner, response_id, suffix, query, request.state.request_id)
 
     @answering
     async def models(self, request: Request) -> Response:
-        caller = await self._caller(request)
-        self._check_open(caller.event, self._clock())
+        caller = await self.callers.of(request)
+        check_open(caller.event, self._clock())
         created = int(caller.event.created_at.timestamp())
         data = [{"id": m, "object": "model", "created": created, "owned_by": "event"} for m in caller.event.models]
         return Response(orjson.dumps({"object": "list", "data": data}), media_type=_JSON)
 
     @answering
     async def event_info(self, request: Request) -> Response:
-        caller = await self._caller(request)
+        caller = await self.callers.of(request)
         event, now = caller.event, self._clock()
         today = await self.ledger.read(event.id, caller.user, day_of(now, event.time_zone))
         reserved, tokens = int(today.get("reserved", 0)), int(today.get("total_tokens", 0))
@@ -320,76 +310,12 @@ class Proxy:
 
     # The shared path of chat and embeddings
 
-    async def _caller(self, request: Request) -> Caller:
-        credential = read_credential(request.headers)
-        access: Access = request.state.access
-        address = client_address(request.headers.get("x-forwarded-for"), request.client and request.client.host)
-        if isinstance(credential, PersonalKey):
-            return await self._key_holder(access, address, credential)
-        access.attendee = credential.user
-        event = await self.event_by_code(address, credential.code)
-        access.event_id = event.id
-        if event.attendee_keys:
-            raise PersonalKeyRequired(
-                f"'{event.name}' needs a personal key instead of CODE/name: register your name at /api/portal on "
-                "this proxy (or POST /api/v1/keys), then use the key as your API key."
-            )
-        if await self.keys.claimed(event.id, credential.user):
-            raise PersonalKeyRequired(
-                f"The name '{credential.user}' has a personal key in '{event.name}': use that key (ek-...) as the "
-                "API key instead of CODE/name. Lost it? The organizer can reset it."
-            )
-        return Caller(event, credential.user)
-
-    async def event_by_code(self, address: str, code: str) -> Event:
-        """The event of a code, through the guessing throttle (``proxy.guessing``); 401 when unknown."""
-        code_hash = self.events.hash_code(code)
-        # A throttled address gets the same 429 for any code it has not used itself, without a lookup (no oracle).
-        self.failed_lookups.check(address, code_hash)
-        with self.telemetry.span("event lookup"):
-            event = await self.events.by_code(code, code_hash)
-        if event is None:
-            self.failed_lookups.failed(address)
-            raise InvalidEventCode("This event code is not known. Check the code the organizer shared.")
-        self.failed_lookups.succeeded(address, code_hash)
-        return event
-
-    async def _key_holder(self, access: Access, address: str, credential: PersonalKey) -> Caller:
-        """The event and name of a personal key (``proxy.keys``); unknown keys count as failed lookups."""
-        key_hash = self.keys.hash(credential.key)
-        self.failed_lookups.check(address, key_hash)
-        with self.telemetry.span("event lookup"):
-            found = await self.keys.lookup(key_hash)
-        if found is None:
-            self.failed_lookups.failed(address)
-            raise InvalidEventCode(
-                "This personal key is not known: check it, or if the organizer reset it, register again at /api/portal."
-            )
-        self.failed_lookups.succeeded(address, key_hash)
-        event, user = found
-        access.attendee, access.event_id = user, event.id
-        return Caller(event, user)
-
-    async def open_event(self, address: str, code: str) -> Event:
-        """The event of a code (``event_by_code``), refused when it is not open now (403)."""
-        event = await self.event_by_code(address, code)
-        self._check_open(event, self._clock())
-        return event
-
-    def _check_open(self, event: Event, now: datetime) -> None:
-        if not event.active:
-            raise EventDisabled(f"The event '{event.name}' has been switched off by its organizer.")
-        if now < event.starts_at:
-            raise EventNotStarted(f"The event '{event.name}' starts at {event.local(event.starts_at)}.")
-        if now >= event.ends_at:
-            raise EventEnded(f"The event '{event.name}' ended at {event.local(event.ends_at)}.")
-
     async def _forward(
         self, request: Request, kind: Literal["chat", "embeddings", "responses"], deployment: str | None
     ) -> Response:
-        caller = await self._caller(request)
+        caller = await self.callers.of(request)
         event, now = caller.event, self._clock()
-        self._check_open(event, now)
+        check_open(event, now)
         share = f"{event.id}/{caller.user}"  # one attendee's share of the worker's memory for bodies
         payload = await bodies.read_json(request, self.settings.max_request_bytes, self.bodies, share)
         model = bodies.requested_model(payload, deployment)

@@ -34,10 +34,11 @@ Lookups are cached per worker for ``EVENT_CACHE_SECONDS``: a key costs no
 storage operation per request in the steady state, and two sequential reads
 (the index row, then the event and the name's row together) once per cache
 lifetime, as a code does. Whether a ``CODE/name`` name is claimed is cached
-the same way (one point read per name and cache lifetime); a claim made on
-another instance refuses ``CODE/name`` here within that time. Unknown keys are
-cached for a few seconds, and count as failed lookups for the guessing
-throttle (``proxy.guessing``).
+the same way (one point read per name and cache lifetime, which also tells
+the roster that the name is registered, so it need not read the row again);
+a claim made on another instance refuses ``CODE/name`` here within that time.
+Unknown keys are cached for a few seconds, and count as failed lookups for
+the guessing throttle (``proxy.guessing``).
 """
 
 from __future__ import annotations
@@ -153,7 +154,10 @@ class PersonalKeys:
 
         async def load() -> bool:
             row = await self._row(event_id, user)
-            return bool(row and row.get("key_hash"))
+            if row is None:
+                return False
+            self._roster.seen(event_id, user)  # the same row the roster would read for its first request here
+            return bool(row.get("key_hash"))
 
         return await self._claims.get((event_id, user), load, lambda _: self._cache_seconds)
 

@@ -76,7 +76,7 @@ class Registration:
         access: Access = request.state.access
         access.attendee = user
         address = client_address(request.headers.get("x-forwarded-for"), request.client and request.client.host)
-        event = await self.proxy.open_event(address, code)
+        event = await self.proxy.callers.open_event(address, code)
         access.event_id = event.id
         key = await self.proxy.keys.register(event, user, github.id if github else None)
         registered = {"key": key, "name": user, "event_id": event.id, "event": event.name,
