@@ -218,16 +218,20 @@ class Roster:
 
 async def roster(tables: Tables, event_id: str) -> dict[str, datetime]:
     """The names registered for an event, with when each was first seen."""
+    return {str(row["user"]): row["first_seen"] for row in await roster_rows(tables, event_id, "first_seen")}
+
+
+async def roster_rows(tables: Tables, event_id: str, *fields: str) -> list[Any]:
+    """The rows of the names registered for an event: ``user`` and ``fields`` (one range query)."""
     query = tables.usage.query_entities(
         "PartitionKey eq @pk and RowKey ge @first and RowKey lt @after",
         parameters={"pk": event_id, "first": USER_PREFIX, "after": USER_END},
-        select=["user", "first_seen"],
+        select=["user", *fields],
     )
     try:
-        rows = await gathered(query)
+        return await gathered(query)
     except ResourceNotFoundError:
-        return {}
-    return {str(row["user"]): row["first_seen"] for row in rows}
+        return []
 
 
 def _first_seen(now: datetime) -> dict[str, str]:

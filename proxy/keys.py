@@ -56,12 +56,12 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
-from proxy.attendees import USER_END, USER_PREFIX, Roster
+from proxy.attendees import USER_PREFIX, Roster, roster_rows
 from proxy.credentials import KEY_PREFIX
 from proxy.errors import AttendeeBlocked, NameTaken, NotFound, StorageUnavailable
 from proxy.events import NEGATIVE_CACHE_SECONDS, Event, EventStore
 from proxy.hashing import PERSONAL_KEY
-from proxy.storage import Tables, gathered, guarded
+from proxy.storage import Tables, guarded
 
 KEY_BYTES = 24  # 32 URL-safe characters, 192 bits
 KEY_PARTITION = "key"
@@ -206,15 +206,7 @@ class PersonalKeys:
                     f"The name '{user}' already has a personal key in '{event.name}'. Use that key, or choose another "
                     "name; if the key is yours and lost, the organizer can reset it."
                 )
-            entity = {"PartitionKey": event.id, "RowKey": USER_PREFIX + user, **claim}
-            try:
-                await guarded(
-                    self._tables.usage.update_entity(
-                        entity, mode=UpdateMode.MERGE, etag=row.metadata["etag"],
-                        match_condition=MatchConditions.IfNotModified,
-                    )
-                )  # fmt: skip
-            except (ResourceModifiedError, ResourceNotFoundError):
+            if not await self._merge(event.id, user, claim, row.metadata["etag"]):
                 continue  # another registration or a reset came first: read again
             return held or None
         raise StorageUnavailable("Too many registrations of this name at once; try again in a moment.")
@@ -230,15 +222,7 @@ class PersonalKeys:
             if not held:
                 self._claims.drop((event_id, user))
                 return False
-            entity = {"PartitionKey": event_id, "RowKey": USER_PREFIX + user, "key_hash": "", "github_id": ""}
-            try:
-                await guarded(
-                    self._tables.usage.update_entity(
-                        entity, mode=UpdateMode.MERGE, etag=row.metadata["etag"],
-                        match_condition=MatchConditions.IfNotModified,
-                    )
-                )  # fmt: skip
-            except (ResourceModifiedError, ResourceNotFoundError):
+            if not await self._merge(event_id, user, {"key_hash": "", "github_id": ""}, row.metadata["etag"]):
                 continue
             self._keys.drop(held)
             self._claims.drop((event_id, user))
@@ -248,16 +232,22 @@ class PersonalKeys:
 
     async def keyed_names(self, event_id: str) -> set[str]:
         """The names of the event that have a personal key (for the organizer's list)."""
-        query = self._tables.usage.query_entities(
-            "PartitionKey eq @pk and RowKey ge @first and RowKey lt @after",
-            parameters={"pk": event_id, "first": USER_PREFIX, "after": USER_END},
-            select=["user", "key_hash"],
-        )
+        return {
+            str(row["user"]) for row in await roster_rows(self._tables, event_id, "key_hash") if row.get("key_hash")
+        }
+
+    async def _merge(self, event_id: str, user: str, fields: dict[str, Any], etag: str | None) -> bool:
+        """Write ``fields`` onto the name's row if nobody wrote it since ``etag``; whether it was written."""
+        entity = {"PartitionKey": event_id, "RowKey": USER_PREFIX + user, **fields}
         try:
-            rows = await gathered(query)
-        except ResourceNotFoundError:
-            return set()
-        return {str(row["user"]) for row in rows if row.get("key_hash")}
+            await guarded(
+                self._tables.usage.update_entity(
+                    entity, mode=UpdateMode.MERGE, etag=etag, match_condition=MatchConditions.IfNotModified
+                )
+            )
+        except (ResourceModifiedError, ResourceNotFoundError):
+            return False
+        return True
 
     def _ttl(self, found: tuple[Event, str] | None) -> float:
         return self._cache_seconds if found is not None else min(NEGATIVE_CACHE_SECONDS, self._cache_seconds)

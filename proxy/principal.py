@@ -81,6 +81,22 @@ NO_SIGN_IN = OrganizerSignIn()  # the default: the header is ignored
 
 def read_principal(headers: Mapping[str, str]) -> Principal | None:
     """The principal of ``X-MS-CLIENT-PRINCIPAL``; None when absent or not the platform's shape."""
+    decoded = _decode(headers)
+    if decoded is None:
+        return None
+    _, values = decoded
+    object_id = next((values[typ][0] for typ in OBJECT_ID_CLAIMS if typ in values), None)
+    object_id = object_id or headers.get(PRINCIPAL_ID_HEADER)
+    if not object_id or not _ID.fullmatch(object_id):
+        return None
+    groups = frozenset(group for typ in GROUP_CLAIMS for group in values.get(typ, ()) if _ID.fullmatch(group))
+    name = next(iter(values.get("name", values.get("preferred_username", [""]))), "")
+    return Principal(object_id, groups, name)
+
+
+def _decode(headers: Mapping[str, str]) -> tuple[dict[str, object], dict[str, list[str]]] | None:
+    """``X-MS-CLIENT-PRINCIPAL`` as the platform builds it (Base64 JSON with a list of claims): the JSON and the
+    values of each claim type; None when absent or of another shape."""
     raw = headers.get(PRINCIPAL_HEADER)
     if not raw or len(raw) > _MAX_HEADER:
         return None
@@ -95,13 +111,7 @@ def read_principal(headers: Mapping[str, str]) -> Principal | None:
     for claim in claims:
         if isinstance(claim, dict) and isinstance(claim.get("typ"), str) and isinstance(claim.get("val"), str):
             values.setdefault(claim["typ"], []).append(claim["val"])
-    object_id = next((values[typ][0] for typ in OBJECT_ID_CLAIMS if typ in values), None)
-    object_id = object_id or headers.get(PRINCIPAL_ID_HEADER)
-    if not object_id or not _ID.fullmatch(object_id):
-        return None
-    groups = frozenset(group for typ in GROUP_CLAIMS for group in values.get(typ, ()) if _ID.fullmatch(group))
-    name = next(iter(values.get("name", values.get("preferred_username", [""]))), "")
-    return Principal(object_id, groups, name)
+    return data, values
 
 
 def _ids(setting: str, raw: str | None) -> frozenset[str]:
@@ -131,20 +141,11 @@ class GitHubUser:
 
 def read_github_user(headers: Mapping[str, str]) -> GitHubUser | None:
     """The GitHub account of ``X-MS-CLIENT-PRINCIPAL``; None when absent, not GitHub's, or not its shape."""
-    raw = headers.get(PRINCIPAL_HEADER)
-    if not raw or len(raw) > _MAX_HEADER:
+    decoded = _decode(headers)
+    if decoded is None or str(decoded[0].get("auth_typ", "")).lower() != "github":
         return None
-    try:
-        data = orjson.loads(base64.b64decode(raw, validate=True))
-    except (binascii.Error, ValueError):
-        return None
-    if not isinstance(data, dict) or str(data.get("auth_typ", "")).lower() != "github":
-        return None
-    claims = data.get("claims")
-    values: dict[str, str] = {}
-    for claim in claims if isinstance(claims, list) else ():
-        if isinstance(claim, dict) and isinstance(claim.get("typ"), str) and isinstance(claim.get("val"), str):
-            values.setdefault(claim["typ"], claim["val"])
+    data, claims = decoded
+    values = {typ: found[0] for typ, found in claims.items()}
     name_claim = data.get("name_typ")
     login = values.get(name_claim) if isinstance(name_claim, str) else None
     login = login or next((values[typ] for typ in NAME_CLAIMS if typ in values), None) or headers.get(

@@ -8,7 +8,6 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,13 +15,15 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from openai import AzureOpenAI, OpenAI
+from openai import AzureOpenAI
 
 from proxy.hashing import PERSONAL_KEY, SecretHasher
 from proxy.storage import Tables
 from tests.conftest import MakeEvent
-from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, Service, app_env, start_app
+from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, Service
+from tests.test_guessing import client_at, strict_app, window  # noqa: F401 (the fixture: an app with the default throttle)
 from tests.test_manage_cli import Cli, cli, ok  # noqa: F401 (the cli fixture)
+from tests.test_responses import _close_clients, client  # noqa: F401 (the fixture closes the clients)
 
 AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
 MODEL = "gpt-4o-mini"
@@ -34,19 +35,7 @@ def register(app: str, code: str, name: str, client: httpx.Client | None = None)
     return (client or httpx).post(f"{app}/api/v1/keys", json={"code": code, "name": name}, timeout=30)
 
 
-_OPEN: list[OpenAI] = []
-
-
-def sdk(app: str, key: str) -> OpenAI:
-    _OPEN.append(OpenAI(base_url=f"{app}/api/v1", api_key=key, max_retries=0))
-    return _OPEN[-1]
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _OPEN:
-        _OPEN.pop().close()
+sdk = client  # an OpenAI client on the app with this key, closed after each test (tests.test_responses)
 
 
 def error(response: httpx.Response) -> dict[str, Any]:
@@ -258,19 +247,7 @@ async def test_a_reset_racing_uses_and_registrations(app: str, make_event: MakeE
         assert httpx.get(f"{app}/api/v1/models", headers={"api-key": winners[0].json()["key"]}).status_code == 200
 
 
-@pytest.fixture(scope="module")
-def strict_app(azurite: str, simulator: str) -> Iterator[str]:
-    """An app with the default guessing throttle (10 unknown codes or keys per address and minute)."""
-    service, url = start_app(app_env(azurite, simulator, EVENT_CACHE_SECONDS="1"))
-    yield url
-    service.stop()
-
-
-def client_at(address: str) -> httpx.Client:
-    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=30)
-
-
-def test_wrong_codes_at_registration_count_as_failed_lookups(strict_app: str) -> None:
+def test_wrong_codes_at_registration_count_as_failed_lookups(strict_app: str) -> None:  # noqa: F811
     created = httpx.post(f"{strict_app}/api/manage/events", json={"name": "Guess", **window()}, headers=AUTH).json()
     with client_at("127.0.0.4") as guesser:
         guesses = [register(strict_app, f"Wrong{i:04d}xyz", "mallory", guesser).status_code for i in range(10)]
@@ -282,7 +259,7 @@ def test_wrong_codes_at_registration_count_as_failed_lookups(strict_app: str) ->
     assert register(strict_app, created["code"], "alice").status_code == 201  # others are not affected
 
 
-def test_guessed_keys_are_throttled_and_learn_nothing(strict_app: str) -> None:
+def test_guessed_keys_are_throttled_and_learn_nothing(strict_app: str) -> None:  # noqa: F811
     created = httpx.post(f"{strict_app}/api/manage/events", json={"name": "Keys", **window()}, headers=AUTH).json()
     alice = register(strict_app, created["code"], "alice").json()["key"]
     carol = register(strict_app, created["code"], "carol").json()["key"]
@@ -301,11 +278,6 @@ def test_guessed_keys_are_throttled_and_learn_nothing(strict_app: str) -> None:
         assert right.status_code == before.status_code == after.status_code == 429
         assert right.content in (before.content, after.content)
         assert guesser.get(models, headers={"api-key": carol}).status_code == 200  # used before the throttle
-
-
-def window() -> dict[str, str]:
-    now = datetime.now(UTC)
-    return {"start": (now - timedelta(hours=1)).isoformat(), "end": (now + timedelta(hours=2)).isoformat()}
 
 
 def test_registration_takes_small_bodies_only(app: str) -> None:
