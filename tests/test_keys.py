@@ -356,3 +356,19 @@ async def test_clients_that_hang_up_while_registering(app: str, make_event: Make
         assert answer.status_code == 201
         key = answer.json()["key"]
         assert httpx.get(f"{app}/api/v1/event", headers={"api-key": key}, timeout=30).json()["user"] == f"left{i}"
+
+
+async def test_blocking_works_on_a_keyed_name(app: str, make_event: MakeEvent) -> None:
+    created = await make_event()
+    key = register(app, created.code, "alice").json()["key"]
+    chat = f"{app}/api/v1/chat/completions"
+    body = {"model": MODEL, "messages": HELLO}
+    assert httpx.post(chat, json=body, headers={"api-key": key}, timeout=30).status_code == 200
+    url = f"{app}/api/manage/events/{created.event.id}/attendees/alice"
+    assert httpx.patch(url, json={"blocked": True}, headers=AUTH, timeout=30).status_code == 200
+    blocked = _eventually(lambda: httpx.post(chat, json=body, headers={"api-key": key}, timeout=30), 403)
+    assert error(blocked)["code"] == "attendee_blocked"  # within EVENT_CACHE_SECONDS, as for CODE/name
+    assert httpx.patch(url, json={"blocked": False}, headers=AUTH, timeout=30).status_code == 200
+    assert (
+        _eventually(lambda: httpx.post(chat, json=body, headers={"api-key": key}, timeout=30), 200).status_code == 200
+    )
