@@ -8,6 +8,7 @@ right account, even when two processes change one event at once.
 
 from __future__ import annotations
 
+import re
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -15,9 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright.async_api import expect
 
 from tests.support import ORGANIZER_KEY, Service
 from tests.test_manage_cli import Cli, cli, ok  # noqa: F401 (the cli fixture)
+from tests.test_pages import Watched, browser, browsing, screenshots  # noqa: F401 (the browser fixtures)
 
 ADMIN = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
 
@@ -303,3 +306,47 @@ def test_cli_accounts_sharing_and_audit(cli: Cli, http: httpx.Client, app: str) 
 def test_unknown_and_malformed_account_keys_are_401(http: httpx.Client, app: str, header: str) -> None:
     answer = http.get(f"{app}/api/manage/events", headers={"Authorization": header})
     assert answer.status_code == 401 and answer.json()["error"]["code"] == "unauthorized"
+
+
+async def test_the_page_signs_in_with_an_account_key_and_shows_its_events_and_the_audit(
+    app: str,
+    browsing: Watched,  # noqa: F811
+) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def post(path: str, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
+            answer = await client.post(f"{app}/api/manage{path}", json=body, headers=headers)
+            assert answer.status_code in (200, 201), answer.text
+            return dict(answer.json())
+
+        ada = await post("/organizers", {"name": f"ada-{secrets.token_hex(3)}", "role": "organizer"}, ADMIN)
+        vic = await post("/organizers", {"name": f"vic-{secrets.token_hex(3)}", "role": "viewer"}, ADMIN)
+        shared_name, hidden_name = f"Shared {secrets.token_hex(3)}", f"Hidden {secrets.token_hex(3)}"
+        event = await post("/events", {"name": shared_name, **window()}, bearer(ada["key"]))
+        await post("/events", {"name": hidden_name, **window()}, ADMIN)
+        await post(f"/events/{event['id']}/share", {"organizer": vic["name"], "role": "viewer"}, bearer(ada["key"]))
+
+    page = await browsing.page()
+    await page.goto(f"{app}/api/manage/portal")
+    await page.get_by_label("Organizer key").fill(vic["key"])
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator("#events")).to_contain_text(shared_name)
+    await expect(page.locator("#events")).not_to_contain_text(hidden_name)
+    await page.get_by_role("button", name=f"Manage {shared_name}").click()
+    await expect(page.locator("#detail-facts")).to_contain_text(ada["name"])
+    audit = page.locator("#audit-table tbody tr")
+    await expect(audit).to_have_count(2)  # newest first
+    shared, created = audit.nth(0).locator("td"), audit.nth(1).locator("td")
+    await expect(shared).to_have_text([re.compile(r"\d\d:\d\d"), ada["name"], "share", event["id"], vic["name"],
+                                       f'shared: {{}} → {{"{vic["name"]}":"viewer"}}'])  # fmt: skip
+    await expect(created.nth(1)).to_have_text(ada["name"])
+    await expect(created.nth(2)).to_have_text("create")
+    # A viewer's write is refused with the reason; nothing changes, nothing is logged.
+    await page.get_by_role("button", name="Rotate code").click()
+    await page.locator("#confirm").get_by_role("button", name="Rotate code").click()
+    await expect(page.get_by_role("alert")).to_contain_text("viewer")
+    await expect(audit).to_have_count(2)
+    await page.get_by_role("button", name="All I can see").click()
+    await expect(audit).to_have_count(2)  # the hidden event's creation is not among them
+    await screenshots(page, "organizer-audit")
+    assert vic["key"] not in await page.content()

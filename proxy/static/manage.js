@@ -68,6 +68,7 @@
     $("console").hidden = false;
     $("sign-out").hidden = false;
     showEvents(answer.data.data);
+    refreshAudit();
     const schema = await manage("/openapi.json");
     if (schema.ok) readDefaults(schema.data);
     return true;
@@ -99,6 +100,7 @@
     const answer = await manage("/events");
     if (!answer.ok) { showAlert(answer.message); return; }
     showEvents(answer.data.data);
+    refreshAudit();
   }
 
   function showEvents(list) {
@@ -130,12 +132,13 @@
     refreshUsage();
     refreshAttendees();
     refreshActivity();
+    refreshAudit();
     clearInterval(liveTimer);
     let ticks = 0;
     liveTimer = setInterval(() => {
       if (!$("live").checked) return;
       refreshUsage(); refreshAttendees();
-      if (++ticks % ACTIVITY_EVERY === 0) refreshActivity();  // reads the request log: not every 5 s
+      if (++ticks % ACTIVITY_EVERY === 0) { refreshActivity(); refreshAudit(); }  // not every 5 s
     }, LIVE_MS);
     $("detail").scrollIntoView({ block: "start" });
   }
@@ -166,6 +169,9 @@
     }
     if (event.attendee_keys) facts.push(fact("Credentials", "personal keys only"));
     if (event.organizer) facts.push(fact("Organizer", event.organizer));
+    if (event.owner) facts.push(fact("Owner", event.owner));
+    const shares = Object.entries(event.shared || {});
+    if (shares.length) facts.push(fact("Shared with", shares.map(([who, role]) => who + " (" + role + ")").join(", ")));
     facts.push(fact("Id", event.id));
     $("detail-facts").replaceChildren(...facts);
     $("toggle-active").textContent = event.active ? "Disable" : "Enable";
@@ -559,7 +565,35 @@
       { method: "PATCH", json: { blocked: blocked } });
     if (!answer.ok) { showAlert(answer.message); return; }
     showAlert(`${user} is ${blocked ? "blocked" : "unblocked"}. It applies within a minute on every instance.`, "info");
-    refreshAttendees();
+    refreshAttendees(); refreshAudit();
+  }
+
+  // Audit log: this event's changes, or every change the account may see (proxy.audit)
+
+  let auditScope = "event";
+
+  function shownValue(value) {
+    if (value === null || value === undefined) return "—";
+    return typeof value === "object" ? JSON.stringify(value) : String(value);
+  }
+
+  async function refreshAudit() {
+    const scope = selected && auditScope === "event" ? selected.id : null;
+    const answer = await manage(scope ? "/audit?event=" + encodeURIComponent(scope) : "/audit");
+    if ((selected && auditScope === "event" ? selected.id : null) !== scope) return;  // switched meanwhile
+    $("audit").hidden = !answer.ok;
+    if (!answer.ok) return;
+    const entries = answer.data.data.slice(0, 200);
+    $("audit-empty").hidden = entries.length > 0;
+    const zone = selected ? selected.time_zone : undefined;
+    $("audit-table").querySelector("tbody").replaceChildren(...entries.map((e) => el("tr", {},
+      el("td", { "data-label": "When" }, localTime(e.time, zone)),
+      el("td", { "data-label": "Account" }, e.account + (e.via === "cli" ? " (CLI)" : "")),
+      el("td", { "data-label": "Action" }, el("strong", {}, e.action)),
+      el("td", { "data-label": "Event" }, e.event_id || "—"),
+      el("td", { "data-label": "Target" }, e.target || "—"),
+      el("td", { "data-label": "Changes" }, Object.entries(e.changes).map(([name, change]) =>
+        name + ": " + shownValue(change.old) + " → " + shownValue(change.new)).join("; ") || "—"))));
   }
 
   document.addEventListener("DOMContentLoaded", () => {
@@ -583,10 +617,19 @@
     $("toggle-active").addEventListener("click", toggleActive);
     $("delete-event").addEventListener("click", remove);
     $("csv").addEventListener("click", downloadCsv);
-    for (const tab of document.querySelectorAll(".tabs button")) {
+    for (const tab of document.querySelectorAll("#audit-scope button")) {
+      tab.addEventListener("click", () => {
+        auditScope = tab.dataset.scope;
+        for (const other of document.querySelectorAll("#audit-scope button")) {
+          other.setAttribute("aria-pressed", String(other === tab));
+        }
+        refreshAudit();
+      });
+    }
+    for (const tab of document.querySelectorAll("#usage .tabs button")) {
       tab.addEventListener("click", () => {
         grouping = tab.dataset.by;
-        for (const other of document.querySelectorAll(".tabs button")) {
+        for (const other of document.querySelectorAll("#usage .tabs button")) {
           other.setAttribute("aria-pressed", String(other === tab));
         }
         refreshUsage();
