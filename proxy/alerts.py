@@ -79,18 +79,24 @@ def masked(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}/…" if parts.hostname else "…"
 
 
-def budgets(event: Event) -> list[tuple[str, str, int]]:
+def budgets(event: Event) -> list[tuple[str, str, float]]:
     """(budget field, figure in ``budget.totals``, limit) of each event-wide budget the event has."""
     found = []
-    for field, figure in (("event_requests", "requests"), ("event_tokens", "tokens")):
+    for field, figure in (("event_requests", "requests"), ("event_tokens", "tokens"), ("event_cost", "cost")):
         limit = getattr(event, field)
         if limit is not None:
             found.append((field, figure, limit))
     return found
 
 
-def alert_text(event: Event, field: str, used: int, limit: int, percent: int) -> str:
+def alert_text(event: Event, field: str, used: float, limit: float, percent: int) -> str:
     unit = {"event_requests": "requests", "event_tokens": "tokens"}.get(field, field)
+    if field == "event_cost":
+        spent = f"${used:,.2f} of its budget of ${limit:,.2f}"
+        if percent >= 100:
+            return (f"Event '{event.name}' has used up its budget: {spent}. Attendees now get 429 "
+                    "event_budget_exhausted. Raise event_cost to let them continue.")  # fmt: skip
+        return f"Event '{event.name}' has used {percent} % of its budget: {spent}."
     if percent >= 100:
         left = "" if used >= limit else f", the {limit - used:,} left fewer than a request may use"
         return (f"Event '{event.name}' has used up its budget of {limit:,} {unit} ({used:,} used{left}): attendees "
@@ -149,14 +155,14 @@ class Alerts:
             return
         figures = budget.totals(event, list((await budget.read_shards(self._tables, event.id)).values()))
         for field, figure, limit in budgets(event):
-            used = int(figures[figure]["used"])
+            used = figures[figure]["used"]  # USD for the cost budget, a count for the others
             for percent in THRESHOLDS:
                 row = f"{ALERT_PREFIX}{field}|{percent}"
                 crossed = used * 100 >= percent * limit or (exhausted and used * 100 >= THRESHOLDS[0] * limit)
                 if crossed and (event.id, row) not in self._done:
                     await self._claim(event, row, field, used, limit, percent)
 
-    async def _claim(self, event: Event, row: str, field: str, used: int, limit: int, percent: int) -> None:
+    async def _claim(self, event: Event, row: str, field: str, used: float, limit: float, percent: int) -> None:
         payload = {
             "text": alert_text(event, field, used, limit, percent),
             "event_id": event.id,

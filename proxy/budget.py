@@ -1,4 +1,10 @@
-"""Event-wide budgets (``event_requests``, ``event_tokens``): the shards that hold them.
+"""Event-wide budgets (``event_requests``, ``event_tokens``, ``event_cost``): the shards that hold them.
+
+``event_cost`` is a third dimension like the tokens: each shard records the cost
+of what it settled (``cost``, nano-dollars) and counts each request in flight at
+its token estimate times the dearest price per token of the event's models
+(``rate``), so the budget is never passed; spare cost moves as tokens do
+(``delta_cost``).
 
 An event's budget is split over ``SHARDS`` entities in its ``proxyusage``
 partition, ``RowKey="shard|<n>"``, so that no single entity is written by every
@@ -71,7 +77,12 @@ def shard_index(row_key: str) -> int:
 
 
 def has_budget(event: Event) -> bool:
-    return event.event_requests is not None or event.event_tokens is not None
+    return event.event_requests is not None or event.event_tokens is not None or event.event_cost is not None
+
+
+def cost_nanos(usd: float | None) -> int | None:
+    """A cost cap in USD as whole nano-dollars (proxy.prices)."""
+    return None if usd is None else round(usd * 1_000_000_000)
 
 
 def base_share(total: int, index: int) -> int:
@@ -85,6 +96,7 @@ class Room:
 
     requests: int | None
     tokens: int | None
+    cost: int | None = None  # nano-dollars
 
 
 def empty_shard(event_id: str, index: int) -> dict[str, Any]:
@@ -95,6 +107,10 @@ def empty_shard(event_id: str, index: int) -> dict[str, Any]:
         "tokens": 0,
         "delta_requests": 0,
         "delta_tokens": 0,
+        # Nano-dollars, stored as doubles (exact to 2**53, 9 million dollars): an int past 2**31 would need
+        # an Int64 annotation in Table Storage's JSON.
+        "cost": 0.0,
+        "delta_cost": 0.0,
         "inflight": {},
     }
 
@@ -105,6 +121,8 @@ def normalised(entity: dict[str, Any]) -> dict[str, Any]:
     shard = empty_shard(str(entity["PartitionKey"]), index)
     for name in ("requests", "tokens", "delta_requests", "delta_tokens"):
         shard[name] = int(entity.get(name, 0))
+    for name in ("cost", "delta_cost"):
+        shard[name] = float(round(float(entity.get(name, 0) or 0)))
     shard["inflight"] = flights.decode(entity)  # shared: copied by whoever changes it
     return shard
 
@@ -114,21 +132,36 @@ def booked(shard: dict[str, Any]) -> int:
     return int(shard.get("tokens", 0)) + flights.booked(flights.decode(shard))
 
 
-def room(event: Event, shard: dict[str, Any]) -> Room:
+def booked_cost(shard: dict[str, Any], rate: float) -> int:
+    """Recorded cost plus the requests in flight at ``rate`` (the dearest price per token of the event's models)."""
+    return round(float(shard.get("cost", 0) or 0) + flights.booked(flights.decode(shard)) * rate)
+
+
+def room(event: Event, shard: dict[str, Any], rate: float = 0.0) -> Room:
     index = shard_index(str(shard["RowKey"]))
-    requests = tokens = None
+    requests = tokens = cost = None
     if event.event_requests is not None:
         limit = base_share(event.event_requests, index) + int(shard.get("delta_requests", 0))
         requests = limit - int(shard.get("requests", 0))
     if event.event_tokens is not None:
         limit = base_share(event.event_tokens, index) + int(shard.get("delta_tokens", 0))
         tokens = limit - booked(shard)
-    return Room(requests, tokens)
+    budget_nanos = cost_nanos(event.event_cost)
+    if budget_nanos is not None:
+        limit = base_share(budget_nanos, index) + round(float(shard.get("delta_cost", 0) or 0))
+        cost = limit - booked_cost(shard, rate)
+    return Room(requests, tokens, cost)
 
 
-def fits(event: Event, shard: dict[str, Any], estimate: int) -> bool:
-    space = room(event, shard)
-    return (space.requests is None or space.requests >= 1) and (space.tokens is None or space.tokens >= estimate)
+def fits(event: Event, shard: dict[str, Any], estimate: int, rate: float = 0.0) -> bool:
+    """Whether one more request fits; on cost, while the shard's booked cost is below its share (so the cost
+    budget can be passed by one request's cost, as a daily token cap by one request's tokens)."""
+    space = room(event, shard, rate)
+    return (
+        (space.requests is None or space.requests >= 1)
+        and (space.tokens is None or space.tokens >= estimate)
+        and (space.cost is None or space.cost > 0)
+    )
 
 
 def admitted(shard: dict[str, Any], request_id: str, estimate: int, now_epoch: int) -> dict[str, Any]:
@@ -141,7 +174,7 @@ def admitted(shard: dict[str, Any], request_id: str, estimate: int, now_epoch: i
 
 
 def settled(
-    shard: dict[str, Any], request_id: str, total_tokens: int, reached: bool, succeeded: bool
+    shard: dict[str, Any], request_id: str, total_tokens: int, reached: bool, succeeded: bool, cost: int = 0
 ) -> dict[str, Any]:
     """The shard once a request ends: its estimate replaced by its tokens, its slot kept or given back."""
     updated = normalised(shard)
@@ -157,6 +190,7 @@ def settled(
         updated["requests"] = max(0, updated["requests"] - 1)
     if reached:
         updated["tokens"] += total_tokens
+        updated["cost"] = float(round(updated["cost"]) + cost)
     return updated
 
 
@@ -174,8 +208,13 @@ def released(shard: dict[str, Any], stale: list[str], forgotten: list[str]) -> d
 
 
 def moves(
-    event: Event, shards: dict[int, dict[str, Any]], home: int, want: tuple[int, int], least: tuple[int, int]
-) -> dict[int, tuple[int, int]] | None:
+    event: Event,
+    shards: dict[int, dict[str, Any]],
+    home: int,
+    want: tuple[int, ...],
+    least: tuple[int, ...],
+    rate: float = 0.0,
+) -> dict[int, tuple[int, int, int]] | None:
     """How much spare to move into ``home`` (per shard: requests and tokens it gives; home's are negative).
 
     ``shards`` holds every shard's current entity; ``want`` is what the waiting
@@ -183,9 +222,10 @@ def moves(
     those home has room for needs. None when all the shards together lack even
     ``least``; an empty dict when home has what is wanted already.
     """
-    spaces = {index: room(event, shards[index]) for index in range(SHARDS)}
+    spaces = {index: room(event, shards[index], rate) for index in range(SHARDS)}
+    want, least = (*want, *(0,) * (3 - len(want))), (*least, *(0,) * (3 - len(least)))
     amounts: list[int] = []
-    for dimension in (0, 1):
+    for dimension in (0, 1, 2):
         have = _get(spaces[home], dimension)
         if have is None:
             amounts.append(0)
@@ -208,31 +248,41 @@ def moves(
         for index in donors:
             take = min(amount, max(0, _get(spaces[index], dimension) or 0))
             if take > 0:
-                given.setdefault(index, [0, 0])[dimension] += take
-                given.setdefault(home, [0, 0])[dimension] -= take
+                given.setdefault(index, [0, 0, 0])[dimension] += take
+                given.setdefault(home, [0, 0, 0])[dimension] -= take
                 amount -= take
-    return {index: (pair[0], pair[1]) for index, pair in given.items()}
+    return {index: (gives[0], gives[1], gives[2]) for index, gives in given.items()}
 
 
-def moved(shard: dict[str, Any], gives: tuple[int, int]) -> dict[str, Any]:
+def moved(shard: dict[str, Any], gives: tuple[int, ...]) -> dict[str, Any]:
     updated = normalised(shard)
     updated["delta_requests"] -= gives[0]
     updated["delta_tokens"] -= gives[1]
+    if len(gives) > 2:
+        updated["delta_cost"] = float(round(updated["delta_cost"]) - gives[2])
     return updated
 
 
-def totals(event: Event, shards: list[dict[str, Any]]) -> dict[str, Any]:
-    """The event's budgets and what is used of them (``requests``: admitted; ``tokens``: recorded + in flight)."""
+def totals(event: Event, shards: list[dict[str, Any]], rate: float = 0.0) -> dict[str, Any]:
+    """The event's budgets and what is used of them (``requests``: admitted; ``tokens``: recorded + in flight;
+    ``cost``: USD recorded, plus the requests in flight at ``rate``)."""
     used_requests = sum(int(s.get("requests", 0)) for s in shards)
     used_tokens = sum(booked(s) for s in shards)
-    exhausted = (event.event_requests is not None and used_requests >= event.event_requests) or (
-        event.event_tokens is not None and used_tokens >= event.event_tokens
+    used_cost = sum(booked_cost(s, rate) for s in shards)
+    budget_nanos = cost_nanos(event.event_cost)
+    exhausted = (
+        (event.event_requests is not None and used_requests >= event.event_requests)
+        or (event.event_tokens is not None and used_tokens >= event.event_tokens)
+        or (budget_nanos is not None and used_cost >= budget_nanos)
     )
-    return {
+    figures: dict[str, Any] = {
         "requests": {"limit": event.event_requests, "used": used_requests},
         "tokens": {"limit": event.event_tokens, "used": used_tokens},
         "exhausted": exhausted,
     }
+    if event.event_cost is not None:
+        figures["cost"] = {"limit": event.event_cost, "used": round(used_cost / 1_000_000_000, 9)}
+    return figures
 
 
 async def read_shards(tables: Tables, event_id: str) -> dict[int, dict[str, Any]]:
@@ -252,10 +302,15 @@ async def read_shards(tables: Tables, event_id: str) -> dict[int, dict[str, Any]
     return shards
 
 
-def exhausted(event: Event, shards: dict[int, dict[str, Any]], estimate: int) -> CapExceeded:
+def exhausted(event: Event, shards: dict[int, dict[str, Any]], estimate: int, rate: float = 0.0) -> CapExceeded:
     """The refusal when all the shards together lack the room for a request."""
-    figures = totals(event, list(shards.values()))
+    figures = totals(event, list(shards.values()), rate)
     contact = "Ask the organizer of the event if it should be raised."
+    if event.event_cost is not None and figures["cost"]["used"] >= event.event_cost:
+        message = (f"The event '{event.name}' has used up its budget of ${event.event_cost:,.2f} "
+                   f"(${figures['cost']['used']:,.4f} used, counting requests still running at their highest "
+                   f"price). {contact}")  # fmt: skip
+        return CapExceeded(message, code="event_budget_exhausted", retry_after=BUDGET_RETRY_SECONDS)
     requests_used_up = figures["requests"]["used"] >= (event.event_requests or 0)
     if event.event_requests is not None and (requests_used_up or event.event_tokens is None):
         message = f"The event '{event.name}' has used up its budget of {event.event_requests} requests. {contact}"
@@ -272,7 +327,7 @@ def exhausted(event: Event, shards: dict[int, dict[str, Any]], estimate: int) ->
 
 
 def _get(space: Room, dimension: int) -> int | None:
-    return space.requests if dimension == 0 else space.tokens
+    return (space.requests, space.tokens, space.cost)[dimension]
 
 
 def _released(entry: list[int]) -> bool:

@@ -96,6 +96,9 @@ class Event:
     event_requests: int | None = None
     event_tokens: int | None = None
     max_attendees: int | None = None
+    # Cost caps in USD (proxy.prices): per attendee and day, and for the whole event.
+    daily_cost: float | None = None
+    event_cost: float | None = None
     # Chat sessions (proxy.sessions): turns and characters kept; None is the proxy's default.
     session_turns: int | None = None
     session_chars: int | None = None
@@ -134,6 +137,8 @@ class Event:
             "event_requests": self.event_requests,
             "event_tokens": self.event_tokens,
             "max_attendees": self.max_attendees,
+            "daily_cost": self.daily_cost,
+            "event_cost": self.event_cost,
             "session_turns": self.session_turns,
             "session_chars": self.session_chars,
             "attendee_keys": self.attendee_keys,
@@ -169,6 +174,10 @@ class Event:
         }
         if self.alert_webhook:
             entity["alert_webhook"] = self.alert_webhook
+        for name in ("daily_cost", "event_cost"):
+            value = getattr(self, name)
+            if value is not None:
+                entity[name] = float(value)
         # Table Storage has no null: an absent property means "no cap".
         for name in _OPTIONAL_CAPS:
             value = getattr(self, name)
@@ -193,6 +202,8 @@ class Event:
             event_requests=_optional_int(entity.get("event_requests")),
             event_tokens=_optional_int(entity.get("event_tokens")),
             max_attendees=_optional_int(entity.get("max_attendees")),
+            daily_cost=None if entity.get("daily_cost") is None else float(entity["daily_cost"]),
+            event_cost=None if entity.get("event_cost") is None else float(entity["event_cost"]),
             session_turns=_optional_int(entity.get("session_turns")),
             session_chars=_optional_int(entity.get("session_chars")),
             blocked=tuple(orjson.loads(entity.get("blocked") or "[]")),

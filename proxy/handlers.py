@@ -136,7 +136,8 @@ class Proxy:
         self.settings = settings
         self.tables = tables
         self.events = EventStore(tables, settings.hasher(), settings.event_cache_seconds)
-        self.ledger = Ledger(tables)
+        self.prices = PriceTable.load(settings.model_prices)
+        self.ledger = Ledger(tables, self.prices)
         self.roster = Roster(tables)
         self.keys = PersonalKeys(tables, self.events, self.roster, settings.event_cache_seconds)
         self.failed_lookups = FailedLookups(settings.failed_lookups_per_minute)
@@ -144,7 +145,6 @@ class Proxy:
         self.telemetry = telemetry or Telemetry()
         # Who is calling: a credential resolved to an event and a name (proxy.callers).
         self.callers = Callers(self.events, self.keys, self.failed_lookups, self.telemetry, clock)
-        self.prices = PriceTable.load(settings.model_prices)
         # Plain http webhooks (to loopback) only in a local run, on Azurite's connection string.
         self.alerts = Alerts(tables, local=settings.storage_connection_string is not None)
         self.recorder = UsageRecorder(tables, self.ledger, self.prices, self.telemetry)

@@ -72,8 +72,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
@@ -89,6 +90,7 @@ from proxy import inflight as flights
 from proxy.entities import TransactionRefused
 from proxy.errors import CapExceeded, StorageRefused, StorageUnavailable
 from proxy.events import Event
+from proxy.prices import PriceTable
 from proxy.storage import Tables
 
 log = logging.getLogger("proxy.limits")
@@ -102,7 +104,7 @@ _UNAVAILABLE = "Table Storage cannot be reached right now; usage could not be st
 Waiting = tuple[int, str, "asyncio.Future[Any]", int]
 FLUSH_DELAY_SECONDS = 0.05
 # (request id, total tokens, reached upstream, succeeded) of a request to settle on its shard
-Unsettled = tuple[str, int, bool, bool]
+Unsettled = tuple[str, int, bool, bool, int]  # ..., and its cost in nano-dollars
 MAX_MOVES = 8  # moves of spare into the home shard that landed, per group write, before refusing
 _COUNTERS = ("reserved", "requests", "failed", "prompt_tokens", "completion_tokens", "total_tokens")
 CLIENT_GONE = 499  # the client left after upstream had the request (nginx's "client closed request")
@@ -135,7 +137,8 @@ def _zone(name: str) -> ZoneInfo:
 
 
 def has_caps(event: Event) -> bool:
-    return event.daily_requests is not None or event.daily_tokens is not None or event.tpm is not None
+    caps = (event.daily_requests, event.daily_tokens, event.tpm, event.daily_cost)
+    return any(cap is not None for cap in caps)
 
 
 @dataclass(slots=True)
@@ -183,8 +186,10 @@ class Settlement:
 class Ledger:
     """Reads and conditionally writes the per-attendee day entities."""
 
-    def __init__(self, tables: Tables) -> None:
+    def __init__(self, tables: Tables, prices: PriceTable | None = None) -> None:
         self._tables = tables
+        self._prices = prices or PriceTable.load()
+        self._rates: dict[tuple[str, ...], float] = {}
         self._entities = tables.usage_entities
         self._cache: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -371,6 +376,7 @@ class Ledger:
 
     async def _admit_shard_group(self, event: Event, key: tuple[str, str], now: datetime, group: list[Waiting]) -> None:
         state = self._cache.get(key)
+        rate = self.rate(event)
         fresh, moves_left = False, MAX_MOVES
         shards: dict[int, dict[str, Any]] = {}
         refusal: CapExceeded | None = None
@@ -397,7 +403,7 @@ class Ledger:
             for estimate, request_id, _, at in group:
                 if request_id in landed:  # an earlier attempt of this write landed, its answer lost
                     outcomes.append(None)
-                elif budget.fits(event, updated, estimate):
+                elif budget.fits(event, updated, estimate, rate):
                     # Its own time, not the leader's: the reconciler finds its log entry by that day.
                     updated = budget.admitted(updated, request_id, estimate, at)
                     outcomes.append(None)
@@ -423,11 +429,12 @@ class Ledger:
                     for (estimate, request_id, _, _), outcome in zip(group, outcomes, strict=True)
                     if outcome is None and request_id not in landed
                 ]
-                want = (len(fitted) + len(refused), sum(fitted) + sum(refused))
-                least = (len(fitted) + 1, sum(fitted) + min(refused))
-                plan = budget.moves(event, shards, home, want, least)
+                want = (len(fitted) + len(refused), sum(fitted) + sum(refused),
+                        math.ceil((sum(fitted) + sum(refused)) * rate))  # fmt: skip
+                least = (len(fitted) + 1, sum(fitted) + min(refused), math.ceil((sum(fitted) + min(refused)) * rate))
+                plan = budget.moves(event, shards, home, want, least, rate)
                 if plan is None:
-                    refusal = budget.exhausted(event, shards, min(refused))
+                    refusal = budget.exhausted(event, shards, min(refused), rate)
                 else:
                     # A move that lost a race with another write (the other workers' homes are written
                     # all the time) is planned again from a fresh read; only moves that land count.
@@ -448,18 +455,31 @@ class Ledger:
                 if outcome is None:
                     ticket.set_result(key[1])
                 else:
-                    ticket.set_exception(refusal or budget.exhausted(event, shards, estimate))
+                    ticket.set_exception(refusal or budget.exhausted(event, shards, estimate, rate))
             return
         raise StorageUnavailable("Too much contention on the event's budget; try again in a moment.")
 
     async def budget_totals(self, event: Event) -> dict[str, Any]:
         """The event's budgets and what is used of them (``proxy.budget.totals``): one range query."""
-        return budget.totals(event, list((await self._shards(event.id)).values()))
+        return budget.totals(event, list((await self._shards(event.id)).values()), self.rate(event))
+
+    def rate(self, event: Event) -> float:
+        """The dearest price of a token among the event's models (input or output), in nano-dollars: what a
+        request in flight is counted at against the cost caps, so that its estimate is never below its cost.
+        A model without a known price counts 0 (its requests are flagged as unpriced in the reports)."""
+        rate = self._rates.get(event.models)
+        if rate is None:
+            prices = [self._prices.known(model) for model in event.models]
+            rate = max((max(p.input, p.output) * 1000 for p in prices if p is not None), default=0.0)
+            self._rates[event.models] = rate
+        return rate
 
     async def _shards(self, event_id: str) -> dict[int, dict[str, Any]]:
         return await budget.read_shards(self._tables, event_id)
 
-    async def _move(self, event_id: str, shards: dict[int, dict[str, Any]], plan: dict[int, tuple[int, int]]) -> bool:
+    async def _move(
+        self, event_id: str, shards: dict[int, dict[str, Any]], plan: Mapping[int, tuple[int, ...]]
+    ) -> bool:
         """Move spare between shards in one transaction; False when a lost race left things as they were."""
         operations: list[tuple[str, Any, dict[str, Any]]] = []
         written: list[tuple[tuple[str, str], dict[str, Any]]] = []
@@ -503,7 +523,9 @@ class Ledger:
                 if request_id in landed:  # an earlier attempt of this write landed, its answer lost
                     outcomes.append(Admission(request_id, day, minute, estimate, *_remaining(event, updated), True))
                     continue
-                refusal = _refusal(event, updated, now, minute, estimate) or flights.full(flights.decode(updated))
+                refusal = _refusal(event, updated, now, minute, estimate, self.rate(event)) or flights.full(
+                    flights.decode(updated)
+                )
                 if refusal is not None:
                     outcomes.append(refusal)
                     continue
@@ -615,7 +637,8 @@ class Ledger:
         """
         key = (event_id, str(item.admission.shard))
         settlement = item.settlement
-        entry = (item.admission.request_id, settlement.total_tokens, settlement.reached_upstream, settlement.succeeded)
+        entry = (item.admission.request_id, settlement.total_tokens, settlement.reached_upstream, settlement.succeeded,
+                 settlement.cost_nanos)  # fmt: skip
         self._unsettled.setdefault(key, []).append(entry)
         if key not in self._flushing:
             self._flushing.add(key)
@@ -784,7 +807,8 @@ class Ledger:
                 lost.append(request_id)
                 continue
             succeeded = keeps_slot(int(logged.get("status", 0)))
-            shard = budget.settled(shard, request_id, int(logged.get("total_tokens", 0)), True, succeeded)
+            cost = round(float(logged.get("cost", 0) or 0) * 1_000_000_000)
+            shard = budget.settled(shard, request_id, int(logged.get("total_tokens", 0)), True, succeeded, cost)
         return budget.released(shard, lost, forgotten)
 
     @staticmethod
@@ -824,7 +848,9 @@ def _rows(item: Finished) -> tuple[str, ...]:
     return (_day_row(item),)
 
 
-def _refusal(event: Event, entity: dict[str, Any], now: datetime, minute: int, estimate: int) -> CapExceeded | None:
+def _refusal(
+    event: Event, entity: dict[str, Any], now: datetime, minute: int, estimate: int, rate: float = 0.0
+) -> CapExceeded | None:
     if event.daily_requests is not None and entity.get("reserved", 0) >= event.daily_requests:
         return CapExceeded(
             f"You have used all {event.daily_requests} requests allowed per attendee today in "
@@ -837,6 +863,15 @@ def _refusal(event: Event, entity: dict[str, Any], now: datetime, minute: int, e
             f"You have used your {event.daily_tokens} tokens for today in '{event.name}'. "
             f"The budget resets at midnight in the event's time zone, {_reset(event, now)}.",
             code="daily_token_cap_exceeded",
+            retry_after=seconds_to_midnight(now, event.time_zone),
+        )
+    if event.daily_cost is not None and booked_cost(entity, rate) >= round(event.daily_cost * 1_000_000_000):
+        used = booked_cost(entity, rate) / 1_000_000_000
+        return CapExceeded(
+            f"You have used your ${event.daily_cost:,.2f} for today in '{event.name}' (${used:,.4f}, counting "
+            f"requests still running at their highest price). The cap resets at midnight in the event's time "
+            f"zone, {_reset(event, now)}.",
+            code="daily_cost_cap_exceeded",
             retry_after=seconds_to_midnight(now, event.time_zone),
         )
     if event.tpm is not None and entity.get("tpm_minute") == minute:
@@ -879,6 +914,15 @@ def _remaining(event: Event, entity: dict[str, Any]) -> tuple[int | None, int | 
     requests = None if event.daily_requests is None else event.daily_requests - entity["reserved"]
     tokens = None if event.daily_tokens is None else max(0, event.daily_tokens - booked_tokens(entity))
     return requests, tokens
+
+
+def booked_cost(entity: dict[str, Any], rate: float) -> int:
+    """The day's cost as the daily cost cap counts it (nano-dollars): recorded (per model, ``models``), plus the
+    requests in flight at ``rate``, the dearest price per token of the event's models."""
+    models = entity.get("models") or "{}"
+    rows: dict[str, list[int]] = orjson.loads(models) if isinstance(models, str) else models
+    recorded = sum(row[5] for row in rows.values() if len(row) > 5)
+    return round(recorded + flights.booked(flights.decode(entity)) * rate)
 
 
 def booked_tokens(entity: dict[str, Any]) -> int:

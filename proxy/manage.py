@@ -61,6 +61,16 @@ def _number(value: str) -> int | str | None:
         return value
 
 
+def _dollars(value: str) -> float | str | None:
+    """A USD amount, or ``none`` to clear it; anything else is left for validation to name."""
+    if value.strip().lower() in ("none", "null", "off"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def _url(value: str) -> str | None:
     return None if value.strip().lower() in ("none", "null", "off") else value
 
@@ -96,6 +106,8 @@ def _event_options(parser: argparse.ArgumentParser, *, creating: bool) -> None:
            type=_number, metavar="N")  # fmt: skip
     option("--event-tokens", f"tokens for the whole event, all attendees{clear}", "no budget",
            type=_number, metavar="N")  # fmt: skip
+    option("--daily-cost", f"USD per attendee and day{clear}", "no cap", type=_dollars, metavar="USD")
+    option("--event-cost", f"USD for the whole event, all attendees{clear}", "no budget", type=_dollars, metavar="USD")
     option("--max-attendees", f"distinct attendee names{clear}", "no limit", type=_number, metavar="N")
     back = "" if creating else "; 'none' goes back to the default"
     option("--session-turns", f"turns kept per chat session (session_id){back}", "20", type=_number, metavar="N")
@@ -496,6 +508,8 @@ def _budget_lines(figures: dict[str, Any] | None) -> str:
     for name in ("requests", "tokens"):
         if figures[name]["limit"] is not None:
             lines += f"\nEvent budget, {name}: {figures[name]['used']} used of {figures[name]['limit']}"
+    if figures.get("cost"):
+        lines += f"\nEvent budget, cost: ${figures['cost']['used']:,.4f} used of ${figures['cost']['limit']:,.2f}"
     if figures["exhausted"]:
         lines += "\nThe event's budget is used up: attendees get 429 event_budget_exhausted."
     return lines

@@ -45,7 +45,7 @@ CODE_PATTERN = r"^[A-Za-z0-9_-]{4,64}$"
 MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Fields that null clears (no cap); the texts too, as empty.
 CLEARABLE = frozenset({"daily_requests", "daily_tokens", "tpm", "event_requests", "event_tokens", "max_attendees",
-                       "session_turns", "session_chars", "alert_webhook"})  # fmt: skip
+                       "session_turns", "session_chars", "alert_webhook", "daily_cost", "event_cost"})  # fmt: skip
 
 
 def _utc_time(value: Any) -> datetime:
@@ -72,6 +72,9 @@ def _text(value: Any) -> Any:
 
 ATTENDEE_KEYS = "every attendee must register a personal key (POST /api/v1/keys): CODE/name is refused"
 Positive = Annotated[StrictInt, Field(gt=0)]
+Dollars = Annotated[float, Field(gt=0, le=1_000_000, allow_inf_nan=False)]
+DAILY_COST = "USD per attendee and day (prices: proxy/data/prices.json and MODEL_PRICES)"
+EVENT_COST = "USD for the whole event, all attendees"
 Time = Annotated[datetime, BeforeValidator(_utc_time), Field(json_schema_extra={"format": "date-time"})]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 Text = Annotated[str, BeforeValidator(_text), StringConstraints(strip_whitespace=True, max_length=1000)]
@@ -126,6 +129,8 @@ class EventCreate(_Fields):
     event_requests: Positive | None = None
     event_tokens: Positive | None = None
     max_attendees: Positive | None = None
+    daily_cost: Dollars | None = Field(None, description=DAILY_COST)
+    event_cost: Dollars | None = Field(None, description=EVENT_COST)
     session_turns: Positive | None = Field(None, description="turns kept per chat session; default 20")
     session_chars: Positive | None = Field(None, description="characters kept per chat session; default 60000")
     attendee_keys: StrictBool = Field(False, description=ATTENDEE_KEYS)
@@ -150,6 +155,8 @@ class EventUpdate(_Fields):
     event_requests: Positive | None = None
     event_tokens: Positive | None = None
     max_attendees: Positive | None = None
+    daily_cost: Dollars | None = Field(None, description=DAILY_COST)
+    event_cost: Dollars | None = Field(None, description=EVENT_COST)
     session_turns: Positive | None = Field(None, description="turns kept per chat session; default 20")
     session_chars: Positive | None = Field(None, description="characters kept per chat session; default 60000")
     attendee_keys: StrictBool | None = Field(None, description=ATTENDEE_KEYS)
@@ -213,6 +220,8 @@ class EventOut(BaseModel):
     event_requests: int | None
     event_tokens: int | None
     max_attendees: int | None
+    daily_cost: float | None
+    event_cost: float | None
     session_turns: int | None
     session_chars: int | None
     attendee_keys: bool
@@ -271,9 +280,15 @@ class BudgetUse(BaseModel):
     used: int
 
 
+class CostUse(BaseModel):
+    limit: float = Field(description="USD")
+    used: float = Field(description="USD recorded, plus the requests in flight at the dearest price per token")
+
+
 class EventBudget(BaseModel):
     requests: BudgetUse = Field(description="requests admitted")
     tokens: BudgetUse = Field(description="tokens recorded, plus the estimates of requests in flight")
+    cost: CostUse | None = Field(None, description="present with event_cost")
     exhausted: bool
 
 
