@@ -12,7 +12,7 @@ with what the code reads (proxy/settings.py) and with what devtools/deploy.py co
 
 What cannot be checked here (quota, a model's availability in *your* region today, the
 platform accepting the whole deployment) is checked on a real subscription with
-``python -m devtools.deploy --what-if``; see the README's deploy section.
+``python -m devtools.deploy --what-if``; see the deploy guide, docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ LOCAL_ONLY_OR_OPTIONAL = {
 # Outputs for devtools/deploy.py that are not app settings.
 DEPLOY_OUTPUTS = {"AZURE_FUNCTION_APP_NAME", "AZURE_FUNCTION_APP_URL", "AZURE_OPENAI_DEPLOYMENTS"}
 
-# The region the README deploys to in its examples; every default model/SKU pair must be
+# The region the deploy guide (docs/deploy.md) deploys to in its examples; every default model/SKU pair must be
 # offered there according to the sources file.
 EXAMPLE_REGION = "eastus2"
 

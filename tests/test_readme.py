@@ -1,4 +1,7 @@
-"""`make run`'s stack comes up, prints a working credential, runs the README's examples, stops on Ctrl-C."""
+"""`make run`'s stack comes up, prints a working credential, runs the examples of the README and of the
+guides in docs/ (Python, JavaScript, curl, the organizer's CLI and HTTP calls), stops on Ctrl-C.
+
+The deploy guide's commands run against a fake ``az`` in tests/test_readme_deploy.py."""
 
 from __future__ import annotations
 
@@ -18,16 +21,46 @@ import pytest
 from tests.support import ROOT, Service, free_port
 
 README = (ROOT / "README.md").read_text()
+GUIDES = {path.stem: path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))}
 Stack = tuple[Service, int, dict[str, str], Path]
 
 
-def blocks(heading: str, language: str) -> list[str]:
-    section = README.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
-    return [textwrap.dedent(block) for block in re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)]
+def section(text: str, heading: str) -> str:
+    return text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def blocks(text: str, language: str) -> list[str]:
+    return [textwrap.dedent(block) for block in re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)]
 
 
 def attendee_blocks(language: str) -> list[str]:
-    return blocks("Use it as an attendee", language)
+    """The front page's quick start, then the attendees' guide."""
+    return blocks(section(README, "Use it as an attendee"), language) + blocks(GUIDES["attendees"], language)
+
+
+def test_the_front_page_is_short_and_links_every_guide() -> None:
+    assert len(README.splitlines()) <= 200
+    for name in GUIDES:
+        assert f"](docs/{name}.md)" in README
+    # Its deploy commands are the deploy guide's, which tests/test_readme_deploy.py runs.
+    deploy = blocks(section(README, "Run an event"), "bash")[-1]
+    assert "make deploy" in deploy and deploy in GUIDES["deploy"]
+
+
+def test_links_between_guides_reach_a_heading() -> None:
+    """Every ``[...](file.md#anchor)`` in the README and the guides names a file and a heading there."""
+    pages = {"README.md": README, **{f"docs/{name}.md": text for name, text in GUIDES.items()}}
+    anchors = {
+        path: {re.sub(r"[^a-z0-9 _-]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
+        for path, text in pages.items()
+    }
+    for path, text in pages.items():
+        for target, anchor in re.findall(r"\]\(([\w./-]*\.md|)(?:#([\w-]+))?\)", text):
+            resolved = str((Path(path).parent / target).as_posix()) if target else path
+            resolved = resolved.removeprefix("docs/../")
+            assert (ROOT / resolved).exists(), f"{path}: {target}"
+            if anchor and resolved in anchors:
+                assert anchor in anchors[resolved], f"{path}: {target}#{anchor}"
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +86,18 @@ def test_readme_python_examples_run(stack: Stack, index: int, tmp_path: Path) ->
     _, port, env, _ = stack
     code = attendee_blocks("python")[index].replace("localhost:7071", f"localhost:{port}")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+@pytest.mark.parametrize("index", range(len(attendee_blocks("javascript"))))
+def test_readme_javascript_examples_run(stack: Stack, index: int) -> None:
+    """With the official openai package and Vercel's AI SDK, pinned in package.json."""
+    _, port, env, _ = stack
+    code = attendee_blocks("javascript")[index].replace("localhost:7071", f"localhost:{port}")
+    result = subprocess.run(
+        ["node", "--input-type=module", "-e", code], capture_output=True, text=True, timeout=60, env=env, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
 
@@ -101,12 +146,16 @@ def test_readme_organizer_walkthrough_runs(stack: Stack) -> None:
         created = run(f"python -m proxy.manage events create --name Walkthrough {window} --json")
         return str(json.loads(created)["id"])
 
-    cli = [b for b in blocks("Organizers: run your event", "bash") if "proxy.manage" in b and "ACCOUNT" not in b]
+    guide = GUIDES["organizers"].split("\n## Several organizers", 1)[0]  # the walkthrough of one event
+    cli = [b for b in blocks(guide, "bash") if "proxy.manage" in b and "ACCOUNT" not in b]
     assert len(cli) == 6  # create; watch usage; attendees; plan; update and rotate; disable, enable, delete
+    quick = [b for b in blocks(section(README, "Run an event"), "bash") if "proxy.manage" in b]
+    assert len(quick) == 1  # the front page's: create, usage, disable
     shared = new_event()
     for block in cli:
         assert "Traceback" not in run(block.replace("EVENT_ID", shared))
-    http = [b for b in blocks("Organizers: run your event", "bash") if "curl" in b]
+    assert "Traceback" not in run(quick[0].replace("EVENT_ID", new_event()))
+    http = [b for b in blocks(guide, "bash") if "curl" in b]
     assert len(http) == 1
     output = run(http[0].replace("EVENT_ID", new_event()))
     assert '"error"' not in output and "OTHER-CODE-2027" in output and '"deleted":true' in output

@@ -1,6 +1,6 @@
-"""The README's "Deploy to Azure" section, run as a new user would from a clean clone, against a fake ``az``.
+"""The deploy guide (docs/deploy.md), run as a new user would from a clean clone, against a fake ``az``.
 
-Every ``bash`` block of the section runs, in the order the README gives them, in one shell
+Every ``bash`` block of the guide runs, in the order the guide gives them, in one shell
 (``set -euo pipefail``) in a copy of the repository's files with ``make install``'s
 environment active. ``az`` is tests/fake_az.py; the deployment's outputs point at a real app on
 loopback (the real worker over Azurite and a simulator serving the deployed names), so
@@ -29,10 +29,9 @@ MODEL_LISTS = json.loads((ROOT / "tests" / "data" / "az_model_list.json").read_t
 SERVED = {"gpt-5.4": "reasoning", "text-embedding-3-small": "embeddings"}
 
 
-def section_blocks(heading: str = "Deploy to Azure") -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    return [textwrap.dedent(block) for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)]
+def section_blocks() -> list[str]:
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    return [textwrap.dedent(block) for block in re.findall(r"```bash\n(.*?)```", guide, flags=re.S)]
 
 
 @pytest.fixture(scope="module")
