@@ -102,5 +102,5 @@ def check_foundry_upgrade(az: Az, group: str, previous: Mapping[str, Any], conse
         "OpenAI account (kind OpenAI), so redeploying would roll the upgrade back: the proxy keeps working (same "
         "endpoint, identity, roles and model deployments), but Foundry projects made on the account since would be "
         "lost. Run again with --foundry-upgraded rollback to go ahead, or keep the upgrade by deploying the code "
-        "alone (README, Deploy to Azure: Step by step, the config-zip line). Nothing was deployed."
+        "alone (docs/deploy.md: Step by step, the config-zip line). Nothing was deployed."
     )

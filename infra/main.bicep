@@ -17,7 +17,7 @@ param namePrefix string = 'evtproxy'
 @description('Azure OpenAI model deployments, created one at a time: name (what events list), model, version, skuName (Standard, GlobalStandard...), capacity (thousands of tokens per minute). Set in main.bicepparam; check what a region offers with az cognitiveservices model list -l REGION.')
 param modelDeployments array
 
-@description('More regions, each with an Azure OpenAI account of its own holding the same model deployments and granting the app the same role (e.g. [\'swedencentral\']): the proxy spreads load over the accounts and fails over when one is throttled or down (README, Two regions). Each region must offer the models and SKUs of modelDeployments, and differ from location.')
+@description('More regions, each with an Azure OpenAI account of its own holding the same model deployments and granting the app the same role (e.g. [\'swedencentral\']): the proxy spreads load over the accounts and fails over when one is throttled or down (docs/deploy.md, Two regions). Each region must offer the models and SKUs of modelDeployments, and differ from location.')
 param openAiExtraRegions array = []
 
 @description('true: the extra regions take requests only when the first account is throttled or failing (priority 2, spill-over); false: every account takes an even share (one priority).')
@@ -33,7 +33,7 @@ param organizerKey string
 @minLength(32)
 param codeHashKey string
 
-@description('Client id of an Entra ID app registration for organizer sign-in through App Service authentication (README: Organizer sign-in with Entra ID); empty: the organizer key only.')
+@description('Client id of an Entra ID app registration for organizer sign-in through App Service authentication (docs/deploy.md: Organizer sign-in with Entra ID); empty: the organizer key only.')
 param organizerEntraClientId string = ''
 
 @description('Object ids of the organizers who may sign in with Entra ID, comma-separated.')
@@ -61,7 +61,7 @@ param maximumInstanceCount int = 100
 ])
 param instanceMemoryMB int = 2048
 
-@description('Concurrent HTTP requests one instance takes before Flex Consumption adds another (Python defaults to 1). See README, Scale for a big event.')
+@description('Concurrent HTTP requests one instance takes before Flex Consumption adds another (Python defaults to 1). See docs/deploy.md, Scale for a big event.')
 @minValue(1)
 param httpPerInstanceConcurrency int = 32
 

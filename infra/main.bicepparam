@@ -8,7 +8,7 @@ param namePrefix = 'evtproxy'
 // -l REGION) and deploys the newest generally available version of each model that still takes
 // new deployments on the event's last day, or stops and names what the region offers instead.
 // gpt-5.4 2026-03-05 (new customers until 2027-03-05) and text-embedding-3-small 1 are both
-// offered as GlobalStandard in eastus2, the README's example region.
+// offered as GlobalStandard in eastus2, the deploy guide's example region.
 param modelDeployments = [
   {
     name: 'gpt-5.4'
@@ -27,12 +27,12 @@ param modelDeployments = [
 ]
 
 // More regions for capacity, each with its own Azure OpenAI account and the deployments
-// above (README, Two regions), e.g. ['swedencentral']; true below: only when the first is
+// above (docs/deploy.md, Two regions), e.g. ['swedencentral']; true below: only when the first is
 // throttled or down, instead of an even share.
 param openAiExtraRegions = []
 param openAiExtraRegionsOnlyOnFailover = false
 
-// Scale (see README, Scale for a big event).
+// Scale (see docs/deploy.md, Scale for a big event).
 param maximumInstanceCount = 100
 param instanceMemoryMB = 2048
 param httpPerInstanceConcurrency = 32
@@ -47,7 +47,7 @@ param organizerKey = readEnvironmentVariable('ORGANIZER_KEY', '')
 param codeHashKey = readEnvironmentVariable('CODE_HASH_KEY', '')
 param deployerPrincipalId = readEnvironmentVariable('DEPLOYER_PRINCIPAL_ID', '')
 param deployerCanCallModels = bool(readEnvironmentVariable('DEPLOYER_CAN_CALL_MODELS', 'false'))
-// Organizer sign-in with Entra ID (optional; README, "Organizer sign-in with Entra ID").
+// Organizer sign-in with Entra ID (optional; docs/deploy.md, "Organizer sign-in with Entra ID").
 param organizerEntraClientId = readEnvironmentVariable('ORGANIZER_ENTRA_CLIENT_ID', '')
 param organizerEntraObjectIds = readEnvironmentVariable('ORGANIZER_ENTRA_OBJECT_IDS', '')
 param organizerEntraGroupIds = readEnvironmentVariable('ORGANIZER_ENTRA_GROUP_IDS', '')

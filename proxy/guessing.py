@@ -22,7 +22,7 @@ while one laptop guesses; a classmate who had not yet sent her first request
 waits for the window to pass. Each address remembers its last
 ``MAX_CODES_PER_ADDRESS`` codes (as their stored hashes, never the codes).
 The counts live in each worker's memory (a cache: an attacker that reaches N
-instances gets N times the attempts; README *Guessed codes* has the figures).
+instances gets N times the attempts; docs/organizers.md, *Guessed codes*, has the figures).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ local date (its ``time_zone``; UTC when it has none), so daily caps reset at its
   while that sum is below the cap. Settlement happens before an answer's end
   reaches its client, so the next request sees the answer's tokens. The day's
   total therefore passes the cap by at most the tokens of the last request
-  admitted, as long as estimates are not below upstream's figures (README
+  admitted, as long as estimates are not below upstream's figures (docs/organizers.md,
   *Budgets: how exact*).
 - The event's budgets live in shards of their own (``proxy.budget``), admitted
   by ``admit_budget`` concurrently with the attendee's day (``admit_all``).

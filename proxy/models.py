@@ -9,7 +9,7 @@ what the code checks. Unknown fields are refused, and every failure becomes a
 Integers and booleans are strict (``"5"`` is not 5, ``"yes"`` is not true):
 organizers see the mistake instead of a guess. Times are ISO 8601 with an
 offset, stored in UTC. Attendee requests are not validated here: their checks
-stay hand-written in ``proxy.payload``, which is faster on the hot path (README
+stay hand-written in ``proxy.payload``, which is faster on the hot path (docs/how-it-works.md,
 *Performance*).
 """
 

@@ -50,7 +50,7 @@ param organizerKey string
 @secure()
 param codeHashKey string
 
-// Organizer sign-in with Entra ID through App Service authentication (README, "Organizer
+// Organizer sign-in with Entra ID through App Service authentication (docs/deploy.md, "Organizer
 // sign-in with Entra ID"): off while the client id is empty. The app trusts the platform's
 // principal header only with ORGANIZER_TRUST_APP_SERVICE_AUTH, set here with the config.
 @description('Client id of the Entra ID app registration organizers sign in with; empty: the organizer key only.')
