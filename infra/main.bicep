@@ -36,11 +36,23 @@ param codeHashKey string
 @description('Client id of an Entra ID app registration for organizer sign-in through App Service authentication (docs/deploy.md: Organizer sign-in with Entra ID); empty: the organizer key only.')
 param organizerEntraClientId string = ''
 
-@description('Object ids of the organizers who may sign in with Entra ID, comma-separated.')
+@description('Object ids of the organizers (their own events and those shared with them) who may sign in with Entra ID, comma-separated.')
 param organizerEntraObjectIds string = ''
 
 @description('Ids of Entra ID groups whose members may sign in as organizers, comma-separated.')
 param organizerEntraGroupIds string = ''
+
+@description('Object ids of the Entra ID users who sign in as admins (everything, every event), comma-separated.')
+param organizerEntraAdminObjectIds string = ''
+
+@description('Ids of Entra ID groups whose members sign in as admins (everything, every event), comma-separated.')
+param organizerEntraAdminGroupIds string = ''
+
+@description('Object ids of the Entra ID users who sign in as viewers (read the events shared with them), comma-separated.')
+param organizerEntraViewerObjectIds string = ''
+
+@description('Ids of Entra ID groups whose members sign in as viewers (read the events shared with them), comma-separated.')
+param organizerEntraViewerGroupIds string = ''
 
 @description('Object id of the deploying user (az ad signed-in-user show --query id -o tsv), granted Storage Table Data Contributor so the organizer CLI works from a laptop; empty for none.')
 param deployerPrincipalId string = ''
@@ -124,6 +136,10 @@ module checks 'modules/checks.bicep' = {
     organizerEntraClientId: checks.outputs.organizerEntraClientId
     organizerEntraObjectIds: organizerEntraObjectIds
     organizerEntraGroupIds: organizerEntraGroupIds
+    organizerEntraAdminObjectIds: organizerEntraAdminObjectIds
+    organizerEntraAdminGroupIds: organizerEntraAdminGroupIds
+    organizerEntraViewerObjectIds: organizerEntraViewerObjectIds
+    organizerEntraViewerGroupIds: organizerEntraViewerGroupIds
   }
 }
 
@@ -259,6 +275,10 @@ module functionApp 'modules/functionapp.bicep' = {
     organizerEntraClientId: checks.outputs.organizerEntraClientId
     organizerEntraObjectIds: organizerEntraObjectIds
     organizerEntraGroupIds: organizerEntraGroupIds
+    organizerEntraAdminObjectIds: organizerEntraAdminObjectIds
+    organizerEntraAdminGroupIds: organizerEntraAdminGroupIds
+    organizerEntraViewerObjectIds: organizerEntraViewerObjectIds
+    organizerEntraViewerGroupIds: organizerEntraViewerGroupIds
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
     httpPerInstanceConcurrency: httpPerInstanceConcurrency

@@ -51,3 +51,7 @@ param deployerCanCallModels = bool(readEnvironmentVariable('DEPLOYER_CAN_CALL_MO
 param organizerEntraClientId = readEnvironmentVariable('ORGANIZER_ENTRA_CLIENT_ID', '')
 param organizerEntraObjectIds = readEnvironmentVariable('ORGANIZER_ENTRA_OBJECT_IDS', '')
 param organizerEntraGroupIds = readEnvironmentVariable('ORGANIZER_ENTRA_GROUP_IDS', '')
+param organizerEntraAdminObjectIds = readEnvironmentVariable('ORGANIZER_ENTRA_ADMIN_OBJECT_IDS', '')
+param organizerEntraAdminGroupIds = readEnvironmentVariable('ORGANIZER_ENTRA_ADMIN_GROUP_IDS', '')
+param organizerEntraViewerObjectIds = readEnvironmentVariable('ORGANIZER_ENTRA_VIEWER_OBJECT_IDS', '')
+param organizerEntraViewerGroupIds = readEnvironmentVariable('ORGANIZER_ENTRA_VIEWER_GROUP_IDS', '')

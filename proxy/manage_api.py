@@ -38,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy import organizer
-from proxy.accounts import ORGANIZER_KEY, AccountStore, Actor, require_admin
+from proxy.accounts import ORGANIZER_KEY, AccountStore, Actor, check_role, require_admin
 from proxy.errors import InvalidRequest, MethodNotAllowed, OrganizerApiDisabled, Unauthorized
 from proxy.events import EventStore
 from proxy.handlers import answering
@@ -195,7 +195,7 @@ class OrganizerApi:
     async def authorize(self, request: Request) -> Actor:
         """Who calls: the organizer key (an admin), an organizer account's key (``proxy.accounts``, one point read
         per key and cache lifetime), or an organizer signed in with Entra ID when the app trusts the platform's
-        header (an admin: every listed principal does everything)."""
+        header (its role from the settings that list it, ``proxy.principal``)."""
         expected = self.settings.organizer_key
         sign_in = self.settings.organizer_sign_in
         if not expected and not sign_in.trusted:
@@ -215,11 +215,13 @@ class OrganizerApi:
         if principal is not None:
             if request.headers.get(PORTAL_HEADER) != "1":
                 raise Unauthorized(f"Signed in with Entra ID, call from the organizer page (it sends {PORTAL_HEADER}).")
-            if sign_in.admits(principal):
-                return Actor(f"entra:{principal.object_id.lower()}", "admin")
+            role = sign_in.role(principal)
+            if role is not None:
+                return Actor(f"entra:{principal.object_id.lower()}", check_role(role))
             raise Unauthorized(
                 f"The Entra ID account {principal.object_id} is not an organizer of this app: add its object id to "
-                "ORGANIZER_ENTRA_OBJECT_IDS, or one of its groups to ORGANIZER_ENTRA_GROUP_IDS."
+                "ORGANIZER_ENTRA_OBJECT_IDS, or one of its groups to ORGANIZER_ENTRA_GROUP_IDS (or to the "
+                "ORGANIZER_ENTRA_ADMIN_... or ORGANIZER_ENTRA_VIEWER_... settings, for those roles)."
             )
         raise Unauthorized("Send the organizer key as 'Authorization: Bearer <ORGANIZER_KEY>'.")
 

@@ -8,9 +8,14 @@ front of it, so the header is read only when ``ORGANIZER_TRUST_APP_SERVICE_AUTH=
 Bicep sets it together with the authentication config), never by default: without it the
 organizer key alone opens the organizer API.
 
-A principal is an organizer when its object id (``oid`` claim) is in
-``ORGANIZER_ENTRA_OBJECT_IDS`` or one of its ``groups`` claims is in
-``ORGANIZER_ENTRA_GROUP_IDS`` (comma-separated ids). The platform's session is a cookie the
+A principal's role (``proxy.accounts``) comes from the settings that list its
+object id (``oid`` claim) or one of its ``groups`` claims (comma-separated ids):
+``ORGANIZER_ENTRA_ADMIN_OBJECT_IDS`` / ``ORGANIZER_ENTRA_ADMIN_GROUP_IDS`` make
+it an *admin*, ``ORGANIZER_ENTRA_OBJECT_IDS`` / ``ORGANIZER_ENTRA_GROUP_IDS`` an
+*organizer*, ``ORGANIZER_ENTRA_VIEWER_OBJECT_IDS`` /
+``ORGANIZER_ENTRA_VIEWER_GROUP_IDS`` a *viewer*; listed in several, the highest
+role wins. It acts as ``entra:<object id>``: the owner of the events it creates,
+the name events are shared with, the account in the audit log. The platform's session is a cookie the
 browser sends by itself, so a principal is accepted only on requests that also carry
 ``X-Organizer-Portal: 1``, which the organizer page sends and which a page of another site
 cannot send without a CORS preflight that this app never grants (no cross-site request
@@ -45,35 +50,64 @@ class Principal:
     name: str = ""
 
 
+# The settings that list principals, per role, highest first: (role, object ids setting, group ids setting).
+ROLE_SETTINGS = (
+    ("admin", "ORGANIZER_ENTRA_ADMIN_OBJECT_IDS", "ORGANIZER_ENTRA_ADMIN_GROUP_IDS"),
+    ("organizer", "ORGANIZER_ENTRA_OBJECT_IDS", "ORGANIZER_ENTRA_GROUP_IDS"),
+    ("viewer", "ORGANIZER_ENTRA_VIEWER_OBJECT_IDS", "ORGANIZER_ENTRA_VIEWER_GROUP_IDS"),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class OrganizerSignIn:
-    """Whether the platform's principal header is trusted, and whom it admits as organizers."""
+    """Whether the platform's principal header is trusted, and whom it admits, with which role."""
 
     trusted: bool = False
-    object_ids: frozenset[str] = frozenset()
+    object_ids: frozenset[str] = frozenset()  # organizers
     group_ids: frozenset[str] = frozenset()
+    admin_object_ids: frozenset[str] = frozenset()
+    admin_group_ids: frozenset[str] = frozenset()
+    viewer_object_ids: frozenset[str] = frozenset()
+    viewer_group_ids: frozenset[str] = frozenset()
 
     @classmethod
-    def parse(cls, trust: str | None, object_ids: str | None, group_ids: str | None) -> OrganizerSignIn:
-        """From the three settings' raw values; ``ValueError`` names the one that is wrong."""
+    def parse(
+        cls, trust: str | None, object_ids: str | None, group_ids: str | None, **by_role: str | None
+    ) -> OrganizerSignIn:
+        """From the settings' raw values (``by_role``: ``admin_object_ids``... as named in ``ROLE_SETTINGS``);
+        ``ValueError`` names the one that is wrong."""
         if trust is not None and trust.lower() not in ("true", "false"):
             raise ValueError(f"ORGANIZER_TRUST_APP_SERVICE_AUTH must be true or false, got {trust!r}")
-        sign_in = cls(
-            trusted=trust is not None and trust.lower() == "true",
-            object_ids=_ids("ORGANIZER_ENTRA_OBJECT_IDS", object_ids),
-            group_ids=_ids("ORGANIZER_ENTRA_GROUP_IDS", group_ids),
-        )
-        if sign_in.trusted and not (sign_in.object_ids or sign_in.group_ids):
+        raw = {"object_ids": object_ids, "group_ids": group_ids, **by_role}
+        lists = {}
+        for role, objects, groups in ROLE_SETTINGS:
+            prefix = "" if role == "organizer" else f"{role}_"
+            lists[f"{prefix}object_ids"] = _ids(objects, raw.get(f"{prefix}object_ids"))
+            lists[f"{prefix}group_ids"] = _ids(groups, raw.get(f"{prefix}group_ids"))
+        sign_in = cls(trusted=trust is not None and trust.lower() == "true", **lists)
+        if sign_in.trusted and not any(lists.values()):
             raise ValueError(
-                "ORGANIZER_TRUST_APP_SERVICE_AUTH is true but neither ORGANIZER_ENTRA_OBJECT_IDS nor "
-                "ORGANIZER_ENTRA_GROUP_IDS names an organizer"
+                "ORGANIZER_TRUST_APP_SERVICE_AUTH is true but none of "
+                + ", ".join(name for _, *names in ROLE_SETTINGS for name in names)
+                + " names an organizer"
             )
         return sign_in
 
+    def role(self, principal: Principal) -> str | None:
+        """``admin``, ``organizer`` or ``viewer`` (the highest its settings give), or None: not an organizer."""
+        object_id = principal.object_id.lower()
+        groups = {group.lower() for group in principal.groups}
+        for role, objects, group_ids in (
+            ("admin", self.admin_object_ids, self.admin_group_ids),
+            ("organizer", self.object_ids, self.group_ids),
+            ("viewer", self.viewer_object_ids, self.viewer_group_ids),
+        ):
+            if object_id in objects or groups & group_ids:
+                return role
+        return None
+
     def admits(self, principal: Principal) -> bool:
-        return principal.object_id.lower() in self.object_ids or bool(
-            {group.lower() for group in principal.groups} & self.group_ids
-        )
+        return self.role(principal) is not None
 
 
 NO_SIGN_IN = OrganizerSignIn()  # the default: the header is ignored

@@ -76,6 +76,10 @@ APP_SETTINGS: tuple[str, ...] = (
     "ORGANIZER_TRUST_APP_SERVICE_AUTH",
     "ORGANIZER_ENTRA_OBJECT_IDS",
     "ORGANIZER_ENTRA_GROUP_IDS",
+    "ORGANIZER_ENTRA_ADMIN_OBJECT_IDS",
+    "ORGANIZER_ENTRA_ADMIN_GROUP_IDS",
+    "ORGANIZER_ENTRA_VIEWER_OBJECT_IDS",
+    "ORGANIZER_ENTRA_VIEWER_GROUP_IDS",
     "ATTENDEE_SIGN_IN",
     "MAX_REQUEST_BYTES",
     "BODY_MEMORY_BYTES",
@@ -342,7 +346,13 @@ def _code_hash_key(raw: str | None) -> str | None:
 def _organizer_sign_in(get: Callable[[str], str | None]) -> OrganizerSignIn:
     try:
         return OrganizerSignIn.parse(
-            get("ORGANIZER_TRUST_APP_SERVICE_AUTH"), get("ORGANIZER_ENTRA_OBJECT_IDS"), get("ORGANIZER_ENTRA_GROUP_IDS")
+            get("ORGANIZER_TRUST_APP_SERVICE_AUTH"),
+            get("ORGANIZER_ENTRA_OBJECT_IDS"),
+            get("ORGANIZER_ENTRA_GROUP_IDS"),
+            admin_object_ids=get("ORGANIZER_ENTRA_ADMIN_OBJECT_IDS"),
+            admin_group_ids=get("ORGANIZER_ENTRA_ADMIN_GROUP_IDS"),
+            viewer_object_ids=get("ORGANIZER_ENTRA_VIEWER_OBJECT_IDS"),
+            viewer_group_ids=get("ORGANIZER_ENTRA_VIEWER_GROUP_IDS"),
         )
     except ValueError as exc:
         raise SettingsError(str(exc)) from None

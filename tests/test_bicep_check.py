@@ -225,7 +225,9 @@ def test_a_broken_template_fails_with_file_and_line(mutation: str, tmp_path: Pat
 # Settings the app refuses at start are refused by the template first (infra/modules/checks.bicep).
 
 CHECK_DEFAULTS = {"location": "eastus2", "openAiExtraRegions": [], "organizerEntraClientId": "",
-                  "organizerEntraObjectIds": "", "organizerEntraGroupIds": ""}  # fmt: skip
+                  "organizerEntraObjectIds": "", "organizerEntraGroupIds": "",
+                  "organizerEntraAdminObjectIds": "", "organizerEntraAdminGroupIds": "",
+                  "organizerEntraViewerObjectIds": "", "organizerEntraViewerGroupIds": ""}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -234,9 +236,12 @@ CHECK_DEFAULTS = {"location": "eastus2", "openAiExtraRegions": [], "organizerEnt
         ({"openAiExtraRegions": ["swedencentral", "EastUS2"]}, "openAiExtraRegions lists eastus2, the region"),
         ({"openAiExtraRegions": ["swedencentral", "swedencentral"]}, "openAiExtraRegions lists a region twice"),
         ({"organizerEntraClientId": "c1d", "organizerEntraObjectIds": " , "},
-         "organizerEntraClientId (ORGANIZER_ENTRA_CLIENT_ID) is set, but organizerEntraObjectIds and "
-         "organizerEntraGroupIds (ORGANIZER_ENTRA_OBJECT_IDS, ORGANIZER_ENTRA_GROUP_IDS) are both empty"),
+         "organizerEntraClientId (ORGANIZER_ENTRA_CLIENT_ID) is set, but organizerEntraObjectIds, "
+         "organizerEntraGroupIds and their Admin and Viewer twins (ORGANIZER_ENTRA_OBJECT_IDS, "
+         "ORGANIZER_ENTRA_GROUP_IDS, ORGANIZER_ENTRA_ADMIN_..., ORGANIZER_ENTRA_VIEWER_...) are all empty"),
         ({"openAiExtraRegions": ["westus"], "organizerEntraClientId": "c1d", "organizerEntraGroupIds": "g"}, None),
+        ({"organizerEntraClientId": "c1d", "organizerEntraAdminObjectIds": "a"}, None),
+        ({"organizerEntraClientId": "c1d", "organizerEntraViewerGroupIds": "v"}, None),
         ({}, None),
     ],
 )  # fmt: skip
@@ -276,7 +281,7 @@ def test_the_app_names_the_same_settings() -> None:
     from proxy.settings import Settings, SettingsError
 
     base = {"STORAGE_CONNECTION_STRING": "UseDevelopmentStorage=true", "AZURE_OPENAI_ENDPOINT": "https://a.example"}
-    with pytest.raises(SettingsError, match="ORGANIZER_ENTRA_OBJECT_IDS nor ORGANIZER_ENTRA_GROUP_IDS"):
+    with pytest.raises(SettingsError, match="ORGANIZER_ENTRA_OBJECT_IDS, ORGANIZER_ENTRA_GROUP_IDS"):
         Settings.from_env({**base, "ORGANIZER_TRUST_APP_SERVICE_AUTH": "true"})
     twice = [{"name": "eastus2", "endpoint": "https://a.example"}, {"name": "eastus2", "endpoint": "https://b.example"}]
     with pytest.raises(SettingsError, match="AZURE_OPENAI_BACKENDS names backends twice: eastus2"):

@@ -24,6 +24,8 @@ from tests.test_pages import WAIT_MS, browser  # noqa: F401 (the browser fixture
 
 ORGANIZER_OID = str(uuid.uuid4())
 ORGANIZERS_GROUP = str(uuid.uuid4())
+ADMIN_OID = str(uuid.uuid4())
+VIEWERS_GROUP = str(uuid.uuid4())
 OID_CLAIM = "http://schemas.microsoft.com/identity/claims/objectidentifier"
 
 
@@ -52,6 +54,8 @@ def entra_app(azurite: str, simulator: str) -> Iterator[str]:
         ORGANIZER_TRUST_APP_SERVICE_AUTH="true",
         ORGANIZER_ENTRA_OBJECT_IDS=f"{ORGANIZER_OID}, {uuid.uuid4()}",
         ORGANIZER_ENTRA_GROUP_IDS=ORGANIZERS_GROUP,
+        ORGANIZER_ENTRA_ADMIN_OBJECT_IDS=ADMIN_OID.upper(),  # ids compare whatever their case
+        ORGANIZER_ENTRA_VIEWER_GROUP_IDS=VIEWERS_GROUP,
         **LENIENT,
     )
     service, url = start_app(env)
@@ -77,6 +81,35 @@ def test_trusted_principal_that_is_not_an_organizer_is_refused(entra_app: str, h
     error = refused.json()["error"]
     assert error["code"] == "unauthorized" and stranger in error["message"]
     assert "ORGANIZER_ENTRA_OBJECT_IDS" in error["message"]
+
+
+def test_signed_in_principals_get_the_role_their_setting_gives(entra_app: str, http: httpx.Client) -> None:
+    """Admins by ORGANIZER_ENTRA_ADMIN_OBJECT_IDS, organizers by ORGANIZER_ENTRA_OBJECT_IDS (or group), viewers by
+    ORGANIZER_ENTRA_VIEWER_GROUP_IDS; each acts as entra:<object id>: owner, share name, audit account."""
+    window = {"start": "2026-01-01T00:00:00Z", "end": "2099-01-01T00:00:00Z"}
+    made = http.post(f"{entra_app}/api/manage/events", json={"name": "By Entra", **window},
+                     headers=signed_in(ORGANIZER_OID))  # fmt: skip
+    assert made.status_code == 201, made.text
+    event_id, organizer = made.json()["id"], f"entra:{ORGANIZER_OID}"
+    assert made.json()["owner"] == organizer
+    url = f"{entra_app}/api/manage/events/{event_id}"
+    # Another organizer (by group) does not see it; an admin does.
+    other = signed_in(str(uuid.uuid4()), ORGANIZERS_GROUP)
+    assert http.get(url, headers=other).status_code == 404
+    assert http.get(url, headers=signed_in(ADMIN_OID)).status_code == 200
+    assert http.get(f"{entra_app}/api/manage/organizers", headers=signed_in(ADMIN_OID)).status_code == 200
+    assert http.get(f"{entra_app}/api/manage/organizers", headers=signed_in(ORGANIZER_OID)).status_code == 403
+    # A viewer by group: 404 until it is shared with them by object id, then reads and is refused writes.
+    viewer_oid = str(uuid.uuid4())
+    viewer = signed_in(viewer_oid, VIEWERS_GROUP)
+    assert http.get(url, headers=viewer).status_code == 404
+    shared = http.post(f"{url}/share", json={"organizer": f"entra:{viewer_oid}", "role": "viewer"},
+                       headers=signed_in(ORGANIZER_OID))  # fmt: skip
+    assert shared.status_code == 200, shared.text
+    assert http.get(url, headers=viewer).status_code == 200
+    assert http.patch(url, json={"description": "no"}, headers=viewer).status_code == 403
+    log = http.get(f"{entra_app}/api/manage/audit", params={"event": event_id}, headers=signed_in(ADMIN_OID)).json()
+    assert [(e["account"], e["action"]) for e in log["data"]] == [(organizer, "share"), (organizer, "create")]
 
 
 def test_trusted_principal_needs_the_organizer_page_header(entra_app: str, http: httpx.Client) -> None:
@@ -140,7 +173,7 @@ async def test_organizer_page_signs_in_with_the_platform_session(entra_app: str,
 def test_sign_in_settings_are_validated() -> None:
     base = {"AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:1", "STORAGE_CONNECTION_STRING": "UseDevelopmentStorage=true"}
     assert Settings.from_env(base).organizer_sign_in == OrganizerSignIn()  # off by default
-    with pytest.raises(SettingsError, match="neither ORGANIZER_ENTRA_OBJECT_IDS nor"):
+    with pytest.raises(SettingsError, match="none of ORGANIZER_ENTRA_ADMIN_OBJECT_IDS"):
         Settings.from_env({**base, "ORGANIZER_TRUST_APP_SERVICE_AUTH": "true"})
     with pytest.raises(SettingsError, match="must be true or false"):
         Settings.from_env({**base, "ORGANIZER_TRUST_APP_SERVICE_AUTH": "yes"})
@@ -166,6 +199,9 @@ def test_bicep_trusts_the_header_only_with_the_authentication_config() -> None:
                                                          "false_value": "false"}}  # fmt: skip
     assert settings["ORGANIZER_ENTRA_OBJECT_IDS"] == "organizerEntraObjectIds"
     assert settings["ORGANIZER_ENTRA_GROUP_IDS"] == "organizerEntraGroupIds"
+    for role in ("Admin", "Viewer"):
+        for kind in ("Object", "Group"):
+            assert settings[f"ORGANIZER_ENTRA_{role.upper()}_{kind.upper()}_IDS"] == f"organizerEntra{role}{kind}Ids"
     module = parsed("modules/functionapp.bicep")
     switch = module["variables"]["entraSignIn"]["value"]["operator"]
     assert switch["type"] == "not" and "organizerEntraClientId" in json.dumps(switch)
@@ -185,5 +221,6 @@ def test_bicep_trusts_the_header_only_with_the_authentication_config() -> None:
     assert "clientSecretSettingName" not in entra["registration"]  # no secret anywhere: the ID token flow
     # main.bicep hands the module what main.bicepparam reads from the environment.
     main = json.dumps(parsed("main.bicep"))
-    for name in ("organizerEntraClientId", "organizerEntraObjectIds", "organizerEntraGroupIds"):
+    for name in ("organizerEntraClientId", "organizerEntraObjectIds", "organizerEntraGroupIds",
+                 "organizerEntraAdminObjectIds", "organizerEntraViewerGroupIds"):  # fmt: skip
         assert name in main

@@ -65,6 +65,18 @@ param organizerEntraObjectIds string = ''
 @description('Ids of Entra ID groups whose members are organizers, comma-separated.')
 param organizerEntraGroupIds string = ''
 
+@description('Object ids of the Entra ID users who are admins (everything, every event), comma-separated.')
+param organizerEntraAdminObjectIds string = ''
+
+@description('Ids of Entra ID groups whose members are admins (everything, every event), comma-separated.')
+param organizerEntraAdminGroupIds string = ''
+
+@description('Object ids of the Entra ID users who are viewers (read the events shared with them), comma-separated.')
+param organizerEntraViewerObjectIds string = ''
+
+@description('Ids of Entra ID groups whose members are viewers (read the events shared with them), comma-separated.')
+param organizerEntraViewerGroupIds string = ''
+
 var entraSignIn = !empty(organizerEntraClientId)
 
 @description('Most instances the app scales out to; Flex Consumption accepts 40 to 1000.')
@@ -245,6 +257,22 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'ORGANIZER_ENTRA_GROUP_IDS'
           value: organizerEntraGroupIds
+        }
+        {
+          name: 'ORGANIZER_ENTRA_ADMIN_OBJECT_IDS'
+          value: organizerEntraAdminObjectIds
+        }
+        {
+          name: 'ORGANIZER_ENTRA_ADMIN_GROUP_IDS'
+          value: organizerEntraAdminGroupIds
+        }
+        {
+          name: 'ORGANIZER_ENTRA_VIEWER_OBJECT_IDS'
+          value: organizerEntraViewerObjectIds
+        }
+        {
+          name: 'ORGANIZER_ENTRA_VIEWER_GROUP_IDS'
+          value: organizerEntraViewerGroupIds
         }
       ]
     }
