@@ -57,8 +57,8 @@ from proxy.errors import (
 from proxy.events import EventStore
 from proxy.guessing import FailedLookups
 from proxy.keys import PersonalKeys
-from proxy.limits import CLIENT_GONE, Admission, Ledger, booked_tokens, day_of, next_midnight
-from proxy.prices import PriceTable
+from proxy.limits import CLIENT_GONE, Admission, Ledger, booked_cost, booked_tokens, day_of, next_midnight
+from proxy.prices import PriceTable, usd
 from proxy.responses import Owner, ResponsesApi
 from proxy.sessions import SessionLimits, Sessions
 from proxy.settings import Settings
@@ -258,6 +258,8 @@ class Proxy:
                 "tpm": event.tpm,
                 "event_requests": event.event_requests,
                 "event_tokens": event.event_tokens,
+                "daily_cost": event.daily_cost,
+                "event_cost": event.event_cost,
                 "max_attendees": event.max_attendees,
                 "session_turns": self.sessions.limits_for(event).max_turns,
                 "session_chars": self.sessions.limits_for(event).max_chars,
@@ -274,6 +276,7 @@ class Proxy:
                 "prompt_tokens": int(today.get("prompt_tokens", 0)),
                 "completion_tokens": int(today.get("completion_tokens", 0)),
                 "total_tokens": tokens,
+                "cost": usd(booked_cost(today, 0.0)),  # USD recorded today (proxy.prices)
             },
             # Nothing remains outside the window; tokens count the estimates of requests in flight.
             "remaining_today": {

@@ -39,6 +39,8 @@ from proxy.prices import Price, PriceTable, usd
 BICEP_PARAMS = Path(__file__).resolve().parent.parent / "infra" / "main.bicepparam"
 TYPICAL_CHAT = (1000, 300)  # prompt and completion tokens of a request when the event has no usage yet
 TYPICAL_EMBEDDING = (1000, 0)
+PLAN_CAPS = ("max_tokens", "daily_requests", "daily_tokens", "tpm", "event_requests", "event_tokens", "daily_cost",
+             "event_cost")  # fmt: skip
 _DEPLOYMENT = re.compile(r"\{[^{}]*?name:\s*'([^']+)'[^{}]*?capacity:\s*(\d+)[^{}]*\}", re.S)
 
 
@@ -112,10 +114,7 @@ def plan(
         "attendees_from": attendees_source,
         "days": days,
         "open_minutes_per_day": minutes,
-        "caps": {
-            name: getattr(event, name)
-            for name in ("max_tokens", "daily_requests", "daily_tokens", "tpm", "event_requests", "event_tokens")
-        },
+        "caps": {name: getattr(event, name) for name in PLAN_CAPS},
         "models": models,
     }
 
@@ -141,12 +140,16 @@ def _model_plan(
     if event.event_tokens is not None:
         event_tokens = event.event_tokens if event_tokens is None else min(event_tokens, event.event_tokens)
     completion_cap = _completion_cap(event, attendees)
-    day_cost = _worst_cost(price, day_tokens, completion_cap, embedding)
+    day_cost = _capped(_worst_cost(price, day_tokens, completion_cap, embedding),
+                       None if event.daily_cost is None else event.daily_cost * attendees)  # fmt: skip
     event_completion = None if completion_cap is None else completion_cap * days
     if event.event_requests is not None:
         cap = event.event_requests * event.max_tokens
         event_completion = cap if event_completion is None else min(event_completion, cap)
     event_cost = _worst_cost(price, event_tokens, event_completion, embedding)
+    if day_cost is not None:
+        event_cost = _capped(event_cost, day_cost * days)
+    event_cost = _capped(event_cost, event.event_cost)
     return {
         "model": model,
         "price": None if price is None else price.model_dump(),
@@ -158,8 +161,15 @@ def _model_plan(
         "max_cost_per_day": day_cost,
         "max_cost_event": event_cost,
         "typical_request": _typical(price, usage, embedding),
-        "changes": _changes(event, model, attendees, peak, quota, embedding) + _cost_changes(event_tokens),
+        "changes": _changes(event, model, attendees, peak, quota, embedding) + _cost_changes(event_cost, price),
     }
+
+
+def _capped(cost: float | None, cap: float | None) -> float | None:
+    """The lesser of a cost and a cap in USD (None: unbounded)."""
+    if cost is None or cap is None:
+        return cap if cost is None else cost
+    return min(cost, cap)
 
 
 def _tokens_per_attendee_day(event: Event, minutes: int) -> int | None:
@@ -195,12 +205,12 @@ def _typical(price: Price | None, usage: dict[str, Any] | None, embedding: bool)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "cost": cost, "from": source}
 
 
-def _cost_changes(event_tokens: int | None) -> list[str]:
-    if event_tokens is not None:
+def _cost_changes(event_cost: float | None, price: Price | None) -> list[str]:
+    if event_cost is not None or price is None:
         return []
     return [
-        "--daily-tokens N (or --event-tokens N): nothing bounds the tokens attendees can use, so the event's "
-        "cost has no upper bound."
+        "--event-cost USD (or --daily-cost USD, --daily-tokens N): nothing bounds what attendees can use, so the "
+        "event's cost has no upper bound."
     ]
 
 

@@ -399,7 +399,9 @@ class _Elsewhere(BaseHTTPRequestHandler):
 async def test_organizer_sees_charts_and_the_plan(app: str, browsing: Watched, make_event: MakeEvent) -> None:
     """Requests, tokens and cost per hour by model, the models, the top attendees, drawn as SVG by the page."""
     name = f"Charted {secrets.token_hex(3)}"
-    created = await make_event(name=name, max_attendees=40, time_zone="Pacific/Auckland")
+    webhook = "https://hooks.example.com/services/T0/B0/s3cr3t"
+    created = await make_event(name=name, max_attendees=40, time_zone="Pacific/Auckland", daily_cost=1.5,
+                               event_cost=100.0, alert_webhook=webhook)  # fmt: skip
     async with httpx.AsyncClient(base_url=f"{app}/api/v1", timeout=30) as client:
         for user, asks in (("ana", 3), ("ben", 2), ("cy", 1)):
             for _ in range(asks):
@@ -417,6 +419,11 @@ async def test_organizer_sees_charts_and_the_plan(app: str, browsing: Watched, m
     await manage.get_by_role("button", name="Sign in").click()
     await manage.get_by_role("button", name=f"Manage {name}").click()
 
+    facts = manage.locator("#detail-facts")
+    await expect(facts).to_contain_text("Cost per attendee per day$1.50")
+    await expect(facts).to_contain_text("Budget alerts tohttps://hooks.example.com/…")
+    assert "s3cr3t" not in await manage.content()
+    await expect(manage.locator("#usage-budget")).to_contain_text(re.compile(r"cost \$0\.0\d+ of \$100\.00"))
     hours = manage.locator("#activity-hours svg")
     await expect(hours).to_have_count(3)
     for title in ("Requests per hour", "Tokens per hour", "Cost (USD) per hour"):

@@ -84,7 +84,12 @@ def test_what_bounds_the_cost() -> None:
                      prices, {})["models"][0]  # fmt: skip
     assert unbounded["max_cost_per_day"] is None and unbounded["peak_tpm"] is None and unbounded["holds"] is False
     assert unbounded["changes"][0].startswith("--tpm 1000: no tokens-per-minute cap")
-    assert unbounded["changes"][-1].startswith("--daily-tokens N (or --event-tokens N): nothing bounds")
+    assert unbounded["changes"][-1].startswith("--event-cost USD (or --daily-cost USD, --daily-tokens N): nothing")
+    # Cost caps bound it in money: $2 per attendee and day, $150 for the whole event.
+    capped = plan(workshop(daily_tokens=None, tpm=None, daily_cost=2.0, event_cost=150.0), 100, "given", {},
+                  prices, {})["models"][0]  # fmt: skip
+    assert (capped["max_cost_per_day"], capped["max_cost_event"]) == (200.0, 150.0)
+    assert not any(change.startswith("--event-cost") for change in capped["changes"])
 
 
 def test_typical_request_is_the_events_own_average_once_it_has_usage() -> None:

@@ -167,6 +167,10 @@
       facts.push(fact("Requests, whole event", cap(event.event_requests)),
         fact("Tokens, whole event", cap(event.event_tokens)), fact("Attendees at most", cap(event.max_attendees)));
     }
+    const money = (value) => (value === null || value === undefined ? "no cap" : usd(value));
+    if (event.daily_cost != null) facts.push(fact("Cost per attendee per day", money(event.daily_cost)));
+    if (event.event_cost != null) facts.push(fact("Cost, whole event", money(event.event_cost)));
+    if (event.alert_webhook) facts.push(fact("Budget alerts to", event.alert_webhook));
     if (event.attendee_keys) facts.push(fact("Credentials", "personal keys only"));
     if (event.organizer) facts.push(fact("Organizer", event.organizer));
     if (event.owner) facts.push(fact("Owner", event.owner));
@@ -423,7 +427,8 @@
     if (budget) {
       const part = (what, figure) => figure && figure.limit !== null && figure.limit !== undefined
         ? `${what} ${number(figure.used)} of ${number(figure.limit)}` : null;
-      const parts = [part("requests", budget.requests), part("tokens", budget.tokens)].filter(Boolean);
+      const parts = [part("requests", budget.requests), part("tokens", budget.tokens),
+        budget.cost ? `cost ${usd(budget.cost.used)} of ${usd(budget.cost.limit)}` : null].filter(Boolean);
       $("usage-budget").textContent = "Whole event: " + (parts.length ? parts.join(", ") : "no budget") +
         (budget.exhausted ? " — used up." : ".");
     }
