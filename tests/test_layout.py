@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("admission", "how much: daily caps, event budgets, requests in flight, budget alerts"),
     ("ledger", "what was used: usage records, how answers end and settle, reconciliation"),
     ("conversations", "what is kept between requests: chat sessions, stored Responses"),
-    ("edge", "the attendee's HTTP surface: handlers, key registration, stream relay, access log, pages"),
+    ("edge", "the attendee's HTTP surface: handlers, callers, key registration, stream relay, access log, pages"),
     ("manage", "the organizer's: operations, HTTP API, probe, plan, doctor, CLI"),
 )
 
@@ -71,6 +71,7 @@ PLACED: dict[str, str] = {
     "proxy.access": "edge",
     "proxy.pages": "edge",
     "proxy.registration": "edge",
+    "proxy.callers": "edge",
     "proxy.streaming": "edge",
     "proxy.organizer": "manage",
     "proxy.models": "manage",
@@ -252,3 +253,27 @@ def test_the_check_sees_an_import_up_a_circle_and_a_module_without_a_layer(tmp_p
     assert "import circle: proxy.edge.access -> proxy.ledger.usage -> proxy.edge.access" in found
     assert "import circle: proxy.edge.handlers -> proxy.storage.tables -> proxy.edge.handlers" in found
     assert len(found) == 6, found  # nothing else: the arrows down (edge to storage, usage to errors) are fine
+
+
+def test_each_package_says_what_it_holds_and_names_what_it_imports() -> None:
+    """A package's docstring names every package of the proxy its modules import (``proxy.storage``)."""
+    known = modules(ROOT)
+    found = []
+    for name, path in known.items():
+        if path.name != "__init__.py" or name == "proxy":
+            continue
+        docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+        if not docstring:
+            found.append(f"{name} has no docstring")
+        used = {
+            ".".join(target.split(".")[:2])
+            for module, module_path in known.items()
+            if module.startswith(name + ".")
+            for target, _ in imports(module, module_path, known)
+        }
+        found += [
+            f"{name} imports {target}, which its docstring does not name"
+            for target in sorted(used - {name})
+            if f"``{target}``" not in docstring
+        ]
+    assert found == []
