@@ -222,6 +222,21 @@ def run(state: dict[str, Any], words: list[str], options: dict[str, list[str]]) 
     if command.startswith("functionapp config appsettings list"):
         settings = {"ORGANIZER_KEY": state["expected_key"], "CODE_HASH_KEY": state.get("code_hash_key", "")}
         return [{"name": name, "value": value, "slotSetting": False} for name, value in settings.items()]
+    if command.startswith("functionapp list"):
+        deployed = state["deployed"] and one(options, "--resource-group") == state["group"]
+        return [{"name": state["outputs"]["AZURE_FUNCTION_APP_NAME"]}] if deployed else []
+    if command.startswith("webapp auth github update"):
+        state["github_provider"] = {"clientId": one(options, "--client-id")}
+        one(options, "--client-secret")
+        return {"enabled": True, "registration": state["github_provider"]}
+    if command.startswith("webapp auth update"):
+        action = one(options, "--unauthenticated-client-action")
+        state["auth"] = {"enabled": one(options, "--enabled"), "action": action}
+        return {"platform": {"enabled": True}}
+    if command.startswith("functionapp config appsettings set"):
+        settings = dict(item.split("=", 1) for item in options.get("--settings", []))
+        state.setdefault("app_settings", {}).update(settings)
+        return [{"name": name, "value": None, "slotSetting": False} for name in settings]
     if command.startswith("functionapp deployment source config-zip"):
         if state.get("publish_refusals", 0):
             state["publish_refusals"] -= 1

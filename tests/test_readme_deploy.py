@@ -66,6 +66,8 @@ def test_every_command_of_the_deploy_section_runs(deployed: tuple[str, str], tmp
         VIRTUAL_ENV=str(clone / ".venv"),
         ORGANIZER_KEY=ORGANIZER_KEY,  # the organizer exported their key, as the section allows
         STORAGE_CONNECTION_STRING=azurite,  # stands in for an Entra sign-in to the deployed tables
+        GITHUB_CLIENT_ID="Iv1.0123456789abcdef",  # noted from the GitHub OAuth app, as the guide says
+        GITHUB_CLIENT_SECRET="github-secret-" + "x" * 26,
     )
     blocks = section_blocks()
     assert len(blocks) >= 6, blocks
@@ -84,6 +86,10 @@ def test_every_command_of_the_deploy_section_runs(deployed: tuple[str, str], tmp
     assert "az cognitiveservices account purge -g my-event -l eastus2 -n evtproxy-oai-abc123" in ran
     state_after = json.loads(Path(env["FAKE_AZ_STATE"]).read_text())
     assert state_after["deleted_accounts"] == [] and not state_after["group_exists"]
+    # GitHub sign-in for attendees: the provider on, anonymous calls let through, the app told to trust it.
+    assert state_after["github_provider"] == {"clientId": env["GITHUB_CLIENT_ID"]}
+    assert state_after["auth"] == {"enabled": "true", "action": "AllowAnonymous"}
+    assert state_after["app_settings"]["ATTENDEE_SIGN_IN"] == "github"
 
     # Deploying again into the same group, at once: nothing is left soft-deleted to block it.
     again = subprocess.run(
