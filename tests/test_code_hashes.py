@@ -15,7 +15,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from proxy.attendees import Roster
 from proxy.errors import NotFound
 from proxy.events import Event, EventStore, new_event_id
-from proxy.hashing import EVENT_CODE, PERSONAL_KEY, SecretHasher, legacy_sha256
+from proxy.hashing import EVENT_CODE, ORGANIZER_ACCOUNT_KEY, PERSONAL_KEY, SecretHasher, legacy_sha256
 from proxy.keys import PersonalKeys
 from proxy.settings import Settings, SettingsError
 from proxy.storage import Tables
@@ -82,6 +82,41 @@ def test_no_log_line_carries_a_code_or_its_hash(debug_app: tuple[Service, str]) 
     for secret in (*forms(code), *forms(rotated), *forms(wrong), *forms(personal, PERSONAL_KEY)):
         assert secret not in text
     assert "proxyevents(" not in text and "RowKey=" not in text  # no storage URL at all
+
+
+def test_no_log_line_carries_an_organizer_account_key_or_its_hash(debug_app: tuple[Service, str]) -> None:
+    """Accounts added, used, re-keyed, removed and guessed, at DEBUG: no key nor hash of one in the output, and
+    the answers after creation never carry a key."""
+    service, app = debug_app
+    name = "logs-" + secrets.token_hex(4)
+    with httpx.Client(timeout=30) as http:
+        key = http.post(f"{app}/api/manage/organizers", json={"name": name, "role": "organizer"}, headers=AUTH).json()
+        first = key["key"]
+        mine = {"Authorization": f"Bearer {first}"}
+        made = http.post(f"{app}/api/manage/events", json={"name": "Account logs", **window()}, headers=mine)
+        assert made.status_code == 201
+        later = [
+            http.get(f"{app}/api/manage/events", headers=mine),
+            http.get(f"{app}/api/manage/organizers", headers=AUTH),
+            http.get(f"{app}/api/manage/audit", headers=AUTH),
+        ]
+        second = http.post(f"{app}/api/manage/organizers/{name}/reset-key", headers=AUTH).json()["key"]
+        assert http.get(f"{app}/api/manage/events", headers=mine).status_code == 401
+        later.append(http.get(f"{app}/api/manage/events", headers={"Authorization": f"Bearer {second}"}))
+        guessed = "ok-" + secrets.token_urlsafe(24)
+        assert http.get(f"{app}/api/manage/events", headers={"Authorization": f"Bearer {guessed}"}).status_code == 401
+        later.append(http.delete(f"{app}/api/manage/organizers/{name}", headers=AUTH))
+        later.append(http.get(f"{app}/api/manage/audit", headers=AUTH))
+    for answer in later:
+        assert answer.status_code == 200, answer.text
+        for secret in (*forms(first, ORGANIZER_ACCOUNT_KEY), *forms(second, ORGANIZER_ACCOUNT_KEY)):
+            assert secret not in answer.text
+    service.wait_for_output("route=/api/manage/organizers/{name} status=200")  # the removal, logged last
+    text = service.text
+    assert "DEBUG " in text
+    for secret in (*forms(first, ORGANIZER_ACCOUNT_KEY), *forms(second, ORGANIZER_ACCOUNT_KEY),
+                   *forms(guessed, ORGANIZER_ACCOUNT_KEY)):  # fmt: skip
+        assert secret not in text
 
 
 async def test_the_stored_row_key_is_the_keyed_hash(tables: Tables) -> None:

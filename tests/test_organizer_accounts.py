@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,7 +20,9 @@ import httpx
 import pytest
 from playwright.async_api import expect
 
-from tests.support import ORGANIZER_KEY, Service
+from tests.conftest import LENIENT
+from tests.relay import StorageRelay
+from tests.support import ORGANIZER_KEY, Service, app_env, start_app, wait_for
 from tests.test_manage_cli import Cli, cli, ok  # noqa: F401 (the cli fixture)
 from tests.test_pages import Watched, browser, browsing, screenshots  # noqa: F401 (the browser fixtures)
 
@@ -350,3 +354,76 @@ async def test_the_page_signs_in_with_an_account_key_and_shows_its_events_and_th
     await expect(audit).to_have_count(2)  # the hidden event's creation is not among them
     await screenshots(page, "organizer-audit")
     assert vic["key"] not in await page.content()
+
+
+@pytest.fixture(scope="module")
+def counted(azurite: str, simulator: str) -> Iterator[tuple[StorageRelay, str]]:
+    """An app whose storage calls all pass a relay that counts them; events and keys cached for 30 s."""
+    port = int(azurite.split("TableEndpoint=http://127.0.0.1:")[1].split("/")[0])
+    relay = StorageRelay(port)
+    service, url = start_app(app_env(relay.connection_string(azurite), simulator, EVENT_CACHE_SECONDS="30", **LENIENT))
+    yield relay, url
+    service.stop()
+    relay.close()
+
+
+def test_an_account_costs_one_point_read_per_cache_lifetime(http: httpx.Client, counted: tuple[Any, str]) -> None:
+    """The same organizer request with ORGANIZER_KEY and with an account's key: the account's first costs one
+    storage call more (its key's point read), the next ones none more; a change with its audit entry costs the
+    calls it cost without one (the entry rides in the change's transaction)."""
+    relay, app = counted
+    name, used = account(http, app, "organizer", "cost")
+    event_id = event_of(http, app, bearer(used))
+    key = http.post(f"{app}/api/manage/organizers/{name}/reset-key", headers=ADMIN).json()["key"]  # not cached yet
+
+    def calls(method: str, path: str, headers: dict[str, str], body: Any = None) -> list[tuple[str, str]]:
+        rule = relay.arm(lambda _method, _path, _body: True, "delay", times=1000)
+        answer = http.request(method, f"{app}{path}", json=body, headers=headers)
+        assert answer.status_code == 200, answer.text
+        rule.times = 0  # disarmed
+        return list(rule.seen)
+
+    show = f"/api/manage/events/{event_id}"
+    admin = calls("GET", show, ADMIN)
+    first = calls("GET", show, bearer(key))
+    again = calls("GET", show, bearer(key))
+    assert len(first) == len(admin) + 1 and len(again) == len(admin), (admin, first, again)
+    assert "organizer" in first[0][1] and "key%7C" in first[0][1]  # the point read of the key's row
+    patched = calls("PATCH", show, bearer(key), {"description": "counted"})
+    assert [method for method, _ in patched] == ["GET", "POST"] and patched[1][1].endswith("$batch"), patched
+    print(f"storage calls: show with ORGANIZER_KEY {len(admin)}, with an account {len(first)} then {len(again)}; "
+          f"a PATCH {len(patched)}")  # fmt: skip
+
+
+def test_an_account_removed_while_its_requests_are_in_flight(http: httpx.Client, app: str) -> None:
+    """An account keeps writing while an admin removes it: every write answered 200 has its entry naming the
+    account, none is answered 500, and once the removal is answered its key opens nothing on this instance."""
+    name, key = account(http, app, "organizer", "gone")
+    event_id = event_of(http, app, bearer(key))
+    url = f"{app}/api/manage/events/{event_id}"
+    stop = threading.Event()
+
+    def keep_writing(worker: int) -> list[tuple[str, int]]:
+        done = []
+        with httpx.Client(timeout=60) as client:
+            for index in range(40):
+                if stop.is_set():
+                    break
+                value = f"w{worker}-{index}"
+                done.append((value, client.patch(url, json={"description": value}, headers=bearer(key)).status_code))
+        return done
+
+    with ThreadPoolExecutor(4) as pool:
+        writers = [pool.submit(keep_writing, worker) for worker in range(3)]
+        wait_for(lambda: http.get(url, headers=ADMIN).json()["description"] != "", 30, "a first write")
+        removed = http.delete(f"{app}/api/manage/organizers/{name}", headers=ADMIN)
+        assert removed.status_code == 200
+        after = http.get(url, headers=bearer(key))
+        stop.set()
+        results = [result for writer in writers for result in writer.result()]
+    assert after.status_code == 401
+    assert {status for _, status in results} <= {200, 401, 409}, results
+    landed = {value for value, status in results if status == 200}
+    updates = [e for e in audit_of(http, app, event_id) if e["action"] == "update"]
+    assert {e["changes"]["description"]["new"] for e in updates} == landed and len(updates) == len(landed)
+    assert all(e["account"] == name for e in updates)
