@@ -43,7 +43,8 @@ from proxy.errors import InvalidRequest, MethodNotAllowed, OrganizerApiDisabled,
 from proxy.events import EventStore
 from proxy.handlers import answering
 from proxy.keys import PersonalKeys
-from proxy.models import AttendeePatch, OrganizerCreate, RotateCode, openapi, validated
+from proxy.models import AttendeePatch, OrganizerCreate, RotateCode, validated
+from proxy.openapi import openapi
 from proxy.payload import read_json
 from proxy.prices import PriceTable
 from proxy.principal import PORTAL_HEADER, read_principal

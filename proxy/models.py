@@ -1,9 +1,9 @@
-"""The organizer API's bodies and answers as pydantic models, and their OpenAPI schema.
+"""The organizer API's bodies and answers as pydantic models (their OpenAPI schema: ``proxy.openapi``).
 
 ``EventCreate`` and ``EventUpdate`` validate an event's fields, from the HTTP
 API and the CLI alike; ``EventOut``, ``UsageReport``, ``AttendeeList`` and the
-others describe the answers, so ``GET /api/manage/openapi.json`` publishes
-what the code checks. Unknown fields are refused, and every failure becomes a
+others describe the answers, so ``GET /api/manage/openapi.json`` (``proxy.openapi``)
+publishes what the code checks. Unknown fields are refused, and every failure becomes a
 400 ``invalid_request`` whose ``param`` names the field (``invalid``).
 
 Integers and booleans are strict (``"5"`` is not 5, ``"yes"`` is not true):
@@ -32,7 +32,6 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from pydantic.json_schema import models_json_schema
 
 from proxy.alerts import check_webhook
 from proxy.errors import InvalidRequest
@@ -330,6 +329,47 @@ class KeyReset(BaseModel):
     reset: bool = Field(description="whether the name had a personal key")
 
 
+class Account(BaseModel):
+    name: str
+    role: Literal["admin", "organizer", "viewer"]
+    created_at: datetime | None
+    created_by: str | None
+
+
+class AccountKey(BaseModel):
+    name: str
+    role: Literal["admin", "organizer", "viewer"]
+    key: str = Field(description="shown only in this answer: only a keyed hash is stored")
+
+
+class AccountList(BaseModel):
+    object: Literal["list"]
+    data: list[Account]
+
+
+class Shares(BaseModel):
+    event_id: str
+    owner: str | None
+    shared: dict[str, Literal["organizer", "viewer"]]
+
+
+class AuditEntry(BaseModel):
+    time: datetime
+    account: str = Field(description="an account's name, ORGANIZER_KEY, or entra:<object id>")
+    role: str
+    via: Literal["api", "cli"]
+    action: str
+    event_id: str | None
+    target: str | None = Field(description="the attendee or account concerned")
+    changes: dict[str, dict[str, Any]] = Field(description="{field: {old, new}}, as the API shows them")
+
+
+class AuditList(BaseModel):
+    object: Literal["list"]
+    event_id: str | None
+    data: list[AuditEntry]
+
+
 class ErrorBody(BaseModel):
     class Error(BaseModel):
         message: str
@@ -365,89 +405,3 @@ def invalid(model: type[BaseModel], exc: ValidationError) -> InvalidRequest:
     elif error["type"] == "bool_type":
         message = "must be true or false"
     return InvalidRequest(f"'{param}' {message[:1].lower()}{message[1:]}", param=param)
-
-
-def openapi() -> dict[str, Any]:
-    """The organizer API's OpenAPI 3.1 document."""
-    models: list[type[BaseModel]] = [
-        EventCreate, EventUpdate, RotateCode, AttendeePatch, EventOut, EventCreated, EventList, CodeRotated,
-        EventDeleted, UsageReport, AttendeeList, AttendeeBlocked, KeyReset, ErrorBody,
-    ]  # fmt: skip
-    _, schemas = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
-    components = schemas["$defs"]
-
-    def ref(name: str) -> dict[str, Any]:
-        return {"$ref": f"#/components/schemas/{name}"}
-
-    def answer(name: str, what: str, status: str = "200") -> dict[str, Any]:
-        errors = {
-            code: {"description": text, "content": {"application/json": {"schema": ref("ErrorBody")}}}
-            for code, text in (("400", "invalid_request, param names the field"), ("401", "unauthorized"),
-                               ("404", "not_found"), ("503", "storage_unavailable or organizer_api_disabled"))
-        }  # fmt: skip
-        return {status: {"description": what, "content": {"application/json": {"schema": ref(name)}}}, **errors}
-
-    def body(name: str, required: bool = True) -> dict[str, Any]:
-        return {"required": required, "content": {"application/json": {"schema": ref(name)}}}
-
-    event_id = {"name": "event_id", "in": "path", "required": True, "schema": {"type": "string"}}
-    user = {"name": "user", "in": "path", "required": True, "schema": {"type": "string"}}
-    by = {"name": "by", "in": "query",
-          "schema": {"enum": ["user", "model", "day", "backend", "hour"], "default": "user"}}  # fmt: skip
-    attendees = {"name": "attendees", "in": "query", "schema": {"type": "integer", "minimum": 1}}
-    quota = {"name": "tpm", "in": "query", "schema": {"type": "array", "items": {"type": "string"}},
-             "description": "MODEL=TPM: a deployment's quota in tokens per minute; repeatable"}  # fmt: skip
-    paths = {
-        "/events": {
-            "post": {"summary": "Create an event", "requestBody": body("EventCreate"),
-                     "responses": answer("EventCreated", "the event, with its code shown once", "201")},
-            "get": {"summary": "List events", "responses": answer("EventList", "every event")},
-        },
-        "/events/{event_id}": {
-            "parameters": [event_id],
-            "get": {"summary": "Show an event", "responses": answer("EventOut", "the event")},
-            "patch": {"summary": "Change an event", "requestBody": body("EventUpdate"),
-                      "responses": answer("EventOut", "the event changed")},
-            "delete": {"summary": "Delete an event (its usage is kept)",
-                       "responses": answer("EventDeleted", "deleted")},
-        },
-        "/events/{event_id}/rotate-code": {
-            "parameters": [event_id],
-            "post": {"summary": "Give the event a new code", "requestBody": body("RotateCode", required=False),
-                     "responses": answer("CodeRotated", "the new code, shown once")},
-        },
-        "/events/{event_id}/usage": {
-            "parameters": [event_id, by],
-            "get": {"summary": "Usage (CSV with Accept: text/csv)", "responses": answer("UsageReport", "the report")},
-        },
-        "/events/{event_id}/plan": {
-            "parameters": [event_id, attendees, quota],
-            "get": {"summary": "Will the quota hold, and what can the event cost at most (proxy/plan.py)",
-                    "responses": {"200": {"description": "the plan, per model"}}},
-        },
-        "/events/{event_id}/attendees": {
-            "parameters": [event_id],
-            "get": {"summary": "Attendees seen", "responses": answer("AttendeeList", "the attendees")},
-        },
-        "/events/{event_id}/attendees/{user}": {
-            "parameters": [event_id, user],
-            "patch": {"summary": "Block or unblock a name", "requestBody": body("AttendeePatch"),
-                      "responses": answer("AttendeeBlocked", "done; applies within EVENT_CACHE_SECONDS")},
-        },
-        "/events/{event_id}/attendees/{user}/reset-key": {
-            "parameters": [event_id, user],
-            "post": {"summary": "Reset a name's personal key: it stops working, the name can register again",
-                     "responses": answer("KeyReset", "done; applies within EVENT_CACHE_SECONDS on other instances")},
-        },
-    }  # fmt: skip
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "Event proxy: organizer API", "version": "1"},
-        "servers": [{"url": "/api/manage"}],
-        "security": [{"organizerKey": []}],
-        "paths": paths,
-        "components": {
-            "schemas": components,
-            "securitySchemes": {"organizerKey": {"type": "http", "scheme": "bearer", "description": "ORGANIZER_KEY"}},
-        },
-    }

@@ -75,6 +75,7 @@ PLACED: dict[str, str] = {
     "proxy.streaming": "edge",
     "proxy.organizer": "manage",
     "proxy.models": "manage",
+    "proxy.openapi": "manage",
     "proxy.plan": "manage",
     "proxy.manage_api": "manage",
     "proxy.probe": "manage",

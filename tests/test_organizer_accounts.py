@@ -20,6 +20,7 @@ import httpx
 import pytest
 from playwright.async_api import expect
 
+from proxy.models import AccountKey, AccountList, AuditList, Shares
 from tests.conftest import LENIENT
 from tests.relay import StorageRelay
 from tests.support import ORGANIZER_KEY, Service, app_env, start_app, wait_for
@@ -118,7 +119,7 @@ def test_a_viewer_reads_what_is_shared_and_changes_nothing(http: httpx.Client, a
 
     shared = http.post(f"{app}/api/manage/events/{event_id}/share", json={"organizer": vic, "role": "viewer"},
                        headers=bearer(ada_key))  # fmt: skip
-    assert shared.status_code == 200 and shared.json()["shared"] == {vic: "viewer"}, shared.text
+    assert shared.status_code == 200 and Shares.model_validate(shared.json()).shared == {vic: "viewer"}, shared.text
     # At once: the share is read with the event, no cache in between.
     for method, path, body in every_route(event_id)[:READS]:
         answer = call(http, app, method, path, body, bearer(vic_key))
@@ -163,6 +164,7 @@ def test_account_keys_shown_once_reset_and_removed(http: httpx.Client, app: str)
     assert http.get(f"{app}/api/manage/events", headers=bearer(key)).status_code == 200
     listed = http.get(f"{app}/api/manage/organizers", headers=ADMIN)
     assert listed.status_code == 200 and key not in listed.text
+    AccountList.model_validate(listed.json())
     assert any(a["name"] == name and a["role"] == "organizer" for a in listed.json()["data"])
     assert all(set(a) == {"name", "role", "created_at", "created_by"} for a in listed.json()["data"])
     taken = http.post(f"{app}/api/manage/organizers", json={"name": name, "role": "viewer"}, headers=ADMIN)
@@ -170,7 +172,7 @@ def test_account_keys_shown_once_reset_and_removed(http: httpx.Client, app: str)
 
     reset = http.post(f"{app}/api/manage/organizers/{name}/reset-key", headers=ADMIN)
     assert reset.status_code == 200, reset.text
-    new_key = reset.json()["key"]
+    new_key = AccountKey.model_validate(reset.json()).key
     assert new_key != key
     assert http.get(f"{app}/api/manage/events", headers=bearer(key)).status_code == 401  # at once, this instance
     assert http.get(f"{app}/api/manage/events", headers=bearer(new_key)).status_code == 200
@@ -208,6 +210,9 @@ def test_every_change_has_one_audit_entry_without_secrets(http: httpx.Client, ap
     http.delete(base, headers=bearer(ada_key))
 
     entries = audit_of(http, app, event_id)
+    AuditList.model_validate({"object": "list", "event_id": event_id, "data": entries})
+    schema = http.get(f"{app}/api/manage/openapi.json", headers=bearer(ada_key)).json()
+    assert {"/audit", "/organizers", "/organizers/{name}/reset-key", "/events/{event_id}/share"} <= set(schema["paths"])
     actions = [(e["account"], e["action"]) for e in reversed(entries)]
     assert actions == [
         (ada, "create"), (ada, "update"), (ada, "rotate-code"), ("ORGANIZER_KEY", "block"), (ada, "unblock"),
