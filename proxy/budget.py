@@ -52,6 +52,7 @@ its end.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,13 +155,13 @@ def room(event: Event, shard: dict[str, Any], rate: float = 0.0) -> Room:
 
 
 def fits(event: Event, shard: dict[str, Any], estimate: int, rate: float = 0.0) -> bool:
-    """Whether one more request fits; on cost, while the shard's booked cost is below its share (so the cost
-    budget can be passed by one request's cost, as a daily token cap by one request's tokens)."""
+    """Whether one more request fits: a slot, its estimate in tokens, and that estimate at ``rate`` in cost (so,
+    like ``event_tokens``, ``event_cost`` is never passed while estimates are not below what requests use)."""
     space = room(event, shard, rate)
     return (
         (space.requests is None or space.requests >= 1)
         and (space.tokens is None or space.tokens >= estimate)
-        and (space.cost is None or space.cost > 0)
+        and (space.cost is None or space.cost >= math.ceil(estimate * rate))
     )
 
 
@@ -306,11 +307,16 @@ def exhausted(event: Event, shards: dict[int, dict[str, Any]], estimate: int, ra
     """The refusal when all the shards together lack the room for a request."""
     figures = totals(event, list(shards.values()), rate)
     contact = "Ask the organizer of the event if it should be raised."
-    if event.event_cost is not None and figures["cost"]["used"] >= event.event_cost:
-        message = (f"The event '{event.name}' has used up its budget of ${event.event_cost:,.2f} "
-                   f"(${figures['cost']['used']:,.4f} used, counting requests still running at their highest "
-                   f"price). {contact}")  # fmt: skip
-        return CapExceeded(message, code="event_budget_exhausted", retry_after=BUDGET_RETRY_SECONDS)
+    if event.event_cost is not None:
+        left = event.event_cost - figures["cost"]["used"]
+        request_cost = math.ceil(estimate * rate) / 1_000_000_000
+        requests_left = event.event_requests is None or figures["requests"]["used"] < event.event_requests
+        tokens_left = event.event_tokens is None or event.event_tokens - figures["tokens"]["used"] >= estimate
+        if left < request_cost or (requests_left and tokens_left):
+            message = (f"The event '{event.name}' has used up its budget of ${event.event_cost:,.2f}: "
+                       f"${max(0.0, left):,.6f} remain, less than this request may cost (about ${request_cost:,.6f}"
+                       f" at the dearest price of the event's models). {contact}")  # fmt: skip
+            return CapExceeded(message, code="event_budget_exhausted", retry_after=BUDGET_RETRY_SECONDS)
     requests_used_up = figures["requests"]["used"] >= (event.event_requests or 0)
     if event.event_requests is not None and (requests_used_up or event.event_tokens is None):
         message = f"The event '{event.name}' has used up its budget of {event.event_requests} requests. {contact}"

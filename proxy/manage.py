@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -51,28 +51,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+_CLEARED = ("none", "null", "off")
+_N = TypeVar("_N", int, float)
+
+
 def _number(value: str) -> int | str | None:
     """An integer, or ``none`` to clear a cap; anything else is left for validation to name."""
-    if value.strip().lower() in ("none", "null", "off"):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        return value
+    return _parsed(value, int)
 
 
 def _dollars(value: str) -> float | str | None:
     """A USD amount, or ``none`` to clear it; anything else is left for validation to name."""
-    if value.strip().lower() in ("none", "null", "off"):
+    return _parsed(value, float)
+
+
+def _parsed(value: str, kind: Callable[[str], _N]) -> _N | str | None:
+    if value.strip().lower() in _CLEARED:
         return None
     try:
-        return float(value)
+        return kind(value)
     except ValueError:
         return value
 
 
 def _url(value: str) -> str | None:
-    return None if value.strip().lower() in ("none", "null", "off") else value
+    return None if value.strip().lower() in _CLEARED else value
 
 
 def _flag(value: str) -> bool | str:
