@@ -162,3 +162,14 @@ async def test_langchain_tool_loop_and_structured_output(app: str, make_event: M
     assert "Sunny and 21 C in" in str(with_tools.invoke(messages).content)
     report = model.with_structured_output(Report).invoke("Report on the weather in Oslo")
     assert isinstance(report, Report) and report.city
+
+
+async def test_structured_output_parses_through_the_proxy(app: str, make_event: MakeEvent) -> None:
+    """The SDK's parse helpers send a strict JSON schema made from the model; the answer fills it."""
+    created = await make_event()
+    async with AsyncOpenAI(base_url=f"{app}/api/v1", api_key=created.key(), max_retries=0) as client:
+        chat = await client.beta.chat.completions.parse(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Report on Oslo"}], response_format=Report
+        )
+        response = await client.responses.parse(model="gpt-4o-mini", input="Report on Oslo", text_format=Report)
+    assert isinstance(chat.choices[0].message.parsed, Report) and isinstance(response.output_parsed, Report)
