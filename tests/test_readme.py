@@ -159,3 +159,13 @@ def test_readme_organizer_walkthrough_runs(stack: Stack) -> None:
     assert len(http) == 1
     output = run(http[0].replace("EVENT_ID", new_event()))
     assert '"error"' not in output and "OTHER-CODE-2027" in output and '"deleted":true' in output
+    # Several organizers: accounts, sharing, the audit log.
+    (accounts,) = [
+        b
+        for b in blocks(
+            section(GUIDES["organizers"], "Several organizers: accounts, sharing and the audit log"), "bash"
+        )
+        if "proxy.manage" in b
+    ]
+    output = run(accounts.replace("EVENT_ID", new_event()))
+    assert '"key": "ok-' in output and "unshare" in output and "Removed account ada" in output
