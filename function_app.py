@@ -107,6 +107,9 @@ proxy.know_routes([(route, methods) for _, route, methods, _ in ROUTES])  # for 
 async def reconcile_reservations(timer: func.TimerRequest) -> None:
     """Give back the daily slots of requests whose worker was killed (``proxy.reconcile``)."""
     await reconcile(proxy.tables, proxy.ledger, settings.reservation_lease_seconds)
+    # Budget alerts whose sender died before the webhook took them (proxy.alerts): sent from here.
+    if await proxy.alerts.sweep(proxy.events):
+        await proxy.alerts.drain(timeout=60)
 
 
 @app.function_name("forget_sessions")

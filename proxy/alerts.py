@@ -17,7 +17,9 @@ which only one insert can do. Its claimant POSTs, retrying with backoff
 (``attempt_at``) under the entity's ETag at each attempt, and marks it
 ``delivered``. Should the claimant die, any instance that checks the event
 later takes over a claim not renewed for ``CLAIM_LEASE_SECONDS``, by a
-conditional replace. So each threshold is POSTed at least once, and twice
+conditional replace; so does the reconciler's timer (``sweep``, every 5
+minutes), for an event no request comes to any more. So each threshold is
+POSTed at least once, and twice
 only if a claimant dies between the webhook's answer and the mark.
 
 The URL is a secret (Slack's and Teams' URLs carry their token): logs name
@@ -39,9 +41,9 @@ import orjson
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 
 from proxy import budget
-from proxy.errors import StorageUnavailable
-from proxy.events import Event
-from proxy.storage import Tables
+from proxy.errors import NotFound, StorageUnavailable
+from proxy.events import Event, EventStore
+from proxy.storage import Tables, gathered
 
 log = logging.getLogger("proxy.alerts")
 
@@ -184,10 +186,44 @@ class Alerts:
             if not etag:
                 return
             payload = orjson.loads(str(entity["payload"]))
-        self._done.add((event.id, row))
+        self._start(event, entity, etag, payload)
+
+    async def sweep(self, events: EventStore) -> int:
+        """Take over and send the alerts whose claimant stopped renewing its claim (died): run with the
+        reconciler's timer, so an alert is delivered even when no request comes to check its event again.
+        The number taken over."""
+        query = self._tables.usage.query_entities(
+            "RowKey ge @first and RowKey lt @after and state eq @sending",
+            parameters={"first": ALERT_PREFIX, "after": ALERT_PREFIX[:-1] + "}", "sending": "sending"},
+        )
+        try:
+            stale = [dict(row) for row in await gathered(query)]
+        except ResourceNotFoundError:
+            return 0
+        taken = 0
+        for row in stale:
+            if time.time() - float(row.get("attempt_at", 0)) < CLAIM_LEASE_SECONDS:
+                continue
+            try:
+                event = await events.get(str(row["PartitionKey"]))
+            except NotFound:
+                continue  # deleted: nobody to tell
+            etag, entity = await self._take_over(event.id, str(row["RowKey"]))
+            if etag and event.alert_webhook:
+                taken += 1
+                self._start(event, entity, etag, orjson.loads(str(entity["payload"])))
+        return taken
+
+    def _start(self, event: Event, entity: dict[str, Any], etag: str, payload: dict[str, Any]) -> None:
+        self._done.add((event.id, str(entity["RowKey"])))
         task = asyncio.create_task(self._deliver(event, entity, etag, payload))
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for the deliveries under way (a timer's run ends with them)."""
+        if self._deliveries:
+            await asyncio.wait(set(self._deliveries), timeout=timeout)
 
     async def _take_over(self, event_id: str, row: str) -> tuple[str, dict[str, Any]]:
         """The claim of a dead claimant (not renewed within the lease), or ("", {}) when it is not ours to take."""

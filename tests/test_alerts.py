@@ -13,6 +13,7 @@ import asyncio
 import json
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -20,10 +21,12 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.alerts import check_webhook, masked
+from proxy.alerts import Alerts, check_webhook, masked
+from proxy.events import EventStore
+from proxy.hashing import SecretHasher
 from proxy.storage import Tables
 from tests.conftest import MakeEvent
-from tests.support import Service, eventually, free_port
+from tests.support import CODE_HASH_KEY, Service, eventually, free_port
 
 
 class Receiver:
@@ -170,3 +173,34 @@ def test_the_api_takes_and_masks_the_webhook(app: str, http: httpx.Client) -> No
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "alert_webhook"
     cleared = http.patch(url, json={"alert_webhook": None}, headers=AUTH)
     assert cleared.json()["alert_webhook"] is None
+
+
+async def test_the_timer_sends_an_alert_whose_sender_died(
+    make_event: MakeEvent, tables: Tables, receiver: Receiver
+) -> None:
+    """A claim left 'sending' past its lease (its instance was killed) is taken over and sent by the sweep."""
+    receiver.start()
+    created = await make_event(name="Orphaned", event_requests=10, alert_webhook=f"http://127.0.0.1:{receiver.port}/h")
+    payload = {
+        "text": "Event 'Orphaned' has used 80 % of its budget of 10 requests: 8 used.",
+        "event_id": created.event.id,
+        "event": "Orphaned",
+        "budget": "event_requests",
+        "used": 8,
+        "limit": 10,
+        "percent": 80,
+    }
+    for row, claimed_at in (("alert|event_requests|80", time.time() - 120), ("alert|event_requests|100", time.time())):
+        await tables.usage_entities.insert({"PartitionKey": created.event.id, "RowKey": row, "state": "sending",
+                                            "owner": "dead", "attempt_at": claimed_at, "attempts": 1,
+                                            "payload": json.dumps(payload)})  # fmt: skip
+    alerts = Alerts(tables, local=True)
+    try:
+        assert await alerts.sweep(EventStore(tables, SecretHasher(CODE_HASH_KEY), 0)) == 1  # the fresh claim is left
+        await alerts.drain(timeout=30)
+    finally:
+        await alerts.aclose()
+    assert receiver.bodies == [payload]
+    rows = {row["RowKey"]: row for row in await alert_rows(tables, created.event.id)}
+    assert rows["alert|event_requests|80"]["state"] == "delivered"
+    assert rows["alert|event_requests|100"]["state"] == "sending"  # its claimant is still within its lease
