@@ -432,3 +432,24 @@ def test_an_account_removed_while_its_requests_are_in_flight(http: httpx.Client,
     updates = [e for e in audit_of(http, app, event_id) if e["action"] == "update"]
     assert {e["changes"]["description"]["new"] for e in updates} == landed and len(updates) == len(landed)
     assert all(e["account"] == name for e in updates)
+
+
+def test_a_change_whose_audit_entry_is_refused_is_not_made(http: httpx.Client, counted: tuple[Any, str]) -> None:
+    """The entry rides in the change's transaction: when Table Storage refuses the entry, the change is refused
+    with it (503, the event as it was, no entry); the same change then lands with its entry."""
+    relay, app = counted
+    event_id = event_of(http, app, ADMIN)
+    url = f"{app}/api/manage/events/{event_id}"
+
+    def entry_refused(method: str, path: str, body: bytes) -> bool:
+        return method == "POST" and path.endswith("$batch") and b'"action": "update"' in body
+
+    # A row key with "#" is one Table Storage refuses (400): the entry is refused, so the batch is.
+    rule = relay.arm(entry_refused, "tamper", rewrite=lambda body: body.replace(b"~audit|", b"~audit#"))
+    refused = http.patch(url, json={"description": "never"}, headers=ADMIN)
+    assert refused.status_code == 503 and rule.fired == 1, refused.text
+    assert http.get(url, headers=ADMIN).json()["description"] == ""
+    assert [e["action"] for e in audit_of(http, app, event_id)] == ["create"]
+    landed = http.patch(url, json={"description": "now"}, headers=ADMIN)
+    assert landed.status_code == 200
+    assert [e["action"] for e in audit_of(http, app, event_id)] == ["update", "create"]
