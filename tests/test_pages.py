@@ -29,8 +29,11 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
 from devtools.package import is_ignored, parse_ignore
+from proxy.events import EventStore
+from proxy.hashing import SecretHasher
+from proxy.storage import Tables
 from tests.conftest import MakeEvent
-from tests.support import ORGANIZER_KEY, ROOT, eventually
+from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, ROOT, eventually
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 DESKTOP = {"width": 1280, "height": 900}
@@ -396,7 +399,9 @@ class _Elsewhere(BaseHTTPRequestHandler):
         pass
 
 
-async def test_organizer_sees_charts_and_the_plan(app: str, browsing: Watched, make_event: MakeEvent) -> None:
+async def test_organizer_sees_charts_and_the_plan(
+    app: str, browsing: Watched, make_event: MakeEvent, tables: Tables
+) -> None:
     """Requests, tokens and cost per hour by model, the models, the top attendees, drawn as SVG by the page."""
     name = f"Charted {secrets.token_hex(3)}"
     webhook = "https://hooks.example.com/services/T0/B0/s3cr3t"
@@ -454,6 +459,20 @@ async def test_organizer_sees_charts_and_the_plan(app: str, browsing: Watched, m
     await expect(result.locator(".plan-model").first.locator("li").first).to_contain_text("--tpm 1000:")
     await manage.locator("#activity").scroll_into_view_if_needed()
     await screenshots(manage, "organizer-charts")
+
+    # The cost caps and the webhook from the editor: the masked webhook left as shown is not sent back.
+    await manage.get_by_role("button", name="Edit").click()
+    await expect(manage.get_by_label("Budget alerts webhook (https; POSTed at 80 % and 100 %)")).to_have_value(
+        "https://hooks.example.com/…"
+    )
+    await manage.get_by_label("Cost per day (USD)").fill("2.25")
+    await manage.get_by_label("Cost, whole event (USD)").fill("")
+    await manage.get_by_role("button", name="Save changes").click()
+    await expect(facts).to_contain_text("Cost per attendee per day$2.25")
+    await expect(facts).not_to_contain_text("Cost, whole event")
+    await expect(facts).to_contain_text("Budget alerts tohttps://hooks.example.com/…")
+    stored = await EventStore(tables, SecretHasher(CODE_HASH_KEY), 0).get(created.event.id)
+    assert (stored.alert_webhook, stored.daily_cost, stored.event_cost) == (webhook, 2.25, None)
 
 
 def test_pages_and_assets_carry_strict_headers(app: str, http: httpx.Client) -> None:

@@ -10,8 +10,9 @@
     "f-max-tokens": "max_tokens", "f-daily-requests": "daily_requests", "f-daily-tokens": "daily_tokens", "f-tpm": "tpm",
     "f-event-requests": "event_requests", "f-event-tokens": "event_tokens", "f-max-attendees": "max_attendees",
     "f-session-turns": "session_turns", "f-session-chars": "session_chars",
+    "f-daily-cost": "daily_cost", "f-event-cost": "event_cost",
   };
-  const EVENT_WIDE = ["event_requests", "event_tokens", "max_attendees"];
+  const EVENT_WIDE = ["event_requests", "event_tokens", "max_attendees", "event_cost"];
   let key = session.get(KEY);
   let entra = false; // signed in through App Service authentication instead of a key
   let events = [];
@@ -245,6 +246,8 @@
     }
     // The event-wide fields only where the API has them (an event without them: an older proxy).
     $("f-event-wide").hidden = event ? !("event_requests" in event) : events.some((e) => !("event_requests" in e));
+    // Shown masked (its path is a secret): left as it is, it is not sent; emptied, it is removed.
+    $("f-alert-webhook").value = event && event.alert_webhook ? event.alert_webhook : "";
     $("f-active").checked = event ? event.active : true;
     $("f-attendee-keys").checked = event ? !!event.attendee_keys : false;
     $("editor").hidden = false;
@@ -262,6 +265,7 @@
     };
     if (editing === null || "attendee_keys" in editing) fields.attendee_keys = $("f-attendee-keys").checked;
     if (models.length) fields.models = models;
+    if (!$("f-event-wide").hidden) fields.alert_webhook = $("f-alert-webhook").value.trim() || null;
     for (const [id, field] of Object.entries(NUMBERS)) {
       if (EVENT_WIDE.includes(field) && $("f-event-wide").hidden) continue;
       const raw = $(id).value.trim();
