@@ -626,24 +626,18 @@
     $("toggle-active").addEventListener("click", toggleActive);
     $("delete-event").addEventListener("click", remove);
     $("csv").addEventListener("click", downloadCsv);
-    for (const tab of document.querySelectorAll("#audit-scope button")) {
-      tab.addEventListener("click", () => {
-        auditScope = tab.dataset.scope;
-        for (const other of document.querySelectorAll("#audit-scope button")) {
-          other.setAttribute("aria-pressed", String(other === tab));
-        }
-        refreshAudit();
-      });
+    // A group of tabs: one pressed at a time, and what to do with the pressed one.
+    function tabs(selector, chosen) {
+      const all = document.querySelectorAll(selector);
+      for (const tab of all) {
+        tab.addEventListener("click", () => {
+          for (const other of all) other.setAttribute("aria-pressed", String(other === tab));
+          chosen(tab);
+        });
+      }
     }
-    for (const tab of document.querySelectorAll("#usage .tabs button")) {
-      tab.addEventListener("click", () => {
-        grouping = tab.dataset.by;
-        for (const other of document.querySelectorAll("#usage .tabs button")) {
-          other.setAttribute("aria-pressed", String(other === tab));
-        }
-        refreshUsage();
-      });
-    }
+    tabs("#audit-scope button", (tab) => { auditScope = tab.dataset.scope; refreshAudit(); });
+    tabs("#usage .tabs button", (tab) => { grouping = tab.dataset.by; refreshUsage(); });
     $("plan-form").addEventListener("submit", showPlan);
     window.addEventListener("resize", () => {
       if (!$("activity").hidden) drawActivity();
