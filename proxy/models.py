@@ -237,9 +237,15 @@ class EventCreated(EventOut):
     code: str = Field(description="shown only in this answer: only a hash is stored")
 
 
+class Caller(BaseModel):
+    name: str = Field(description="an account's name, ORGANIZER_KEY, or entra:<object id>")
+    role: Literal["admin", "organizer", "viewer"]
+
+
 class EventList(BaseModel):
     object: Literal["list"]
     data: list[EventOut]
+    account: Caller = Field(description="who asked: the events listed are those it may see")
 
 
 class CodeRotated(BaseModel):

@@ -152,7 +152,8 @@ async def get_event(store: EventStore, actor: Actor, event_id: str) -> dict[str,
 async def list_events(store: EventStore, actor: Actor) -> dict[str, Any]:
     """The events ``actor`` may see (every one for an admin)."""
     events = [event for event in await store.list_all() if _role(actor, event) is not None]
-    return {"object": "list", "data": [event.public() for event in events]}
+    caller = {"name": actor.name, "role": actor.role}  # so that a page shows what the caller may change
+    return {"object": "list", "data": [event.public() for event in events], "account": caller}
 
 
 async def visible_event(store: EventStore, actor: Actor, event_id: str) -> Event:

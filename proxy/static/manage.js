@@ -18,6 +18,7 @@
   let events = [];
   let defaults = {};
   let selected = null; // the event shown in detail
+  let me = null; // who is signed in: {name, role} (proxy.accounts)
   let editing = null; // the event being edited, null when creating
   let grouping = "user";
   let liveTimer = null;
@@ -68,7 +69,7 @@
     $("sign-in").hidden = true;
     $("console").hidden = false;
     $("sign-out").hidden = false;
-    showEvents(answer.data.data);
+    showEvents(answer.data.data, answer.data.account);
     refreshAudit();
     const schema = await manage("/openapi.json");
     if (schema.ok) readDefaults(schema.data);
@@ -100,11 +101,20 @@
   async function loadEvents() {
     const answer = await manage("/events");
     if (!answer.ok) { showAlert(answer.message); return; }
-    showEvents(answer.data.data);
+    showEvents(answer.data.data, answer.data.account);
     refreshAudit();
   }
 
-  function showEvents(list) {
+  // What the signed-in account may change (the API decides; the page only hides what would be refused).
+  function mayChange(event) {
+    if (!me || me.role === "admin") return true;
+    if (me.role === "viewer") return false;
+    return event.owner === me.name || (event.shared || {})[me.name] === "organizer";
+  }
+
+  function showEvents(list, account) {
+    if (account) me = account;
+    $("new-event").hidden = Boolean(me && me.role === "viewer");
     events = list.slice().sort((a, b) => Date.parse(b.start) - Date.parse(a.start));
     $("no-events").hidden = events.length > 0;
     $("events").querySelector("tbody").replaceChildren(...events.map((event) => el("tr", { "data-id": event.id },
@@ -180,6 +190,7 @@
     facts.push(fact("Id", event.id));
     $("detail-facts").replaceChildren(...facts);
     $("toggle-active").textContent = event.active ? "Disable" : "Enable";
+    for (const id of ["edit-event", "rotate-code", "toggle-active", "delete-event"]) $(id).hidden = !mayChange(event);
   }
 
   // Editor
@@ -545,6 +556,7 @@
     $("attendees").hidden = !answer.ok;
     if (!answer.ok) return;
     const list = answer.data;
+    const writable = mayChange(selected);
     $("attendees-count").textContent = number(list.count) + " attendee" + (list.count === 1 ? "" : "s") +
       (list.max_attendees ? " of at most " + number(list.max_attendees) : "") + ".";
     $("attendees-table").querySelector("tbody").replaceChildren(...list.data.map((a) => el("tr", {},
@@ -552,10 +564,11 @@
       el("td", { "data-label": "First seen" }, a.first_seen ? localTime(a.first_seen, selected.time_zone) : "—"),
       el("td", { className: "n", "data-label": "Requests" }, number(a.requests)),
       el("td", { className: "n", "data-label": "Tokens" }, number(a.total_tokens)),
-      el("td", { "data-label": "Personal key" }, a.personal_key ? el("button", { type: "button", className: "quiet",
-        "aria-label": "Reset the personal key of " + a.user, onclick: () => resetKey(id, a.user) }, "Reset key") : "—"),
-      el("td", {}, el("button", { type: "button", className: a.blocked ? "quiet" : "danger",
-        "aria-label": (a.blocked ? "Unblock " : "Block ") + a.user,
+      el("td", { "data-label": "Personal key" }, !a.personal_key ? "—" : !writable ? "yes" : el("button", {
+        type: "button", className: "quiet", "aria-label": "Reset the personal key of " + a.user,
+        onclick: () => resetKey(id, a.user) }, "Reset key")),
+      el("td", { "data-label": "Blocked" }, !writable ? (a.blocked ? "blocked" : "—") : el("button", {
+        type: "button", className: a.blocked ? "quiet" : "danger", "aria-label": (a.blocked ? "Unblock " : "Block ") + a.user,
         onclick: () => block(id, a.user, !a.blocked) }, a.blocked ? "Unblock" : "Block")))));
   }
 
