@@ -5,6 +5,15 @@ Each takes plain JSON-like values and returns the JSON shapes of DESIGN
 ``/api/manage/...`` answer alike. Bad input raises ``InvalidRequest`` naming
 the field; an unknown event raises ``NotFound``.
 
+Each also takes the ``Actor`` who asks (``proxy.accounts``; the CLI is
+``ORGANIZER_KEY``): an event it may not see raises ``NotFound`` exactly as an
+unknown one, a change it may not make ``Forbidden``. The check runs on the
+event as read for the change (inside ``EventStore.modify``'s function), so a
+share or unshare that lands meanwhile is honoured. Every change writes its
+audit entry (``proxy.audit``) in the same transaction as the change; share and
+unshare (``share_event``, ``unshare_event``) and reading the log
+(``audit_log``) live here too.
+
 - ``create_event``: the public event plus its ``code``, shown this once (only
   a hash is stored). Without a ``code`` one is generated (16 characters from a
   secure random source).
