@@ -105,6 +105,9 @@ def test_an_organizer_sees_only_its_events_and_others_are_404_like_nothing(http:
     # ... and nothing was changed: bob's event is whole.
     still = http.get(f"{app}/api/manage/events/{theirs}", headers=bearer(bob_key))
     assert still.status_code == 200 and still.json()["description"] == ""
+    # The whole log, as ada may read it: the entries of her events only.
+    log = http.get(f"{app}/api/manage/audit", headers=bearer(ada_key)).json()["data"]
+    assert {e["event_id"] for e in log} == {mine} and all(e["action"] != "account-add" for e in log)
     # An organizer is no admin: accounts are out of reach.
     assert http.get(f"{app}/api/manage/organizers", headers=bearer(ada_key)).status_code == 403
     made = http.post(f"{app}/api/manage/organizers", json={"name": "x1", "role": "admin"}, headers=bearer(ada_key))
