@@ -14,6 +14,8 @@ TARGET_LABELS = {
     "worker": "this proxy, caps, real worker + host emulator",
     "worker_nocaps": "this proxy, no caps, real worker + host emulator",
     "litellm": "LiteLLM proxy",
+    "proxy_keys": "this proxy, caps, personal keys",
+    "worker_keys": "this proxy, caps, personal keys, real worker + host emulator",
 }
 
 
@@ -136,7 +138,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
     rows = math.ceil(len(scenarios) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.8 * rows), squeeze=False)
     colors = {"direct": "#555555", "proxy": "#1f77b4", "proxy_nocaps": "#2ca02c", "litellm": "#d62728"}
-    colors.update(worker="#9467bd", worker_nocaps="#8c564b")
+    colors.update(worker="#9467bd", worker_nocaps="#8c564b", proxy_keys="#17becf", worker_keys="#bcbd22")
     for ax, scenario in zip(axes.flat, scenarios, strict=False):
         for row in (r for r in result["results"] if r["scenario"] == scenario):
             points = row["distribution_ms"]
