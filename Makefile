@@ -25,7 +25,7 @@ node_modules/.installed: package.json package-lock.json
 	else npm ci --no-audit --no-fund --loglevel=error && touch $@; fi
 
 run: install
-	$(BIN)/python -m devtools.run
+	$(BIN)/python -m devtools.local.run
 
 test: install lint
 	$(BIN)/python -m pytest
@@ -47,7 +47,7 @@ bench: install
 	$(BIN)/python -m bench.failover
 
 package:
-	$(PYTHON) -m devtools.package
+	$(PYTHON) -m devtools.deploy.package
 
 # make deploy RG=my-event-rg LOCATION=eastus2 [PREFIX=evtproxy] [UNTIL=YYYY-MM-DD] [WHAT_IF=1] [ARGS=...]
 deploy: install

@@ -7,7 +7,7 @@ killed before they settled, and another every hour deletes the chat sessions
 past their time to live. The services are created once per worker, when this
 module is imported; a missing setting fails here, at cold start, with a message
 that names it. Locally the real Python worker runs this module behind the host
-emulator (``devtools/funchost.py``), as in Azure.
+emulator (``devtools/funchost/host.py``), as in Azure.
 """
 
 from collections.abc import Awaitable, Callable
@@ -16,14 +16,14 @@ from datetime import UTC, datetime
 import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response, StreamingResponse
 
-from proxy.handlers import Proxy
-from proxy.manage_api import OrganizerApi
-from proxy.pages import Pages
-from proxy.probe import ProbeApi
-from proxy.reconcile import RECONCILE_SCHEDULE, reconcile
-from proxy.registration import Registration
-from proxy.sessions import purge_expired
-from proxy.settings import Settings
+from proxy.config.settings import Settings
+from proxy.conversations.sessions import purge_expired
+from proxy.edge.handlers import Proxy
+from proxy.edge.pages import Pages
+from proxy.edge.registration import Registration
+from proxy.ledger.reconcile import RECONCILE_SCHEDULE, reconcile
+from proxy.manage.api import OrganizerApi
+from proxy.manage.probe import ProbeApi
 
 settings = Settings.from_env()
 proxy = Proxy.from_settings(settings)
@@ -86,7 +86,7 @@ ROUTES: list[tuple[str, str, list[str], Handler]] = [
 
 def _register(name: str, route: str, methods: list[str], handler: Handler) -> None:
     async def function(req: Request) -> StreamingResponse:
-        req.state.route = route  # the template, not the path, for the access log (proxy.access)
+        req.state.route = route  # the template, not the path, for the access log (proxy.edge.access)
         return await handler(req, **req.path_params)
 
     function.__name__ = name
@@ -101,13 +101,13 @@ proxy.know_routes([(route, methods) for _, route, methods, _ in ROUTES])  # for 
 # Every 5 minutes, not every minute: each run wakes an instance (a cold start when the app has
 # scaled to zero) and is billed for its execution time at the instance's memory, 1,440 times a
 # day for nothing most days; a slot comes back 11 to 16 minutes after its worker died instead
-# of 11 to 12 (proxy.reconcile).
+# of 11 to 12 (proxy.ledger.reconcile).
 @app.function_name("reconcile")
 @app.timer_trigger(schedule=RECONCILE_SCHEDULE, arg_name="timer", use_monitor=False)
 async def reconcile_reservations(timer: func.TimerRequest) -> None:
-    """Give back the daily slots of requests whose worker was killed (``proxy.reconcile``)."""
+    """Give back the daily slots of requests whose worker was killed (``proxy.ledger.reconcile``)."""
     await reconcile(proxy.tables, proxy.ledger, settings.reservation_lease_seconds)
-    # Budget alerts whose sender died before the webhook took them (proxy.alerts): sent from here.
+    # Budget alerts whose sender died before the webhook took them (proxy.admission.alerts): sent from here.
     if await proxy.alerts.sweep(proxy.events):
         await proxy.alerts.drain(timeout=60)
 
@@ -115,5 +115,5 @@ async def reconcile_reservations(timer: func.TimerRequest) -> None:
 @app.function_name("forget_sessions")
 @app.timer_trigger(schedule="0 17 * * * *", arg_name="timer", use_monitor=False)
 async def forget_expired_sessions(timer: func.TimerRequest) -> None:
-    """Delete the chat sessions past their time to live, hourly (``proxy.sessions``)."""
+    """Delete the chat sessions past their time to live, hourly (``proxy.conversations.sessions``)."""
     await purge_expired(proxy.tables, datetime.now(UTC))

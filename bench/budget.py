@@ -38,8 +38,8 @@ import psutil
 from bench.load import Measured, Target, run_wrk
 from bench.procs import ROOT, Proc, http_ok, quiesce, spawn
 from bench.run import SIMULATOR_KEY, app_env
-from devtools.azurite import command as azurite_command
-from devtools.azurite import connection_string as azurite_connection_string
+from devtools.local.azurite import command as azurite_command
+from devtools.local.azurite import connection_string as azurite_connection_string
 from tests.support import CODE_HASH_KEY, free_port
 
 USERS = 256
@@ -50,9 +50,9 @@ BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Write 
 
 
 async def create_events(connection_string: str, exhaust: int) -> dict[str, str]:
-    from proxy.events import Event, EventStore, new_event_id
-    from proxy.settings import Settings
-    from proxy.storage import opened
+    from proxy.config.settings import Settings
+    from proxy.policy.events import Event, EventStore, new_event_id
+    from proxy.storage.tables import opened
 
     settings = Settings.from_env(
         {"STORAGE_CONNECTION_STRING": connection_string, "CODE_HASH_KEY": CODE_HASH_KEY}, need_upstream=False
@@ -79,10 +79,10 @@ async def create_events(connection_string: str, exhaust: int) -> dict[str, str]:
 
 async def recorded(connection_string: str, code: str) -> int:
     """Requests recorded for the event with this code (its usage report's total)."""
-    from proxy.events import EventStore
-    from proxy.settings import Settings
-    from proxy.storage import opened
-    from proxy.usage import report
+    from proxy.config.settings import Settings
+    from proxy.ledger.usage import report
+    from proxy.policy.events import EventStore
+    from proxy.storage.tables import opened
 
     settings = Settings.from_env(
         {"STORAGE_CONNECTION_STRING": connection_string, "CODE_HASH_KEY": CODE_HASH_KEY}, need_upstream=False

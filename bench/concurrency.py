@@ -63,9 +63,9 @@ def rss_mb(pid: int) -> float:
 
 
 async def create_event(connection_string: str) -> str:
-    from proxy.events import Event, EventStore, new_event_id
-    from proxy.settings import Settings
-    from proxy.storage import opened
+    from proxy.config.settings import Settings
+    from proxy.policy.events import Event, EventStore, new_event_id
+    from proxy.storage.tables import opened
 
     settings = Settings.from_env(
         {"STORAGE_CONNECTION_STRING": connection_string, "CODE_HASH_KEY": CODE_HASH_KEY}, need_upstream=False

@@ -40,8 +40,8 @@ import httpx
 from bench.load import Target, run_wrk
 from bench.procs import BENCH, ROOT, Proc, http_ok, quiesce, spawn
 from bench.run import BODIES, SIMULATOR_KEY, USERS, app_env, create_events
-from devtools.azurite import command as azurite_command
-from devtools.azurite import connection_string as azurite_connection_string
+from devtools.local.azurite import command as azurite_command
+from devtools.local.azurite import connection_string as azurite_connection_string
 from tests.support import free_port
 
 PRIMARY_MS, SECONDARY_MS = 20, 40

@@ -15,7 +15,7 @@ flight together and on one shard. It prints one JSON object: the answers by
 status (every one must be 200: no 503), how long until upstream had them all
 (all admitted), the peaks, and what the usage report recorded afterwards.
 
-A string property of Table Storage holds 64 KiB: before ``proxy.inflight``
+A string property of Table Storage holds 64 KiB: before ``proxy.admission.inflight``
 cut the in-flight map into pieces, about 510 requests in flight on one shard
 (or one attendee's day) failed every further admission with a 503.
 """
@@ -39,14 +39,14 @@ import aiohttp
 
 from bench.procs import ROOT, Proc, http_ok, spawn
 from bench.run import SIMULATOR_KEY, app_env
-from devtools.azurite import command as azurite_command
-from devtools.azurite import connection_string as azurite_connection_string
-from proxy import budget
-from proxy.events import Event, EventStore, new_event_id
-from proxy.hashing import SecretHasher
-from proxy.settings import Settings
-from proxy.storage import Tables
-from proxy.usage import report
+from devtools.local.azurite import command as azurite_command
+from devtools.local.azurite import connection_string as azurite_connection_string
+from proxy.admission import budget
+from proxy.config.hashing import SecretHasher
+from proxy.config.settings import Settings
+from proxy.ledger.usage import report
+from proxy.policy.events import Event, EventStore, new_event_id
+from proxy.storage.tables import Tables
 from tests.support import CODE_HASH_KEY, free_port
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hold on."}], "max_tokens": 16}

@@ -34,8 +34,8 @@ from bench import report
 from bench.imports import import_times
 from bench.load import Measured, Target, run_stream, run_wrk, wrk_path
 from bench.procs import BENCH, ROOT, Proc, Sampler, ensure_litellm, http_ok, litellm_version, quiesce, spawn
-from devtools.azurite import command as azurite_command
-from devtools.azurite import connection_string as azurite_connection_string
+from devtools.local.azurite import command as azurite_command
+from devtools.local.azurite import connection_string as azurite_connection_string
 from tests.support import CODE_HASH_KEY, free_port
 
 API_VERSION = "2024-10-21"
@@ -94,9 +94,9 @@ class Stack:
 
 async def create_events(connection_string: str) -> dict[str, str]:
     """Two open events: one with (never reached) caps, one with none. Returns their codes."""
-    from proxy.events import Event, EventStore, new_event_id
-    from proxy.settings import Settings
-    from proxy.storage import opened
+    from proxy.config.settings import Settings
+    from proxy.policy.events import Event, EventStore, new_event_id
+    from proxy.storage.tables import opened
 
     settings = Settings.from_env(
         {"STORAGE_CONNECTION_STRING": connection_string, "CODE_HASH_KEY": CODE_HASH_KEY}, need_upstream=False
@@ -191,7 +191,7 @@ def start(log_dir: Path, litellm_python: Path | None) -> Stack:
         port = free_port()
         stack.proxy = spawn(
             "proxy",
-            [sys.executable, "-m", "devtools.devhost", "--port", str(port)],
+            [sys.executable, "-m", "devtools.local.devhost", "--port", str(port)],
             log_dir,
             app_env(connection_string, simulator_url),
         )

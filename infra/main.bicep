@@ -28,7 +28,7 @@ param openAiExtraRegionsOnlyOnFailover bool = false
 @minLength(16)
 param organizerKey string
 
-@description('The key of the stored hashes of event codes (CODE_HASH_KEY): a random secret generated on the first deployment and kept on every later one (devtools/deploy.py reads it back from the app); a new value makes every code unknown. Never written to an output.')
+@description('The key of the stored hashes of event codes (CODE_HASH_KEY): a random secret generated on the first deployment and kept on every later one (devtools/deploy/command.py reads it back from the app); a new value makes every code unknown. Never written to an output.')
 @secure()
 @minLength(32)
 param codeHashKey string
@@ -292,7 +292,7 @@ module functionApp 'modules/functionapp.bicep' = {
   ]
 }
 
-// Named like the settings the code reads, all used by devtools/deploy.py: the app's name to
+// Named like the settings the code reads, all used by devtools/deploy/command.py: the app's name to
 // publish to, its URL and the deployments for the doctor, the endpoints for the organizer
 // CLI and the summary it prints.
 output AZURE_FUNCTION_APP_NAME string = functionApp.outputs.name

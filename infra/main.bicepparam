@@ -4,7 +4,7 @@ param namePrefix = 'evtproxy'
 
 // What events allow, by deployment name (events name deployments, not models). Each
 // deployment picks its own SKU. The version is what a hand-run 'az deployment group create'
-// deploys; 'make deploy' (devtools/deploy.py) asks the region (az cognitiveservices model list
+// deploys; 'make deploy' (devtools/deploy/command.py) asks the region (az cognitiveservices model list
 // -l REGION) and deploys the newest generally available version of each model that still takes
 // new deployments on the event's last day, or stops and names what the region offers instead.
 // gpt-5.4 2026-03-05 (new customers until 2027-03-05) and text-embedding-3-small 1 are both
@@ -38,7 +38,7 @@ param instanceMemoryMB = 2048
 param httpPerInstanceConcurrency = 32
 param alwaysReadyInstances = 0
 
-// Secrets and per-user values come from the environment (devtools/deploy.py sets them):
+// Secrets and per-user values come from the environment (devtools/deploy/command.py sets them):
 // the CLI can override only parameters this file sets, and a secret in an environment
 // variable stays out of the process list. An empty organizer key fails the template's
 // @minLength(16) check on purpose, and an empty CODE_HASH_KEY its @minLength(32): a deployment

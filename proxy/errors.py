@@ -178,7 +178,7 @@ class UpstreamError(ProxyError):
 
 
 class UpstreamThrottled(ProxyError):
-    """Every backend for the model is cooled down after a 429 (``proxy.backends``); the shortest wait is sent."""
+    """Every backend for the model is cooled down after a 429 (``proxy.config.backends``); the shortest wait is sent."""
 
     status, code, type = 429, "rate_limited", "rate_limit_error"
 
@@ -201,7 +201,7 @@ class StorageRefused(StorageUnavailable):
 
 
 class ServerBusy(ProxyError):
-    """This worker holds as many request bodies as its memory budget allows (``proxy.payload.BodyBudget``)."""
+    """This worker holds as many request bodies as its memory budget allows (``proxy.upstream.payload.BodyBudget``)."""
 
     status, code, type = 503, "server_busy", "api_error"
 

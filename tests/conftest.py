@@ -11,11 +11,11 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy.config.hashing import SecretHasher
+from proxy.config.settings import Settings
 from proxy.errors import StorageUnavailable
-from proxy.events import Event, EventStore, new_event_id
-from proxy.hashing import SecretHasher
-from proxy.settings import Settings
-from proxy.storage import Tables
+from proxy.policy.events import Event, EventStore, new_event_id
+from proxy.storage.tables import Tables
 from tests.support import CODE_HASH_KEY, Service, app_env, start_app, start_azurite, start_simulator
 
 # Every test client is 127.0.0.1: the shared apps must not throttle the unknown codes that

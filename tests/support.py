@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import httpx
 
-from devtools import azurite
+from devtools.local import azurite
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]

@@ -168,7 +168,7 @@ async def test_json_lines(azurite: str, simulator: str, make_event: MakeEvent) -
 
 def test_values_a_client_chooses_stay_on_one_line() -> None:
     """A model name with spaces, quotes, equals signs or a newline is quoted and escaped, never a second line."""
-    from proxy.access import logfmt
+    from proxy.edge.access import logfmt
 
     line = logfmt({"model": 'gpt x="y"\nrequest_id=forged', "stream": False, "error": None, "status": 404})
     assert "\n" not in line and line.startswith('model="gpt x=\\"y\\"\\nrequest_id=forged" ')

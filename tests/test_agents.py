@@ -27,8 +27,8 @@ from langchain_openai import ChatOpenAI
 from openai import AsyncOpenAI
 from pydantic import BaseModel
 
-from proxy.storage import Tables
-from proxy.usage import request_log
+from proxy.ledger.usage import request_log
+from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 
 set_tracing_disabled(True)  # the SDK would otherwise send traces to OpenAI's servers

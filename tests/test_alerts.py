@@ -21,10 +21,10 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.alerts import Alerts, check_webhook, masked
-from proxy.events import EventStore
-from proxy.hashing import SecretHasher
-from proxy.storage import Tables
+from proxy.admission.alerts import Alerts, check_webhook, masked
+from proxy.config.hashing import SecretHasher
+from proxy.policy.events import EventStore
+from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 from tests.support import CODE_HASH_KEY, Service, eventually, free_port
 

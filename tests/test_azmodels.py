@@ -1,4 +1,4 @@
-"""``devtools.azmodels``: which version to deploy, from real ``az cognitiveservices model list`` output.
+"""``devtools.deploy.models``: which version to deploy, from real ``az cognitiveservices model list`` output.
 
 The region is the one captured on 2025-05-25 (tests/data/az_model_list.json names the source);
 the dates below are that day's, so the answers are the ones ``make deploy`` would have given.
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from devtools.azmodels import NoDeployableVersion, choose, offers, parameter, resolved
+from devtools.deploy.models import NoDeployableVersion, choose, offers, parameter, resolved
 from tests.support import ROOT
 
 CAPTURED = json.loads((ROOT / "tests" / "data" / "az_model_list.json").read_text())["captured"]["entries"]

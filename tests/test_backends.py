@@ -22,10 +22,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from proxy.backends import FAILURES_TO_OPEN, Backend, Health, retry_after_seconds
-from proxy.settings import Settings, SettingsError
-from proxy.storage import Tables
-from proxy.usage import report, request_log
+from proxy.config.backends import FAILURES_TO_OPEN, Backend, Health, retry_after_seconds
+from proxy.config.settings import Settings, SettingsError
+from proxy.ledger.usage import report, request_log
+from proxy.storage.tables import Tables
 from tests.conftest import LENIENT, MakeEvent
 from tests.support import (
     ORGANIZER_KEY,

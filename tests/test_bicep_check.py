@@ -1,6 +1,6 @@
 """What a Bicep compiler, and Azure, would refuse in ``infra/``, checked without either.
 
-``devtools.bicep_check`` resolves every name and checks every resource against Azure's
+``devtools.deploy.bicep_check`` resolves every name and checks every resource against Azure's
 published types (tests/data/bicep_types.json, copied from Azure/bicep-types-az at a named
 commit). Two rules no compiler knows are checked here, from tests/data/azure_sources.json:
 a role is granted only on a resource its permissions act on, and the Python version is one
@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from devtools.bicep_check import TYPES, TYPES_FILE, Types, check
-from devtools.bicep_eval import DeploymentFailed, evaluate
-from devtools.bicep_parse import Node, parse
+from devtools.deploy.bicep_check import TYPES, TYPES_FILE, Types, check
+from devtools.deploy.bicep_eval import DeploymentFailed, evaluate
+from devtools.deploy.bicep_parse import Node, parse
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
@@ -187,7 +187,8 @@ MUTATIONS = {
         "modules/openai.bicep", "'Microsoft.CognitiveServices/accounts@2024-10-01' = {",
         "'Microsoft.CognitiveServices/accounts@2023-05-01' = {",
         "infra/modules/openai.bicep:{line}: resource 'account': Microsoft.CognitiveServices/accounts@2023-05-01 is "
-        "not in bicep_types.json: add it to TYPES in devtools/bicep_check.py and rebuild the file with --extract",
+        "not in bicep_types.json: add it to TYPES in devtools/deploy/bicep_check.py and rebuild the file with "
+        "--extract",
     ),
     "module parameter it does not declare": (
         "main.bicep", "    name: names.openAi\n    location: location\n",
@@ -278,7 +279,7 @@ def test_everything_waits_for_the_checks_and_takes_the_checked_values() -> None:
 
 
 def test_the_app_names_the_same_settings() -> None:
-    from proxy.settings import Settings, SettingsError
+    from proxy.config.settings import Settings, SettingsError
 
     base = {"STORAGE_CONNECTION_STRING": "UseDevelopmentStorage=true", "AZURE_OPENAI_ENDPOINT": "https://a.example"}
     with pytest.raises(SettingsError, match="ORGANIZER_ENTRA_OBJECT_IDS, ORGANIZER_ENTRA_GROUP_IDS"):

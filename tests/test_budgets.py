@@ -13,13 +13,13 @@ import httpx
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 
-from proxy import budget
-from proxy.attendees import ROSTER_ROW, roster
-from proxy.events import EventStore
-from proxy.limits import Admission, Finished, Ledger, Settlement
-from proxy.reconcile import reconcile
-from proxy.storage import Tables
-from proxy.usage import report
+from proxy.admission import budget
+from proxy.admission.limits import Admission, Finished, Ledger, Settlement
+from proxy.ledger.reconcile import reconcile
+from proxy.ledger.usage import report
+from proxy.policy.attendees import ROSTER_ROW, roster
+from proxy.policy.events import EventStore
+from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 from tests.support import ORGANIZER_KEY, Service, eventually, sim_stats, wait_for
 

@@ -13,9 +13,9 @@ import openai
 import pytest
 from openai import OpenAI
 
-from proxy.events import EventStore
-from proxy.limits import seconds_to_midnight
-from proxy.storage import Tables
+from proxy.admission.limits import seconds_to_midnight
+from proxy.policy.events import EventStore
+from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 from tests.support import Service, eventually, sim_stats
 

@@ -12,13 +12,13 @@ import httpx
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 
-from proxy.attendees import Roster
+from proxy.config.hashing import EVENT_CODE, ORGANIZER_ACCOUNT_KEY, PERSONAL_KEY, SecretHasher, legacy_sha256
+from proxy.config.settings import Settings, SettingsError
 from proxy.errors import NotFound
-from proxy.events import Event, EventStore, new_event_id
-from proxy.hashing import EVENT_CODE, ORGANIZER_ACCOUNT_KEY, PERSONAL_KEY, SecretHasher, legacy_sha256
-from proxy.keys import PersonalKeys
-from proxy.settings import Settings, SettingsError
-from proxy.storage import Tables
+from proxy.policy.attendees import Roster
+from proxy.policy.events import Event, EventStore, new_event_id
+from proxy.policy.keys import PersonalKeys
+from proxy.storage.tables import Tables
 from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, Service, app_env, start_app
 
 AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}

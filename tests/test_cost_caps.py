@@ -15,9 +15,9 @@ from decimal import Decimal
 
 import httpx
 
-from proxy.prices import PRICES_FILE
-from proxy.storage import Tables
-from proxy.usage import report
+from proxy.config.prices import PRICES_FILE
+from proxy.ledger.usage import report
+from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 from tests.support import Service
 
@@ -65,7 +65,7 @@ async def test_event_cost_is_never_passed_over_two_processes(
     spent = Decimal(str((await report(tables, created.event.id, "user"))["totals"]["cost"]))
     assert spent <= budget  # never passed
     # Refused only when less than one request's worth remained, give or take the last request of the other
-    # process, whose shard may still hold its estimate for 50 ms after its answer (proxy.budget: deferred).
+    # process, whose shard may still hold its estimate for 50 ms after its answer (proxy.admission.budget: deferred).
     assert budget - spent < 2 * most_one_request_costs()
 
 

@@ -19,11 +19,11 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from proxy.limits import Admission, Ledger
-from proxy.prices import PRICES_FILE, Price, PriceTable
-from proxy.settings import Settings, SettingsError
-from proxy.storage import Tables
-from proxy.usage import UsageRecord, report, request_log
+from proxy.admission.limits import Admission, Ledger
+from proxy.config.prices import PRICES_FILE, Price, PriceTable
+from proxy.config.settings import Settings, SettingsError
+from proxy.ledger.usage import UsageRecord, report, request_log
+from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 from tests.support import ORGANIZER_KEY
 

@@ -12,12 +12,12 @@ from datetime import UTC, datetime
 
 import pytest
 
+from proxy.admission.limits import Ledger
+from proxy.config.prices import PriceTable
 from proxy.errors import CapExceeded
-from proxy.events import Event
-from proxy.limits import Ledger
-from proxy.prices import PriceTable
-from proxy.storage import Tables
-from proxy.usage import UsageRecord, report
+from proxy.ledger.usage import UsageRecord, report
+from proxy.policy.events import Event
+from proxy.storage.tables import Tables
 
 INSTANT = datetime(2026, 12, 3, 10, 30, tzinfo=UTC)  # 2026-12-02 23:30 in Pago Pago, 2026-12-04 00:30 in Kiritimati
 

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.doctor import capping_field, diagnose
+from proxy.manage.doctor import capping_field, diagnose
 from tests.conftest import MakeEvent
 from tests.support import ORGANIZER_KEY, ROOT, app_env, sim_stats, start_app, start_azurite, start_simulator
 

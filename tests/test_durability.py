@@ -13,10 +13,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from proxy.events import Event, EventStore
-from proxy.settings import Settings
-from proxy.storage import Tables
-from proxy.usage import report, request_log
+from proxy.config.settings import Settings
+from proxy.ledger.usage import report, request_log
+from proxy.policy.events import Event, EventStore
+from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 from tests.support import (
     CODE_HASH_KEY,

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.payload import pseudonym
+from proxy.upstream.payload import pseudonym
 from tests.conftest import MakeEvent
 from tests.support import ORGANIZER_KEY, Service, app_env, azurite_connection_string, free_port, sim_stats, start_app
 

@@ -16,7 +16,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from proxy.storage import Tables
+from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 from tests.support import ROOT, Service, app_env, eventually, start_app
 

@@ -1,4 +1,4 @@
-"""The host emulator (devtools/funchost.py) with the real Python worker, on a tiny app (tests/apps).
+"""The host emulator (devtools/funchost/host.py) with the real Python worker, on a tiny app (tests/apps).
 
 Routing, the body limit, streaming, a failing function, functionTimeout, a killed worker,
 a stop signal, indexing failures and timers: each as the Functions host does it.
@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from devtools.funchost_routing import compile_template
-from devtools.funchost_timers import Schedule
+from devtools.funchost.routing import compile_template
+from devtools.funchost.timers import Schedule
 from tests.support import ROOT, Service, start_app, wait_for, worker_pids
 
 APPS = Path(__file__).parent / "apps"

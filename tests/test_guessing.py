@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from proxy.guessing import FailedLookups, client_address, weak_code_reason
+from proxy.policy.guessing import FailedLookups, client_address, weak_code_reason
 from tests.support import ORGANIZER_KEY, app_env, start_app
 
 AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}

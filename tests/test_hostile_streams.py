@@ -35,21 +35,21 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy import inflight
-from proxy.ending import Answer
-from proxy.limits import Ledger
-from proxy.payload import pseudonym
-from proxy.prices import PriceTable
-from proxy.sessions import SessionLimits, Sessions
-from proxy.storage import Tables
-from proxy.usage import UsageRecord, UsageRecorder, report, request_log
+from proxy.admission import inflight
+from proxy.admission.limits import Ledger
+from proxy.config.prices import PriceTable
+from proxy.conversations.sessions import SessionLimits, Sessions
+from proxy.ledger.ending import Answer
+from proxy.ledger.usage import UsageRecord, UsageRecorder, report, request_log
+from proxy.storage.tables import Tables
+from proxy.upstream.payload import pseudonym
 from tests.conftest import LENIENT, MakeEvent, NewEvent
 from tests.support import Service, app_env, eventually, sim_stats, start_app, start_simulator
 
 CHAT = "/api/v1/chat/completions"
 MODEL = "gpt-4o-mini"
 LEASE_SECONDS = 5
-# The lease must outlive functionTimeout (proxy.settings): a short lease goes with a short timeout.
+# The lease must outlive functionTimeout (proxy.config.settings): a short lease goes with a short timeout.
 FUNCTION_TIMEOUT = {"AzureFunctionsJobHost__functionTimeout": "00:00:04"}
 # kind: (path, body); each answer takes a few hundred milliseconds to stream, so hang-ups land mid-way.
 KINDS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -3,12 +3,12 @@
 No Azure here and no Bicep compiler: the templates are parsed with pycep and scanned with
 checkov; what a compiler would refuse (names, module parameters and outputs, resource types,
 API versions and property paths against Azure's published types) is checked by
-tests/test_bicep_check.py with devtools/bicep_check.py. Every identifier that comes from
+tests/test_bicep_check.py with devtools/deploy/bicep_check.py. Every identifier that comes from
 Azure (role ids, API versions, SKUs, model versions, what Flex Consumption forbids and
 allows) is compared with
 ``tests/data/azure_sources.json``, where each value carries the page it was copied from and
 the date; a template value missing there fails. What the templates set is also compared
-with what the code reads (proxy/settings.py) and with what devtools/deploy.py consumes.
+with what the code reads (proxy/config/settings.py) and with what devtools/deploy/command.py consumes.
 
 What cannot be checked here (quota, a model's availability in *your* region today, the
 platform accepting the whole deployment) is checked on a real subscription with
@@ -32,25 +32,25 @@ from typing import Any
 
 import pytest
 
-from devtools.bicep_parse import parse
-from devtools.package import build, is_ignored, package_files, parse_ignore
-from proxy.settings import APP_SETTINGS, DEFAULT_MAX_REQUEST_BYTES, HOST_BODY_LIMIT_BYTES, HOST_SETTINGS
-from proxy.storage import TABLE_NAMES
+from devtools.deploy.bicep_parse import parse
+from devtools.deploy.package import build, is_ignored, package_files, parse_ignore
+from proxy.config.settings import APP_SETTINGS, DEFAULT_MAX_REQUEST_BYTES, HOST_BODY_LIMIT_BYTES, HOST_SETTINGS
+from proxy.storage.tables import TABLE_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
 BICEP_FILES = sorted(INFRA.rglob("*.bicep"))
 # pycep (here and in checkov) predates Bicep's fail(), which modules/checks.bicep is made of;
-# devtools/bicep_check.py parses and checks every file (tests/test_bicep_check.py).
+# devtools/deploy/bicep_check.py parses and checks every file (tests/test_bicep_check.py).
 CHECKS = INFRA / "modules" / "checks.bicep"
 PYCEP_FILES = [path for path in BICEP_FILES if path != CHECKS]
 SOURCES_FILE = ROOT / "tests" / "data" / "azure_sources.json"
-DEPLOY_SCRIPT = ROOT / "devtools" / "deploy.py"
+DEPLOY_SCRIPT = ROOT / "devtools" / "deploy" / "command.py"
 
 
 # Settings the app reads that the Bicep must not set in Azure: the API key and connection
 # string are for local runs (Azure uses the managed identity), and the limits have
-# defaults in proxy/settings.py that suit Azure (the reservation lease follows host.json's functionTimeout).
+# defaults in proxy/config/settings.py that suit Azure (the reservation lease follows host.json's functionTimeout).
 LOCAL_ONLY_OR_OPTIONAL = {
     "ATTENDEE_SIGN_IN",  # set with az when GitHub sign-in is configured (README)
     "AZURE_OPENAI_API_KEY",
@@ -67,7 +67,7 @@ LOCAL_ONLY_OR_OPTIONAL = {
     "FAILED_LOOKUPS_PER_MINUTE",
 }
 
-# Outputs for devtools/deploy.py that are not app settings.
+# Outputs for devtools/deploy/command.py that are not app settings.
 DEPLOY_OUTPUTS = {"AZURE_FUNCTION_APP_NAME", "AZURE_FUNCTION_APP_URL", "AZURE_OPENAI_DEPLOYMENTS"}
 
 # The region the deploy guide (docs/deploy.md) deploys to in its examples; every default model/SKU pair must be
@@ -262,11 +262,11 @@ def test_every_role_id_is_a_sourced_built_in_role_with_the_name_it_is_used_for()
         assert role_id.lower() in by_id, f"roleIds.{key} = {role_id} is not a built-in role in the sources file"
         # roleIds.storageBlobDataOwner must hold the id of 'Storage Blob Data Owner', and so on.
         assert re.sub(r"[^a-z]", "", by_id[role_id.lower()].lower()) == key.lower(), (key, by_id[role_id.lower()])
-    # The roles devtools/deploy.py accepts as able to assign roles are sourced too.
-    from devtools.deploy import ASSIGNING_ROLES
+    # The roles devtools/deploy/command.py accepts as able to assign roles are sourced too.
+    from devtools.deploy.command import ASSIGNING_ROLES
 
     for role_id, name in ASSIGNING_ROLES.items():
-        assert by_id.get(role_id) == name, f"devtools/deploy.py: {role_id} is not '{name}' in the sources file"
+        assert by_id.get(role_id) == name, f"devtools/deploy/command.py: {role_id} is not '{name}' in the sources file"
     # No GUID anywhere in the templates that is not one of these role ids.
     stray = {g.lower() for path in BICEP_FILES for g in GUID.findall(path.read_text())} - set(by_id)
     assert not stray, f"GUIDs in infra/ that are not sourced role ids: {sorted(stray)}"
@@ -313,7 +313,7 @@ NEW_CUSTOMER_MARGIN = timedelta(days=30)
 def test_model_defaults_stay_open_to_new_customers_in_the_example_region() -> None:
     """A default whose version closes to new customers (a fresh subscription is one) within 30 days fails.
 
-    The dates are the sources file's, copied from Microsoft's tables; devtools/deploy.py still
+    The dates are the sources file's, copied from Microsoft's tables; devtools/deploy/command.py still
     asks the region at deploy time, and this test keeps the file's own defaults honest.
     """
     models = {(m["name"], m["version"]): m for m in sources()["models"]}
@@ -342,8 +342,8 @@ def test_the_old_default_fails_the_new_customer_rule() -> None:
 
 
 def test_deploy_reads_the_same_defaults() -> None:
-    """devtools/deploy.py reads modelDeployments from main.bicepparam with its own reader: both agree."""
-    from devtools.azmodels import parameter
+    """devtools/deploy/command.py reads modelDeployments from main.bicepparam with its own reader: both agree."""
+    from devtools.deploy.models import parameter
 
     text = (INFRA / "main.bicepparam").read_text()
     assert parameter(text, "modelDeployments") == model_deployments()
@@ -373,8 +373,8 @@ def test_key_vault_references_resolve_with_the_apps_identity() -> None:
 
 def test_the_reconcile_timer_wakes_the_app_every_5_minutes() -> None:
     """Not every minute (1,440 billed wake-ups a day): 288, and a lost slot comes back within lease + 5 minutes."""
-    from devtools.funchost_timers import Schedule
-    from proxy.reconcile import RECONCILE_SCHEDULE
+    from devtools.funchost.timers import Schedule
+    from proxy.ledger.reconcile import RECONCILE_SCHEDULE
 
     assert "schedule=RECONCILE_SCHEDULE" in (ROOT / "function_app.py").read_text()
     schedule = Schedule.parse(RECONCILE_SCHEDULE)
@@ -439,12 +439,12 @@ def test_scale_settings_are_explicit_and_inside_flex_bounds() -> None:
     assert main_parameters["httpPerInstanceConcurrency"]["default"] == chosen["httpPerInstanceConcurrency"]
 
 
-# (5) App settings match proxy/settings.py.
+# (5) App settings match proxy/config/settings.py.
 
 
 def test_function_app_sets_only_known_settings() -> None:
     unknown = set(function_app_settings()) - set(APP_SETTINGS) - set(HOST_SETTINGS)
-    assert not unknown, f"not in APP_SETTINGS or HOST_SETTINGS of proxy/settings.py: {sorted(unknown)}"
+    assert not unknown, f"not in APP_SETTINGS or HOST_SETTINGS of proxy/config/settings.py: {sorted(unknown)}"
 
 
 def test_function_app_sets_every_setting_the_app_needs_in_azure() -> None:
@@ -461,7 +461,7 @@ def test_function_app_uses_identities_not_keys() -> None:
     assert settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"] == "ClientId=${identityClientId};Authorization=AAD"
     assert settings["AZURE_CLIENT_ID"] == settings["AzureWebJobsStorage__clientId"] == "identityClientId"
     assert settings["PYTHON_ENABLE_INIT_INDEXING"] == "1"
-    # The host refuses a body the proxy would refuse anyway, before it is relayed (proxy/settings.py).
+    # The host refuses a body the proxy would refuse anyway, before it is relayed (proxy/config/settings.py).
     local = json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
     assert settings["FUNCTIONS_REQUEST_BODY_SIZE_LIMIT"] == local["FUNCTIONS_REQUEST_BODY_SIZE_LIMIT"]
     assert int(settings["FUNCTIONS_REQUEST_BODY_SIZE_LIMIT"]) == HOST_BODY_LIMIT_BYTES > DEFAULT_MAX_REQUEST_BYTES
@@ -492,7 +492,7 @@ def test_storage_name_is_valid_whatever_the_prefix() -> None:
 
 
 def test_no_dead_outputs() -> None:
-    """Each module output feeds main.bicep; each main output is read by devtools/deploy.py."""
+    """Each module output feeds main.bicep; each main output is read by devtools/deploy/command.py."""
     main_text = (INFRA / "main.bicep").read_text()
     modules: dict[str, list[str]] = {}
     for symbol, module in parsed("main.bicep")["modules"].items():
@@ -504,7 +504,9 @@ def test_no_dead_outputs() -> None:
             assert re.search(used, main_text), f"{path}: output {name} is never used"
     deploy = DEPLOY_SCRIPT.read_text()
     for name in parsed("main.bicep")["outputs"]:
-        assert re.search(f"[\"']{name}[\"']", deploy), f"main.bicep output {name} is not read by devtools/deploy.py"
+        assert re.search(f"[\"']{name}[\"']", deploy), (
+            f"main.bicep output {name} is not read by devtools/deploy/command.py"
+        )
 
 
 def test_outputs_are_named_like_the_settings() -> None:
@@ -667,12 +669,12 @@ def test_every_checkov_skip_gives_a_reason() -> None:
 
 # (6) .funcignore and the package.
 
-MUST_SHIP = ("function_app.py", "host.json", "requirements.txt", "proxy/__init__.py", "proxy/settings.py")
+MUST_SHIP = ("function_app.py", "host.json", "requirements.txt", "proxy/__init__.py", "proxy/config/settings.py")
 MUST_NOT_SHIP = (
     "tests/test_infra.py",
     "infra/main.bicep",
     "infra/modules/roles.bicep",
-    "devtools/package.py",
+    "devtools/deploy/package.py",
     "bench/run.py",
     ".ci/check.sh",
     ".venv/lib/python3.11/site-packages/x.py",
@@ -752,7 +754,7 @@ def test_package_builds_a_zip_honouring_funcignore(tmp_path: Path) -> None:
     count, size = build(app, output)
     with zipfile.ZipFile(output) as archive:
         names = sorted(archive.namelist())
-        assert archive.read("proxy/settings.py") == b"# proxy/settings.py\n"
+        assert archive.read("proxy/config/settings.py") == b"# proxy/config/settings.py\n"
     assert names == sorted(MUST_SHIP)
     assert count == len(MUST_SHIP) and size == output.stat().st_size
     assert sorted(package_files(app, funcignore_rules())) == sorted(MUST_SHIP)
@@ -771,7 +773,15 @@ def test_package_command_prints_count_and_size(tmp_path: Path) -> None:
         (tmp_path / path).write_text("x\n")
     (tmp_path / ".funcignore").write_text((ROOT / ".funcignore").read_text())
     result = subprocess.run(
-        [sys.executable, "-m", "devtools.package", "--root", str(tmp_path), "--output", str(tmp_path / "out.zip")],
+        [
+            sys.executable,
+            "-m",
+            "devtools.deploy.package",
+            "--root",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "out.zip"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -12,8 +12,8 @@ import os
 import subprocess
 from typing import Any
 
-from proxy.storage import Tables
-from proxy.usage import request_log
+from proxy.ledger.usage import request_log
+from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 from tests.support import ROOT
 

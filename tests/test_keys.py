@@ -1,4 +1,4 @@
-"""Personal keys (``proxy.keys``) through the real app: registered, used by the official SDKs, claimed, reset."""
+"""Personal keys (``proxy.policy.keys``) through the real app: registered, used by the official SDKs, claimed, reset."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import openai
 import pytest
 from openai import AzureOpenAI
 
-from proxy.hashing import PERSONAL_KEY, SecretHasher
-from proxy.storage import Tables
+from proxy.config.hashing import PERSONAL_KEY, SecretHasher
+from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, Service
 from tests.test_guessing import client_at, strict_app, window  # noqa: F401 (the fixture: an app with the default throttle)

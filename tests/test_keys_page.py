@@ -17,7 +17,7 @@ import httpx
 import pytest
 from playwright.async_api import Browser, expect
 
-from proxy.principal import GitHubUser, read_github_user
+from proxy.config.principal import GitHubUser, read_github_user
 from tests.conftest import LENIENT, MakeEvent
 from tests.support import ORGANIZER_KEY, app_env, start_app
 from tests.test_pages import DESKTOP, WAIT_MS, Watched, browser, browsing, chat  # noqa: F401 (fixtures)

@@ -33,10 +33,10 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy import inflight
-from proxy.payload import pseudonym
-from proxy.storage import Tables
-from proxy.usage import report, request_log
+from proxy.admission import inflight
+from proxy.ledger.usage import report, request_log
+from proxy.storage.tables import Tables
+from proxy.upstream.payload import pseudonym
 from tests.conftest import MakeEvent, NewEvent
 from tests.support import (
     Service,
@@ -55,7 +55,7 @@ from tests.test_hostile_streams import keeps_slot
 USERS = [f"load{index}" for index in range(6)]
 THREADS = 12
 LEASE_SECONDS = 10
-# The lease must outlive functionTimeout (proxy.settings). Not much shorter than the lease: a request the
+# The lease must outlive functionTimeout (proxy.config.settings). Not much shorter than the lease: a request the
 # host times out is a kill this test did not make (a restarting worker holds the requests sent to it).
 FUNCTION_TIMEOUT = {"AzureFunctionsJobHost__functionTimeout": "00:00:09"}
 

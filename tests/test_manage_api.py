@@ -15,8 +15,8 @@ import orjson
 import pytest
 from openai import OpenAI
 
-from proxy.storage import Tables
-from proxy.usage import COLUMNS, report
+from proxy.ledger.usage import COLUMNS, report
+from proxy.storage.tables import Tables
 from tests.support import ORGANIZER_KEY, app_env, start_app, wait_for
 
 AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
@@ -317,7 +317,7 @@ def test_budget_fields_round_trip_and_are_strict(http: httpx.Client, app: str) -
 
 
 def test_openapi_schema_describes_the_answers(http: httpx.Client, app: str) -> None:
-    from proxy.models import AttendeeList, EventCreated, EventList, EventOut, UsageReport
+    from proxy.manage.models import AttendeeList, EventCreated, EventList, EventOut, UsageReport
 
     assert http.get(f"{app}/api/manage/openapi.json").status_code == 401
     schema = http.get(f"{app}/api/manage/openapi.json", headers=AUTH).json()

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from openai import OpenAI
 
-from proxy.settings import Settings
+from proxy.config.settings import Settings
 from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, ROOT, azurite_connection_string, free_port, wait_for
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]

@@ -22,9 +22,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy.errors import ProxyError
-from proxy.payload import BodyBudget, read_json, release_body
-from proxy.storage import Tables
-from proxy.usage import request_log
+from proxy.ledger.usage import request_log
+from proxy.storage.tables import Tables
+from proxy.upstream.payload import BodyBudget, read_json, release_body
 from tests.conftest import LENIENT, MakeEvent
 from tests.support import Service, app_env, eventually, start_app, start_simulator, worker_pids
 
@@ -34,7 +34,7 @@ BUDGET = 32 * MiB
 BODIES = 64
 # What the worker may grow by while the 64 bodies are in flight: what the budget holds,
 # about three times over (the bytes read, the parsed body, the body sent upstream and what
-# the socket has not taken yet), and room for the allocator (proxy/settings.py). Without a
+# the socket has not taken yet), and room for the allocator (proxy/config/settings.py). Without a
 # budget every body is read at once: 64 x 8 MiB, each held twice or more (about 900 MiB).
 GROWTH_BOUND = 4 * BUDGET
 
@@ -150,7 +150,7 @@ async def test_a_body_of_unknown_length_is_held_as_it_is_read() -> None:
         try:
             await read_json(request, 4 * MiB, budget)
         except ProxyError as error:
-            release_body(request)  # as proxy.handlers.answering does whatever the handler raised
+            release_body(request)  # as proxy.edge.handlers.answering does whatever the handler raised
             return Response(error.body(), status_code=error.status)
         holding.append(request)  # still held, as by a handler that has not returned
         return Response(str(budget.held))

@@ -1,4 +1,5 @@
-"""Organizer accounts and roles over real HTTP and the CLI (``proxy.accounts``), and the audit log (``proxy.audit``).
+"""Organizer accounts and roles over real HTTP and the CLI (``proxy.policy.accounts``), and the audit log
+(``proxy.policy.audit``).
 
 The invariants: an account sees only the events it owns or that are shared with it, and every other event
 answers exactly as one that does not exist (404, same body); a viewer changes nothing (403); sharing takes
@@ -20,7 +21,7 @@ import httpx
 import pytest
 from playwright.async_api import expect
 
-from proxy.models import AccountKey, AccountList, AuditList, Shares
+from proxy.manage.models import AccountKey, AccountList, AuditList, Shares
 from tests.conftest import LENIENT
 from tests.relay import StorageRelay
 from tests.support import ORGANIZER_KEY, Service, app_env, start_app, wait_for

@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.events import EventStore
-from proxy.hashing import SecretHasher
-from proxy.storage import Tables
+from proxy.config.hashing import SecretHasher
+from proxy.policy.events import EventStore
+from proxy.storage.tables import Tables
 from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, ROOT, Service
 
 AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}

@@ -1,4 +1,4 @@
-"""Organizer sign-in with Entra ID through App Service authentication (``proxy.principal``).
+"""Organizer sign-in with Entra ID through App Service authentication (``proxy.config.principal``).
 
 The platform's ``X-MS-CLIENT-PRINCIPAL`` header is what App Service adds in Azure; here the
 tests send it themselves, as the platform would, to an app told to trust it and to one that is
@@ -16,8 +16,8 @@ import httpx
 import pytest
 from playwright.async_api import Browser, expect
 
-from proxy.principal import OrganizerSignIn, read_principal
-from proxy.settings import Settings, SettingsError
+from proxy.config.principal import OrganizerSignIn, read_principal
+from proxy.config.settings import Settings, SettingsError
 from tests.conftest import LENIENT
 from tests.support import ORGANIZER_KEY, app_env, start_app
 from tests.test_pages import WAIT_MS, browser  # noqa: F401 (the browser fixture)

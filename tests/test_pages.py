@@ -28,10 +28,10 @@ import httpx
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
-from devtools.package import is_ignored, parse_ignore
-from proxy.events import EventStore
-from proxy.hashing import SecretHasher
-from proxy.storage import Tables
+from devtools.deploy.package import is_ignored, parse_ignore
+from proxy.config.hashing import SecretHasher
+from proxy.policy.events import EventStore
+from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, ROOT, eventually
 
@@ -534,7 +534,9 @@ def test_dot_segments_reach_no_file(app: str) -> None:
     """``/api/portal/{*asset}`` takes slashes: ``..`` in any spelling must not climb out of the pages' folder."""
     status, css = raw_get(app, "/api/portal/site.css")  # the client itself reaches a file
     assert status == 200 and css == (ROOT / "proxy" / "static" / "site.css").read_bytes()
-    secrets_of = [(ROOT / name).read_bytes()[:120] for name in ("function_app.py", "proxy/settings.py", "host.json")]
+    secrets_of = [
+        (ROOT / name).read_bytes()[:120] for name in ("function_app.py", "proxy/config/settings.py", "host.json")
+    ]
     for target in (
         "/api/portal/../function_app.py",
         "/api/portal/../../function_app.py",

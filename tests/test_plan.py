@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.events import Event
-from proxy.plan import Quota, bicep_quotas, open_days, parse_tpm, plan
-from proxy.prices import PRICES_FILE, PriceTable
+from proxy.config.prices import PRICES_FILE, PriceTable
+from proxy.manage.plan import Quota, bicep_quotas, open_days, parse_tpm, plan
+from proxy.policy.events import Event
 
 SOURCED = json.loads(PRICES_FILE.read_text())["models"]
 ROOT = Path(__file__).resolve().parent.parent

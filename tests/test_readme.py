@@ -69,7 +69,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, i
     port, table_port, sim_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "STORAGE_", "ORGANIZER_", "IDENTITY_"))}
     env.update(PROXY_PORT=str(port), AZURITE_TABLE_PORT=str(table_port), SIMULATOR_PORT=str(sim_port))
-    args = [sys.executable, "-m", "devtools.run", "--settings-file", str(folder / "local.settings.json")]
+    args = [sys.executable, "-m", "devtools.local.run", "--settings-file", str(folder / "local.settings.json")]
     service = Service([*args, "--data-dir", str(folder / "azurite"), "--no-func"], "Ctrl-C stops everything", env)
     yield service, port, env, folder
     service.stop(signal.SIGINT)
@@ -120,7 +120,7 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
         "SIMULATOR_PORT": str(sim_port),
     }
     env.pop("AZURE_OPENAI_ENDPOINT", None)
-    args = [sys.executable, "-m", "devtools.run", "--settings-file", str(tmp_path / "s.json"), "--no-func"]
+    args = [sys.executable, "-m", "devtools.local.run", "--settings-file", str(tmp_path / "s.json"), "--no-func"]
     service = Service([*args, "--data-dir", str(tmp_path / "azurite")], "Ctrl-C stops everything", env)
     assert service.stop(signal.SIGINT, timeout=60) == 0
     assert not service.left_children, f"make run left processes behind:\n{service.text}"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from devtools.azmodels import parameter
+from devtools.deploy.models import parameter
 from tests.fake_az import clone_repository, commands, put_on_path
 from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, ROOT, app_env, start_app, start_azurite, start_simulator
 

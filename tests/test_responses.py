@@ -14,10 +14,10 @@ import pytest
 from langchain_openai import ChatOpenAI
 from openai import AzureOpenAI, OpenAI
 
-from proxy.events import EventStore
-from proxy.payload import pseudonym
-from proxy.storage import Tables
-from proxy.usage import report, request_log
+from proxy.ledger.usage import report, request_log
+from proxy.policy.events import EventStore
+from proxy.storage.tables import Tables
+from proxy.upstream.payload import pseudonym
 from tests.conftest import MakeEvent
 from tests.support import app_env, azurite_connection_string, eventually, sim_stats, start_app, start_simulator
 from tests.test_durability import Forwarder

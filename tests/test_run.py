@@ -1,4 +1,4 @@
-"""`make run` (devtools/run.py) stops all it started when its terminal closes, and notices a dead child."""
+"""`make run` (devtools/local/run.py) stops all it started when its terminal closes, and notices a dead child."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def start_stack(tmp_path: Path, **extra: str) -> tuple[Service, tuple[int, int, 
     ports = port, table_port, sim_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "STORAGE_", "ORGANIZER_", "IDENTITY_"))}
     env.update(PROXY_PORT=str(port), AZURITE_TABLE_PORT=str(table_port), SIMULATOR_PORT=str(sim_port), **extra)
-    args = [sys.executable, "-m", "devtools.run", "--settings-file", str(tmp_path / "s.json"), "--no-func"]
+    args = [sys.executable, "-m", "devtools.local.run", "--settings-file", str(tmp_path / "s.json"), "--no-func"]
     service = Service([*args, "--data-dir", str(tmp_path / "azurite")], "Ctrl-C stops everything", env)
     return service, ports
 

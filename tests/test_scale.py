@@ -2,7 +2,7 @@
 
 A string property of Table Storage holds 64 KiB: one held the in-flight map of
 an entity, and at about 510 requests in flight every admission failed with a
-503 (``proxy.inflight``). ``bench/inflight.py`` holds 2,000 requests in flight
+503 (``proxy.admission.inflight``). ``bench/inflight.py`` holds 2,000 requests in flight
 for 500 attendees and one budget, over two app processes; too heavy for
 ``make test`` on two cores, so here: 2,000 admissions on one attendee's day
 and two workers' shards straight through the ledger (real Azurite, no HTTP),
@@ -21,12 +21,12 @@ from datetime import UTC, datetime, timedelta
 import httpx
 from azure.core.exceptions import ResourceNotFoundError
 
-from proxy import budget, inflight
-from proxy.events import Event
-from proxy.limits import Finished, Ledger, Settlement
-from proxy.reconcile import reconcile
-from proxy.storage import Tables
-from proxy.usage import report
+from proxy.admission import budget, inflight
+from proxy.admission.limits import Finished, Ledger, Settlement
+from proxy.ledger.reconcile import reconcile
+from proxy.ledger.usage import report
+from proxy.policy.events import Event
+from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 from tests.support import Service, eventually, sim_stats
 

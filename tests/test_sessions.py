@@ -16,9 +16,9 @@ import orjson
 import pytest
 from openai import OpenAI
 
-from proxy.sessions import SessionLimits, Sessions, bounded, purge_expired
-from proxy.storage import Tables
-from proxy.usage import request_log
+from proxy.conversations.sessions import SessionLimits, Sessions, bounded, purge_expired
+from proxy.ledger.usage import request_log
+from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, ROOT, Service, app_env, sim_stats, start_app
 

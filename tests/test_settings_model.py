@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from proxy.settings import Settings, SettingsError
+from proxy.config.settings import Settings, SettingsError
 
 BASE = {
     "STORAGE_CONNECTION_STRING": "UseDevelopmentStorage=true",

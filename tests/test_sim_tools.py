@@ -20,8 +20,8 @@ import pytest
 from openai import AzureOpenAI, BadRequestError, OpenAI
 from pydantic import BaseModel
 
-from devtools.sim_schema import FORMATS, instance
-from devtools.sim_tools import CALL_OVERHEAD_TOKENS, pieces
+from devtools.simulator.schema import FORMATS, instance
+from devtools.simulator.tools import CALL_OVERHEAD_TOKENS, pieces
 from tests.support import ROOT
 
 API_VERSION = "2024-10-21"

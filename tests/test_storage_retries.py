@@ -17,11 +17,11 @@ import httpx
 import orjson
 import pytest
 
-from proxy import budget, inflight
-from proxy.limits import Ledger
-from proxy.settings import Settings
-from proxy.storage import Tables
-from proxy.usage import report, request_log
+from proxy.admission import budget, inflight
+from proxy.admission.limits import Ledger
+from proxy.config.settings import Settings
+from proxy.ledger.usage import report, request_log
+from proxy.storage.tables import Tables
 from tests.conftest import LENIENT, MakeEvent
 from tests.relay import Match, StorageRelay
 from tests.support import Service, app_env, eventually, sim_stats, start_app
@@ -111,7 +111,7 @@ async def test_an_answer_cut_short_is_read_again(relayed_app: str, relay: Storag
     """A storage answer whose body is cut (``aiohttp.ClientPayloadError``) is retried, not a 500."""
     created = await make_event(daily_requests=5)
     event_id = created.event.id
-    # The first read on the lean client (proxy.entities): the attendee's row, then the day's.
+    # The first read on the lean client (proxy.storage.entities): the attendee's row, then the day's.
     cut = relay.arm(
         lambda method, path, body: method == "GET" and f"proxyusage(PartitionKey='{event_id}'" in path, "truncate"
     )

@@ -1,9 +1,9 @@
-// Settings the app would refuse at start (proxy/settings.py, with a message naming the
+// Settings the app would refuse at start (proxy/config/settings.py, with a message naming the
 // setting), refused here at deploy time instead, before anything is created: each output is
 // the value given, or fail() with what to change. main.bicep reads the values through these
 // outputs, so every resource that uses one waits for the check.
 // A module of its own: pycep, checkov's Bicep parser, predates fail(); tests/test_infra.py and
-// checkov leave this file out, and devtools/bicep_check.py checks it with the rest.
+// checkov leave this file out, and devtools/deploy/bicep_check.py checks it with the rest.
 param location string
 param openAiExtraRegions array
 param organizerEntraClientId string

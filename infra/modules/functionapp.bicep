@@ -24,7 +24,7 @@ param openAiBackendName string
 @description('More Azure OpenAI accounts, each {name, endpoint, priority, weight}, after the first in AZURE_OPENAI_BACKENDS.')
 param openAiExtraBackends array = []
 
-// The proxy's backends (proxy.backends): the first account at priority 1, then the others.
+// The proxy's backends (proxy.config.backends): the first account at priority 1, then the others.
 var openAiBackends = concat([
   {
     name: openAiBackendName
@@ -46,7 +46,7 @@ param openAiApiVersion string = '2024-10-21'
 @secure()
 param organizerKey string
 
-// The key of the stored hashes of event codes (proxy/hashing.py); the same on every deployment.
+// The key of the stored hashes of event codes (proxy/config/hashing.py); the same on every deployment.
 @secure()
 param codeHashKey string
 
@@ -203,7 +203,7 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
           value: 'ClientId=${identityClientId};Authorization=AAD'
         }
         {
-          // One JSON object per access line (proxy.access): the workbook's queries parse them.
+          // One JSON object per access line (proxy.edge.access): the workbook's queries parse them.
           name: 'LOG_FORMAT'
           value: 'json'
         }
@@ -213,7 +213,7 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         }
         {
           // The host refuses larger bodies before the worker reads them (default 100 MB): the proxy's
-          // MAX_REQUEST_BYTES default (28 MiB) plus 1 MiB, HOST_BODY_LIMIT_BYTES in proxy/settings.py.
+          // MAX_REQUEST_BYTES default (28 MiB) plus 1 MiB, HOST_BODY_LIMIT_BYTES in proxy/config/settings.py.
           name: 'FUNCTIONS_REQUEST_BODY_SIZE_LIMIT'
           value: '30408704'
         }

@@ -34,7 +34,7 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' = {
 
 // The event dashboard (requests and tokens over time by model and attendee, refusals by reason,
 // upstream throttling, latency percentiles). Its queries are run by tests/test_telemetry.py on
-// the telemetry the app sends (proxy/otel.py).
+// the telemetry the app sends (proxy/observability/otel.py).
 resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {
   name: guid(appInsights.id, 'event-proxy-workbook')
   location: location

@@ -18,7 +18,7 @@
   let events = [];
   let defaults = {};
   let selected = null; // the event shown in detail
-  let me = null; // who is signed in: {name, role} (proxy.accounts)
+  let me = null; // who is signed in: {name, role} (proxy.policy.accounts)
   let editing = null; // the event being edited, null when creating
   let grouping = "user";
   let liveTimer = null;
@@ -27,7 +27,7 @@
 
   function headers(extra) {
     // The marker header is what a cross-site form or link cannot send: the API trusts a signed-in
-    // Entra ID session only with it (proxy.principal).
+    // Entra ID session only with it (proxy.config.principal).
     const h = Object.assign({ "x-organizer-portal": "1" }, extra || {});
     if (key) h.authorization = "Bearer " + key;
     return h;
@@ -499,7 +499,7 @@
         label: `${usd(row.cost)} · ${number(row.requests)} req` })), "Top attendees by cost", width)] : []));
   }
 
-  // Plan: will the quota hold, what can it cost (proxy/plan.py)
+  // Plan: will the quota hold, what can it cost (proxy/manage/plan.py)
 
   async function showPlan(submitted) {
     submitted.preventDefault();
@@ -590,7 +590,7 @@
     refreshAttendees(); refreshAudit();
   }
 
-  // Audit log: this event's changes, or every change the account may see (proxy.audit)
+  // Audit log: this event's changes, or every change the account may see (proxy.policy.audit)
 
   let auditScope = "event";
 

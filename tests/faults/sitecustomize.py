@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy import streaming
-from proxy.events import EventStore
-from proxy.upstream import Upstream
+from proxy.edge import streaming
+from proxy.policy.events import EventStore
+from proxy.upstream.client import Upstream
 
 _by_code = EventStore.by_code
 _send = Upstream.send

@@ -1,0 +1,5 @@
+"""The local Functions host: the emulator in front of the real Python worker, its routing and
+timers, the gRPC conversation with the worker, and the worker process it starts.
+
+It imports nothing of the other devtools packages.
+"""

@@ -1,0 +1,5 @@
+"""Settings and what is made of them once per worker: backends and their health, prices,
+the organizers' sign-in, keyed hashes of secrets, the Azure credential and its bearer tokens.
+
+It may import the packages below it: ``proxy.errors``; never one above it (tests/test_layout.py).
+"""

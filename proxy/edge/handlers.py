@@ -1,0 +1,468 @@
+"""The attendee-facing HTTP handlers, and the per-worker services they share.
+
+``Proxy`` holds the clients (tables, upstream, credential) created once per
+worker; ``function_app.py`` registers its handlers as Azure Functions, which
+the Functions host (or locally its emulator, ``devtools/funchost/host.py``) serves. Errors are turned into responses
+in one
+place (``answering``) and, for streams already under way, in
+``proxy.ledger.ending`` (``Answer.relay``), which also ends every answer that
+reached upstream, however it ends.
+
+A chat or embeddings request costs, on its critical path: the cached event
+lookup (0 storage operations when cached, 2 point reads per code per
+``EVENT_CACHE_SECONDS`` otherwise) and, for ``CODE/name``, whether the name
+has a personal key (0 when cached, 1 point read per name and
+``EVENT_CACHE_SECONDS``); with a personal key instead, the cached key lookup
+(0, or 2 sequential reads per key and ``EVENT_CACHE_SECONDS``, ``proxy.policy.keys``);
+then the cap reservation of ``proxy.admission.limits`` (0 or 1 operation), and the
+upstream call. Usage is written afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import httpx
+import orjson
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import ResourceNotFoundError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy.admission.alerts import Alerts
+from proxy.admission.budget import has_budget
+from proxy.admission.limits import CLIENT_GONE, Admission, Ledger, booked_cost, booked_tokens, day_of, next_midnight
+from proxy.config.prices import PriceTable, usd
+from proxy.config.settings import Settings
+from proxy.config.tokens import make_credential
+from proxy.conversations.responses import Owner, ResponsesApi
+from proxy.conversations.sessions import SessionLimits, Sessions
+from proxy.edge.access import Access, AccessLog, access_log, configure_access_log
+from proxy.edge.callers import Callers, check_open
+from proxy.edge.streaming import relay
+from proxy.errors import (
+    CapExceeded,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+    ProxyError,
+    StorageUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+    internal_error,
+)
+from proxy.ledger.ending import Answer, AnswerStream
+from proxy.ledger.usage import UsageRecord, UsageRecorder
+from proxy.observability.telemetry import Telemetry
+from proxy.policy.attendees import Roster
+from proxy.policy.events import EventStore
+from proxy.policy.guessing import FailedLookups
+from proxy.policy.keys import PersonalKeys
+from proxy.storage.tables import Tables, guarded
+from proxy.upstream import payload as bodies
+from proxy.upstream.client import Upstream
+
+log = logging.getLogger("proxy")
+
+Handler = Callable[..., Awaitable[Response]]
+_JSON = "application/json"
+_PASSED_HEADERS = ("retry-after", "retry-after-ms", "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens")
+
+
+def error_response(error: ProxyError) -> Response:
+    return Response(error.body(), status_code=error.status, headers=error.headers, media_type=_JSON)
+
+
+def answering(handler: Handler) -> Handler:
+    """Give the request its id, turn whatever a handler raises into an OpenAI-shaped answer, log its access line.
+
+    A ``ProxyError`` becomes its own status and code. Anything else is a bug:
+    it is logged with its traceback and the request id, and the client gets
+    ``500 internal_error`` naming that id, never the Functions worker's bare
+    ``500 text/plain``. Messages and logs never carry the request's content
+    or credential. Every answer carries ``x-request-id``, and the access line
+    (``proxy.edge.access``) that has the same id is written when the answer ends.
+    """
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Request, *args: Any, **kwargs: Any) -> Response:
+        request_id = request.state.request_id = uuid.uuid4().hex
+        lines = access_log()
+        access = request.state.access = Access.start(request, request_id, kwargs)
+        lines.telemetry.start(access)
+        try:
+            with lines.telemetry.current(access):
+                response = await handler(self, request, *args, **kwargs)
+        except ProxyError as error:
+            if error.status >= 500:
+                log.warning("%s: %s (request %s)", error.code, error.message, request_id)
+            access.error = error.code
+            response = error_response(error)
+        except Exception:
+            log.exception("internal error in %s (request %s)", handler.__name__, request_id)
+            access.error = "internal_error"
+            response = error_response(internal_error(request_id))
+        except BaseException:  # cancelled: the client went away before its answer
+            access.status, access.error = 499, access.error or "client_disconnected"
+            lines.finish(access)
+            raise
+        finally:
+            bodies.release_body(request)  # the handler has let go of its body (proxy.upstream.payload)
+        response.headers.setdefault("x-request-id", request_id)
+        return lines.respond(access, response)
+
+    return wrapper
+
+
+class Proxy:
+    """The services of one worker and the handlers that use them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        tables: Tables,
+        upstream: Upstream,
+        credential: AsyncTokenCredential | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.tables = tables
+        self.events = EventStore(tables, settings.hasher(), settings.event_cache_seconds)
+        self.prices = PriceTable.load(settings.model_prices)
+        self.ledger = Ledger(tables, self.prices)
+        self.roster = Roster(tables)
+        self.keys = PersonalKeys(tables, self.events, self.roster, settings.event_cache_seconds)
+        self.failed_lookups = FailedLookups(settings.failed_lookups_per_minute)
+        self._routes: list[tuple[re.Pattern[str], list[str]]] = []
+        self.telemetry = telemetry or Telemetry()
+        # Who is calling: a credential resolved to an event and a name (proxy.edge.callers).
+        self.callers = Callers(self.events, self.keys, self.failed_lookups, self.telemetry, clock)
+        # Plain http webhooks (to loopback) only in a local run, on Azurite's connection string.
+        self.alerts = Alerts(tables, local=settings.storage_connection_string is not None)
+        self.recorder = UsageRecorder(tables, self.ledger, self.prices, self.telemetry)
+        # What the access log names the backend when upstream does not say (one endpoint).
+        self.backend_name = httpx.URL(settings.openai_endpoint).netloc.decode() if settings.openai_endpoint else ""
+        self.upstream = upstream
+        self.bodies = bodies.BodyBudget(settings.body_memory_bytes)
+        self.responses = ResponsesApi(tables, upstream)
+        limits = SessionLimits(settings.session_max_turns, settings.session_max_chars, settings.session_ttl_seconds)
+        self.sessions = Sessions(tables, limits, clock)
+        self._credential = credential
+        self._clock = clock
+
+    def know_routes(self, routes: list[tuple[str, list[str]]]) -> None:
+        """The registered routes (under ``/api/``) and their methods, for 405 ``method_not_allowed``."""
+        for route, methods in routes:
+            if route.startswith("{*"):
+                continue  # the catch-all
+            pattern = re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(route))
+            self._routes.append((re.compile(f"/api/{pattern}/?"), methods))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Proxy:
+        credential = make_credential(settings)
+        upstream = Upstream(settings, Upstream.client(settings), credential)
+        lines = AccessLog.from_settings(settings)
+        configure_access_log(lines)
+        return cls(settings, Tables.create(settings, credential), upstream, credential, telemetry=lines.telemetry)
+
+    async def aclose(self) -> None:
+        """Graceful shutdown: store pending usage, then close the clients."""
+        await self.recorder.drain()
+        await self.ledger.drain()
+        await self.alerts.aclose()
+        await self.upstream.aclose()
+        await self.tables.aclose()
+        if self._credential is not None:
+            await self._credential.close()
+
+    # Attendee routes
+
+    @answering
+    async def chat(self, request: Request, deployment: str | None = None) -> Response:
+        return await self._forward(request, "chat", deployment)
+
+    @answering
+    async def embeddings(self, request: Request, deployment: str | None = None) -> Response:
+        return await self._forward(request, "embeddings", deployment)
+
+    @answering
+    async def create_response(self, request: Request) -> Response:
+        return await self._forward(request, "responses", None)
+
+    @answering
+    async def stored_response(self, request: Request, response_id: str) -> Response:
+        """``GET``/``DELETE /v1/responses/{id}``: only the attendee who made it sees it
+        (``proxy.conversations.responses``)."""
+        return await self._stored(request, response_id, "")
+
+    @answering
+    async def response_input_items(self, request: Request, response_id: str) -> Response:
+        return await self._stored(request, response_id, "/input_items")
+
+    @answering
+    async def forget_session(self, request: Request, session_id: str) -> Response:
+        """``DELETE /v1/sessions/{id}``: forget one of the caller's chat sessions (``proxy.conversations.sessions``)."""
+        caller = await self.callers.of(request)
+        if not await self.sessions.forget(caller.event.id, caller.user, session_id):
+            raise NotFound(f"No chat session '{session_id}' is kept for you in this event.", param="session_id")
+        forgotten = {"id": session_id, "object": "session.deleted", "deleted": True}
+        return Response(orjson.dumps(forgotten), media_type=_JSON)
+
+    async def _stored(self, request: Request, response_id: str, suffix: str) -> Response:
+        caller = await self.callers.of(request)
+        if request.method != "DELETE":  # deleting what one stored stays possible once the event is over
+            check_open(caller.event, self._clock())
+        owner = Owner(caller.event.id, caller.user)
+        query = list(request.query_params.multi_items())
+        return await self.responses.stored(request.method, owner, response_id, suffix, query, request.state.request_id)
+
+    @answering
+    async def models(self, request: Request) -> Response:
+        caller = await self.callers.of(request)
+        check_open(caller.event, self._clock())
+        created = int(caller.event.created_at.timestamp())
+        data = [{"id": m, "object": "model", "created": created, "owned_by": "event"} for m in caller.event.models]
+        return Response(orjson.dumps({"object": "list", "data": data}), media_type=_JSON)
+
+    @answering
+    async def event_info(self, request: Request) -> Response:
+        caller = await self.callers.of(request)
+        event, now = caller.event, self._clock()
+        today = await self.ledger.read(event.id, caller.user, day_of(now, event.time_zone))
+        reserved, tokens = int(today.get("reserved", 0)), int(today.get("total_tokens", 0))
+        is_open = event.active and event.starts_at <= now < event.ends_at
+        event_budget = await self.ledger.budget_totals(event) if has_budget(event) else None
+        info = {
+            "name": event.name,
+            "description": event.description,
+            "start": event.starts_at.isoformat(),
+            "end": event.ends_at.isoformat(),
+            "start_local": event.local(event.starts_at),
+            "end_local": event.local(event.ends_at),
+            "time_zone": event.time_zone,
+            "open": is_open,
+            "active": event.active,
+            "models": list(event.models),
+            "caps": {
+                "max_tokens": event.max_tokens,
+                "daily_requests": event.daily_requests,
+                "daily_tokens": event.daily_tokens,
+                "tpm": event.tpm,
+                "event_requests": event.event_requests,
+                "event_tokens": event.event_tokens,
+                "daily_cost": event.daily_cost,
+                "event_cost": event.event_cost,
+                "max_attendees": event.max_attendees,
+                "session_turns": self.sessions.limits_for(event).max_turns,
+                "session_chars": self.sessions.limits_for(event).max_chars,
+            },
+            # Whether the whole event's budget is used up; not how much others used.
+            "event_budget_exhausted": bool(event_budget and event_budget["exhausted"]),
+            "user": caller.user,
+            "blocked": caller.user in event.blocked,
+            "usage_today": {
+                "day": day_of(now, event.time_zone),  # the event's local date: its daily caps reset at its midnight
+                "resets_at": next_midnight(now, event.time_zone).isoformat(),
+                "resets_at_local": event.local(next_midnight(now, event.time_zone)),
+                "requests": int(today.get("requests", 0)),
+                "prompt_tokens": int(today.get("prompt_tokens", 0)),
+                "completion_tokens": int(today.get("completion_tokens", 0)),
+                "total_tokens": tokens,
+                "cost": usd(booked_cost(today, 0.0)),  # USD recorded today (proxy.config.prices)
+            },
+            # Nothing remains outside the window; tokens count the estimates of requests in flight.
+            "remaining_today": {
+                "requests": None if event.daily_requests is None else max(0, event.daily_requests - reserved),
+                "tokens": None if event.daily_tokens is None else max(0, event.daily_tokens - booked_tokens(today)),
+            }
+            if is_open
+            else {"requests": 0, "tokens": 0},
+        }
+        return Response(orjson.dumps(info), media_type=_JSON)
+
+    @answering
+    async def health(self, request: Request) -> Response:
+        # Each backend by name, with the models this worker has found throttled or failing (no endpoint, no key).
+        backends = self.upstream.health.report(self.upstream.backends)
+        try:
+            await guarded(self.tables.events.get_entity("health", "probe"))
+        except ResourceNotFoundError:
+            pass
+        except StorageUnavailable:
+            unavailable = {"status": "unavailable", "storage": "unreachable", "backends": backends}
+            return Response(orjson.dumps(unavailable), 503, media_type=_JSON)
+        return Response(orjson.dumps({"status": "ok", "storage": "ok", "backends": backends}), media_type=_JSON)
+
+    @answering
+    async def not_found(self, request: Request, path: str = "") -> Response:
+        for pattern, methods in self._routes:
+            if pattern.fullmatch(request.url.path):
+                raise MethodNotAllowed(request.method, request.url.path, methods)
+        raise NotFound(
+            f"No route {request.method} {request.url.path}. Use /api/v1/chat/completions, "
+            "/api/v1/responses, /api/v1/embeddings or /api/v1/models with an OpenAI client."
+        )
+
+    # The shared path of chat and embeddings
+
+    async def _forward(
+        self, request: Request, kind: Literal["chat", "embeddings", "responses"], deployment: str | None
+    ) -> Response:
+        caller = await self.callers.of(request)
+        event, now = caller.event, self._clock()
+        check_open(event, now)
+        share = f"{event.id}/{caller.user}"  # one attendee's share of the worker's memory for bodies
+        payload = await bodies.read_json(request, self.settings.max_request_bytes, self.bodies, share)
+        model = bodies.requested_model(payload, deployment)
+        access: Access = request.state.access
+        access.model = model
+        if model not in event.models:
+            raise ModelNotFound(
+                f"The model '{model}' is not available in '{event.name}'. Available: {', '.join(event.models)}.",
+                param="model",
+            )
+        user_id = bodies.pseudonym(event.id, caller.user)
+        owner = Owner(event.id, caller.user)
+        session = await self.sessions.open(payload, event, caller.user) if kind == "chat" else None
+        if kind == "chat":
+            prepared = bodies.prepare_chat(payload, event.max_tokens, user_id)
+        elif kind == "responses":
+            prepared = await self.responses.prepare(payload, owner, event.max_tokens, user_id)
+        else:
+            prepared = bodies.prepare_embeddings(payload, user_id)
+        # What the request may cost: ceil(bytes / 4) of its body for the prompt, plus the context upstream
+        # prepends (a chained response's), and max_tokens for each of n choices.
+        prompt_estimate = -(-len(prepared.body) // 4) + prepared.context_tokens
+        choices = payload.get("n")
+        estimate = prompt_estimate + prepared.max_tokens * (choices if type(choices) is int and choices > 0 else 1)
+        request_id: str = request.state.request_id
+        access.stream = prepared.stream
+        self.recorder.check_storage()
+        self.alerts.touch(event)  # its budgets are checked a moment later, off this path (proxy.admission.alerts)
+        with self.telemetry.span("cap reservation"):
+            await self.roster.admit(event, caller.user)
+            try:
+                admission = await self.ledger.admit_all(event, caller.user, now, estimate, request_id)
+            except CapExceeded as refused:
+                if refused.code == "event_budget_exhausted":
+                    self.alerts.touch(event, exhausted=True)  # used up for attendees, if not to the last token
+                raise
+        record = UsageRecord(
+            event_id=event.id,
+            user=caller.user,
+            model=model,
+            kind=kind,
+            stream=prepared.stream,
+            admission=admission,
+            request_id=request_id,
+            started_at=now,
+            perf_start=time.perf_counter(),
+            prompt_estimate=prompt_estimate,
+        )
+        access.record = record
+        operation = "chat/completions" if kind == "chat" else "embeddings"
+        try:
+            with self.telemetry.span("upstream call", {"proxy.model": model}):
+                if kind == "responses":
+                    response = await self.upstream.send_v1(
+                        "POST", "responses", record.request_id, body=prepared.body, label=model
+                    )
+                else:
+                    response = await self.upstream.send(
+                        model, operation, prepared.body, record.request_id, stream=prepared.stream
+                    )
+        except ProxyError as error:  # upstream failed, or refused: nothing reached it that it bills
+            record.status = error.status
+            self.recorder.submit(record)
+            raise
+        except asyncio.CancelledError:  # the request was on its way to upstream when the client left: charged
+            record.reached_upstream = True
+            Answer(record, self.recorder, None).abandon(CLIENT_GONE)
+            raise
+        except Exception:  # a bug before upstream answered: nothing it bills, the slot is given back
+            record.status = 500
+            self.recorder.submit(record)
+            raise
+        access.backend = str(response.extensions.get("proxy_backend") or self.backend_name)
+        access.upstream_attempts = int(response.extensions.get("proxy_attempts", 1))
+        record.reached_upstream = True
+        record.status = record.upstream_status = response.status_code
+        record.backend = str(response.extensions.get("proxy_backend", ""))
+        answer = Answer(record, self.recorder, response)
+        headers = _headers(admission, record.request_id, response)
+        if prepared.stream and response.status_code == 200:
+            if kind == "responses":
+                stream = self.responses.relay(answer, response, owner)
+            else:
+                stream = relay(answer, response, prepared.wants_usage, session)
+            return AnswerStream(answer, stream, headers)
+        try:
+            body = await _read_upstream(response, record)
+        except ProxyError as error:
+            answer.abandon(error.status)
+            raise
+        except BaseException:  # the client left (cancelled), or a bug: charged all the same
+            answer.abandon(CLIENT_GONE)
+            raise
+        if response.status_code >= 500:
+            answer.abandon(response.status_code)
+            raise UpstreamError(f"Azure OpenAI failed with status {response.status_code}{_attempts(response)}.")
+        # The answer goes out only once its usage is stored (proxy.ledger.ending).
+        if kind == "responses":
+            await answer.complete(lambda: self.responses.keep(body, record, owner))
+        elif session is not None:
+            await answer.complete(functools.partial(session.keep, record.status, body))
+        else:
+            await answer.complete()
+        return Response(body, status_code=response.status_code, headers=headers, media_type=_JSON)
+
+
+async def _read_upstream(response: httpx.Response, record: UsageRecord) -> bytes:
+    try:
+        body = await response.aread()
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout("Azure OpenAI did not finish its answer within the proxy's time limit.") from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamError("The answer from Azure OpenAI broke off; try again.") from exc
+    finally:
+        await response.aclose()
+    if response.status_code == 200:
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            log.warning("upstream answered 200 with a body that is not JSON (request %s)", record.request_id)
+        else:
+            if isinstance(answer, dict):
+                record.take_usage(answer.get("usage"), answer.get("model"))
+    return body
+
+
+def _attempts(response: httpx.Response) -> str:
+    """How many times the request was sent, for a 502's message (``proxy.upstream`` retries some statuses)."""
+    attempts = int(response.extensions.get("proxy_attempts", 1))
+    return f" on each of {attempts} attempts" if attempts > 1 else " (not retried: only 502, 503 and 504 are)"
+
+
+def _headers(admission: Admission, request_id: str, response: httpx.Response) -> dict[str, str]:
+    headers = {"x-request-id": request_id}
+    if response.status_code >= 400:
+        # Upstream's own limits matter to the client only when upstream refused.
+        for name in _PASSED_HEADERS:
+            value = response.headers.get(name)
+            if value is not None:
+                headers[name] = value
+    if admission.remaining_requests is not None:
+        headers["x-ratelimit-remaining-requests"] = str(admission.remaining_requests)
+    if admission.remaining_tokens is not None:
+        headers["x-ratelimit-remaining-tokens"] = str(admission.remaining_tokens)
+    return headers

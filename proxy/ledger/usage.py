@@ -1,0 +1,546 @@
+"""Usage: recording each upstream request, and the reports organizers read.
+
+An answer's end reaches its client only once its usage is stored. A
+finished request hands a ``UsageRecord`` to the ``UsageRecorder`` and waits
+for it (``commit``); all the records pending at that moment are stored
+together, so requests that finish together share their writes. Both halves
+of a record live in ``proxyusage``, in its event's partition: the request's
+log entry (``RowKey="log|<YYYY-MM-DD>|<request id>"``: attendee, model, kind,
+stream, status, tokens, latency, time, backend) and its attendee's day
+(``RowKey="<YYYY-MM-DD>|<user>"``, see ``proxy.admission.limits``). One entity group
+transaction per event writes both, so the log and the days never disagree,
+and a retried write finds the log entry already there instead of counting a
+request twice.
+
+What a kill can do, then: lose nothing a client received in full, since the
+end of every answer waits for its record; charge a request whose record was
+stored an instant before the kill and whose last bytes were still on their
+way; and leave the slot of a request that was cut off reserved, until
+``proxy.ledger.reconcile`` gives it back. During a storage outage, an answer whose
+record cannot be stored is withheld (503 ``storage_unavailable``, or an error
+event instead of a stream's ``[DONE]``) and kept as a failed request for a
+retry; new requests are refused before they reach upstream until storage
+takes the backlog, so memory holds only what was in flight.
+
+Reports read the per-attendee day entities only (one partition range query
+per event, ``RowKey`` below ``log|``), never the request log, so they stay
+fast for large events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import orjson
+from azure.core.exceptions import ResourceNotFoundError
+
+from proxy.admission.limits import Admission, Finished, Ledger, Settlement, keeps_slot
+from proxy.config.prices import NANOS_PER_USD, Priced, PriceTable, usd
+from proxy.errors import StorageUnavailable
+from proxy.observability.telemetry import Telemetry
+from proxy.storage.tables import Tables, gathered
+
+log = logging.getLogger("proxy.usage")
+
+CONCURRENT_BATCHES = 4
+CONCURRENT_SETTLES = 32
+LOG_PREFIX = "log|"  # request-log rows sort after the days ("YYYY-MM-DD|user") in each partition
+LOG_FIELDS = (
+    "request_id",
+    "time",
+    "user",
+    "model",
+    "kind",
+    "stream",
+    "status",
+    "latency_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "estimated",
+    "backend",
+    "cached_tokens",
+    "priced_as",
+    "cost",
+)
+MAX_BACKOFF_SECONDS = 2.0
+
+GroupBy = Literal["user", "model", "day", "backend", "hour"]
+GROUPINGS: tuple[GroupBy, ...] = ("user", "model", "day", "backend", "hour")
+HOURLY_WINDOW = timedelta(hours=48)  # what ``by=hour`` covers, read from the request log
+FIGURES = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
+# What a report row holds, in order (DESIGN, Organizers); cost in USD.
+COLUMNS = (*FIGURES, "cached_tokens", "cost", "unpriced_requests")
+# The layout of a day's per-model and per-backend rows (proxy.admission.limits): cost in nano-dollars.
+_ROW = (*FIGURES, "cached_tokens", "cost_nanos", "unpriced_requests")
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """One request's outcome, as written to storage."""
+
+    event_id: str
+    user: str
+    model: str
+    kind: Literal["chat", "embeddings", "responses"]
+    stream: bool
+    admission: Admission
+    request_id: str
+    started_at: datetime
+    perf_start: float = 0.0
+    status: int = 0
+    latency_ms: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    reached_upstream: bool = False
+    backend: str = ""  # the upstream backend that answered (proxy.config.backends)
+    upstream_status: int = 0  # what upstream answered (0: the client left before it did)
+    prompt_estimate: int = 0  # ceil(bytes / 4) of the body sent upstream, and what chained context it carries
+    measured: bool = False  # the tokens are upstream's (its ``usage``), not the estimate
+    estimated: bool = False
+    cached_tokens: int = 0  # of the prompt tokens, those upstream served from its prompt cache
+    upstream_model: str = ""  # the model upstream's answer names (gpt-4o-mini-2024-07-18): its price applies
+    priced: Priced | None = None  # set when the record is settled (proxy.config.prices)
+    stored: bool = field(default=False, repr=False)
+    refused: bool = field(default=False, repr=False)  # storage refused it as invalid (Ledger._refused)
+
+    def log_entity(self) -> dict[str, Any]:
+        """This request's entry in the request log."""
+        return {
+            "PartitionKey": self.event_id,
+            "RowKey": f"{LOG_PREFIX}{self.admission.day}|{self.request_id}",
+            "request_id": self.request_id,
+            "time": self.started_at.isoformat(),
+            "user": self.user,
+            "model": self.model,
+            "kind": self.kind,
+            "stream": self.stream,
+            "status": self.status,
+            "latency_ms": round(self.latency_ms, 1),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "estimated": self.estimated,
+            "backend": self.backend,
+            "cached_tokens": self.cached_tokens,
+            # The model it was priced as ("" when none was known) and its cost, USD.
+            "priced_as": self.priced.model if self.priced else "",
+            "cost": usd(self.priced.cost_nanos) if self.priced else 0.0,
+        }
+
+    def take_usage(self, usage: object, model: object = None) -> bool:
+        """Read upstream's ``usage`` object (and the ``model`` its answer names) into this record;
+        False if it is not one.
+
+        Embeddings report no ``completion_tokens``: they count as 0. Cached prompt
+        tokens come from ``prompt_tokens_details.cached_tokens``.
+        """
+        if not isinstance(usage, dict):
+            return False
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+        if not (isinstance(prompt, int) and isinstance(completion, int)):
+            return False
+        total = usage.get("total_tokens")
+        self.prompt_tokens, self.completion_tokens = prompt, completion
+        self.total_tokens = total if isinstance(total, int) else prompt + completion
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        self.cached_tokens = min(cached, prompt) if isinstance(cached, int) and cached > 0 else 0
+        if isinstance(model, str) and model:
+            self.upstream_model = model
+        self.measured = True
+        return True
+
+    def estimate(self, relayed: int) -> None:
+        """Charge the estimate when upstream's ``usage`` never came: the prompt estimate, and ``relayed``
+        completion tokens (the content events relayed so far). Nothing for what never reached upstream,
+        nor for an answer upstream refused (an error status: it bills nothing)."""
+        if self.measured or not self.reached_upstream or self.upstream_status >= 300:
+            return
+        self.prompt_tokens, self.completion_tokens = self.prompt_estimate, relayed
+        self.total_tokens = self.prompt_tokens + relayed
+        self.estimated = True
+
+    def finished(self, prices: PriceTable) -> Finished:
+        self.priced = prices.price(
+            self.upstream_model, self.model, self.prompt_tokens, self.cached_tokens, self.completion_tokens
+        )
+        log_entity = self.log_entity() if self.reached_upstream else None
+        return Finished(self.user, self.admission, self.settlement(), log_entity)
+
+    def settlement(self) -> Settlement:
+        priced = self.priced or Priced("", 0)
+        return Settlement(
+            model=self.model,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.total_tokens,
+            reached_upstream=self.reached_upstream,
+            succeeded=self.reached_upstream and keeps_slot(self.status),
+            backend=self.backend,
+            cached_tokens=self.cached_tokens,
+            cost_nanos=priced.cost_nanos,
+            unpriced=self.reached_upstream and priced.unpriced,
+        )
+
+
+def _refused() -> StorageUnavailable:
+    return StorageUnavailable("Table Storage refused this request's usage record, so its answer was withheld.")
+
+
+class UsageRecorder:
+    """Stores finished requests: at once and together (group commit), retrying what fails.
+
+    ``commit`` is for answers being delivered: it returns once the record is
+    stored, so the caller can release the end of the answer after it, and
+    raises ``StorageUnavailable`` when storage refused it. ``submit`` is for
+    requests that ended without a full answer (errors, clients gone): it
+    returns at once and the record is stored in the background.
+
+    Every record pending when a write starts goes into that write: one
+    request-log insert per event and day (more if its records exceed one
+    property), and one conditional write per attendee and day, however many of
+    that attendee's requests it carries. Up to ``CONCURRENT_BATCHES`` writes
+    run at once, so a request that finishes during a write need not wait for
+    it. A record that storage could not take is retried with backoff; while any
+    is waiting, ``check_storage`` refuses new requests, so no answer goes out
+    whose usage cannot be recorded, and the backlog holds at most the requests
+    that were in flight when storage went away.
+    """
+
+    def __init__(self, tables: Tables, ledger: Ledger, prices: PriceTable, telemetry: Telemetry | None = None) -> None:
+        self._tables = tables
+        self._prices = prices
+        self._telemetry = telemetry or Telemetry()
+        self._ledger = ledger
+        self._pending: list[UsageRecord] = []
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._writing = 0
+        self._backlog: list[UsageRecord] = []
+        self._retrier: asyncio.Task[None] | None = None
+        self._settling = asyncio.Semaphore(CONCURRENT_SETTLES)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._batches: set[asyncio.Task[None]] = set()
+
+    @property
+    def _retrying(self) -> bool:
+        return self._retrier is not None and not self._retrier.done()
+
+    @property
+    def unstored(self) -> int:
+        """Records not yet stored: pending, being written or waiting for a retry."""
+        return len(self._pending) + self._writing + len(self._backlog)
+
+    def check_storage(self) -> None:
+        """Refuse a new request while records wait for storage to come back."""
+        if self._retrying:
+            raise StorageUnavailable(
+                "Table Storage cannot be reached right now, so usage cannot be recorded; the request was not "
+                "sent. Try again shortly."
+            )
+
+    async def commit(self, record: UsageRecord) -> None:
+        """Store the record now, with whatever else is pending; raise ``StorageUnavailable`` if refused."""
+        done = asyncio.get_running_loop().create_future()
+        self._waiters[id(record)] = done
+        self._enqueue(record)
+        # Shielded: a caller that goes away must not cancel a write others share.
+        with self._telemetry.span("usage commit"):
+            await asyncio.shield(done)
+
+    def submit(self, record: UsageRecord) -> None:
+        """Queue a record for storing; never blocks and never raises."""
+        self._enqueue(record)
+
+    def _enqueue(self, record: UsageRecord) -> None:
+        self._pending.append(record)
+        self._idle.clear()
+        if len(self._batches) < CONCURRENT_BATCHES:
+            self._start_batch()
+
+    def _start_batch(self) -> None:
+        batch, self._pending = self._pending, []
+        self._writing += len(batch)
+        task = asyncio.create_task(self._write_batch(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("usage writer failed", exc_info=task.exception())
+        if self._pending and len(self._batches) < CONCURRENT_BATCHES:
+            self._start_batch()
+        elif not self._batches and not self._pending and not self._retrying:
+            self._idle.set()
+
+    async def _write_batch(self, batch: list[UsageRecord]) -> None:
+        try:
+            await self.write(batch)
+        except StorageUnavailable as error:
+            self._failed(batch, error)
+        except Exception:  # a bug: say so, and let no waiter hang
+            log.exception("usage writer failed; %d records not stored", len(batch))
+        else:
+            for record in batch:
+                self._resolve(record, _refused() if record.refused and not record.stored else None)
+        finally:
+            self._writing -= len(batch)
+            for record in batch:  # cancelled, or a bug: the caller answers with an error
+                self._resolve(record, StorageUnavailable("The usage record could not be stored."))
+
+    def _failed(self, batch: list[UsageRecord], error: StorageUnavailable) -> None:
+        """Answer the waiters of records storage did not take, and keep the records for a retry.
+
+        A record storage did not take is withheld from its client, so it is
+        kept as a failed request (status 503): its slot given back, its tokens
+        counted. (Storage may have taken it after all, its answer lost: then
+        the retry finds its log entry and the record stays as first stored.)
+        """
+        for record in batch:
+            if record.stored or record.refused:  # a refused one would be refused again: not kept
+                self._resolve(record, None if record.stored else _refused())
+                continue
+            if id(record) in self._waiters:
+                record.status = 503
+            self._resolve(record, error)
+            self._backlog.append(record)
+        if not self._retrying:
+            self._retrier = asyncio.create_task(self._retry())
+
+    def _resolve(self, record: UsageRecord, error: StorageUnavailable | None) -> None:
+        waiter = self._waiters.pop(id(record), None)
+        if waiter is None or waiter.done():
+            return
+        if error is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(error)
+
+    async def _retry(self) -> None:
+        backoff = 0.1
+        while self._backlog:
+            log.warning(
+                "usage write delayed: storage unavailable; %d records waiting, retrying in %.1f s",
+                len(self._backlog),
+                backoff,
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+            batch, self._backlog = self._backlog, []
+            self._writing += len(batch)
+            try:
+                await self.write(batch)
+            except StorageUnavailable:
+                self._backlog = batch + self._backlog
+                continue
+            finally:
+                self._writing -= len(batch)
+            log.warning("usage write resumed: %d delayed records stored", len(batch))
+        if not self._batches and not self._pending:
+            self._idle.set()
+        self._retrier = None
+
+    async def write(self, batch: list[UsageRecord]) -> None:
+        """Store records now: per event, their log entries and attendees' days in one transaction."""
+        events: dict[str, list[UsageRecord]] = {}
+        for record in batch:
+            if not record.stored:
+                events.setdefault(record.event_id, []).append(record)
+        # Every write is waited for before any is retried, so no write is in flight twice.
+        outcomes = await asyncio.gather(
+            *(self._settle(event_id, records) for event_id, records in events.items()), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _settle(self, event_id: str, records: list[UsageRecord]) -> None:
+        finished = [record.finished(self._prices) for record in records]
+        try:
+            # A few dozen events at a time, so that a write over many events never
+            # holds the event loop away from the requests in flight for long.
+            async with self._settling:
+                await self._ledger.settle(event_id, finished)
+        finally:
+            for record, item in zip(records, finished, strict=True):
+                record.stored, record.refused = item.stored, item.refused
+
+    async def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until everything is stored (graceful shutdown); True when nothing is left."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            log.error("usage drain timed out with %d records not stored", self.unstored)
+            return False
+        return True
+
+
+async def report(tables: Tables, event_id: str, by: GroupBy) -> dict[str, Any]:
+    """``{"event_id", "totals", "rows"}`` grouped by user, model, day or backend (DESIGN).
+
+    Each row and the totals: ``requests``, ``prompt_tokens``, ``completion_tokens``,
+    ``total_tokens``, ``cached_tokens`` (of the prompt tokens), ``cost`` (USD, from
+    ``proxy.config.prices``) and ``unpriced_requests`` (requests whose model had no known
+    price: their cost is missing from ``cost``). Days recorded before backends were
+    tracked count under the backend ``""``; before costs were, with cost 0.
+    """
+    rows: dict[str, list[int]] = {}
+    totals = [0] * len(_ROW)
+    entities = tables.usage.query_entities(
+        "PartitionKey eq @pk and RowKey lt @log", parameters={"pk": event_id, "log": LOG_PREFIX}
+    )
+    try:
+        found = await gathered(entities)
+    except ResourceNotFoundError:
+        found = []
+    for entity in found:
+        models = _grouped(entity.get("models"))
+        day = [int(entity.get(name, 0)) for name in FIGURES] + _sum(models.values())[len(FIGURES) :]
+        if by in ("model", "backend"):
+            grouped = models if by == "model" else _grouped(entity.get("backends"))
+            for key, figures in grouped.items():
+                _add(rows.setdefault(key, [0] * len(_ROW)), figures)
+            rest = [a - b for a, b in zip(day, _sum(grouped.values()), strict=True)]
+            if by == "backend" and any(rest):
+                _add(rows.setdefault("", [0] * len(_ROW)), rest)
+        else:
+            _add(rows.setdefault(entity["user"] if by == "user" else entity["day"], [0] * len(_ROW)), day)
+        _add(totals, day)
+    return {
+        "event_id": event_id,
+        "by": by,
+        "totals": _figures(totals),
+        "rows": [{"key": key, **_figures(figures)} for key, figures in sorted(rows.items())],
+    }
+
+
+def _grouped(raw: object) -> dict[str, list[int]]:
+    """A day's ``models`` or ``backends`` map, each row padded to the full layout."""
+    grouped: dict[str, list[int]] = orjson.loads(raw) if isinstance(raw, str) and raw else {}
+    return {key: [int(v) for v in row] + [0] * (len(_ROW) - len(row)) for key, row in grouped.items()}
+
+
+def _sum(rows: Any) -> list[int]:
+    total = [0] * len(_ROW)
+    for row in rows:
+        _add(total, row)
+    return total
+
+
+def _add(target: list[int], figures: list[int]) -> None:
+    for index, value in enumerate(figures):
+        target[index] += int(value)
+
+
+def _figures(counted: list[int]) -> dict[str, Any]:
+    figures: dict[str, Any] = dict(zip(_ROW, counted, strict=True))
+    figures["cost"] = usd(figures.pop("cost_nanos"))
+    return {name: figures[name] for name in COLUMNS}
+
+
+async def request_log(tables: Tables, event_id: str) -> list[dict[str, Any]]:
+    """Every recorded request of an event, oldest day first."""
+    entities = tables.usage.query_entities(
+        "PartitionKey eq @pk and RowKey gt @first and RowKey lt @after",
+        parameters={"pk": event_id, "first": LOG_PREFIX, "after": LOG_PREFIX[:-1] + chr(ord(LOG_PREFIX[-1]) + 1)},
+    )
+    try:
+        rows = await gathered(entities)
+    except ResourceNotFoundError:
+        return []
+    return [{name: row.get(name, "") for name in LOG_FIELDS} for row in rows]
+
+
+async def hourly_report(tables: Tables, event_id: str, zone: str, now: datetime) -> dict[str, Any]:
+    """The last ``HOURLY_WINDOW`` of an event by hour of its time zone (``"2026-11-21T09:00"``), from the
+    request log; each hour also has ``models``: the same figures per model.
+
+    The log is read from the day before the first UTC day the window touches (its row keys start with the day), so the
+    query stays bounded however long the event.
+    """
+    since = now - HOURLY_WINDOW
+    entities = tables.usage.query_entities(
+        "PartitionKey eq @pk and RowKey ge @first and RowKey lt @after",
+        # Log rows are keyed by the event's local day: from the UTC date before, to be safe west of UTC.
+        parameters={"pk": event_id, "first": f"{LOG_PREFIX}{(since - timedelta(days=1)).date().isoformat()}",
+                    "after": LOG_PREFIX[:-1] + chr(ord(LOG_PREFIX[-1]) + 1)},
+    )  # fmt: skip
+    try:
+        found = await gathered(entities)
+    except ResourceNotFoundError:
+        found = []
+    local = ZoneInfo(zone)
+    # Every hour of the window, empty ones too, so that a chart's columns are a time axis.
+    hours: dict[str, list[int]] = {}
+    slot = since.astimezone(local).replace(minute=0, second=0, microsecond=0).astimezone(UTC)
+    while slot <= now:
+        hours.setdefault(slot.astimezone(local).strftime("%Y-%m-%dT%H:00"), [0] * len(_ROW))
+        slot += timedelta(hours=1)
+    models: dict[str, dict[str, list[int]]] = {}
+    totals = [0] * len(_ROW)
+    for entry in found:
+        try:
+            moment = datetime.fromisoformat(str(entry.get("time", "")))
+        except ValueError:
+            continue
+        if not since <= moment <= now:
+            continue
+        hour = moment.astimezone(local).strftime("%Y-%m-%dT%H:00")
+        figures = [1, *(int(entry.get(name, 0) or 0) for name in FIGURES[1:]), int(entry.get("cached_tokens", 0) or 0),
+                   round(float(entry.get("cost", 0) or 0) * NANOS_PER_USD),
+                   int("priced_as" in entry and not entry["priced_as"])]  # fmt: skip
+        _add(hours.setdefault(hour, [0] * len(_ROW)), figures)
+        _add(models.setdefault(hour, {}).setdefault(str(entry.get("model", "")), [0] * len(_ROW)), figures)
+        _add(totals, figures)
+    return {
+        "event_id": event_id,
+        "by": "hour",
+        "time_zone": zone,
+        "totals": _figures(totals),
+        "rows": [
+            {
+                "key": key,
+                **_figures(figures),
+                "models": {m: _figures(f) for m, f in sorted(models.get(key, {}).items())},
+            }
+            for key, figures in sorted(hours.items())
+        ],
+    }
+
+
+def report_csv(data: dict[str, Any]) -> str:
+    """The report's rows as CSV with a header line, totals last.
+
+    A key that a spreadsheet would read as a formula (attendee names may start
+    with ``+ - @``) gets a leading apostrophe, as OWASP's CSV injection advice
+    says: https://owasp.org/www-community/attacks/CSV_Injection.
+    """
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([data["by"], *COLUMNS])
+    for row in data["rows"]:
+        writer.writerow([_inert(str(row["key"])), *_cells(row)])
+    writer.writerow(["TOTAL", *_cells(data["totals"])])
+    return out.getvalue()
+
+
+def _cells(figures: dict[str, Any]) -> list[Any]:
+    """A row's figures; the cost as a plain decimal (no exponent), to the nano-dollar."""
+    return [f"{figures[f]:.9f}" if f == "cost" else figures[f] for f in COLUMNS]
+
+
+def _inert(cell: str) -> str:
+    return "'" + cell if cell.startswith(_FORMULA_STARTS) else cell
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
