@@ -78,12 +78,11 @@ from proxy.errors import (
     NotFound,
     ProxyError,
     UpstreamError,
-    UpstreamTimeout,
 )
 from proxy.ledger.ending import Answer
 from proxy.ledger.usage import LOG_PREFIX, UsageRecord
 from proxy.storage.tables import Tables, guarded
-from proxy.upstream.client import Upstream
+from proxy.upstream.client import Upstream, read_answer
 from proxy.upstream.payload import Prepared, set_identity
 
 log = logging.getLogger("proxy.responses")
@@ -254,14 +253,7 @@ class ResponsesApi:
         allowed = INPUT_ITEMS_QUERY if suffix else RETRIEVE_QUERY
         passed = [(name, value) for name, value in query if name in allowed]
         response = await self._upstream.send_v1(method, f"responses/{response_id}{suffix}", request_id, query=passed)
-        try:
-            body = await response.aread()
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout("Azure OpenAI did not answer within the proxy's time limit.") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamError("The answer from Azure OpenAI broke off; try again.") from exc
-        finally:
-            await response.aclose()
+        body = await read_answer(response)
         if response.status_code >= 500:
             raise UpstreamError(f"Azure OpenAI failed with status {response.status_code} after retries.")
         if method == "DELETE" and response.status_code in (200, 204, 404):

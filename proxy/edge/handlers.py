@@ -56,7 +56,6 @@ from proxy.errors import (
     ProxyError,
     StorageUnavailable,
     UpstreamError,
-    UpstreamTimeout,
     internal_error,
 )
 from proxy.ledger.ending import Answer, AnswerStream
@@ -68,7 +67,7 @@ from proxy.policy.guessing import FailedLookups
 from proxy.policy.keys import PersonalKeys
 from proxy.storage.tables import Tables, guarded
 from proxy.upstream import payload as bodies
-from proxy.upstream.client import Upstream
+from proxy.upstream.client import Upstream, read_answer
 
 log = logging.getLogger("proxy")
 
@@ -428,14 +427,7 @@ class Proxy:
 
 
 async def _read_upstream(response: httpx.Response, record: UsageRecord) -> bytes:
-    try:
-        body = await response.aread()
-    except httpx.TimeoutException as exc:
-        raise UpstreamTimeout("Azure OpenAI did not finish its answer within the proxy's time limit.") from exc
-    except httpx.HTTPError as exc:
-        raise UpstreamError("The answer from Azure OpenAI broke off; try again.") from exc
-    finally:
-        await response.aclose()
+    body = await read_answer(response)
     if response.status_code == 200:
         try:
             answer = orjson.loads(body)

@@ -374,6 +374,18 @@ def _chained(error: ProxyError, cause: BaseException) -> ProxyError:
     return error
 
 
+async def read_answer(response: httpx.Response) -> bytes:
+    """An answer's whole body, closed after; a timeout or a broken read becomes the proxy's own error."""
+    try:
+        return await response.aread()
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout("Azure OpenAI did not finish its answer within the proxy's time limit.") from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamError("The answer from Azure OpenAI broke off; try again.") from exc
+    finally:
+        await response.aclose()
+
+
 async def _buffered(response: httpx.Response) -> httpx.Response:
     """A refusal (429, 5xx) read in full now, so it can be passed on after other backends were tried."""
     try:
