@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -277,3 +279,58 @@ async def test_a_turn_saved_after_its_session_was_forgotten_starts_it_afresh(
     await sessions.save(second, {"role": "assistant", "content": "2"})
     kept = await sessions.history(created.event.id, "alice", "forgotten")
     assert kept == [[{"role": "user", "content": "two"}, {"role": "assistant", "content": "2"}]]
+
+
+async def test_turns_racing_deletes_lose_no_answered_write(app: str, make_event: MakeEvent, tables: Tables) -> None:
+    """Turns and DELETEs of one session at once, through the app. A turn answered 200 is in the session
+    unless a DELETE answered 200 ended after the turn was sent; a turn answered before a DELETE (answered
+    200) was sent is gone; a DELETE answered 200 with nothing racing it leaves no session."""
+    created = await make_event()
+    headers = {"api-key": created.key()}
+    stored = Sessions(tables, SessionLimits(max_turns=20, max_chars=60_000, ttl_seconds=600))
+    rng = random.Random(18)
+    Timed = tuple[str, float, float, httpx.Response]  # what, sent, answered, answer
+    first_answer = asyncio.Event()  # set by each round's first turn answered
+
+    async def timed(what: str, http: httpx.AsyncClient, after: asyncio.Event | None = None) -> Timed:
+        if after is not None:
+            await after.wait()
+        await asyncio.sleep(rng.uniform(0, 0.06))  # jitter: turns land before, across and after the deletes
+        sent = time.monotonic()
+        if what == "delete":
+            answer = await http.delete(f"{app}/api/v1/sessions/race", headers=headers)
+        else:
+            body = {"model": MODEL, "messages": [user(what)], "session_id": "race"}
+            answer = await http.post(f"{app}/api/v1/chat/completions", json=body, headers=headers)
+            first_answer.set()
+        return what, sent, time.monotonic(), answer
+
+    async def kept() -> set[str]:
+        turns = await stored.history(created.event.id, "alice", "race")
+        return {str(message["content"]) for turn in turns for message in turn if message["role"] == "user"}
+
+    lost_to_deletes = 0
+    async with httpx.AsyncClient(timeout=30) as http:
+        for round_ in range(5):
+            # One delete at any moment, one once a turn is answered: it has a saved turn to remove.
+            first_answer = asyncio.Event()
+            work = [timed(f"r{round_}-t{n}", http) for n in range(4)]
+            done = await asyncio.gather(*work, timed("delete", http), timed("delete", http, after=first_answer))
+            turns = [(what, sent, answered) for what, sent, answered, answer in done if what != "delete"]
+            for what, _, _, answer in done:
+                assert answer.status_code in ((200, 404) if what == "delete" else (200,)), answer.text
+            deleted = [(sent, answered) for what, sent, answered, answer in done if what == "delete"
+                       and answer.status_code == 200]  # fmt: skip
+            present = await kept()
+            for what, sent, answered in turns:
+                if what not in present:  # lost, unless a delete answered 200 may have come after its save
+                    assert any(end > sent for _, end in deleted), (what, present)
+                    lost_to_deletes += 1
+                if any(answered < start for start, _ in deleted):
+                    assert what not in present, (what, present)
+            assert present <= {what for what, _, _ in turns}  # the previous rounds' turns stay forgotten
+            final = await http.delete(f"{app}/api/v1/sessions/race", headers=headers)
+            assert final.status_code == (200 if present else 404), final.text
+            assert await kept() == set()
+            assert (await http.delete(f"{app}/api/v1/sessions/race", headers=headers)).status_code == 404
+    assert lost_to_deletes >= 5  # each round's late delete removed a turn answered before it

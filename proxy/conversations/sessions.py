@@ -35,7 +35,8 @@ cannot be recorded (``storage_unavailable``). Saving the turn and
 committing the usage record are one step that a client leaving cannot cut
 short (``proxy.ledger.ending``): a turn whose answer upstream completed is kept, and
 its request recorded, even if the client is gone before the end.
-``DELETE /api/v1/sessions/{id}`` forgets one, and a timer (``purge_expired``,
+``DELETE /api/v1/sessions/{id}`` forgets one (under the ETag it read, like every
+write of a session), and a timer (``purge_expired``,
 hourly) deletes those past their time to live, so a forgotten conversation is
 gone from storage too.
 """
@@ -134,14 +135,27 @@ class Sessions:
         return Turn(self, key, etag, history, sent, limits)
 
     async def forget(self, event_id: str, user: str, session_id: str) -> bool:
-        """Delete one session; False if there was none."""
+        """Delete one session; False if there was none.
+
+        The delete is conditional on the ETag read (``delete_entity`` does not say whether there was one,
+        so the read answers that): a turn saved in between fails it, and the session is read and deleted
+        again, that turn with it. A delete answered with success leaves no session behind, and a turn
+        answered after it starts a new one (``save``)."""
         key = f"{ROW_PREFIX}{user}|{check_session_id(session_id)}"
-        try:  # delete_entity does not say whether there was one
-            await guarded(self._tables.requests.get_entity(event_id, key, select=["PartitionKey"]))
-        except ResourceNotFoundError:
-            return False
-        await guarded(self._tables.requests.delete_entity(event_id, key))
-        return True
+        table = self._tables.requests
+        for _ in range(SAVE_ATTEMPTS):
+            try:
+                found = await guarded(table.get_entity(event_id, key, select=["PartitionKey"]))
+            except ResourceNotFoundError:
+                return False
+            with contextlib.suppress(ResourceModifiedError):
+                await guarded(
+                    table.delete_entity(
+                        event_id, key, etag=found.metadata["etag"], match_condition=MatchConditions.IfNotModified
+                    )
+                )
+                return True
+        raise StorageUnavailable("The chat session is being written by many requests at once; try again.")
 
     async def history(self, event_id: str, user: str, session_id: str) -> Turns:
         """The turns kept for a session (empty if none or expired)."""
