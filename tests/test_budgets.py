@@ -14,7 +14,8 @@ import pytest
 from azure.core.exceptions import ResourceNotFoundError
 
 from proxy.admission import budget
-from proxy.admission.limits import Admission, Finished, Ledger, Settlement
+from proxy.admission.days import Admission, Finished, Settlement
+from proxy.admission.limits import Ledger
 from proxy.ledger.reconcile import reconcile
 from proxy.ledger.usage import report
 from proxy.policy.attendees import ROSTER_ROW, roster

@@ -13,7 +13,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from proxy.admission.limits import seconds_to_midnight
+from proxy.admission.days import seconds_to_midnight
 from proxy.policy.events import EventStore
 from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent

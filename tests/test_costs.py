@@ -19,7 +19,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from proxy.admission.limits import Admission, Ledger
+from proxy.admission.days import Admission
+from proxy.admission.limits import Ledger
 from proxy.config.prices import PRICES_FILE, Price, PriceTable
 from proxy.config.settings import Settings, SettingsError
 from proxy.ledger.usage import UsageRecord, report, request_log

@@ -22,7 +22,8 @@ import httpx
 from azure.core.exceptions import ResourceNotFoundError
 
 from proxy.admission import budget, inflight
-from proxy.admission.limits import Finished, Ledger, Settlement
+from proxy.admission.days import Finished, Settlement
+from proxy.admission.limits import Ledger
 from proxy.ledger.reconcile import reconcile
 from proxy.ledger.usage import report
 from proxy.policy.events import Event

@@ -1,6 +1,6 @@
 """The requests admitted on one entity and not yet settled: the ``inflight`` map, and how it is stored.
 
-An attendee's day (``proxy.admission.limits``) and a shard of an event's budget
+An attendee's day (``proxy.admission.days``) and a shard of an event's budget
 (``proxy.admission.budget``) each hold the requests they admitted and that have not
 settled, as ``{request id: entry}``, where an entry is ``[estimate, admitted
 at (epoch seconds)]``, or ``[estimate, admitted at, 1]`` once the reconciler

@@ -39,7 +39,8 @@ from starlette.responses import Response
 
 from proxy.admission.alerts import Alerts
 from proxy.admission.budget import has_budget
-from proxy.admission.limits import CLIENT_GONE, Admission, Ledger, booked_cost, booked_tokens, day_of, next_midnight
+from proxy.admission.days import CLIENT_GONE, Admission, booked_cost, booked_tokens, day_of, next_midnight
+from proxy.admission.limits import Ledger
 from proxy.config.prices import PriceTable, usd
 from proxy.config.settings import Settings
 from proxy.config.tokens import make_credential

@@ -51,7 +51,7 @@ import httpx
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from proxy.admission.limits import CLIENT_GONE
+from proxy.admission.days import CLIENT_GONE
 from proxy.errors import ProxyError, StorageUnavailable, UpstreamError, internal_error
 from proxy.ledger.usage import UsageRecord, UsageRecorder
 

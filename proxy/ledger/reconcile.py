@@ -1,7 +1,7 @@
 """Giving back the daily slots of requests whose worker died before settling them.
 
 A request is admitted with an entry in its attendee's day entity (see
-``proxy.admission.limits``) and settled once its answer is over. The Functions host
+``proxy.admission.days``) and settled once its answer is over. The Functions host
 kills workers without warning (scale-in, restart, ``functionTimeout``), so an
 admitted request can lose its worker and never settle. Its entry then stays,
 holding one of the attendee's daily requests. The reconciler, run every
@@ -35,7 +35,8 @@ from typing import Any
 from azure.core.exceptions import ResourceNotFoundError
 
 from proxy.admission.budget import SHARD_END, SHARD_PREFIX
-from proxy.admission.limits import Ledger, day_of
+from proxy.admission.days import day_of
+from proxy.admission.limits import Ledger
 from proxy.config.settings import Settings
 from proxy.config.tokens import make_credential
 from proxy.storage.tables import Tables, gathered, opened

@@ -7,7 +7,7 @@ together, so requests that finish together share their writes. Both halves
 of a record live in ``proxyusage``, in its event's partition: the request's
 log entry (``RowKey="log|<YYYY-MM-DD>|<request id>"``: attendee, model, kind,
 stream, status, tokens, latency, time, backend) and its attendee's day
-(``RowKey="<YYYY-MM-DD>|<user>"``, see ``proxy.admission.limits``). One entity group
+(``RowKey="<YYYY-MM-DD>|<user>"``, see ``proxy.admission.days``). One entity group
 transaction per event writes both, so the log and the days never disagree,
 and a retried write finds the log entry already there instead of counting a
 request twice.
@@ -41,7 +41,8 @@ from zoneinfo import ZoneInfo
 import orjson
 from azure.core.exceptions import ResourceNotFoundError
 
-from proxy.admission.limits import Admission, Finished, Ledger, Settlement, keeps_slot
+from proxy.admission.days import Admission, Finished, Settlement, keeps_slot
+from proxy.admission.limits import Ledger
 from proxy.config.prices import NANOS_PER_USD, Priced, PriceTable, usd
 from proxy.errors import StorageUnavailable
 from proxy.observability.telemetry import Telemetry
@@ -78,7 +79,7 @@ HOURLY_WINDOW = timedelta(hours=48)  # what ``by=hour`` covers, read from the re
 FIGURES = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
 # What a report row holds, in order (DESIGN, Organizers); cost in USD.
 COLUMNS = (*FIGURES, "cached_tokens", "cost", "unpriced_requests")
-# The layout of a day's per-model and per-backend rows (proxy.admission.limits): cost in nano-dollars.
+# The layout of a day's per-model and per-backend rows (proxy.admission.days): cost in nano-dollars.
 _ROW = (*FIGURES, "cached_tokens", "cost_nanos", "unpriced_requests")
 
 

@@ -205,7 +205,7 @@ class EntityClient:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Once more on a fresh connection: a pooled one may have been closed by the server, or
                 # an answer cut short (ClientPayloadError). A write that did land fails the second time
-                # on its ETag (412) or its row (409), which its caller takes as done (proxy.admission.limits).
+                # on its ETag (412) or its row (409), which its caller takes as done (proxy.admission.counters).
                 if attempt == 2:
                     raise StorageUnavailable(_UNAVAILABLE) from exc
         raise AssertionError("unreachable")
