@@ -10,7 +10,10 @@ method, path and body, and then, for as many requests as it is armed for:
   connection closes (a payload cut short);
 - ``"tamper"``: the request body is rewritten by the rule's function before it
   reaches Azurite, which then answers what it answers (a genuine refusal);
-- ``"delay"``: the request reaches Azurite ``delay`` seconds late (a slow write).
+- ``"delay"``: the request reaches Azurite ``delay`` seconds late (a slow write);
+- ``"before"``: the rule's function runs (in a thread: it may call the app or
+  Azurite, blocking) and returns before the request reaches Azurite (a write of
+  someone else's that lands between a read and the write that follows it).
 
 Runs its own event loop in a thread, so sync and async tests can use it alike.
 """
@@ -23,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-Action = Literal["drop", "truncate", "tamper", "delay"]
+Action = Literal["drop", "truncate", "tamper", "delay", "before"]
 Match = Callable[[str, str, bytes], bool]
 
 
@@ -34,6 +37,7 @@ class Rule:
     times: int
     rewrite: Callable[[bytes], bytes] | None = None
     delay: float = 0.0
+    before: Callable[[], None] | None = None
     fired: int = 0
     seen: list[tuple[str, str]] = field(default_factory=list)
 
@@ -64,8 +68,9 @@ class StorageRelay:
         times: int = 1,
         rewrite: Callable[[bytes], bytes] | None = None,
         delay: float = 0.0,
+        before: Callable[[], None] | None = None,
     ) -> Rule:
-        rule = Rule(match, action, times, rewrite, delay)
+        rule = Rule(match, action, times, rewrite, delay, before)
         with self._lock:
             self.rules.append(rule)
         return rule
@@ -119,6 +124,8 @@ class StorageRelay:
                         head = "\r\n".join([lines[0], *kept, f"Content-Length: {len(body)}", "", ""]).encode("latin-1")
                     if rule is not None and rule.action == "delay":
                         await asyncio.sleep(rule.delay)
+                    if rule is not None and rule.action == "before" and rule.before is not None:
+                        await asyncio.to_thread(rule.before)
                     up_writer.write(head + body)
                     await up_writer.drain()
             except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.LimitOverrunError):

@@ -10,6 +10,7 @@ import asyncio
 import os
 import secrets
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,10 @@ import httpx
 import pytest
 
 from proxy.config.hashing import SecretHasher
-from proxy.policy.events import EventStore
+from proxy.policy.events import MODIFY_ATTEMPTS, EventStore
 from proxy.storage.tables import Tables
-from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, ROOT, Service
+from tests.relay import StorageRelay
+from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, ROOT, Service, app_env, start_app
 
 AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
 
@@ -146,3 +148,76 @@ async def test_rotations_racing_blocks_never_leave_the_event_without_its_code(
     answer = await client.get(f"{app}/api/v1/event", headers={"api-key": f"{code}/alice"})
     assert answer.status_code == 200 and answer.json()["blocked"] is False
     assert len(blocked) == 24 and probes >= 6
+
+
+@pytest.fixture(scope="module")
+def relayed(azurite: str, simulator: str) -> Iterator[tuple[StorageRelay, str]]:
+    """An app whose storage calls pass a relay that can slip another organizer's write in before one of them."""
+    port = int(azurite.split("TableEndpoint=http://127.0.0.1:")[1].split("/")[0])
+    relay = StorageRelay(port)
+    service, url = start_app(app_env(relay.connection_string(azurite), simulator, EVENT_CACHE_SECONDS="1"))
+    yield relay, url
+    service.stop()
+    relay.close()
+
+
+async def test_a_change_overtaken_every_time_is_refused_with_409_and_changes_nothing(
+    app: str, relayed: tuple[StorageRelay, str], client: httpx.AsyncClient
+) -> None:
+    """Organizer A changes an event through one app; before each of its writes reaches storage, organizer B's
+    block lands through the other app, so every write of A's fails on the ETag it read. A's PATCH, rotation
+    and delete are each refused with 409 edit_conflict after MODIFY_ATTEMPTS tries and change nothing; every
+    block of B's answered 200 is in the event and the audit log; A's change made again afterwards lands."""
+    relay, slow = relayed
+    old_code = "Old" + secrets.token_hex(8)
+    created = await client.post(f"{app}/api/manage/events", json={"name": "Overtaken", "code": old_code, **window()},
+                                headers=AUTH)  # fmt: skip
+    event_id = created.json()["id"]
+    base = f"{slow}/api/manage/events/{event_id}"
+    by_b: list[tuple[str, int]] = []  # (name, status) of each of B's blocks
+
+    def b_blocks() -> None:
+        """Runs in the relay's thread while A's write waits (so, no assertion here: the test checks after)."""
+        name = f"b{len(by_b)}"
+        with httpx.Client(timeout=60) as sync:
+            url = f"{app}/api/manage/events/{event_id}/attendees/{name}"
+            by_b.append((name, sync.patch(url, json={"blocked": True}, headers=AUTH).status_code))
+
+    def a_writes_the_event(method: str, path: str, body: bytes) -> bool:
+        # EventStore.save and .delete: one entity group transaction on proxyevents with the change and its entry.
+        return method == "POST" and path.endswith("$batch") and f"RowKey='{event_id}'".encode() in body
+
+    new_code = "New" + secrets.token_hex(8)
+    attempts = (
+        ("PATCH", base, {"description": "from A"}),
+        ("POST", f"{base}/rotate-code", {"code": new_code}),
+        ("DELETE", base, None),
+    )
+    for method, url, body in attempts:
+        rule = relay.arm(a_writes_the_event, "before", times=MODIFY_ATTEMPTS + 1, before=b_blocks)
+        refused = await client.request(method, url, json=body, headers=AUTH)
+        rule.times = 0  # disarmed
+        assert refused.status_code == 409, refused.text
+        assert (
+            refused.json()["error"]["code"] == "edit_conflict"
+            and "try again" in refused.json()["error"]["message"].lower()
+        )
+        assert rule.fired == MODIFY_ATTEMPTS  # every try was overtaken, and there was no other
+    assert len(by_b) == 3 * MODIFY_ATTEMPTS and all(status == 200 for _, status in by_b), by_b
+
+    # Nothing of A's landed: the description, the code (the new one was released), the event itself.
+    event = (await client.get(f"{app}/api/manage/events/{event_id}", headers=AUTH)).json()
+    assert event["description"] == ""
+    opened = await client.get(f"{app}/api/v1/event", headers={"api-key": f"{old_code}/alice"})
+    assert opened.status_code == 200, opened.text
+    elsewhere = await client.post(f"{app}/api/manage/events", json={"name": "Takes it", "code": new_code, **window()},
+                                  headers=AUTH)  # fmt: skip
+    assert elsewhere.status_code == 201, elsewhere.text
+    # Every write of B's answered 200 is there, with its audit entry; A's refused changes have none.
+    assert await blocked_names(client, app, event_id) == {name for name, _ in by_b}
+    entries = (await client.get(f"{app}/api/manage/audit", params={"event": event_id}, headers=AUTH)).json()["data"]
+    assert sorted(entry["action"] for entry in entries) == ["block"] * len(by_b) + ["create"]
+
+    # Made again with nobody in the way, A's change lands.
+    again = await client.patch(base, json={"description": "from A"}, headers=AUTH)
+    assert again.status_code == 200 and again.json()["description"] == "from A", again.text
