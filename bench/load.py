@@ -5,14 +5,18 @@ and reported next to their results: a generator that nears one full core is
 the bottleneck, one well below it is not.
 
 The wrk Lua script pre-builds one request per credential and cycles through
-them, so requests at high concurrency come from many attendees; its ``done``
-hook prints the latency histogram's percentiles as one JSON line.
+them, so requests at high concurrency come from many attendees; or, for a
+target with ``fresh`` set, builds each request with a name never used before
+(``<fresh><run>-<counter>@example.org``): every request is its attendee's
+first. Its ``done`` hook prints the latency histogram's percentiles as one
+JSON line.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -32,6 +36,7 @@ local path = [==[%(path)s]==]
 local body = [==[%(body)s]==]
 local auth_name = [==[%(auth_name)s]==]
 local auth_values = { %(auth_values)s }
+local fresh = [==[%(fresh)s]==]
 local percentiles = { %(percentiles)s }
 local requests_ = {}
 local counter = 0
@@ -46,6 +51,11 @@ end
 
 function request()
   counter = counter + 1
+  if fresh ~= "" then
+    local headers = { ["Content-Type"] = "application/json" }
+    headers[auth_name] = fresh .. counter .. "@example.org"
+    return wrk.format("POST", path, headers, body)
+  end
   return requests_[(counter %% #requests_) + 1]
 end
 
@@ -73,6 +83,8 @@ class Target:
     auth_name: str
     auth_values: tuple[str, ...]
     body: dict[str, Any]
+    # ``CODE/``: each request a new attendee's first (wrk only); empty: cycle through ``auth_values``.
+    fresh: str = ""
 
 
 @dataclass
@@ -135,6 +147,8 @@ def run_wrk(target: Target, concurrency: int, seconds: float) -> Measured:
         "body": json.dumps(target.body, separators=(",", ":")),
         "auth_name": target.auth_name,
         "auth_values": ", ".join(_lua_string(v) for v in target.auth_values),
+        # A prefix of its own per run, so that neither the warm-up nor an earlier run used these names.
+        "fresh": target.fresh and f"{target.fresh}first-{secrets.token_hex(4)}-",
         "percentiles": ", ".join(f"{p:g}" for p in PERCENTILES),
         "mark": _MARK,
     }

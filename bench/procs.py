@@ -58,6 +58,14 @@ class Proc:
             total += times.user + times.system
         return total
 
+    def own_cpu_seconds(self) -> float:
+        """CPU seconds of the process itself, without its children (the host emulator without its worker)."""
+        try:
+            times = self._handle.cpu_times()
+        except psutil.NoSuchProcess:
+            return 0.0
+        return float(times.user + times.system)
+
     def rss(self) -> int:
         total = 0
         for process in self._tree():

@@ -10,6 +10,7 @@ from typing import Any
 TARGET_LABELS = {
     "direct": "direct to simulator",
     "proxy": "this proxy, caps",
+    "proxy_first": "this proxy, caps, each request a new attendee's first",
     "proxy_nocaps": "this proxy, no caps",
     "worker": "this proxy, caps, real worker + host emulator",
     "worker_nocaps": "this proxy, no caps, real worker + host emulator",
@@ -67,9 +68,12 @@ def table(result: dict[str, Any]) -> str:
             f"| {name} | {info['idle_rss_mb']:.0f} | {info['peak_rss_mb']:.0f} | {_fmt(imp.get('module_ms'), 0)} "
             f"| {_fmt(imp.get('deps_ms'), 0)} | {_fmt(imp.get('ratio'))} |"
         )
-    lines += ["", "| goal | wanted | measured | met |", "|---|---|---|---|"]
+    lines += ["", "| issue | target | wanted | measured | met |", "|---|---|---|---|---|"]
     for goal in result["goals"]:
-        lines.append(f"| {goal['goal']} | {goal['wanted']} | {goal['measured']} | {'yes' if goal['met'] else 'NO'} |")
+        lines.append(
+            f"| #{goal.get('issue', 6)} | {goal['goal']} | {goal['wanted']} | {goal['measured']} "
+            f"| {'yes' if goal['met'] else 'NO'} |"
+        )
     return "\n".join(lines)
 
 
@@ -78,12 +82,12 @@ def _row(result: dict[str, Any], scenario: str, target: str) -> dict[str, Any] |
 
 
 def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's goals, each with what was measured and whether it is met."""
-    out: list[dict[str, Any]] = []
+    """The issues' targets (#21 first, then #6), each with what was measured and whether it is met."""
+    out: list[dict[str, Any]] = _targets_21(result)
 
     def add(goal: str, wanted: str, measured: float | None, ok: bool, unit: str = "") -> None:
         shown = "-" if measured is None else f"{measured:.2f}{unit}"
-        out.append({"goal": goal, "wanted": wanted, "measured": shown, "value": measured, "met": bool(ok)})
+        out.append({"goal": goal, "wanted": wanted, "measured": shown, "value": measured, "met": bool(ok), "issue": 6})
 
     chat1 = _row(result, "chat_c1", "proxy")
     if chat1 and chat1.get("added_ms"):
@@ -121,6 +125,42 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _targets_21(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue #21's targets, as ratios within this one run (steady state: every attendee warmed first)."""
+    out: list[dict[str, Any]] = []
+
+    def add(goal: str, wanted: str, ratio: float, ok: bool, how: str) -> None:
+        shown = f"{ratio:.2f}x ({how})"
+        out.append({"goal": goal, "wanted": wanted, "measured": shown, "value": ratio, "met": bool(ok), "issue": 21})
+
+    ours, theirs = _row(result, "chat_c64", "proxy"), _row(result, "chat_c64", "litellm")
+    if ours and theirs and theirs["rps"]:
+        ratio = ours["rps"] / theirs["rps"]
+        how = f"{ours['rps']:.0f} / {theirs['rps']:.0f} req/s"
+        add("req/s, chat c=64 (caps) vs LiteLLM", ">= 10x", ratio, ratio >= 10, how)
+    ours, theirs = _row(result, "chat_c1", "proxy"), _row(result, "chat_c1", "litellm")
+    if ours and theirs and ours.get("added_ms") and theirs.get("added_ms") and theirs["added_ms"]["p50"] > 0:
+        mine, its = ours["added_ms"]["p50"], theirs["added_ms"]["p50"]
+        add("added p50, chat c=1 (caps, steady) vs LiteLLM", "<= 0.3x", mine / its, mine / its <= 0.3,
+            f"{mine:.2f} / {its:.2f} ms")  # fmt: skip
+    ours = _row(result, "chat_c64", "proxy")
+    if ours and ours["cpu_s_per_1k"].get("upstream"):
+        cpu = ours["cpu_s_per_1k"]
+        ratio = cpu["target"] / cpu["upstream"]
+        add("proxy CPU per request vs the simulator's, chat c=64 (caps)", "<= 8x", ratio, ratio <= 8,
+            f"{cpu['target']:.3f} / {cpu['upstream']:.3f} ms, same requests")  # fmt: skip
+    ours, worker = _row(result, "chat_c64", "proxy"), _row(result, "chat_c64", "worker")
+    if ours and worker and worker["rps"]:
+        ratio = ours["rps"] / worker["rps"]
+        cpu = worker["cpu_s_per_1k"]
+        host = cpu.get("host")
+        split = "" if host is None else f"; CPU/req host {host:.3f} + worker {cpu['target'] - host:.3f} ms"
+        add("req/s in-process vs behind the host emulator, chat c=64 (caps)", "<= 1.5x", ratio, ratio <= 1.5,
+            f"{ours['rps']:.0f} / {worker['rps']:.0f}; in-process CPU/req {ours['cpu_s_per_1k']['target']:.3f} ms"
+            f"{split}")  # fmt: skip
+    return out
+
+
 def write_json(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
@@ -139,6 +179,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.8 * rows), squeeze=False)
     colors = {"direct": "#555555", "proxy": "#1f77b4", "proxy_nocaps": "#2ca02c", "litellm": "#d62728"}
     colors.update(worker="#9467bd", worker_nocaps="#8c564b", proxy_keys="#17becf", worker_keys="#bcbd22")
+    colors["proxy_first"] = "#ff7f0e"
     for ax, scenario in zip(axes.flat, scenarios, strict=False):
         for row in (r for r in result["results"] if r["scenario"] == scenario):
             points = row["distribution_ms"]

@@ -23,7 +23,7 @@ import secrets
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -60,16 +60,23 @@ class Scenario:
     name: str
     kind: str  # chat, stream or embeddings
     concurrency: int
+    targets: frozenset[str]  # of those the stack has, the ones this scenario drives
+    default: bool = True  # run without --only
 
 
+_ALL = frozenset({"direct", "proxy", "proxy_first", "proxy_nocaps", "worker", "worker_nocaps", "litellm"})
+_STEADY = _ALL - {"proxy_first", "worker_nocaps"}
 SCENARIOS = (
-    Scenario("chat_c1", "chat", 1),
-    Scenario("chat_c16", "chat", 16),
-    Scenario("chat_c64", "chat", 64),
-    Scenario("stream_c1", "stream", 1),
-    Scenario("stream_c64", "stream", 64),
-    Scenario("embeddings_c16", "embeddings", 16),
+    Scenario("chat_c1", "chat", 1, _ALL - {"worker_nocaps"}),
+    Scenario("chat_c16", "chat", 16, _ALL, default=False),
+    Scenario("chat_c64", "chat", 64, _ALL),
+    Scenario("stream_c1", "stream", 1, _STEADY),
+    Scenario("stream_c64", "stream", 64, _STEADY - {"proxy_nocaps"}),
+    Scenario("embeddings_c16", "embeddings", 16, frozenset({"direct", "proxy", "litellm"})),
 )
+# Targets whose attendees are each warmed by one request before anything is measured (steady state);
+# ``proxy_first`` is the same caps as ``proxy`` on an event of its own, every request a new attendee's first.
+STEADY_TARGETS = ("proxy", "proxy_nocaps", "worker", "worker_nocaps")
 
 
 @dataclass
@@ -93,7 +100,9 @@ class Stack:
 
 
 async def create_events(connection_string: str) -> dict[str, str]:
-    """Two open events: one with (never reached) caps, one with none. Returns their codes."""
+    """An open event per proxy target: with (never reached) caps, or with none (``_nocaps``). Returns their
+    codes by target. Each target has its own, so that no two processes write one attendee's day: each
+    worker's cached ETags stay its own, as in steady state, instead of being spoilt by the other's writes."""
     from proxy.config.settings import Settings
     from proxy.policy.events import Event, EventStore, new_event_id
     from proxy.storage.tables import opened
@@ -102,31 +111,25 @@ async def create_events(connection_string: str) -> dict[str, str]:
         {"STORAGE_CONNECTION_STRING": connection_string, "CODE_HASH_KEY": CODE_HASH_KEY}, need_upstream=False
     )
     now = datetime.now(UTC)
-    codes = {"proxy": "BENCH-CAPS-" + secrets.token_hex(4), "proxy_nocaps": "BENCH-FREE-" + secrets.token_hex(4)}
+    codes: dict[str, str] = {}
     async with opened(settings, None) as tables:
         await tables.ensure()
         store = EventStore(tables, settings.hasher(), 0)
-        base = Event(
-            id=new_event_id("bench"),
-            name="Benchmark",
-            code_hash=store.hash_code(codes["proxy"]),
-            starts_at=now - timedelta(hours=1),
-            ends_at=now + timedelta(hours=8),
-            max_tokens=4096,
-            daily_requests=CAP,
-            daily_tokens=CAP,
-            tpm=CAP,
-        )
-        await store.create(base)
-        free = replace(
-            base,
-            id=new_event_id("bench-free"),
-            code_hash=store.hash_code(codes["proxy_nocaps"]),
-            daily_requests=None,
-            daily_tokens=None,
-            tpm=None,
-        )
-        await store.create(free)
+        for name in ("proxy", "proxy_first", "proxy_nocaps", "worker", "worker_nocaps"):
+            codes[name] = f"BENCH-{name.replace('_', '-').upper()}-{secrets.token_hex(4)}"
+            caps = None if name.endswith("_nocaps") else CAP
+            event = Event(
+                id=new_event_id(f"bench-{name.replace('_', '-')}"),
+                name=f"Benchmark ({name})",
+                code_hash=store.hash_code(codes[name]),
+                starts_at=now - timedelta(hours=1),
+                ends_at=now + timedelta(hours=8),
+                max_tokens=4096,
+                daily_requests=caps,
+                daily_tokens=caps,
+                tpm=caps,
+            )
+            await store.create(event)
     return codes
 
 
@@ -197,7 +200,7 @@ def start(log_dir: Path, litellm_python: Path | None) -> Stack:
         )
         proxy_url = f"http://127.0.0.1:{port}"
         stack.proxy.wait_ready(http_ok(f"{proxy_url}/api/health"))
-        stack.urls = {"direct": simulator_url, "proxy": proxy_url, "proxy_nocaps": proxy_url}
+        stack.urls = {"direct": simulator_url, "proxy": proxy_url, "proxy_first": proxy_url, "proxy_nocaps": proxy_url}
 
         # The same app under the real worker behind the host emulator (its process tree: host and worker).
         port = free_port()
@@ -210,7 +213,6 @@ def start(log_dir: Path, litellm_python: Path | None) -> Stack:
         worker_url = f"http://127.0.0.1:{port}"
         stack.worker.wait_ready(http_ok(f"{worker_url}/api/health"))
         stack.urls.update(worker=worker_url, worker_nocaps=worker_url)
-        stack.codes.update(worker=stack.codes["proxy"], worker_nocaps=stack.codes["proxy_nocaps"])
 
         if litellm_python is not None:
             config = log_dir / "litellm.yaml"
@@ -254,8 +256,38 @@ def target(stack: Stack, name: str, kind: str) -> Target:
     if name in stack.keys:
         return Target(base, f"/api/v1/{operation}", "api-key", stack.keys[name], body)
     code = stack.codes[name]
-    users = tuple(f"{code}/attendee{i}@example.org" for i in range(USERS))
-    return Target(base, f"/api/v1/{operation}", "api-key", users, body)
+    if name.endswith("_first"):
+        return Target(base, f"/api/v1/{operation}", "api-key", (), body, fresh=f"{code}/")
+    return Target(base, f"/api/v1/{operation}", "api-key", attendees(code), body)
+
+
+def attendees(code: str) -> tuple[str, ...]:
+    return tuple(f"{code}/attendee{i}@example.org" for i in range(USERS))
+
+
+def warm(stack: Stack) -> None:
+    """One request from each attendee of the steady targets, 16 at a time: after it, each attendee is
+    registered and its day row exists, and each process has its event, its name and its day's ETag cached."""
+    import httpx
+
+    async def each(client: httpx.AsyncClient, url: str, credential: str, gate: asyncio.Semaphore) -> None:
+        async with gate:
+            answer = await client.post(url, json=BODIES["chat"], headers={"api-key": credential})
+            answer.raise_for_status()
+
+    async def all_of() -> None:
+        gate = asyncio.Semaphore(16)
+        async with httpx.AsyncClient(timeout=60) as client:
+            await asyncio.gather(
+                *(
+                    each(client, f"{stack.urls[name]}/api/v1/chat/completions", credential, gate)
+                    for name in STEADY_TARGETS
+                    if name in stack.urls and name not in stack.keys
+                    for credential in attendees(stack.codes[name])
+                )
+            )
+
+    asyncio.run(all_of())
 
 
 def register_keys(stack: Stack) -> None:
@@ -285,6 +317,8 @@ def measure(stack: Stack, scenario: Scenario, name: str, seconds: float, warmup:
     quiesce(watched)
     roles = {"target": _target_proc(stack, name), "upstream": stack.simulator, "storage": stack.azurite}
     before = {role: proc.cpu_seconds() for role, proc in roles.items()}
+    host = name.startswith("worker") and stack.worker is not None
+    host_before = stack.worker.own_cpu_seconds() if host and stack.worker else 0.0
     ours_before, busy_before = sum(p.cpu_seconds() for p in watched), _busy_cpu()
     measured: Measured = drive(job, scenario.concurrency, seconds)
     ours = sum(p.cpu_seconds() for p in watched) - ours_before + measured.generator_cpu_s
@@ -293,6 +327,8 @@ def measure(stack: Stack, scenario: Scenario, name: str, seconds: float, warmup:
     after = {role: proc.cpu_seconds() for role, proc in roles.items()}
     done = max(1, measured.requests)
     cpu = {role: round((after[role] - before[role]) / done * 1000, 4) for role in roles}
+    if host and stack.worker is not None:  # the emulator's own share (its process, not the worker's)
+        cpu["host"] = round((stack.worker.own_cpu_seconds() - host_before) / done * 1000, 4)
     if name == "direct":
         cpu["upstream"] = cpu["target"]
     if name in ("direct", "litellm"):
@@ -374,12 +410,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per scenario and target")
     parser.add_argument("--warmup", type=float, default=1.0, help="discarded warm-up seconds before each")
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM (no venv needed)")
-    parser.add_argument("--only", default="", help="comma-separated scenario names")
+    parser.add_argument("--only", default="", help="comma-separated scenario names (chat_c16 runs only so)")
+    parser.add_argument("--targets", default="", help="comma-separated targets (direct, proxy, proxy_first, ...)")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument("--import-runs", type=int, default=5)
     parser.add_argument("--keys", action="store_true", help="also proxy_keys and worker_keys: personal keys")
     args = parser.parse_args(argv)
-    scenarios = [s for s in SCENARIOS if not args.only or s.name in args.only.split(",")]
+    scenarios = [s for s in SCENARIOS if (s.name in args.only.split(",") if args.only else s.default)]
+    chosen = set(args.targets.split(",")) if args.targets else None
     wrk_path()
     started = time.monotonic()
     litellm_python = None if args.no_litellm else ensure_litellm()
@@ -389,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         stack = start(log_dir, litellm_python)
         if args.keys:
             register_keys(stack)
+        warm(stack)
         pids = {p.name: p.popen.pid for p in stack.procs()}
         print(f"stack ready in {time.monotonic() - started:.1f} s: {stack.urls}, pids {pids}", flush=True)
         rows: list[dict[str, Any]] = []
@@ -396,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             with Sampler(stack.procs()):
                 for scenario in scenarios:
                     for name in stack.urls:
+                        if name not in scenario.targets | set(stack.keys) or (chosen and name not in chosen):
+                            continue
                         row = measure(stack, scenario, name, args.seconds, args.warmup)
                         rows.append(row)
                         print(
