@@ -105,6 +105,8 @@ async def test_usage_matches_upstream_and_is_stored_before_the_end(
         ("ben", True),
     ]
     assert all(e["kind"] == "responses" and e["status"] == 200 and e["model"] == MODEL for e in log)
+    # Upstream's figures, streamed or not: none of them marked as the proxy's estimate.
+    assert [e["estimated"] for e in log] == [False] * 4
     data = await report(tables, created.event.id, "user")
     assert {name: data["totals"][name] for name in ("requests", *upstream)} == {"requests": 4, **upstream}
     assert [row["key"] for row in data["rows"]] == ["ann", "ben"]

@@ -59,6 +59,7 @@ attendee can always erase what they stored.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import logging
 import re
@@ -79,7 +80,7 @@ from proxy.errors import (
     ProxyError,
     UpstreamError,
 )
-from proxy.ledger.ending import Answer
+from proxy.ledger.ending import Answer, Keep
 from proxy.ledger.usage import LOG_PREFIX, UsageRecord
 from proxy.storage.tables import Tables, guarded
 from proxy.upstream.client import Upstream, read_answer
@@ -235,14 +236,13 @@ class ResponsesApi:
         set_identity(payload, user_id)
         return Prepared(orjson.dumps(payload), bool(stream), False, asked, context_tokens=context)
 
-    async def keep(self, body: bytes, record: UsageRecord, owner: Owner) -> None:
-        """Before a non-streamed answer is released (``Answer.complete``): read its usage, store its owner."""
-        answer = _json(body) if record.status == 200 else None
-        if answer is not None:
-            take_usage(record, answer.get("usage"), answer.get("model"))
-            response_id = answer.get("id")
-            if isinstance(response_id, str) and answer.get("store", True) is not False:
-                await self.ownership.claim(owner, response_id, record)
+    def claim(self, answer: dict[str, Any] | None, record: UsageRecord, owner: Owner) -> Keep | None:
+        """What a whole answer (``None`` unless upstream answered 200) keeps before it is released
+        (``Answer.complete``): its owner, when upstream stored it; None when nothing is stored."""
+        response_id = answer.get("id") if answer is not None else None
+        if not isinstance(response_id, str) or answer is None or answer.get("store", True) is False:
+            return None
+        return functools.partial(self.ownership.claim, owner, response_id, record)
 
     async def stored(
         self, method: str, owner: Owner, response_id: str, suffix: str, query: list[tuple[str, str]], request_id: str

@@ -8,6 +8,11 @@ place (``answering``) and, for streams already under way, in
 ``proxy.ledger.ending`` (``Answer.relay``), which also ends every answer that
 reached upstream, however it ends.
 
+A request that reaches upstream (chat, embeddings, Responses) walks one path,
+``Proxy.forward``: credential, event, body, admission, upstream, relay,
+settlement, each step once; where the routes differ, it asks the route's
+object (``proxy.edge.routes``).
+
 A chat or embeddings request costs, on its critical path: the cached event
 lookup (0 storage operations when cached, 2 point reads per code per
 ``EVENT_CACHE_SECONDS`` otherwise) and, for ``CODE/name``, whether the name
@@ -28,7 +33,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import orjson
@@ -48,7 +53,7 @@ from proxy.conversations.responses import Owner, ResponsesApi
 from proxy.conversations.sessions import SessionLimits, Sessions
 from proxy.edge.access import Access, AccessLog, access_log, configure_access_log
 from proxy.edge.callers import Callers, check_open
-from proxy.edge.streaming import relay
+from proxy.edge.routes import Call, ChatRoute, EmbeddingsRoute, ResponsesRoute, Route
 from proxy.errors import (
     CapExceeded,
     MethodNotAllowed,
@@ -63,7 +68,7 @@ from proxy.ledger.ending import Answer, AnswerStream
 from proxy.ledger.usage import UsageRecord, UsageRecorder
 from proxy.observability.telemetry import Telemetry
 from proxy.policy.attendees import Roster
-from proxy.policy.events import EventStore
+from proxy.policy.events import Event, EventStore
 from proxy.policy.guessing import FailedLookups
 from proxy.policy.keys import PersonalKeys
 from proxy.storage.tables import Tables, guarded
@@ -156,6 +161,10 @@ class Proxy:
         self.responses = ResponsesApi(tables, upstream)
         limits = SessionLimits(settings.session_max_turns, settings.session_max_chars, settings.session_ttl_seconds)
         self.sessions = Sessions(tables, limits, clock)
+        # What differs between the routes that reach upstream (proxy.edge.routes).
+        self._chat = ChatRoute(self.sessions)
+        self._embeddings = EmbeddingsRoute()
+        self._responses = ResponsesRoute(self.responses)
         self._credential = credential
         self._clock = clock
 
@@ -189,15 +198,15 @@ class Proxy:
 
     @answering
     async def chat(self, request: Request, deployment: str | None = None) -> Response:
-        return await self._forward(request, "chat", deployment)
+        return await self.forward(request, self._chat, deployment)
 
     @answering
     async def embeddings(self, request: Request, deployment: str | None = None) -> Response:
-        return await self._forward(request, "embeddings", deployment)
+        return await self.forward(request, self._embeddings, deployment)
 
     @answering
     async def create_response(self, request: Request) -> Response:
-        return await self._forward(request, "responses", None)
+        return await self.forward(request, self._responses, None)
 
     @answering
     async def stored_response(self, request: Request, response_id: str) -> Response:
@@ -313,14 +322,16 @@ class Proxy:
             "/api/v1/responses, /api/v1/embeddings or /api/v1/models with an OpenAI client."
         )
 
-    # The shared path of chat and embeddings
+    # The walk of a request that reaches upstream, the same for every route (proxy.edge.routes)
 
-    async def _forward(
-        self, request: Request, kind: Literal["chat", "embeddings", "responses"], deployment: str | None
-    ) -> Response:
+    async def forward(self, request: Request, route: Route, deployment: str | None) -> Response:
+        """Credential, event, body, admission, upstream, relay, settlement: each step once, in this order."""
+        # Credential: who is calling (proxy.edge.callers).
         caller = await self.callers.of(request)
+        # Event: open now (its window, switched on).
         event, now = caller.event, self._clock()
         check_open(event, now)
+        # Body: read within the worker's memory, the model allowed, checked and capped by the route.
         share = f"{event.id}/{caller.user}"  # one attendee's share of the worker's memory for bodies
         payload = await bodies.read_json(request, self.settings.max_request_bytes, self.bodies, share)
         model = bodies.requested_model(payload, deployment)
@@ -331,37 +342,18 @@ class Proxy:
                 f"The model '{model}' is not available in '{event.name}'. Available: {', '.join(event.models)}.",
                 param="model",
             )
-        user_id = bodies.pseudonym(event.id, caller.user)
-        owner = Owner(event.id, caller.user)
-        session = await self.sessions.open(payload, event, caller.user) if kind == "chat" else None
-        if kind == "chat":
-            prepared = bodies.prepare_chat(payload, event.max_tokens, user_id)
-        elif kind == "responses":
-            prepared = await self.responses.prepare(payload, owner, event.max_tokens, user_id)
-        else:
-            prepared = bodies.prepare_embeddings(payload, user_id)
-        # What the request may cost: ceil(bytes / 4) of its body for the prompt, plus the context upstream
-        # prepends (a chained response's), and max_tokens for each of n choices.
-        prompt_estimate = -(-len(prepared.body) // 4) + prepared.context_tokens
-        choices = payload.get("n")
-        estimate = prompt_estimate + prepared.max_tokens * (choices if type(choices) is int and choices > 0 else 1)
+        call = await route.prepare(payload, event, caller.user)
+        prepared = call.prepared
+        prompt_estimate, estimate = prepared.estimates(payload.get("n"))
         request_id: str = request.state.request_id
         access.stream = prepared.stream
-        self.recorder.check_storage()
-        self.alerts.touch(event)  # its budgets are checked a moment later, off this path (proxy.admission.alerts)
-        with self.telemetry.span("cap reservation"):
-            await self.roster.admit(event, caller.user)
-            try:
-                admission = await self.ledger.admit_all(event, caller.user, now, estimate, request_id)
-            except CapExceeded as refused:
-                if refused.code == "event_budget_exhausted":
-                    self.alerts.touch(event, exhausted=True)  # used up for attendees, if not to the last token
-                raise
+        # Admission: the roster, then every cap and budget at once (proxy.admission.limits).
+        admission = await self._admit(event, caller.user, now, estimate, request_id)
         record = UsageRecord(
             event_id=event.id,
             user=caller.user,
             model=model,
-            kind=kind,
+            kind=route.kind,
             stream=prepared.stream,
             admission=admission,
             request_id=request_id,
@@ -370,17 +362,37 @@ class Proxy:
             prompt_estimate=prompt_estimate,
         )
         access.record = record
-        operation = "chat/completions" if kind == "chat" else "embeddings"
+        # Upstream: from here every way the request ends is recorded.
+        response = await self._send(call, model, record)
+        access.backend = str(response.extensions.get("proxy_backend") or self.backend_name)
+        access.upstream_attempts = int(response.extensions.get("proxy_attempts", 1))
+        answer = Answer(record, self.recorder, response)
+        headers = _headers(admission, record.request_id, response)
+        # Relay: a stream goes out as it comes, and ends through Answer.relay (proxy.ledger.ending).
+        if prepared.stream and response.status_code == 200:
+            return AnswerStream(answer, call.relay(answer, response), headers)
+        body, whole = await _read_whole(call, answer, response)
+        # Settlement: the answer goes out only once what it keeps and its usage are stored.
+        await answer.complete(call.keep(record, body, whole))
+        return Response(body, status_code=response.status_code, headers=headers, media_type=_JSON)
+
+    async def _admit(self, event: Event, user: str, now: datetime, estimate: int, request_id: str) -> Admission:
+        self.recorder.check_storage()
+        self.alerts.touch(event)  # its budgets are checked a moment later, off this path (proxy.admission.alerts)
+        with self.telemetry.span("cap reservation"):
+            await self.roster.admit(event, user)
+            try:
+                return await self.ledger.admit_all(event, user, now, estimate, request_id)
+            except CapExceeded as refused:
+                if refused.code == "event_budget_exhausted":
+                    self.alerts.touch(event, exhausted=True)  # used up for attendees, if not to the last token
+                raise
+
+    async def _send(self, call: Call, model: str, record: UsageRecord) -> httpx.Response:
+        """Upstream's answer; a request that never got one is recorded here, charged if upstream may bill it."""
         try:
             with self.telemetry.span("upstream call", {"proxy.model": model}):
-                if kind == "responses":
-                    response = await self.upstream.send_v1(
-                        "POST", "responses", record.request_id, body=prepared.body, label=model
-                    )
-                else:
-                    response = await self.upstream.send(
-                        model, operation, prepared.body, record.request_id, stream=prepared.stream
-                    )
+                response = await call.send(self.upstream, model, record.request_id)
         except ProxyError as error:  # upstream failed, or refused: nothing reached it that it bills
             record.status = error.status
             self.recorder.submit(record)
@@ -393,51 +405,40 @@ class Proxy:
             record.status = 500
             self.recorder.submit(record)
             raise
-        access.backend = str(response.extensions.get("proxy_backend") or self.backend_name)
-        access.upstream_attempts = int(response.extensions.get("proxy_attempts", 1))
         record.reached_upstream = True
         record.status = record.upstream_status = response.status_code
         record.backend = str(response.extensions.get("proxy_backend", ""))
-        answer = Answer(record, self.recorder, response)
-        headers = _headers(admission, record.request_id, response)
-        if prepared.stream and response.status_code == 200:
-            if kind == "responses":
-                stream = self.responses.relay(answer, response, owner)
+        return response
+
+
+async def _read_whole(call: Call, answer: Answer, response: httpx.Response) -> tuple[bytes, dict[str, Any] | None]:
+    """A whole (not streamed) answer, and its JSON object when upstream answered 200, its usage read by the route.
+
+    An answer that cannot be read, or a 5xx, ends here (``Answer.abandon``), charged as ``proxy.ledger.ending`` says.
+    """
+    record = answer.record
+    whole = None
+    try:
+        body = await read_answer(response)
+        if response.status_code == 200:
+            try:
+                parsed = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                log.warning("upstream answered 200 with a body that is not JSON (request %s)", record.request_id)
             else:
-                stream = relay(answer, response, prepared.wants_usage, session)
-            return AnswerStream(answer, stream, headers)
-        try:
-            body = await _read_upstream(response, record)
-        except ProxyError as error:
-            answer.abandon(error.status)
-            raise
-        except BaseException:  # the client left (cancelled), or a bug: charged all the same
-            answer.abandon(CLIENT_GONE)
-            raise
-        if response.status_code >= 500:
-            answer.abandon(response.status_code)
-            raise UpstreamError(f"Azure OpenAI failed with status {response.status_code}{_attempts(response)}.")
-        # The answer goes out only once its usage is stored (proxy.ledger.ending).
-        if kind == "responses":
-            await answer.complete(lambda: self.responses.keep(body, record, owner))
-        elif session is not None:
-            await answer.complete(functools.partial(session.keep, record.status, body))
-        else:
-            await answer.complete()
-        return Response(body, status_code=response.status_code, headers=headers, media_type=_JSON)
-
-
-async def _read_upstream(response: httpx.Response, record: UsageRecord) -> bytes:
-    body = await read_answer(response)
-    if response.status_code == 200:
-        try:
-            answer = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            log.warning("upstream answered 200 with a body that is not JSON (request %s)", record.request_id)
-        else:
-            if isinstance(answer, dict):
-                record.take_usage(answer.get("usage"), answer.get("model"))
-    return body
+                if isinstance(parsed, dict):
+                    whole = parsed
+                    call.take_usage(record, whole)
+    except ProxyError as error:
+        answer.abandon(error.status)
+        raise
+    except BaseException:  # the client left (cancelled), or a bug: charged all the same
+        answer.abandon(CLIENT_GONE)
+        raise
+    if response.status_code >= 500:
+        answer.abandon(response.status_code)
+        raise UpstreamError(f"Azure OpenAI failed with status {response.status_code}{_attempts(response)}.")
+    return body, whole
 
 
 def _attempts(response: httpx.Response) -> str:

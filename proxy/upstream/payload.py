@@ -169,6 +169,12 @@ class Prepared:
     max_tokens: int
     context_tokens: int = 0  # what upstream prepends that the body does not hold (``previous_response_id``)
 
+    def estimates(self, choices: object) -> tuple[int, int]:
+        """What the request may cost, its prompt and in all: ceil(bytes / 4) of the body for the prompt, plus
+        the context upstream prepends (a chained response's), and ``max_tokens`` for each of ``n`` choices."""
+        prompt = -(-len(self.body) // 4) + self.context_tokens
+        return prompt, prompt + self.max_tokens * (choices if type(choices) is int and choices > 0 else 1)
+
 
 def chat_messages(payload: dict[str, Any]) -> list[Any]:
     """``messages`` as a non-empty list, parsed in place when it arrived as a JSON string."""
