@@ -14,6 +14,8 @@
     ├── AttendeeBlocked               403     attendee_blocked
     ├── AttendeeLimitReached          403     attendee_limit_reached
     ├── Forbidden                     403     forbidden (an organizer account's role does not allow it)
+    ├── ModelPriceUnknown             403     model_price_unknown (a model with no known price, in an event
+    │                                         that caps cost)
     ├── NotFound                      404     not_found
     ├── ModelNotFound                 404     model_not_found
     ├── MethodNotAllowed              405     method_not_allowed (with ``Allow``)
@@ -119,6 +121,20 @@ class Forbidden(ProxyError):
     """An organizer account whose role does not allow this change (a viewer's write, an organizer's account admin)."""
 
     status, code, type = 403, "forbidden", "permission_error"
+
+
+class ModelPriceUnknown(ProxyError):
+    """A cost cap cannot count a model it has no price for, so the event refuses it rather than let it be free."""
+
+    status, code, type = 403, "model_price_unknown", "permission_error"
+
+    def __init__(self, model: str, event_name: str) -> None:
+        super().__init__(
+            f"The model '{model}' has no known price, and '{event_name}' caps what attendees may spend, so it "
+            "cannot be used until the organizer sets its price: the app setting MODEL_PRICES, in USD per million "
+            f'tokens, e.g. {{"{model}": {{"input": 0.15, "cached_input": 0.075, "output": 0.6}}}}.',
+            param="model",
+        )
 
 
 class NotFound(ProxyError):

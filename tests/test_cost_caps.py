@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from decimal import Decimal
 
 import httpx
+import pytest
 
 from proxy.config.prices import PRICES_FILE
 from proxy.ledger.usage import report
 from proxy.storage.tables import Tables
-from tests.conftest import MakeEvent
-from tests.support import Service
+from tests.conftest import LENIENT, MakeEvent
+from tests.support import ORGANIZER_KEY, Service, app_env, sim_stats, start_app, start_simulator
 
 OUTPUT_PRICE = Decimal(str(json.loads(PRICES_FILE.read_text())["models"]["gpt-4o-mini"]["output"]))
+AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a question"}], "max_tokens": 20}
 
 
@@ -84,3 +87,50 @@ async def test_daily_cost_passes_by_at_most_one_request_over_two_processes(
         assert code == "daily_cost_cap_exceeded" and "resets at midnight in the event's time zone" in message
     spent = Decimal(str((await report(tables, created.event.id, "user"))["totals"]["cost"]))
     assert cap <= spent < cap + most_one_request_costs()
+
+
+@pytest.fixture(scope="module")
+def unpriced_upstream(azurite: str) -> Iterator[tuple[str, str]]:
+    """(app, simulator) where the simulator also serves ``team-chat``, a deployment name no price table knows."""
+    simulator, sim_url = start_simulator("--deployment", "gpt-4o-mini=chat", "--deployment", "team-chat=chat")
+    service, url = start_app(app_env(azurite, sim_url, EVENT_CACHE_SECONDS="1", **LENIENT))
+    yield url, sim_url
+    service.stop()
+    simulator.stop()
+
+
+async def test_a_model_with_no_price_is_refused_where_cost_is_capped(
+    unpriced_upstream: tuple[str, str], make_event: MakeEvent, tables: Tables
+) -> None:
+    """An attendee calls, again and again, the one deployment the event's cost cap cannot price (the Responses
+    API's answer names it too, so nothing prices it afterwards either): each request is refused before
+    upstream, naming MODEL_PRICES, and nothing is spent. The event's priced model still works, the same
+    deployment without a cost cap works (flagged unpriced), and the plan tells the organizer beforehand."""
+    app, simulator = unpriced_upstream
+    models = ("gpt-4o-mini", "team-chat")
+    capped = await make_event(name="Capped", models=models, daily_requests=None, event_cost=0.0001, daily_cost=0.00005)
+    free = await make_event(name="Uncapped", models=models, daily_requests=None)
+    body = {"model": "team-chat", "input": "a question", "max_output_tokens": 20}
+    async with httpx.AsyncClient(timeout=60) as client:
+
+        async def ask(key: str, model: str = "team-chat") -> httpx.Response:
+            return await client.post(f"{app}/api/v1/responses", json={**body, "model": model}, headers={"api-key": key})
+
+        refused = await asyncio.gather(*(ask(capped.key(f"u{i % 3}")) for i in range(12)))
+        for answer in refused:
+            assert answer.status_code == 403, answer.text
+            error = answer.json()["error"]
+            assert error["code"] == "model_price_unknown" and error["param"] == "model"
+            assert "'team-chat' has no known price" in error["message"] and "MODEL_PRICES" in error["message"]
+        assert "team-chat" not in sim_stats(simulator)["by_deployment"]  # refused before upstream
+        assert (await ask(capped.key(), "gpt-4o-mini")).status_code == 200
+        assert (await ask(free.key())).status_code == 200
+        plan = await client.get(f"{app}/api/manage/events/{capped.event.id}/plan", headers=AUTH)
+        assert plan.status_code == 200, plan.text
+        changes = {row["model"]: row["changes"] for row in plan.json()["models"]}
+        assert any("MODEL_PRICES" in change and "model_price_unknown" in change for change in changes["team-chat"])
+        assert not any("MODEL_PRICES" in change for change in changes["gpt-4o-mini"])
+    spent = (await report(tables, capped.event.id, "model"))["rows"]
+    assert [row["key"] for row in spent] == ["gpt-4o-mini"]
+    unpriced = (await report(tables, free.event.id, "model"))["totals"]
+    assert unpriced["requests"] == 1 and unpriced["unpriced_requests"] == 1 and unpriced["cost"] == 0

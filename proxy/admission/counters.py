@@ -117,7 +117,8 @@ class Counters:
     def rate(self, event: Event) -> float:
         """The dearest price of a token among the event's models (input or output), in nano-dollars: what a
         request in flight is counted at against the cost caps, so that its estimate is never below its cost.
-        A model without a known price counts 0 (its requests are flagged as unpriced in the reports)."""
+        A model without a known price adds nothing: an event that caps cost refuses it before admission
+        (``proxy.errors.ModelPriceUnknown``), so every request counted here has a price."""
         rate = self._rates.get(event.models)
         if rate is None:
             prices = [self._prices.known(model) for model in event.models]

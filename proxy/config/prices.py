@@ -12,7 +12,9 @@ deployment; the table for the model upstream's answer names
 date); the table for the deployment name, the same way. A request none of
 these prices is counted with cost 0 and *flagged* (``unpriced`` in the
 usage figures, a warning in the log once per model and worker), never
-silently priced at 0.
+silently priced at 0. An event that caps cost cannot count such a request,
+so it refuses a deployment this table does not price by its name (``known``)
+before upstream: ``403 model_price_unknown`` (``proxy.edge.handlers``).
 
 Costs are kept as whole nano-dollars (1e-9 USD): a prompt token of
 text-embedding-3-small costs 20 of them, so sums are exact integers, and the

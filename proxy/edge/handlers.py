@@ -58,6 +58,7 @@ from proxy.errors import (
     CapExceeded,
     MethodNotAllowed,
     ModelNotFound,
+    ModelPriceUnknown,
     NotFound,
     ProxyError,
     StorageUnavailable,
@@ -342,6 +343,8 @@ class Proxy:
                 f"The model '{model}' is not available in '{event.name}'. Available: {', '.join(event.models)}.",
                 param="model",
             )
+        if (event.daily_cost is not None or event.event_cost is not None) and self.prices.known(model) is None:
+            raise ModelPriceUnknown(model, event.name)  # else the cost caps would count its requests as free
         call = await route.prepare(payload, event, caller.user)
         prepared = call.prepared
         prompt_estimate, estimate = prepared.estimates(payload.get("n"))

@@ -20,7 +20,9 @@ the event's ``max_attendees``, else the names seen so far):
   it has usage, else 1,000 prompt and 300 completion tokens (embeddings: 1,000
   input tokens), priced.
 - **Changes**: when the peak passes the quota (or nothing bounds it), the cap
-  changes that make it hold, one per line with the reason.
+  changes that make it hold, one per line with the reason; and the price to
+  set for a model with none in an event that caps cost (its requests are
+  refused until then: ``403 model_price_unknown``).
 """
 
 from __future__ import annotations
@@ -161,7 +163,8 @@ def _model_plan(
         "max_cost_per_day": day_cost,
         "max_cost_event": event_cost,
         "typical_request": _typical(price, usage, embedding),
-        "changes": _changes(event, model, attendees, peak, quota, embedding) + _cost_changes(event_cost, price),
+        "changes": _changes(event, model, attendees, peak, quota, embedding)
+        + _cost_changes(event, model, event_cost, price),
     }
 
 
@@ -205,7 +208,13 @@ def _typical(price: Price | None, usage: dict[str, Any] | None, embedding: bool)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "cost": cost, "from": source}
 
 
-def _cost_changes(event_cost: float | None, price: Price | None) -> list[str]:
+def _cost_changes(event: Event, model: str, event_cost: float | None, price: Price | None) -> list[str]:
+    if price is None and (event.daily_cost is not None or event.event_cost is not None):
+        return [
+            f'MODEL_PRICES: add {{"{model}": {{"input": USD, "output": USD}}}} (USD per million tokens; an app '
+            f"setting): '{model}' has no known price, so while the event caps cost its requests are refused "
+            "(403 model_price_unknown)."
+        ]
     if event_cost is not None or price is None:
         return []
     return [
