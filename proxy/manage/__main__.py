@@ -1,5 +1,5 @@
-"""``python -m proxy.manage``: runs ``proxy.manage.cli``."""
+"""``python -m proxy.manage``: runs the organizer CLI (``proxy.manage.cli``)."""
 
-import runpy
+from proxy.manage.cli.main import main
 
-runpy.run_module("proxy.manage.cli", run_name="__main__", alter_sys=True)
+main()
