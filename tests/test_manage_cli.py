@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 from openai import OpenAI
 
 from proxy.config.settings import Settings
+from proxy.manage.cli.main import build_parser
 from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, ROOT, azurite_connection_string, free_port, wait_for
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
@@ -262,3 +264,28 @@ def test_an_azure_endpoint_in_the_environment_wins_over_the_files_azurite(
     assert settings.table_endpoint == "https://account.table.core.windows.net"
     monkeypatch.delenv("STORAGE_TABLE_ENDPOINT")
     assert Settings.for_cli(settings_file).storage_connection_string == azurite
+
+
+def test_every_command_prints_its_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--help`` of every command and action: argparse formats help texts with ``%``, so a bare one crashed
+    ``events create --help`` and ``events update --help`` with a TypeError."""
+
+    def commands(parser: argparse.ArgumentParser, path: list[str]) -> Iterator[list[str]]:
+        yield path
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from commands(sub, [*path, name])
+
+    seen = list(commands(build_parser(), []))
+    assert ["events", "create"] in seen and ["attendees", "reset-key"] in seen and len(seen) > 20
+    for path in seen:
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args([*path, "--help"])
+        assert exited.value.code == 0, path
+        printed = capsys.readouterr().out
+        assert printed.startswith(f"usage: python -m proxy.manage {' '.join(path)}".rstrip()), path
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["events", "create", "--help"])
+    assert "POST budget alerts here at 80 % and 100 % (https)" in " ".join(capsys.readouterr().out.split())

@@ -84,7 +84,7 @@ def event_options(parser: argparse.ArgumentParser, *, creating: bool) -> None:
     back = "" if creating else "; 'none' goes back to the default"
     option("--session-turns", f"turns kept per chat session (session_id){back}", "20", type=number, metavar="N")
     option("--session-chars", f"characters kept per chat session{back}", "60000", type=number, metavar="N")
-    option("--alert-webhook", f"POST budget alerts here at 80 % and 100 % (https){clear}", "none",
+    option("--alert-webhook", f"POST budget alerts here at 80 %% and 100 %% (https){clear}", "none",
            type=url, metavar="URL")  # fmt: skip
     option("--description", "shown to attendees at /api/v1/event", metavar="TEXT")
     option("--organizer", "who runs the event", metavar="TEXT")
