@@ -117,6 +117,7 @@ async def test_a_model_with_no_price_is_refused_where_cost_is_capped(
             return await client.post(f"{app}/api/v1/responses", json={**body, "model": model}, headers={"api-key": key})
 
         refused = await asyncio.gather(*(ask(capped.key(f"u{i % 3}")) for i in range(12)))
+        refused += [await ask(capped.key("one-by-one")) for _ in range(4)]  # unpriced, each once cost 0 and passed
         for answer in refused:
             assert answer.status_code == 403, answer.text
             error = answer.json()["error"]
