@@ -24,7 +24,8 @@
     │                                         adding an organizer account whose name is taken)
     ├── RequestTooLarge               413     request_too_large
     ├── CapExceeded                   429     daily_request_cap_exceeded / daily_token_cap_exceeded /
-    │                                         rate_limited / event_budget_exhausted (with ``Retry-After``)
+    │                                         daily_cost_cap_exceeded / rate_limited / event_budget_exhausted
+    │                                         (with ``Retry-After``)
     ├── UpstreamThrottled             429     rate_limited (every backend at its quota; ``Retry-After``)
     ├── InternalError                 500     internal_error (a bug; names the request id)
     ├── UpstreamError                 502     upstream_error
@@ -168,7 +169,7 @@ class RequestTooLarge(ProxyError):
 
 
 class CapExceeded(ProxyError):
-    """429; ``code`` is set per instance (daily requests, daily tokens, rate)."""
+    """429; ``code`` is set per instance (daily requests, tokens or cost, rate, the event's budget)."""
 
     status, type = 429, "rate_limit_error"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -9,9 +10,19 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy import errors
 from proxy.upstream.payload import pseudonym
 from tests.conftest import MakeEvent
-from tests.support import ORGANIZER_KEY, Service, app_env, azurite_connection_string, free_port, sim_stats, start_app
+from tests.support import (
+    ORGANIZER_KEY,
+    ROOT,
+    Service,
+    app_env,
+    azurite_connection_string,
+    free_port,
+    sim_stats,
+    start_app,
+)
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -231,3 +242,51 @@ async def test_no_secret_reaches_logs_responses_or_upstream(
     logs = service.text
     for secret in (created.code, "simulator-key", ORGANIZER_KEY, "wrong-key"):
         assert secret not in logs
+
+
+def error_tree() -> dict[str, tuple[int, set[str]]]:
+    """The tree drawn in ``proxy/errors.py``'s docstring: class name -> (status, the codes it answers with)."""
+    entries: dict[str, tuple[int, list[str]]] = {}
+    last = ""
+    for line in (errors.__doc__ or "").splitlines():
+        if found := re.search(r"[├└]── (\w+)\s+(\d{3})\s+(.*)", line):
+            last = found[1]
+            entries[last] = (int(found[2]), [found[3]])
+        elif last and (more := re.fullmatch(r"[\s│]{20,}(\S.*)", line)):
+            entries[last][1].append(more[1])
+    tree = {}
+    for name, (status, text) in entries.items():
+        plain = re.sub(r"\([^)]*\)", "", " ".join(text))  # the codes, without the remarks in parentheses
+        tree[name] = (status, {code for code in re.split(r"[\s/]+", plain) if code})
+    return tree
+
+
+def test_every_error_is_drawn_in_the_tree_and_documented_with_its_status() -> None:
+    """Each ProxyError is in errors.py's tree with its status and code, and each (status, code) the proxy can
+    answer with is in the documentation (the attendees' table, or the text for the organizer API)."""
+    tree = error_tree()
+
+    def subclasses(cls: type) -> set[type]:
+        return {cls, *(sub for direct in cls.__subclasses__() for sub in subclasses(direct))}
+
+    for cls in subclasses(errors.ProxyError) - {errors.ProxyError}:
+        assert cls.__name__ in tree, f"{cls.__name__} is not drawn in proxy/errors.py's tree"
+        status, codes = tree[cls.__name__]
+        assert cls.status == status, (cls.__name__, cls.status, tree[cls.__name__])
+        per_instance = cls.code == errors.ProxyError.code and cls.status != 500  # CapExceeded(..., code=...)
+        assert per_instance or cls.code in codes, (cls.__name__, cls.code, tree[cls.__name__])
+    drawn = {code for _, codes in tree.values() for code in codes}
+    for path in (ROOT / "proxy").rglob("*.py"):
+        for code in re.findall(r'\bcode="([a-z_]+)"', path.read_text()):
+            assert code in drawn, f"{path.relative_to(ROOT)} answers {code!r}, not drawn in proxy/errors.py's tree"
+    answered = {(status, code) for status, codes in tree.values() for code in codes}
+    # The attendees' table (docs/attendees.md) has every error but the organizer API's own ...
+    table = re.findall(r"^\| (\d{3}) \| ([^|]+) \|", (ROOT / "docs" / "attendees.md").read_text(), re.MULTILINE)
+    in_table = {(int(status), code) for status, cell in table for code in re.findall(r"`([a-z_]+)`", cell)}
+    organizer_api = {"unauthorized", "forbidden", "edit_conflict", "organizer_api_disabled"}
+    assert {(status, code) for status, code in answered if code not in organizer_api} - in_table == set()
+    # ... which the organizers' guide gives with their status.
+    guide = (ROOT / "docs" / "organizers.md").read_text()
+    assert {f"`{status} {code}`" for status, code in answered if code in organizer_api} - set(
+        re.findall(r"`\d{3} [a-z_]+`", guide)
+    ) == set()
