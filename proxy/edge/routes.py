@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import httpx
 
@@ -43,12 +43,10 @@ from proxy.conversations.responses import take_usage as take_responses_usage
 from proxy.conversations.sessions import Sessions, Turn
 from proxy.edge.streaming import relay
 from proxy.ledger.ending import Answer, Keep
-from proxy.ledger.usage import UsageRecord
+from proxy.ledger.usage import Kind, UsageRecord
 from proxy.policy.events import Event
 from proxy.upstream import payload as bodies
 from proxy.upstream.client import Upstream
-
-Kind = Literal["chat", "embeddings", "responses"]
 
 
 class Route(Protocol):

@@ -74,6 +74,7 @@ LOG_FIELDS = (
 MAX_BACKOFF_SECONDS = 2.0
 
 GroupBy = Literal["user", "model", "day", "backend", "hour"]
+Kind = Literal["chat", "embeddings", "responses"]  # what the request log calls a request (proxy.edge.routes)
 GROUPINGS: tuple[GroupBy, ...] = ("user", "model", "day", "backend", "hour")
 HOURLY_WINDOW = timedelta(hours=48)  # what ``by=hour`` covers, read from the request log
 FIGURES = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
@@ -90,7 +91,7 @@ class UsageRecord:
     event_id: str
     user: str
     model: str
-    kind: Literal["chat", "embeddings", "responses"]
+    kind: Kind
     stream: bool
     admission: Admission
     request_id: str
