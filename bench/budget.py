@@ -80,7 +80,7 @@ async def create_events(connection_string: str, exhaust: int) -> dict[str, str]:
 async def recorded(connection_string: str, code: str) -> int:
     """Requests recorded for the event with this code (its usage report's total)."""
     from proxy.config.settings import Settings
-    from proxy.ledger.usage import report
+    from proxy.ledger.reports import report
     from proxy.policy.events import EventStore
     from proxy.storage.tables import opened
 

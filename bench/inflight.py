@@ -44,7 +44,7 @@ from devtools.local.azurite import connection_string as azurite_connection_strin
 from proxy.admission import budget
 from proxy.config.hashing import SecretHasher
 from proxy.config.settings import Settings
-from proxy.ledger.usage import report
+from proxy.ledger.reports import report
 from proxy.policy.events import Event, EventStore, new_event_id
 from proxy.storage.tables import Tables
 from tests.support import CODE_HASH_KEY, free_port

@@ -27,7 +27,7 @@ from langchain_openai import ChatOpenAI
 from openai import AsyncOpenAI
 from pydantic import BaseModel
 
-from proxy.ledger.usage import request_log
+from proxy.ledger.reports import request_log
 from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 

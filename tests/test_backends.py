@@ -24,7 +24,7 @@ from openai import OpenAI
 
 from proxy.config.backends import FAILURES_TO_OPEN, Backend, Health, retry_after_seconds
 from proxy.config.settings import Settings, SettingsError
-from proxy.ledger.usage import report, request_log
+from proxy.ledger.reports import report, request_log
 from proxy.storage.tables import Tables
 from tests.conftest import LENIENT, MakeEvent
 from tests.support import (

@@ -17,7 +17,7 @@ from proxy.admission import budget
 from proxy.admission.days import Admission, Finished, Settlement
 from proxy.admission.limits import Ledger
 from proxy.ledger.reconcile import reconcile
-from proxy.ledger.usage import report
+from proxy.ledger.reports import report
 from proxy.policy.attendees import ROSTER_ROW, roster
 from proxy.policy.events import EventStore
 from proxy.storage.tables import Tables

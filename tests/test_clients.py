@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 from openai import AzureOpenAI, OpenAI
 
-from proxy.ledger.usage import report, request_log
+from proxy.ledger.reports import report, request_log
 from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 from tests.support import eventually, sim_stats

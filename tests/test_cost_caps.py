@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from proxy.config.prices import PRICES_FILE
-from proxy.ledger.usage import report
+from proxy.ledger.reports import report
 from proxy.storage.tables import Tables
 from tests.conftest import LENIENT, MakeEvent
 from tests.support import ORGANIZER_KEY, Service, app_env, sim_stats, start_app, start_simulator

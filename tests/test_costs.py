@@ -23,7 +23,8 @@ from proxy.admission.days import Admission
 from proxy.admission.limits import Ledger
 from proxy.config.prices import PRICES_FILE, Price, PriceTable
 from proxy.config.settings import Settings, SettingsError
-from proxy.ledger.usage import UsageRecord, report, request_log
+from proxy.ledger.reports import report, request_log
+from proxy.ledger.usage import UsageRecord
 from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 from tests.support import ORGANIZER_KEY

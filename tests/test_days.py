@@ -15,7 +15,8 @@ import pytest
 from proxy.admission.limits import Ledger
 from proxy.config.prices import PriceTable
 from proxy.errors import CapExceeded
-from proxy.ledger.usage import UsageRecord, report
+from proxy.ledger.reports import report
+from proxy.ledger.usage import UsageRecord
 from proxy.policy.events import Event
 from proxy.storage.tables import Tables
 

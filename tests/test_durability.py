@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 
 from proxy.config.settings import Settings
-from proxy.ledger.usage import report, request_log
+from proxy.ledger.reports import report, request_log
 from proxy.policy.events import Event, EventStore
 from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent

@@ -40,7 +40,8 @@ from proxy.admission.limits import Ledger
 from proxy.config.prices import PriceTable
 from proxy.conversations.sessions import SessionLimits, Sessions
 from proxy.ledger.ending import Answer
-from proxy.ledger.usage import UsageRecord, UsageRecorder, report, request_log
+from proxy.ledger.reports import report, request_log
+from proxy.ledger.usage import UsageRecord, UsageRecorder
 from proxy.storage.tables import Tables
 from proxy.upstream.payload import pseudonym
 from tests.conftest import LENIENT, MakeEvent, NewEvent

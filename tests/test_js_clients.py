@@ -12,7 +12,7 @@ import os
 import subprocess
 from typing import Any
 
-from proxy.ledger.usage import request_log
+from proxy.ledger.reports import request_log
 from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 from tests.support import ROOT

@@ -36,7 +36,7 @@ import httpx
 import pytest
 
 from proxy.admission import inflight
-from proxy.ledger.usage import report, request_log
+from proxy.ledger.reports import report, request_log
 from proxy.storage.tables import Tables
 from proxy.upstream.payload import pseudonym
 from tests.conftest import MakeEvent, NewEvent

@@ -15,7 +15,7 @@ import orjson
 import pytest
 from openai import OpenAI
 
-from proxy.ledger.usage import COLUMNS, report
+from proxy.ledger.reports import COLUMNS, report
 from proxy.storage.tables import Tables
 from tests.support import ORGANIZER_KEY, app_env, start_app, wait_for
 

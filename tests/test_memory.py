@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy.errors import ProxyError
-from proxy.ledger.usage import request_log
+from proxy.ledger.reports import request_log
 from proxy.storage.tables import Tables
 from proxy.upstream.payload import BodyBudget, read_json, release_body
 from tests.conftest import LENIENT, MakeEvent

@@ -14,7 +14,7 @@ import pytest
 from langchain_openai import ChatOpenAI
 from openai import AzureOpenAI, OpenAI
 
-from proxy.ledger.usage import report, request_log
+from proxy.ledger.reports import report, request_log
 from proxy.policy.events import EventStore
 from proxy.storage.tables import Tables
 from proxy.upstream.payload import pseudonym

@@ -25,7 +25,7 @@ from proxy.admission import budget, inflight
 from proxy.admission.days import Finished, Settlement
 from proxy.admission.limits import Ledger
 from proxy.ledger.reconcile import reconcile
-from proxy.ledger.usage import report
+from proxy.ledger.reports import report
 from proxy.policy.events import Event
 from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent

@@ -19,7 +19,7 @@ import pytest
 from openai import OpenAI
 
 from proxy.conversations.sessions import SessionLimits, Sessions, bounded, purge_expired
-from proxy.ledger.usage import request_log
+from proxy.ledger.reports import request_log
 from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
 from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, ROOT, Service, app_env, sim_stats, start_app

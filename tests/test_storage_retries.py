@@ -20,7 +20,7 @@ import pytest
 from proxy.admission import budget, inflight
 from proxy.admission.limits import Ledger
 from proxy.config.settings import Settings
-from proxy.ledger.usage import report, request_log
+from proxy.ledger.reports import report, request_log
 from proxy.storage.tables import Tables
 from tests.conftest import LENIENT, MakeEvent
 from tests.relay import Match, StorageRelay

@@ -42,7 +42,7 @@ from proxy.config.principal import PORTAL_HEADER, read_principal
 from proxy.config.settings import Settings
 from proxy.edge.handlers import answering
 from proxy.errors import InvalidRequest, MethodNotAllowed, OrganizerApiDisabled, Unauthorized
-from proxy.ledger.usage import report_csv
+from proxy.ledger.reports import report_csv
 from proxy.manage import operations as organizer
 from proxy.manage.models import AttendeePatch, OrganizerCreate, RotateCode, validated
 from proxy.manage.openapi import openapi

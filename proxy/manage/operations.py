@@ -57,7 +57,7 @@ from typing import Any
 from proxy.admission.budget import has_budget, read_shards, totals
 from proxy.config.prices import PriceTable
 from proxy.errors import Forbidden, InvalidRequest, NotFound
-from proxy.ledger.usage import GROUPINGS, GroupBy, hourly_report, report
+from proxy.ledger.reports import GROUPINGS, GroupBy, hourly_report, report
 from proxy.manage.models import AttendeePatch, EventCreate, EventUpdate, PlanQuery, RotateCode, Share, validated
 from proxy.manage.plan import BICEP_PARAMS, bicep_quotas, parse_tpm, plan
 from proxy.policy import audit

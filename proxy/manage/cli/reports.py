@@ -8,7 +8,7 @@ from typing import Any
 
 from proxy.config.prices import PriceTable
 from proxy.config.settings import Settings
-from proxy.ledger.usage import FIGURES, GROUPINGS, report_csv
+from proxy.ledger.reports import FIGURES, GROUPINGS, report_csv
 from proxy.manage import operations as organizer
 from proxy.manage.cli.common import Parser, budget_lines, output, table
 from proxy.policy.accounts import CLI
