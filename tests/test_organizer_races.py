@@ -221,3 +221,39 @@ async def test_a_change_overtaken_every_time_is_refused_with_409_and_changes_not
     # Made again with nobody in the way, A's change lands.
     again = await client.patch(base, json={"description": "from A"}, headers=AUTH)
     assert again.status_code == 200 and again.json()["description"] == "from A", again.text
+
+
+async def test_a_code_released_twice_never_takes_it_from_the_event_that_claimed_it_between(
+    app: str, relayed: tuple[StorageRelay, str], tables: Tables, client: httpx.AsyncClient
+) -> None:
+    """Rotation R2 of event A reads A's code X and is about to write; meanwhile rotation R1 lands (A's code X
+    -> Y, X released) and another organizer creates event B with code X. R2's write fails on the ETag and
+    lands on its second try, replacing Y, and releases what it replaced: Y, and X, which is B's by now. B
+    must still open with X (its index row is B's, not A's), and A with R2's code only."""
+    relay, slow = relayed
+    codes = {name: name + secrets.token_hex(8) for name in ("Xcode", "Ycode", "Zcode")}
+    created = await client.post(f"{app}/api/manage/events", json={"name": "A", "code": codes["Xcode"], **window()},
+                                headers=AUTH)  # fmt: skip
+    a_id = created.json()["id"]
+    between: list[httpx.Response] = []
+
+    def r1_and_b() -> None:
+        with httpx.Client(timeout=60) as sync:
+            between.append(sync.post(f"{app}/api/manage/events/{a_id}/rotate-code", json={"code": codes["Ycode"]},
+                                     headers=AUTH))  # fmt: skip
+            between.append(sync.post(f"{app}/api/manage/events", json={"name": "B", "code": codes["Xcode"], **window()},
+                                     headers=AUTH))  # fmt: skip
+
+    def r2_writes_a(method: str, path: str, body: bytes) -> bool:
+        return method == "POST" and path.endswith("$batch") and f"RowKey='{a_id}'".encode() in body
+
+    relay.arm(r2_writes_a, "before", times=1, before=r1_and_b)
+    r2 = await client.post(f"{slow}/api/manage/events/{a_id}/rotate-code", json={"code": codes["Zcode"]}, headers=AUTH)
+    assert r2.status_code == 200, r2.text
+    assert [answer.status_code for answer in between] == [200, 201], [answer.text for answer in between]
+    b_id = between[1].json()["id"]
+    store = EventStore(tables, SecretHasher(CODE_HASH_KEY), 0)  # no cache: what storage says now
+    opened = {name: await store.by_code(code) for name, code in codes.items()}
+    assert {name: None if event is None else event.id for name, event in opened.items()} == {
+        "Xcode": b_id, "Ycode": None, "Zcode": a_id
+    }  # fmt: skip

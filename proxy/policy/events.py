@@ -326,7 +326,7 @@ class EventStore:
         )
         if rehashed.code_hash != code_hash:
             return None  # rotated meanwhile: the code is no longer the event's
-        await self._release_code(legacy_hash)
+        await self._release_code(legacy_hash, event.id)
         return rehashed
 
     async def get(self, event_id: str) -> Event:
@@ -435,10 +435,10 @@ class EventStore:
             except NotFound:
                 written = False
             if not written:
-                await self._release_code(new_hash)  # the claim points at nothing: free the code again
+                await self._release_code(new_hash, event_id)  # the claim points at nothing: free the code again
             raise
         for old_hash in replaced:
-            await self._release_code(old_hash)
+            await self._release_code(old_hash, event_id)
             self._by_code.pop(old_hash, None)
         return rotated
 
@@ -465,7 +465,7 @@ class EventStore:
                 continue
             except ResourceNotFoundError:
                 raise NotFound(f"No event with id {event_id!r}.") from None
-            await self._release_code(event.code_hash)
+            await self._release_code(event.code_hash, event.id)
             self._by_code.pop(event.code_hash, None)
             return event
         raise EditConflict(f"The event {event_id!r} kept changing while it was being deleted; try again.")
@@ -478,6 +478,19 @@ class EventStore:
         except ResourceExistsError:
             raise InvalidRequest("This code is already used by another event; choose another.", param="code") from None
 
-    async def _release_code(self, code_hash: str) -> None:
-        with contextlib.suppress(ResourceNotFoundError):
-            await guarded(self._tables.events.delete_entity(_CODE_PK, code_hash))
+    async def _release_code(self, code_hash: str, event_id: str) -> None:
+        """Delete a code's index row if it still points at ``event_id``, under the ETag read: released once
+        (by a rotation that another overtook, both replacing it), the code may since be another event's, whose
+        row a second release must not delete."""
+        try:
+            index = await guarded(self._tables.events.get_entity(_CODE_PK, code_hash))
+        except ResourceNotFoundError:
+            return
+        if index.get("event_id") != event_id:
+            return
+        with contextlib.suppress(ResourceModifiedError):  # released and claimed again meanwhile: not ours
+            await guarded(
+                self._tables.events.delete_entity(
+                    _CODE_PK, code_hash, etag=index.metadata["etag"], match_condition=MatchConditions.IfNotModified
+                )
+            )
