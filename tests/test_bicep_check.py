@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
-from devtools.deploy.bicep_check import TYPES, TYPES_FILE, Types, check
+from devtools.deploy.bicep_check import check
 from devtools.deploy.bicep_eval import DeploymentFailed, evaluate
 from devtools.deploy.bicep_parse import Node, parse
+from devtools.deploy.bicep_types import TYPES, TYPES_FILE, Types
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
@@ -187,7 +188,7 @@ MUTATIONS = {
         "modules/openai.bicep", "'Microsoft.CognitiveServices/accounts@2024-10-01' = {",
         "'Microsoft.CognitiveServices/accounts@2023-05-01' = {",
         "infra/modules/openai.bicep:{line}: resource 'account': Microsoft.CognitiveServices/accounts@2023-05-01 is "
-        "not in bicep_types.json: add it to TYPES in devtools/deploy/bicep_check.py and rebuild the file with "
+        "not in bicep_types.json: add it to TYPES in devtools/deploy/bicep_types.py and rebuild the file with "
         "--extract",
     ),
     "module parameter it does not declare": (

@@ -1,4 +1,8 @@
-"""The layout of ``proxy/``: imports point one way, from the edge down to storage, and never in a circle.
+"""The layout of ``proxy/`` and ``devtools/``: imports point one way, and never in a circle.
+
+In ``proxy/``, from the edge down to storage; ``devtools/`` (``DEVTOOLS``) may
+import the proxy, never the reverse, and its packages stand apart but for
+``devtools.local``, which runs the others.
 
 Every import of a ``proxy`` module counts, wherever it is written: at the
 top, inside a function (imported late, to spare start-up time) or under
@@ -34,6 +38,22 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("edge", "the attendee's HTTP surface: handlers, callers, key registration, stream relay, access log, pages"),
     ("manage", "the organizer's: operations, HTTP API, probe, plan, doctor, CLI"),
 )
+
+# ``devtools/``: what each package holds, and what it may import besides itself (packages of devtools, or
+# ``proxy``, all of it). Each runs as a process of its own (``python -m devtools.X``); ``local`` starts the
+# others so, and seeds the proxy's storage with the proxy's own code. The simulator imports nothing of the
+# proxy it stands in front of, so that a misreading of Azure's wire format cannot hide in both.
+DEVTOOLS: dict[str, tuple[str, frozenset[str]]] = {
+    "simulator": ("the Azure OpenAI simulator", frozenset()),
+    "funchost": ("the local Functions host, its routing and timers, the worker it starts", frozenset()),
+    "deploy": ("make deploy: az, model versions, accounts, the package it uploads, the Bicep checks", frozenset()),
+    "local": (
+        "make run, Azurite, the benchmark's plain host",
+        frozenset({"devtools.simulator", "devtools.funchost", "proxy"}),
+    ),
+}
+
+MAX_LINES = 500  # a module longer than this is split by concern (docs/STYLE: "Split anything that nears 500 lines")
 
 # Modules not in a package named for their layer (``proxy/errors.py``; before the move into packages, all of them).
 PLACED: dict[str, str] = {
@@ -89,24 +109,58 @@ def layer_of(name: str) -> str | None:
 def problems(root: Path) -> list[str]:
     """Every import that points up or closes a circle, and every module in no layer; empty when the layout holds."""
     known = modules(root)
+    importable = {**known, **modules(root, "devtools")}
     order = {layer: index for index, (layer, _) in enumerate(LAYERS)}
     graph: dict[str, set[str]] = {}
     found = []
     for name, path in known.items():
         graph[name] = set()
-        if name == "proxy":
-            continue
-        layer = layer_of(name)
-        if layer is None:
-            found.append(f"{name} is in no layer: give it a package (and a place in LAYERS)")
-            continue
-        for target, line in imports(name, path, known):
+        for target, line in imports(name, path, importable):
+            where = f"{path.relative_to(root)}:{line}"
+            if target.split(".")[0] == "devtools":
+                found.append(f"{where}: {name} imports {target}: the proxy never imports its dev tools")
+                continue
             graph[name].add(target)
-            target_layer = layer_of(target)
-            if target_layer is not None and order[target_layer] > order[layer]:
-                where = f"{path.relative_to(root)}:{line}"
+            layer, target_layer = layer_of(name), layer_of(target)
+            if layer is not None and target_layer is not None and order[target_layer] > order[layer]:
                 found.append(f"{where}: {name} ({layer}) imports {target} ({target_layer}), a layer above it")
+        if name != "proxy" and layer_of(name) is None:
+            found.append(f"{name} is in no layer: give it a package (and a place in LAYERS)")
     found += [f"import circle: {' -> '.join([*cycle, cycle[0]])}" for cycle in cycles(graph)]
+    return found
+
+
+def devtools_problems(root: Path) -> list[str]:
+    """Every import of a devtools module that ``DEVTOOLS`` does not allow, every circle, every module in no
+    package of ``DEVTOOLS``; empty when the layout holds."""
+    known = modules(root, "devtools")
+    importable = {**known, **modules(root)}
+    graph: dict[str, set[str]] = {}
+    found = []
+    for name, path in known.items():
+        graph[name] = set()
+        package = ".".join(name.split(".")[:2])
+        allowed = DEVTOOLS.get(package.partition(".")[2], ("", frozenset()))[1]
+        if name != "devtools" and package.partition(".")[2] not in DEVTOOLS:
+            found.append(f"{name} is in no package of devtools: give it one (and a place in DEVTOOLS)")
+        for target, line in imports(name, path, importable):
+            graph[name].add(target)
+            reached = "proxy" if target.split(".")[0] == "proxy" else ".".join(target.split(".")[:2])
+            if reached not in (package, *allowed):
+                where = f"{path.relative_to(root)}:{line}"
+                found.append(f"{where}: {name} imports {target}, which {package} may not import (DEVTOOLS)")
+    found += [f"import circle: {' -> '.join([*cycle, cycle[0]])}" for cycle in cycles(graph)]
+    return found
+
+
+def long_modules(root: Path) -> list[str]:
+    """Every module of ``proxy/`` and ``devtools/`` over ``MAX_LINES`` lines, with its count."""
+    found = []
+    for package in ("proxy", "devtools"):
+        for path in modules(root, package).values():
+            lines = len(path.read_text().splitlines())
+            if lines > MAX_LINES:
+                found.append(f"{path.relative_to(root)}: {lines} lines, over {MAX_LINES}: split it by concern")
     return found
 
 
@@ -162,6 +216,21 @@ def test_imports_point_down_and_never_in_a_circle() -> None:
     assert problems(ROOT) == []
 
 
+def test_devtools_packages_import_only_what_they_may() -> None:
+    assert devtools_problems(ROOT) == []
+
+
+def test_what_devtools_may_import_points_one_way() -> None:
+    """The arrows ``DEVTOOLS`` allows between its packages form no circle (else "one way" would mean nothing)."""
+    allowed = {f"devtools.{name}": {t for t in may if t != "proxy"} for name, (_, may) in DEVTOOLS.items()}
+    assert cycles(allowed) == []
+    assert all(target in allowed for targets in allowed.values() for target in targets)
+
+
+def test_no_module_is_over_the_line_limit() -> None:
+    assert long_modules(ROOT) == []
+
+
 def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
     for name, text in files.items():
         path = tmp_path / name
@@ -213,12 +282,53 @@ def test_the_check_sees_an_import_up_a_circle_and_a_module_without_a_layer(tmp_p
     assert len(found) == 6, found  # nothing else: the arrows down (edge to storage, usage to errors) are fine
 
 
+def test_the_devtools_check_sees_each_kind_of_fault(tmp_path: Path) -> None:
+    """The devtools check itself, and the proxy's check of imports of devtools, and the line count."""
+    root = _tree(
+        tmp_path,
+        {
+            "proxy/__init__.py": "",
+            "proxy/errors.py": "",
+            "proxy/config/__init__.py": "",
+            "proxy/config/settings.py": "def f():\n    import devtools.local.run\n",
+            "devtools/__init__.py": "",
+            "devtools/simulator/__init__.py": "",
+            "devtools/simulator/server.py": "from proxy.errors import ProxyError\n",
+            "devtools/funchost/__init__.py": "",
+            "devtools/funchost/host.py": "from devtools.simulator import server\n" + "x = 1\n" * MAX_LINES,
+            "devtools/local/__init__.py": "",
+            "devtools/local/run.py": "from proxy.config import settings\nfrom . import azurite\n",
+            "devtools/local/azurite.py": "from devtools.simulator import server\nfrom devtools.local import run\n",
+            "devtools/stray.py": "",
+        },
+    )
+    found = devtools_problems(root)
+    assert (
+        "devtools/simulator/server.py:1: devtools.simulator.server imports proxy.errors, "
+        "which devtools.simulator may not import (DEVTOOLS)" in found
+    )
+    assert (
+        "devtools/funchost/host.py:1: devtools.funchost.host imports devtools.simulator.server, "
+        "which devtools.funchost may not import (DEVTOOLS)" in found
+    )
+    assert "import circle: devtools.local.azurite -> devtools.local.run -> devtools.local.azurite" in found
+    assert "devtools.stray is in no package of devtools: give it one (and a place in DEVTOOLS)" in found
+    assert len(found) == 4, found  # local's imports of the proxy and of the simulator are allowed
+    assert (
+        "proxy/config/settings.py:2: proxy.config.settings imports devtools.local.run: the proxy never imports "
+        "its dev tools" in problems(root)
+    )
+    assert long_modules(root) == [
+        f"devtools/funchost/host.py: {MAX_LINES + 1} lines, over {MAX_LINES}: split it by concern"
+    ]
+
+
 def test_each_package_says_what_it_holds_and_names_what_it_imports() -> None:
-    """A package's docstring names every package of the proxy its modules import (``proxy.storage``)."""
-    known = modules(ROOT)
+    """A package's docstring names every package its modules import (``proxy.storage``, ``devtools.simulator``)."""
+    known = {**modules(ROOT), **modules(ROOT, "devtools")}
     found = []
     for name, path in known.items():
-        if path.name != "__init__.py" or name == "proxy":
+        if path.name != "__init__.py" or name in ("proxy", "devtools"):
             continue
         docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
         if not docstring:

@@ -1,5 +1,5 @@
 """The Azure OpenAI simulator: its server, chat and Responses, tools and structured output, and
 Azure's wire format as it speaks it.
 
-It imports nothing of the other devtools packages.
+It imports nothing of the other devtools packages, nor of the proxy it stands in front of.
 """
