@@ -21,7 +21,7 @@ from proxy.admission import budget, inflight
 from proxy.admission.limits import Ledger
 from proxy.config.settings import Settings
 from proxy.ledger.reports import report, request_log
-from proxy.storage.tables import Tables
+from proxy.storage.tables import TRANSACT_ATTEMPTS, Tables
 from tests.conftest import LENIENT, MakeEvent
 from tests.relay import Match, StorageRelay
 from tests.support import Service, app_env, eventually, sim_stats, start_app
@@ -50,12 +50,13 @@ def relayed_app(relayed_service: tuple[Service, str]) -> str:
     return relayed_service[1]
 
 
-def writes_row(event_id: str, row_key_start: str) -> Match:
-    """A rule's match: a single-entity write (not a ``$batch``) of a row of ``event_id`` whose key starts so."""
+def writes_row(event_id: str, row_key_start: str, batches: bool = False) -> Match:
+    """A rule's match: a single-entity write of a row of ``event_id`` whose key starts so; with ``batches``, a
+    ``$batch`` holding one too (a new name's first day is inserted with its roster row)."""
     needle = f'"PartitionKey":"{event_id}","RowKey":"{row_key_start}'.encode()
 
     def match(method: str, path: str, body: bytes) -> bool:
-        return method in ("POST", "PUT") and not path.endswith("$batch") and needle in body
+        return method in ("POST", "PUT") and (batches or not path.endswith("$batch")) and needle in body
 
     return match
 
@@ -63,11 +64,12 @@ def writes_row(event_id: str, row_key_start: str) -> Match:
 async def test_a_retried_admission_that_had_landed_counts_once(
     relayed_app: str, relay: StorageRelay, make_event: MakeEvent, tables: Tables, simulator: str
 ) -> None:
-    """Writes of the day (an insert, then a replace under its ETag) and of the event budget's shard land
-    and lose their answers, and are sent again: a daily cap of 3 serves 3, and nothing stays reserved."""
+    """Writes of the day (an insert with the new name's roster row, then a replace under its ETag) and of the
+    event budget's shard land and lose their answers, and are sent again: a daily cap of 3 serves 3, and nothing
+    stays reserved. (Admission writes the day before settlement does, so the first write matched is its.)"""
     created = await make_event(daily_requests=3, event_requests=3)
     event_id, day = created.event.id, datetime.now(UTC).date().isoformat()
-    day_row, shard_rows = writes_row(event_id, f"{day}|alice"), writes_row(event_id, budget.SHARD_PREFIX)
+    day_row, shard_rows = writes_row(event_id, f"{day}|alice", batches=True), writes_row(event_id, budget.SHARD_PREFIX)
     before = sim_stats(simulator)["requests"]
 
     async def day_entity() -> dict[str, Any]:
@@ -79,10 +81,12 @@ async def test_a_retried_admission_that_had_landed_counts_once(
             headers = {"api-key": created.key()}
             return await client.post(f"{relayed_app}/api/v1/chat/completions", json=CHAT, headers=headers)
 
-        # Both attempts of the first write land, both answers lost: 503, and what it took is given back.
-        lost = relay.arm(day_row, "drop", times=2)
+        # Every attempt of the first write (a transaction: the new name's row too) lands, every answer lost:
+        # 503, and what it took is given back.
+        sends = 2 * TRANSACT_ATTEMPTS  # each attempt of Tables.transact is sent twice by the lean client
+        lost = relay.arm(day_row, "drop", times=sends)
         first = await chat()
-        assert lost.fired == 2 and first.status_code == 503, first.text
+        assert lost.fired == sends and first.status_code == 503, first.text
         assert first.json()["error"]["code"] == "storage_unavailable"
         await eventually(day_entity, lambda e: orjson.loads(e["inflight"]) == {} and e["reserved"] == 0)
         statuses = []

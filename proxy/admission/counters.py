@@ -15,6 +15,7 @@ lean REST client, not the SDK.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from typing import Any
@@ -25,6 +26,7 @@ from proxy.admission import budget
 from proxy.admission import inflight as flights
 from proxy.config.prices import PriceTable
 from proxy.policy.events import Event
+from proxy.storage.entities import TransactionRefused
 from proxy.storage.tables import Tables
 
 log = logging.getLogger("proxy.limits")
@@ -93,9 +95,26 @@ class Counters:
             await self._tables.ensure()
             return await self._entities.insert(stored)
 
-    async def _written(self, key: tuple[str, str], etag: str, entity: dict[str, Any]) -> bool:
+    async def _written(
+        self, key: tuple[str, str], etag: str, entity: dict[str, Any], joining: dict[str, Any] | None = None
+    ) -> bool:
         """Write ``entity`` (``_write``) and cache it; False when another write got there first (412, or 409 on
-        an insert), after a short random pause so that racing instances spread out: read it again and retry."""
+        an insert), after a short random pause so that racing instances spread out: read it again and retry.
+
+        With ``joining`` (a new name's roster row, ``proxy.policy.attendees``), both in one transaction: they
+        share the event's partition. A name registered meanwhile (409 on its row) leaves the entity to write alone.
+        """
+        if joining is not None:
+            day = ("update", flights.stored(entity), {"etag": etag}) if etag else ("create", flights.stored(entity), {})
+            try:
+                results = await self._submit([day, ("create", joining, {})])
+            except TransactionRefused as refused:
+                if refused.index == 1 and refused.status_code == 409:
+                    return await self._written(key, etag, entity)
+                await asyncio.sleep(random.uniform(0, 0.005))
+                return False
+            self._cache[key] = (str(results[0]["etag"]), entity)
+            return True
         try:
             new_etag = await self._write(key, etag, entity)
         except (ResourceModifiedError, ResourceExistsError):
@@ -103,6 +122,12 @@ class Counters:
             return False
         self._cache[key] = (new_etag, entity)
         return True
+
+    async def _join(self, joining: dict[str, Any]) -> None:
+        """Insert a new name's roster row alone (its request refused, so no day to carry it); one that exists is
+        fine."""
+        with contextlib.suppress(ResourceExistsError):
+            await self._entities.insert(joining)
 
     async def _submit(self, operations: list[tuple[str, Any, dict[str, Any]]]) -> list[dict[str, Any]]:
         """Submit a transaction (``Tables.transact``). Safe to repeat: a transaction that did

@@ -13,6 +13,9 @@ Storage cost per request, on the critical path:
 - otherwise 1 conditional write, the ETag and figures being cached from this
   worker's previous write; +1 read the first time a worker sees the attendee
   that day, and +1 read and write per lost race with another instance;
+- a new attendee (a name the roster has not registered, ``joining``): 1
+  transaction that inserts its first day and its roster row together (they share
+  the event's partition), with no read: a name not registered has no day stored;
 - a refusal is confirmed by a fresh read (1 operation) so that a stale cache
   never refuses a request that another instance's refund would allow.
 
@@ -50,12 +53,22 @@ _UNCHANGED = MatchConditions.IfNotModified
 class Ledger(Settling):
     """Admits requests against the per-attendee day entities and the event budget's shards, and settles them."""
 
-    async def admit(self, event: Event, user: str, now: datetime, estimate: int, request_id: str) -> Admission:
+    async def admit(
+        self,
+        event: Event,
+        user: str,
+        now: datetime,
+        estimate: int,
+        request_id: str,
+        joining: dict[str, Any] | None = None,
+    ) -> Admission:
         """Reserve one request against the caps, or raise ``CapExceeded``.
 
         Requests of one attendee that arrive while a reservation is being
         written wait for it, then are reserved together in the next write:
-        one storage operation admits them all (group commit).
+        one storage operation admits them all (group commit). ``joining`` is
+        the roster row of a name not registered yet (``Roster.admit``): it is
+        inserted with the name's first day, or alone if the request is refused.
         """
         day = day_of(now, event.time_zone)
         minute = int(now.timestamp()) // 60
@@ -65,12 +78,20 @@ class Ledger(Settling):
         result: Admission = await self._grouped(
             key,
             (estimate, request_id, int(now.timestamp())),
-            lambda group: self._admit_group(event, user, key, now, group),
+            lambda group: self._admit_group(event, user, key, now, group, joining),
             lambda admission: self._give_back(event.id, user, admission, None),
         )
         return result
 
-    async def admit_all(self, event: Event, user: str, now: datetime, estimate: int, request_id: str) -> Admission:
+    async def admit_all(
+        self,
+        event: Event,
+        user: str,
+        now: datetime,
+        estimate: int,
+        request_id: str,
+        joining: dict[str, Any] | None = None,
+    ) -> Admission:
         """Admit against the attendee's caps and the event's budget (both at once), or raise ``CapExceeded``.
 
         When one admits and the other refuses, what was taken is given back
@@ -81,14 +102,14 @@ class Ledger(Settling):
         """
         if not budget.has_budget(event):
             try:
-                return await self.admit(event, user, now, estimate, request_id)
+                return await self.admit(event, user, now, estimate, request_id, joining)
             except StorageUnavailable:
                 if has_caps(event):
                     self._give_back(
                         event.id, user, self._untaken(now, estimate, request_id, True, event.time_zone), None
                     )
                 raise
-        attendee_task = asyncio.ensure_future(self.admit(event, user, now, estimate, request_id))
+        attendee_task = asyncio.ensure_future(self.admit(event, user, now, estimate, request_id, joining))
         shard_task = asyncio.ensure_future(self.admit_budget(event, now, estimate, request_id))
         try:
             await asyncio.wait((attendee_task, shard_task))
@@ -296,10 +317,14 @@ class Ledger(Settling):
         key: tuple[str, str],
         now: datetime,
         group: list[Waiting],
+        joining: dict[str, Any] | None = None,
     ) -> None:
         day, minute = day_of(now, event.time_zone), int(now.timestamp()) // 60
         state = self._cache.get(key)
         fresh = False
+        if state is None and joining is not None:
+            # A name not registered has no day stored: no read. Were it wrong, the insert fails (409) and reads.
+            state, fresh = ("", {"PartitionKey": key[0], "RowKey": key[1]}), True
         for _ in range(MAX_ATTEMPTS):
             if state is None:
                 state = await self._fetch(key)
@@ -324,9 +349,12 @@ class Ledger(Settling):
             if not fresh and any(isinstance(o, CapExceeded) for o in outcomes):
                 state = None  # confirm against storage before refusing anyone
                 continue
-            if updated is not state[1] and not await self._written(key, etag, updated):
-                state, fresh = None, False
-                continue
+            if updated is not state[1]:
+                if not await self._written(key, etag, updated, joining):
+                    state, fresh = None, False
+                    continue
+            elif joining is not None and any(isinstance(o, CapExceeded) for o in outcomes):
+                await self._join(joining)  # refused, so no day to carry it: the name joins all the same
             for (_, _, ticket, _), outcome in zip(group, outcomes, strict=True):
                 if isinstance(outcome, CapExceeded):
                     ticket.set_exception(outcome)

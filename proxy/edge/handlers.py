@@ -19,8 +19,9 @@ lookup (0 storage operations when cached, 2 point reads per code per
 has a personal key (0 when cached, 1 point read per name and
 ``EVENT_CACHE_SECONDS``); with a personal key instead, the cached key lookup
 (0, or 2 sequential reads per key and ``EVENT_CACHE_SECONDS``, ``proxy.policy.keys``);
-then the cap reservation of ``proxy.admission.limits`` (0 or 1 operation), and the
-upstream call. Usage is written afterwards.
+then the cap reservation of ``proxy.admission.limits`` (0 or 1 operation; a new
+name's roster row rides in it, ``proxy.policy.attendees``), and the upstream call.
+Usage is written afterwards.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from starlette.responses import Response
 
 from proxy.admission.alerts import Alerts
 from proxy.admission.budget import has_budget
-from proxy.admission.days import CLIENT_GONE, Admission, booked_cost, booked_tokens, day_of, next_midnight
+from proxy.admission.days import CLIENT_GONE, Admission, booked_cost, booked_tokens, day_of, has_caps, next_midnight
 from proxy.admission.limits import Ledger
 from proxy.config.prices import PriceTable, usd
 from proxy.config.settings import Settings
@@ -383,13 +384,19 @@ class Proxy:
         self.recorder.check_storage()
         self.alerts.touch(event)  # its budgets are checked a moment later, off this path (proxy.admission.alerts)
         with self.telemetry.span("cap reservation"):
-            await self.roster.admit(event, user)
+            # A new name's roster row rides with its first day (one transaction, proxy.policy.attendees).
+            joining = await self.roster.admit(event, user, carried=has_caps(event))
             try:
-                return await self.ledger.admit_all(event, user, now, estimate, request_id)
+                admission = await self.ledger.admit_all(event, user, now, estimate, request_id, joining)
             except CapExceeded as refused:
+                if joining is not None:
+                    self.roster.seen(event.id, user)  # stored alone, its request refused
                 if refused.code == "event_budget_exhausted":
                     self.alerts.touch(event, exhausted=True)  # used up for attendees, if not to the last token
                 raise
+            if joining is not None:
+                self.roster.seen(event.id, user)  # stored with its first day
+            return admission
 
     async def _send(self, call: Call, model: str, record: UsageRecord) -> httpx.Response:
         """Upstream's answer; a request that never got one is recorded here, charged if upstream may bill it."""

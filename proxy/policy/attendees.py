@@ -20,7 +20,12 @@ names registered before count, as they are counted from their rows. Names new to
 same moment are registered together, one transaction for all of them (group
 commit); only the first request of each name ever writes here. A worker
 remembers the names it has seen, so a known name costs nothing, and a name new
-to this worker costs one point read.
+to this worker costs one point read, or none when the check for a personal key
+has just read the same row (``seen``, ``absent``). Without ``max_attendees``, a
+new name whose request writes its first day (an event with caps) is not
+registered here: its row rides in the transaction that inserts that day
+(``admit(..., carried=True)``, ``proxy.admission.limits``), so a new attendee's
+admission costs one storage call.
 
 Blocked names are kept on the event itself (``proxy.policy.events``), which every
 worker caches for ``EVENT_CACHE_SECONDS``: a block or an unblock takes effect
@@ -50,6 +55,7 @@ ROSTER_ROW = "roster"
 MAX_NAMES_PER_WRITE = 99  # an entity group transaction holds 100 operations, one of them the roster
 MAX_ATTEMPTS = 100
 _KNOWN_LIMIT = 200_000
+_ABSENT_LIMIT = 10_000
 
 Waiting = tuple[str, asyncio.Future[bool], dict[str, Any] | None]
 
@@ -60,21 +66,42 @@ class Roster:
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
         self._known: set[tuple[str, str]] = set()
+        # Names whose row was just read and not found (``absent``): their admission needs no read.
+        self._absent: set[tuple[str, str]] = set()
         # Names waiting for the next group write: (name, ticket, properties of its row or None).
         self._waiting: dict[str, list[Waiting]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def admit(self, event: Event, user: str) -> None:
-        """Let a name in: raise ``AttendeeBlocked``, or ``AttendeeLimitReached`` for a new name past the limit."""
+    async def admit(self, event: Event, user: str, carried: bool = False) -> dict[str, Any] | None:
+        """Let a name in: raise ``AttendeeBlocked``, or ``AttendeeLimitReached`` for a new name past the limit.
+
+        With ``carried`` (the request writes the name's day, ``proxy.admission.limits``), a new name of an event
+        without ``max_attendees`` is not registered here: its row is returned, for the caller to insert with that
+        day in one transaction and to report with ``seen`` once stored. Otherwise None: the name is in.
+        """
         if user in event.blocked:
             raise AttendeeBlocked(
                 f"The organizer of '{event.name}' has blocked the name '{user}'. Ask them if this is a mistake."
             )
-        if (event.id, user) in self._known:
-            return
-        if not await self._registered(event.id, user):
-            await self._register(event, user, None)
+        name = (event.id, user)
+        if name in self._known:
+            return None
+        if name in self._absent:
+            self._absent.discard(name)  # read a moment ago: a name registered since fails its insert (409)
+        elif await self._registered(event.id, user):
+            self._remember(event.id, user)
+            return None
+        if carried and event.max_attendees is None:
+            return self.row(event.id, user)
+        await self._register(event, user, None)
         self._remember(event.id, user)
+        return None
+
+    @staticmethod
+    def row(event_id: str, user: str, properties: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A name's row as registering inserts it."""
+        return {"PartitionKey": event_id, "RowKey": USER_PREFIX + user, "user": user,
+                **_first_seen(datetime.now(UTC)), **(properties or {})}  # fmt: skip
 
     async def join(self, event: Event, user: str, properties: dict[str, Any]) -> bool:
         """Register a new name with ``properties`` on its row (a personal key's claim, ``proxy.policy.keys``): True when
@@ -85,8 +112,15 @@ class Roster:
         return created
 
     def seen(self, event_id: str, user: str) -> None:
-        """The name's row was read elsewhere and exists (``proxy.policy.keys``): admitting it needs no read."""
+        """The name's row was read elsewhere and exists (``proxy.policy.keys``), or was stored with its day
+        (``admit(..., carried=True)``): admitting it needs no read."""
         self._remember(event_id, user)
+
+    def absent(self, event_id: str, user: str) -> None:
+        """The name's row was read elsewhere a moment ago and not found: its admission need not read it again."""
+        if len(self._absent) > _ABSENT_LIMIT:
+            self._absent.clear()
+        self._absent.add((event_id, user))
 
     def _remember(self, event_id: str, user: str) -> None:
         if len(self._known) > _KNOWN_LIMIT:
@@ -171,11 +205,8 @@ class Roster:
                 roster = {"PartitionKey": event.id, "RowKey": ROSTER_ROW, "count": count + len(taken)}
                 condition = {"mode": UpdateMode.REPLACE, "etag": etag, "match_condition": MatchConditions.IfNotModified}
                 operations.append(("update", roster, condition) if etag else ("create", roster, {}))
-            now = datetime.now(UTC)
             for user in taken:
-                row = {"PartitionKey": event.id, "RowKey": USER_PREFIX + user, "user": user, **_first_seen(now),
-                       **rows.get(user, {})}  # fmt: skip
-                operations.append(("create", row, {}))
+                operations.append(("create", self.row(event.id, user, rows.get(user)), {}))
             try:
                 await self._submit(operations)
             except TransactionRefused as error:

@@ -155,6 +155,7 @@ class PersonalKeys:
         async def load() -> bool:
             row = await self._row(event_id, user)
             if row is None:
+                self._roster.absent(event_id, user)  # the roster's own check would read the same row
                 return False
             self._roster.seen(event_id, user)  # the same row the roster would read for its first request here
             return bool(row.get("key_hash"))
@@ -265,6 +266,7 @@ class PersonalKeys:
         held = str(row.get("key_hash") or "") if row else ""
         if not held or not hmac.compare_digest(held, key_hash):
             return None  # reset, or an index row left by a registration that lost
+        self._roster.seen(event_id, user)  # its row, read: the name needs no registering here
         return event, user
 
     async def _row(self, event_id: str, user: str) -> dict[str, Any] | None:

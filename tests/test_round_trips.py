@@ -1,0 +1,268 @@
+"""Storage calls per attendee request, counted where they reach Azurite: the hot path at its floor.
+
+An app (the real worker behind the host emulator) reaches Azurite through a relay
+(``tests.relay``) that names every call it passes: ``read day``, ``write day``
+(a replace under the cached ETag), ``insert day``, ``batch day+log`` (one entity
+group transaction holding those rows), and so on. A request's calls are those the
+relay sees between sending it and its answer (an answer waits for its usage to be
+stored, ``proxy.ledger.usage``), so each test asserts exactly what one request
+costs. Events and personal-key checks are cached for a minute here, so only a name's
+first request on this worker pays its ``read user`` (whether the name holds a
+personal key, ``proxy.policy.keys``: ``EVENT_CACHE_SECONDS`` in production).
+
+Admission's share (``proxy.admission``): one conditional write in the steady
+state, at most two calls for an attendee's first request of the day or of all.
+A second app, straight on Azurite, is another instance of the same deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote
+
+import httpx
+import orjson
+import pytest
+from azure.core.exceptions import ResourceNotFoundError
+
+from proxy.policy.attendees import roster
+from proxy.storage.tables import Tables
+from tests.conftest import LENIENT, MakeEvent
+from tests.relay import StorageRelay
+from tests.support import app_env, eventually, start_app
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+_ENTITY = re.compile(r"/(\w+)\(PartitionKey='([^']*)',RowKey='([^']*)'\)")
+_ROW_KEY = re.compile(rb'"RowKey":\s*"([^"]*)"')
+_DAY = re.compile(r"\d{4}-\d\d-\d\d\|")
+_VERBS = {"GET": "read", "PUT": "write", "MERGE": "merge", "PATCH": "merge", "DELETE": "delete", "POST": "insert"}
+
+
+def row_kind(row: str) -> str:
+    for prefix, kind in (("user|", "user"), ("log|", "log"), ("shard|", "shard")):
+        if row.startswith(prefix):
+            return kind
+    return "day" if _DAY.match(row) else row
+
+
+def name_call(method: str, path: str, body: bytes) -> str:
+    """What a Table Storage call does, by the rows it touches: ``read day``, ``batch day+log``..."""
+    path = unquote(path.split("?", 1)[0])
+    if path.endswith("/$batch"):
+        rows = sorted(row_kind(unquote(row.decode())) for row in _ROW_KEY.findall(body))
+        return "batch " + "+".join(rows)
+    found = _ENTITY.search(path)
+    table = found.group(1) if found else path.rsplit("/", 1)[-1].split("(")[0]
+    if found:
+        kind = row_kind(found.group(3))
+    elif method == "POST" and (rows := _ROW_KEY.findall(body)):
+        kind = row_kind(rows[0].decode())
+    else:
+        kind = "query" if method == "GET" else "table"
+    verb = _VERBS.get(method, method)
+    return f"{verb} {kind}" if table == "proxyusage" else f"{verb} {table}:{kind}"
+
+
+class Calls:
+    """Every call the relay passes, named (``name_call``), in order of arrival."""
+
+    def __init__(self, relay: StorageRelay) -> None:
+        self.names: list[str] = []
+        self._lock = threading.Lock()
+        # Never fires (it matches nothing): it only watches, as a rule's match sees every call.
+        relay.arm(self._record, "delay", times=10**9)
+
+    def _record(self, method: str, path: str, body: bytes) -> bool:
+        with self._lock:
+            self.names.append(name_call(method, path, body))
+        return False
+
+    def since(self, mark: int) -> list[str]:
+        with self._lock:
+            return self.names[mark:]
+
+
+@pytest.fixture(scope="module")
+def counted(azurite: str, simulator: str) -> Iterator[tuple[Calls, str, str]]:
+    """This app behind the counting relay, another instance straight on Azurite; timers off (no reconciler)."""
+    port = int(azurite.split("TableEndpoint=http://127.0.0.1:")[1].split("/")[0])
+    relay = StorageRelay(port)
+    calls = Calls(relay)
+    env = {"EVENT_CACHE_SECONDS": "60", **LENIENT}
+    here, url = start_app(app_env(relay.connection_string(azurite), simulator, **env), "--timer-interval", "0")
+    elsewhere, other = start_app(app_env(azurite, simulator, **env), "--timer-interval", "0")
+    yield calls, url, other
+    elsewhere.stop()
+    here.stop()
+    relay.close()
+
+
+def cost(calls: Calls, app: str, credential: str) -> Counter[str]:
+    """The storage calls of one chat request, from its sending to its answer."""
+    mark = len(calls.since(0))
+    answer = httpx.post(f"{app}/api/v1/chat/completions", json=CHAT, headers={"api-key": credential}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return Counter(calls.since(mark))
+
+
+def admission(spent: Counter[str]) -> Counter[str]:
+    """A request's calls before upstream: all but settlement (``batch ...+log``) and the personal-key check."""
+    return Counter({name: n for name, n in spent.items() if not name.endswith("+log") and name != "read user"})
+
+
+async def test_steady_state_admits_with_one_conditional_write(counted: Any, make_event: MakeEvent) -> None:
+    calls, app, _ = counted
+    created = await make_event(daily_requests=1000, daily_tokens=10**9, tpm=10**9)
+    cost(calls, app, created.key("amy"))
+    spent = cost(calls, app, created.key("amy"))
+    assert spent == Counter({"write day": 1, "batch day+log": 1}), spent
+
+
+async def test_a_new_attendee_costs_at_most_two_calls(counted: Any, make_event: MakeEvent) -> None:
+    """The name's row and its first day in one transaction, after the read that checks the name for a key."""
+    calls, app, _ = counted
+    created = await make_event(daily_requests=1000)
+    cost(calls, app, created.key("warm"))  # the event's own first lookups
+    spent = cost(calls, app, created.key("newcomer"))
+    before_upstream = spent - Counter({"batch day+log": 1})
+    assert sum(before_upstream.values()) <= 2, f"a new attendee's first request before upstream: {spent}"
+    assert before_upstream == Counter({"read user": 1, "batch day+user": 1}), spent
+    assert cost(calls, app, created.key("newcomer")) == Counter({"write day": 1, "batch day+log": 1})
+
+
+async def test_first_request_of_the_day_costs_two(counted: Any, make_event: MakeEvent, tables: Tables) -> None:
+    """A name registered on an earlier day (here: by another instance, its day row then removed, which is what a
+    new day looks like) reads its day, finds none, and inserts it."""
+    calls, app, other = counted
+    created = await make_event(daily_requests=1000)
+    cost(calls, app, created.key("warm"))
+    cost(calls, other, created.key("dave"))
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    await tables.usage.delete_entity(created.event.id, f"{day}|dave")
+    spent = cost(calls, app, created.key("dave"))
+    assert admission(spent) == Counter({"read day": 1, "insert day": 1}), spent
+    assert spent["read user"] == 1, spent  # its row exists: registered, nothing to write
+    assert cost(calls, app, created.key("dave")) == Counter({"write day": 1, "batch day+log": 1})
+
+
+async def test_an_attendee_new_to_this_instance_costs_two(counted: Any, make_event: MakeEvent) -> None:
+    """Active today on another instance: this one reads the day (its ETag), then writes under it."""
+    calls, app, other = counted
+    created = await make_event(daily_requests=1000)
+    cost(calls, app, created.key("warm"))
+    cost(calls, other, created.key("carol"))
+    spent = cost(calls, app, created.key("carol"))
+    assert admission(spent) == Counter({"read day": 1, "write day": 1}), spent
+
+
+async def test_without_caps_admission_costs_nothing(counted: Any, make_event: MakeEvent) -> None:
+    """No day written before upstream: a new name's row alone, then nothing; settling reads the day once."""
+    calls, app, _ = counted
+    created = await make_event(daily_requests=None)
+    cost(calls, app, created.key("warm"))
+    first = cost(calls, app, created.key("nocap"))
+    assert first == Counter({"read user": 1, "batch user": 1, "read day": 1, "batch day+log": 1}), first
+    assert cost(calls, app, created.key("nocap")) == Counter({"batch day+log": 1})
+
+
+async def test_an_event_budget_adds_one_write_beside_the_days(counted: Any, make_event: MakeEvent) -> None:
+    """The shard of the event's budget is written concurrently with the attendee's day; its settlement is
+    deferred to a write of its own a moment after the answer (or carried by the next admission)."""
+    calls, app, _ = counted
+    created = await make_event(daily_requests=1000, event_requests=100_000)
+
+    async def settled_on_shard(spent: Counter[str], mark: int) -> Counter[str]:
+        """``spent`` and what followed it, once the request's deferred settlement reached its shard."""
+
+        async def since() -> Counter[str]:
+            return Counter(calls.since(mark))
+
+        return await eventually(since, lambda c: c["write shard"] > spent["write shard"], what="the shard settled")
+
+    mark = len(calls.since(0))
+    await settled_on_shard(cost(calls, app, created.key("warm")), mark)  # the worker's shard read and written
+    mark = len(calls.since(0))
+    spent = await settled_on_shard(cost(calls, app, created.key("fay")), mark)
+    assert admission(spent) == Counter({"batch day+user": 1, "write shard": 2}), spent  # one of them deferred
+    mark = len(calls.since(0))
+    spent = await settled_on_shard(cost(calls, app, created.key("fay")), mark)
+    assert spent == Counter({"write day": 1, "write shard": 2, "batch day+log": 1}), spent
+
+
+async def test_a_new_name_raced_on_two_instances_joins_once_and_counts_exactly(
+    counted: Any, make_event: MakeEvent, tables: Tables
+) -> None:
+    """Both instances take the same new name's first requests at once, each sure the name is new: one
+    transaction inserts the name, the others find it (409) and write the day alone; every request counts once."""
+    _, app, other = counted
+    created = await make_event(daily_requests=1000)
+    per_app = 6
+    async with httpx.AsyncClient(timeout=60) as client:
+        answers = await asyncio.gather(
+            *(
+                client.post(f"{url}/api/v1/chat/completions", json=CHAT, headers={"api-key": created.key("racer")})
+                for url in (app, other)
+                for _ in range(per_app)
+            )
+        )
+    assert [a.status_code for a in answers] == [200] * 2 * per_app, [a.text for a in answers if a.status_code != 200]
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    entity = await tables.usage.get_entity(created.event.id, f"{day}|racer")
+    assert (entity["reserved"], entity["requests"]) == (2 * per_app, 2 * per_app)
+    assert list(await roster(tables, created.event.id)) == ["racer"]
+
+
+async def test_a_name_registered_since_its_check_is_counted_once(
+    counted: Any, make_event: MakeEvent, tables: Tables
+) -> None:
+    """This instance read the name's row and found none (its request then refused before admission); another
+    instance registers the name and admits its day. The next request here, still sure the name is new, finds
+    the day (409), reads it, and writes it with the name's row, which exists (409): the day alone, once."""
+    calls, app, other = counted
+    created = await make_event(daily_requests=1000)
+    cost(calls, app, created.key("warm"))
+    unknown_model = {**CHAT, "model": "no-such-model"}
+    refused = httpx.post(f"{app}/api/v1/chat/completions", json=unknown_model, headers={"api-key": created.key("late")})
+    assert refused.status_code == 404, refused.text  # after the name's check, before admission
+    cost(calls, other, created.key("late"))
+    spent = cost(calls, app, created.key("late"))
+    assert spent["read user"] == 0 and spent["read day"] == 1, spent  # the check still cached: the stale case
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    entity = await tables.usage.get_entity(created.event.id, f"{day}|late")
+    assert (entity["reserved"], entity["requests"]) == (2, 2)
+    assert sorted(await roster(tables, created.event.id)) == ["late", "warm"]
+
+
+async def test_a_new_name_refused_by_its_caps_joins_all_the_same(
+    counted: Any, make_event: MakeEvent, tables: Tables
+) -> None:
+    """Refused before any day is written (a daily cap of 0 requests): the name's row is stored alone, as a name
+    that sent a request; no day row."""
+    _, app, _ = counted
+    created = await make_event(daily_requests=0)
+    answer = httpx.post(f"{app}/api/v1/chat/completions", json=CHAT, headers={"api-key": created.key("greedy")})
+    assert answer.status_code == 429 and answer.json()["error"]["code"] == "daily_request_cap_exceeded", answer.text
+    assert list(await roster(tables, created.event.id)) == ["greedy"]
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    with pytest.raises(ResourceNotFoundError):
+        await tables.usage.get_entity(created.event.id, f"{day}|greedy")
+
+
+def test_calls_are_named_by_the_rows_they_touch() -> None:
+    """The relay's names, on calls as the lean client sends them (a name the tests above rely on)."""
+    row = "/devstoreaccount1/proxyusage(PartitionKey='ev',RowKey='2026-12-03%7Cann')"
+    assert name_call("GET", row, b"") == "read day"
+    assert name_call("PUT", row, b"{}") == "write day"
+    body = orjson.dumps({"PartitionKey": "ev", "RowKey": "user|ann"})
+    assert name_call("POST", "/devstoreaccount1/proxyusage", body) == "insert user"
+    batch = b'--b\r\n{"PartitionKey":"ev","RowKey":"log|2026-12-03|r1"}\r\n{"RowKey":"2026-12-03|ann"}\r\n'
+    assert name_call("POST", "/devstoreaccount1/$batch", batch) == "batch day+log"
+    assert (
+        name_call("GET", "/devstoreaccount1/proxyevents(PartitionKey='code',RowKey='h')", b"") == "read proxyevents:h"
+    )
