@@ -174,7 +174,8 @@ async def test_a_throttled_first_backend_fails_over_and_cools_down(
     azurite: str, sims: Sims, make_event: MakeEvent, tables: Tables
 ) -> None:
     created = await make_event()  # before the blocking starts: Azurite's keep-alive
-    first = sims.start("--throttle-fraction", "1", "--throttle-retry-ms", "2500")
+    retry = 4.0  # the first backend's Retry-After
+    first = sims.start("--throttle-fraction", "1", "--throttle-retry-ms", str(int(retry * 1000)))
     second = sims.start("--latency-ms", "20")
     service, url = backends_app(
         azurite,
@@ -182,17 +183,30 @@ async def test_a_throttled_first_backend_fails_over_and_cools_down(
     )
     try:
         client = OpenAI(base_url=f"{url}/api/v1", api_key=created.key(), max_retries=0)
+        client.models.list()  # the worker has read the event: the first request below is a warm one
+        sent = time.monotonic()
         answers = [client.chat.completions.create(**CHAT)]  # type: ignore[call-overload]
-        throttled_at = time.monotonic()  # the 429 came before this answer
-        answers += [client.chat.completions.create(**CHAT) for _ in range(5)]  # type: ignore[call-overload]
+        # The 429 came after ``sent``: every request answered less than ``retry`` after it was sent while the first
+        # backend was cooled, and must not have called it. Measured by time, not by count: on a busy machine
+        # fewer of them fit in the window, and those after it may call the first backend again (429 again).
+        calls = [(time.monotonic() - sent, requests_to(first))]  # (answered, s after sent; first's calls)
+        for stream in (False, False, False, False, False, True):
+            if stream:
+                chunks = client.chat.completions.create(**CHAT, stream=True)  # type: ignore[call-overload]
+                assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            else:
+                answers.append(client.chat.completions.create(**CHAT))  # type: ignore[call-overload]
+            calls.append((time.monotonic() - sent, requests_to(first)))
         assert all(a.choices[0].message.content for a in answers)
-        assert requests_to(first) == 1 and requests_to(second) == 6  # cooled after its 429: not called again
-        streamed = client.chat.completions.create(**CHAT, stream=True)  # type: ignore[call-overload]
-        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
-        assert requests_to(first) == 1
-        await asyncio.sleep(max(0.0, throttled_at + 2.5 - time.monotonic()))
+        cooled = [count for answered, count in calls if answered < retry]
+        assert len(cooled) >= 2, f"no request fit in the {retry} s window after the 429: {calls}"
+        assert cooled == [1] * len(cooled), calls  # cooled after its 429: not called again
+        assert requests_to(second) == 7  # every request was answered by the second backend
+        # Its Retry-After has passed since the last 429 (which came before the answer that counted it).
+        last_429 = next(answered for answered, count in calls if count == calls[-1][1])
+        await asyncio.sleep(max(0.0, sent + last_429 + retry - time.monotonic()))
         client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
-        assert requests_to(first) == 2  # its Retry-After has passed: tried again (and throttled again)
+        assert requests_to(first) == calls[-1][1] + 1  # tried again (and throttled again)
         log = await eventually(
             lambda: request_log(tables, created.event.id), lambda entries: len(entries) == 8, what="8 requests"
         )
