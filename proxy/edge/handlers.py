@@ -181,7 +181,7 @@ class Proxy:
     @classmethod
     def from_settings(cls, settings: Settings) -> Proxy:
         credential = make_credential(settings)
-        upstream = Upstream(settings, Upstream.client(settings), credential)
+        upstream = Upstream(settings, Upstream.transport(settings), credential)
         lines = AccessLog.from_settings(settings)
         configure_access_log(lines)
         return cls(settings, Tables.create(settings, credential), upstream, credential, telemetry=lines.telemetry)
