@@ -254,6 +254,26 @@ async def test_a_new_name_refused_by_its_caps_joins_all_the_same(
         await tables.usage.get_entity(created.event.id, f"{day}|greedy")
 
 
+async def test_requests_that_miss_the_event_cache_together_share_one_lookup(
+    counted: Any, make_event: MakeEvent
+) -> None:
+    """16 first requests of an event at once (as when its cache entry expires under load): one lookup of the
+    code, two point reads (its index row, then the event), not two per request."""
+    calls, app, _ = counted
+    created = await make_event(daily_requests=1000)
+    mark = len(calls.since(0))
+    async with httpx.AsyncClient(timeout=60) as client:
+        answers = await asyncio.gather(
+            *(
+                client.post(f"{app}/api/v1/chat/completions", json=CHAT, headers={"api-key": created.key(f"crowd{i}")})
+                for i in range(16)
+            )
+        )
+    assert [a.status_code for a in answers] == [200] * 16
+    lookups = [name for name in calls.since(mark) if name.startswith("read proxyevents:")]
+    assert len(lookups) == 2, lookups
+
+
 def test_calls_are_named_by_the_rows_they_touch() -> None:
     """The relay's names, on calls as the lean client sends them (a name the tests above rely on)."""
     row = "/devstoreaccount1/proxyusage(PartitionKey='ev',RowKey='2026-12-03%7Cann')"

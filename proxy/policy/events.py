@@ -53,6 +53,7 @@ from azure.data.tables import UpdateMode
 from proxy.config.hashing import EVENT_CODE, SecretHasher, legacy_sha256
 from proxy.config.settings import SettingsError
 from proxy.errors import EditConflict, InvalidRequest, NotFound
+from proxy.policy.lookups import Lookups
 from proxy.storage.tables import Tables, gathered, guarded
 
 EVENT_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
@@ -255,7 +256,7 @@ class EventStore:
         self._hasher = hasher  # None: the CLI without CODE_HASH_KEY, which can do all but touch a code
         self._cache_seconds = cache_seconds
         self._clock = clock
-        self._by_code: dict[str, tuple[float, Event | None]] = {}
+        self._by_code = Lookups(clock)  # event (or None) by code hash
 
     @property
     def hasher(self) -> SecretHasher | None:
@@ -284,18 +285,17 @@ class EventStore:
         keyed hashes, to upgrade it).
         """
         code_hash = code_hash or self.hash_code(code)
-        now = self._clock()
-        cached = self._by_code.get(code_hash)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        event = await self._lookup(code_hash)
-        if event is None:
-            event = await self._upgrade(legacy_sha256(EVENT_CODE, code), code_hash)
-        ttl = self._cache_seconds if event is not None else min(NEGATIVE_CACHE_SECONDS, self._cache_seconds)
-        if len(self._by_code) > 10_000:
-            self._by_code.clear()
-        self._by_code[code_hash] = (now + ttl, event)
-        return event
+
+        async def load() -> Event | None:
+            event = await self._lookup(code_hash)
+            if event is None:
+                event = await self._upgrade(legacy_sha256(EVENT_CODE, code), code_hash)
+            return event
+
+        return await self._by_code.get(code_hash, load, self._ttl)
+
+    def _ttl(self, event: Event | None) -> float:
+        return self._cache_seconds if event is not None else min(NEGATIVE_CACHE_SECONDS, self._cache_seconds)
 
     async def _lookup(self, code_hash: str) -> Event | None:
         try:
@@ -385,7 +385,7 @@ class EventStore:
                 stored = (await self._tables.submit(self._tables.events, operations))[0]
         except ResourceNotFoundError:
             raise NotFound(f"No event with id {event.id!r}: it was deleted meanwhile.") from None
-        self._by_code.pop(event.code_hash, None)
+        self._by_code.drop(event.code_hash)
         return replace(event, etag=str(stored["etag"]))
 
     async def modify(self, event_id: str, change: Callable[[Event], Event], audit: Audit | None = None) -> Event:
@@ -439,7 +439,7 @@ class EventStore:
             raise
         for old_hash in replaced:
             await self._release_code(old_hash, event_id)
-            self._by_code.pop(old_hash, None)
+            self._by_code.drop(old_hash)
         return rotated
 
     async def delete(
@@ -466,7 +466,7 @@ class EventStore:
             except ResourceNotFoundError:
                 raise NotFound(f"No event with id {event_id!r}.") from None
             await self._release_code(event.code_hash, event.id)
-            self._by_code.pop(event.code_hash, None)
+            self._by_code.drop(event.code_hash)
             return event
         raise EditConflict(f"The event {event_id!r} kept changing while it was being deleted; try again.")
 

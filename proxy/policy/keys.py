@@ -48,9 +48,9 @@ import contextlib
 import hmac
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
@@ -61,66 +61,16 @@ from proxy.errors import AttendeeBlocked, NameTaken, NotFound, StorageUnavailabl
 from proxy.policy.attendees import USER_PREFIX, Roster, roster_rows
 from proxy.policy.credentials import KEY_PREFIX
 from proxy.policy.events import NEGATIVE_CACHE_SECONDS, Event, EventStore
+from proxy.policy.lookups import Lookups
 from proxy.storage.tables import Tables, guarded
 
 KEY_BYTES = 24  # 32 URL-safe characters, 192 bits
 KEY_PARTITION = "key"
 CLAIM_ATTEMPTS = 20
-_CACHE_LIMIT = 100_000
-
-T = TypeVar("T")
 
 
 def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(KEY_BYTES)
-
-
-class _Cache:
-    """Values by key for a while, per worker. Concurrent misses for one key share one lookup, which a client
-    leaving does not cancel; a lookup that overlapped a change (``put``, ``drop``) is not kept."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._values: dict[Any, tuple[float, Any]] = {}
-        self._pending: dict[Any, asyncio.Task[Any]] = {}
-        self._changes = 0
-
-    async def get(self, key: Any, load: Callable[[], Awaitable[T]], ttl: Callable[[T], float]) -> T:
-        cached = self._values.get(key)
-        if cached is not None and cached[0] > self._clock():
-            value: T = cached[1]
-            return value
-        pending = self._pending.get(key)
-        if pending is None:
-            pending = self._pending[key] = asyncio.ensure_future(self._load(key, load, ttl))
-            pending.add_done_callback(lambda done: done.cancelled() or done.exception())
-        loaded: T = await asyncio.shield(pending)
-        return loaded
-
-    async def _load(self, key: Any, load: Callable[[], Awaitable[T]], ttl: Callable[[T], float]) -> T:
-        changes, task = self._changes, asyncio.current_task()
-        try:
-            value = await load()
-        finally:
-            if self._pending.get(key) is task:
-                del self._pending[key]
-        if changes == self._changes:
-            self._store(key, value, ttl(value))
-        return value
-
-    def put(self, key: Any, value: Any, ttl: float) -> None:
-        self._changes += 1
-        self._store(key, value, ttl)
-
-    def drop(self, key: Any) -> None:
-        self._changes += 1
-        self._values.pop(key, None)
-        self._pending.pop(key, None)  # a lookup under way may have read what was before: the next one reads anew
-
-    def _store(self, key: Any, value: Any, ttl: float) -> None:
-        if len(self._values) > _CACHE_LIMIT:
-            self._values.clear()
-        self._values[key] = (self._clock() + ttl, value)
 
 
 class PersonalKeys:
@@ -138,8 +88,8 @@ class PersonalKeys:
         self._events = events
         self._roster = roster
         self._cache_seconds = cache_seconds
-        self._keys = _Cache(clock)  # key hash: (event, name) or None
-        self._claims = _Cache(clock)  # (event id, name): whether the name has a key
+        self._keys = Lookups(clock)  # key hash: (event, name) or None
+        self._claims = Lookups(clock)  # (event id, name): whether the name has a key
 
     def hash(self, key: str) -> str:
         """The stored form of a personal key: its keyed hash (``proxy.config.hashing``), as codes are kept."""
