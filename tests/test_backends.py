@@ -22,7 +22,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from proxy.config.backends import FAILURES_TO_OPEN, Backend, Health, retry_after_seconds
+from proxy.config.backends import FAILURES_TO_OPEN, OPEN_SECONDS, Backend, Health, retry_after_seconds
 from proxy.config.settings import Settings, SettingsError
 from proxy.ledger.reports import report, request_log
 from proxy.storage.tables import Tables
@@ -286,11 +286,19 @@ async def test_streams_fail_over_before_their_first_byte_only(azurite: str, sims
     service, url = backends_app(azurite, backends)
     try:
         client = OpenAI(base_url=f"{url}/api/v1", api_key=created.key(), max_retries=0)
+        calls = []  # per stream: when sent, when answered, the failing backend's calls by then
         for _ in range(FAILURES_TO_OPEN + 2):
+            sent = time.monotonic()
             chunks = list(client.chat.completions.create(**CHAT, stream=True))  # type: ignore[call-overload]
             assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        # After FAILURES_TO_OPEN failures in a row, the failing backend is open and no longer called.
-        assert requests_to(down) == FAILURES_TO_OPEN
+            calls.append((sent, time.monotonic(), requests_to(down)))
+        assert [count for *_, count in calls[:FAILURES_TO_OPEN]] == list(range(1, FAILURES_TO_OPEN + 1))
+        # After FAILURES_TO_OPEN failures in a row, the failing backend is open for OPEN_SECONDS from its last
+        # failure (after the stream that failed it was sent) and no longer called: checked on the streams answered
+        # in that time (by time, not count: on a busy machine a later one may be its half-open probe).
+        opened_after = calls[FAILURES_TO_OPEN - 1][0]
+        opened = [count for _, answered, count in calls[FAILURES_TO_OPEN:] if answered < opened_after + OPEN_SECONDS]
+        assert opened and opened == [FAILURES_TO_OPEN] * len(opened), [(a - opened_after, n) for _, a, n in calls]
         assert requests_to(healthy) == FAILURES_TO_OPEN + 2
 
         broken = {**CHAT, "messages": [{"role": "user", "content": "SIM_BREAK_STREAM"}], "stream": True}
@@ -372,7 +380,8 @@ async def test_all_throttled_answers_429_with_the_shortest_wait(
 ) -> None:
     created = await make_event()  # before the blocking starts: Azurite's keep-alive
     slow_to_recover = sims.start("--throttle-fraction", "1", "--throttle-retry-ms", "30000")
-    soon = sims.start("--throttle-fraction", "1", "--throttle-retry-ms", "1500")
+    soon_ms = 10_000  # long enough for the checks below to fit in its cooldown on a busy machine (the test waits none)
+    soon = sims.start("--throttle-fraction", "1", "--throttle-retry-ms", str(soon_ms))
     down = sims.start("--fail-status", "500")
     service, url = backends_app(
         azurite,
@@ -384,17 +393,24 @@ async def test_all_throttled_answers_429_with_the_shortest_wait(
     )
     try:
         with httpx.Client(base_url=url, headers={"api-key": created.key()}) as http:
+            sent = time.monotonic()  # the 429s came after this: both are cooled until soon_ms after it, at least
             first = http.post("/api/v1/chat/completions", json=CHAT)
             assert first.status_code == 429, first.text
-            assert first.headers["retry-after-ms"] == "1500" and first.headers["retry-after"] == "2"
+            waits = (first.headers["retry-after-ms"], first.headers["retry-after"])
+            assert waits == (str(soon_ms), str(soon_ms // 1000))
             assert requests_to(slow_to_recover) == requests_to(soon) == 1
 
             again = http.post("/api/v1/chat/completions", json=CHAT)  # both cooled: no call at all
+            waited_ms = (time.monotonic() - sent) * 1000
             assert again.status_code == 429 and again.json()["error"]["code"] == "rate_limited"
-            assert 0 < int(again.headers["retry-after-ms"]) <= 1500 and again.headers["retry-after"] in ("1", "2")
+            # The shortest wait left: soon's, less what has passed since its 429.
+            left_ms = int(again.headers["retry-after-ms"])
+            assert soon_ms - waited_ms <= left_ms <= soon_ms
+            assert again.headers["retry-after"] == str(-(-left_ms // 1000))  # rounded up
             assert requests_to(slow_to_recover) == requests_to(soon) == 1
             assert requests_to(down) == 2  # the lower priority was tried each time, and failed
             states = {b["name"]: b["models"] for b in http.get("/api/health").json()["backends"]}
+            assert time.monotonic() - sent < soon_ms / 1000, "the checks above outlasted the cooldown they check"
             assert states["east"]["gpt-4o-mini"].startswith("cooled for ") and states["down"] == {}
             assert "127.0.0.1" not in json.dumps(states)
 
@@ -419,8 +435,9 @@ async def test_a_slow_backend_is_left_for_the_next_within_the_budget(
         chunks = list(client.chat.completions.create(**CHAT, stream=True))  # type: ignore[call-overload]
         streamed_in = time.monotonic() - started
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        # A stream waits for its headers half the budget while another backend remains, then fails over.
-        assert 2.0 <= streamed_in < 3.0 and requests_to(slow) == requests_to(fast) == 1
+        # A stream waits for its headers half the budget while another backend remains, then fails over: the fast
+        # backend answers it (below), not the slow one, which would have answered 3 s after it was called.
+        assert streamed_in >= 2.0 and requests_to(slow) == requests_to(fast) == 1
         started = time.monotonic()
         assert client.chat.completions.create(**CHAT).choices[0].message.content  # type: ignore[call-overload]
         # Not streamed: the whole answer comes with the headers, so the slow backend gets all the budget.
@@ -428,7 +445,7 @@ async def test_a_slow_backend_is_left_for_the_next_within_the_budget(
         log = await eventually(
             lambda: request_log(tables, created.event.id), lambda entries: len(entries) == 2, what="2 requests"
         )
-        assert sorted(entry["backend"] for entry in log) == ["fast", "slow"]
+        assert sorted((entry["stream"], entry["backend"]) for entry in log) == [(False, "slow"), (True, "fast")]
     finally:
         service.stop()
 
