@@ -16,7 +16,7 @@ from proxy.config.settings import Settings
 from proxy.errors import StorageUnavailable
 from proxy.policy.events import Event, EventStore, new_event_id
 from proxy.storage.tables import Tables
-from tests.support import CODE_HASH_KEY, Service, app_env, start_app, start_azurite, start_simulator
+from tests.support import CACHE_SECONDS, CODE_HASH_KEY, Service, app_env, start_app, start_azurite, start_simulator
 
 # Every test client is 127.0.0.1: the shared apps must not throttle the unknown codes that
 # tests send on purpose. tests/test_guessing.py checks the default on an app of its own.
@@ -40,7 +40,7 @@ def simulator() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def app(azurite: str, simulator: str) -> Iterator[str]:
     """The proxy under the real worker behind the host emulator, base URL without ``/api``; events cached for 1 s."""
-    service, url = start_app(app_env(azurite, simulator, EVENT_CACHE_SECONDS="1", **LENIENT))
+    service, url = start_app(app_env(azurite, simulator, EVENT_CACHE_SECONDS=f"{CACHE_SECONDS:g}", **LENIENT))
     yield url
     service.stop()
 
@@ -48,7 +48,7 @@ def app(azurite: str, simulator: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def app_process(azurite: str, simulator: str) -> Iterator[tuple[Service, str]]:
     """A second app process whose output tests may read (logs, shutdown)."""
-    service, url = start_app(app_env(azurite, simulator, EVENT_CACHE_SECONDS="1", **LENIENT))
+    service, url = start_app(app_env(azurite, simulator, EVENT_CACHE_SECONDS=f"{CACHE_SECONDS:g}", **LENIENT))
     yield service, url
     service.stop()
 

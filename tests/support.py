@@ -32,6 +32,8 @@ def free_port() -> int:
 
 
 azurite_connection_string = azurite.connection_string
+# EVENT_CACHE_SECONDS of the shared apps (tests/conftest.py): how long a worker may answer from what it read.
+CACHE_SECONDS = 1.0
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
@@ -40,6 +42,23 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "
     while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def seen_within(seconds: float, call: Callable[[], T], done: Callable[[T], bool], what: str) -> T:
+    """Call until ``done`` holds for the answer; start right after a change was answered.
+
+    A worker may answer from what it read for ``seconds`` (its cache), so every call *sent* later than that after
+    the change must see it: fails on the first that does not. Measured by the send times, not by a timeout, so a
+    slow machine (slow calls) can neither fail it nor make it pass.
+    """
+    changed = time.monotonic()
+    while True:
+        sent = time.monotonic() - changed
+        answer = call()
+        if done(answer):
+            return answer
+        assert sent <= seconds, f"{what}: not seen by a call sent {sent:.2f} s after the change: {answer!r}"
         time.sleep(0.02)
 
 

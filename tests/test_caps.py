@@ -17,7 +17,7 @@ from proxy.admission.days import seconds_to_midnight
 from proxy.policy.events import EventStore
 from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
-from tests.support import Service, eventually, sim_stats
+from tests.support import CACHE_SECONDS, Service, eventually, seen_within, sim_stats
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -145,10 +145,7 @@ async def test_disabling_takes_effect_within_the_cache_time(
     assert chat(http, app, created.key()).status_code == 200
     await EventStore(tables, None, 0).save(replace(created.event, active=False))
 
-    async def status() -> int:
-        return chat(http, app, created.key()).status_code
-
-    await eventually(status, lambda s: s == 403, timeout=5, what="event_disabled")
+    seen_within(CACHE_SECONDS, lambda: chat(http, app, created.key()).status_code, lambda s: s == 403, "disabled")
     assert chat(http, app, created.key()).json()["error"]["code"] == "event_disabled"
 
 

@@ -21,7 +21,7 @@ from proxy.ledger.reports import COLUMNS, report
 from proxy.ledger.usage import LOG_PREFIX
 from proxy.storage.tables import USAGE_TABLE, Tables
 from tests.relay import StorageRelay
-from tests.support import ORGANIZER_KEY, app_env, start_app, wait_for
+from tests.support import CACHE_SECONDS, ORGANIZER_KEY, app_env, seen_within, start_app, wait_for
 
 AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
 
@@ -167,13 +167,13 @@ def test_rotation_retires_the_old_code(http: httpx.Client, app: str) -> None:
     assert rotated.status_code == 200
     new_code = rotated.json()["code"]
     assert rotated.json() == {"id": created["id"], "code": new_code} and new_code != created["code"]
-    wait_for(lambda: models_status(app, old_key) == 401, timeout=5, what="the old code to stop working")
+    seen_within(CACHE_SECONDS, lambda: models_status(app, old_key), lambda code: code == 401, "the old code retired")
     assert models_status(app, f"{new_code}/alice") == 200
 
     chosen = "Chosen" + secrets.token_hex(4)
     url = f"{app}/api/manage/events/{created['id']}/rotate-code"
     assert http.post(url, json={"code": chosen}, headers=AUTH).json()["code"] == chosen
-    wait_for(lambda: models_status(app, f"{chosen}/bob") == 200, timeout=5, what="the chosen code")
+    seen_within(CACHE_SECONDS, lambda: models_status(app, f"{chosen}/bob"), lambda code: code == 200, "the chosen code")
     assert models_status(app, f"{new_code}/bob") == 401
 
     other = new_event(http, app)
@@ -193,10 +193,10 @@ def test_disable_closes_and_enable_reopens(http: httpx.Client, app: str) -> None
 
     assert chat_status().status_code == 200
     assert http.patch(url, json={"active": False}, headers=AUTH).json()["active"] is False
-    wait_for(lambda: chat_status().status_code == 403, timeout=5, what="the event to close")
+    seen_within(CACHE_SECONDS, chat_status, lambda answer: answer.status_code == 403, "the event closed")
     assert chat_status().json()["error"]["code"] == "event_disabled"
     assert http.patch(url, json={"active": True}, headers=AUTH).json()["active"] is True
-    wait_for(lambda: chat_status().status_code == 200, timeout=5, what="the event to reopen")
+    seen_within(CACHE_SECONDS, chat_status, lambda answer: answer.status_code == 200, "the event reopened")
 
 
 def test_usage_reports_and_survives_deletion(http: httpx.Client, app: str) -> None:
