@@ -192,10 +192,14 @@ async def test_expired_sessions_are_deleted_from_storage(
         sdk.chat.completions.create(model=MODEL, messages=[user("remember me")], extra_body={"session_id": "s"})  # type: ignore[list-item]
         sdk.close()
         if name == "old":
-            await asyncio.sleep(2.5)  # past the small app's time to live
+            old_answered = datetime.now(UTC)
+            await asyncio.sleep(0.5)
     rows = tables.requests.query_entities("PartitionKey eq @pk", parameters={"pk": created.event.id})
     assert sorted([row["RowKey"] async for row in rows]) == ["session|fresh|s", "session|old|s"]
-    assert await purge_expired(tables, datetime.now(UTC)) >= 1
+    # A moment when the old one has expired (stored before its answer, 2 s to live) and the fresh one not yet
+    # (stored after the 0.5 s wait): chosen, not waited for, so a slow machine cannot expire the fresh one too.
+    moment = old_answered + timedelta(seconds=2.25)
+    assert await purge_expired(tables, moment) >= 1
     rows = tables.requests.query_entities("PartitionKey eq @pk", parameters={"pk": created.event.id})
     assert [row["RowKey"] async for row in rows] == ["session|fresh|s"]
 
