@@ -309,7 +309,11 @@ async def test_a_cancelled_ending_still_stores_the_turn_and_the_record(make_even
     body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "Hello"}}]}).encode()
     record.take_usage({"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6})
     ending = asyncio.ensure_future(Answer(record, recorder, None).complete(functools.partial(turn.keep, 200, body)))
-    await asyncio.sleep(0.001)  # under way: the turn is being written
+    # Two turns of the loop, no I/O: the ending has started its task, which has begun the turn's write and waits for
+    # its answer. (A timed sleep could let the whole ending finish first on a fast machine: nothing to cancel.)
+    for _ in range(2):
+        await asyncio.sleep(0)
+    assert not ending.done()
     ending.cancel()
     with pytest.raises(asyncio.CancelledError):
         await ending
