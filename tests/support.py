@@ -23,6 +23,9 @@ from devtools.local import azurite
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 30.0
+# How long a wait for a condition gives up after, unless told: generous, as a wait on a busy machine (2 cores
+# shared with other test runs) may take many times what it takes on a quiet one. It bounds nothing a test asserts.
+WAIT_SECONDS = 30.0
 
 
 def free_port() -> int:
@@ -36,7 +39,7 @@ azurite_connection_string = azurite.connection_string
 CACHE_SECONDS = 1.0
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+def wait_for(condition: Callable[[], bool], timeout: float = WAIT_SECONDS, what: str = "condition") -> None:
     """Poll ``condition`` until true, failing after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -105,7 +108,7 @@ class Service:
     def text(self) -> str:
         return "".join(self.output)
 
-    def wait_for_output(self, needle: str, timeout: float = 10.0) -> None:
+    def wait_for_output(self, needle: str, timeout: float = WAIT_SECONDS) -> None:
         """Wait until the process has printed ``needle``."""
         wait_for(lambda: needle in self.text, timeout, f"{needle!r} in the output")
 
@@ -184,7 +187,7 @@ def sim_stats(simulator: str) -> dict[str, object]:
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float = 10.0, what: str = "condition"
+    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float = WAIT_SECONDS, what: str = "condition"
 ) -> T:
     """Await ``probe`` until ``done`` holds for its result, failing after ``timeout`` s."""
     deadline = time.monotonic() + timeout

@@ -8,7 +8,6 @@ silently.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 from datetime import UTC, datetime
@@ -27,7 +26,7 @@ from proxy.ledger.reports import report, request_log
 from proxy.ledger.usage import UsageRecord
 from proxy.storage.tables import Tables
 from tests.conftest import MakeEvent
-from tests.support import ORGANIZER_KEY
+from tests.support import ORGANIZER_KEY, eventually
 
 AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
 SOURCED = json.loads(PRICES_FILE.read_text())["models"]
@@ -121,11 +120,9 @@ async def test_cost_in_reports_equals_tokens_times_sourced_prices(app: str, make
             data: dict[str, Any] = (await api.get("/usage", params={"by": grouping})).json()
             return data
 
-        for _ in range(200):
-            if (await by("model"))["totals"]["requests"] == 5:
-                break
-            await asyncio.sleep(0.05)
-        per_model = await by("model")
+        per_model = await eventually(
+            lambda: by("model"), lambda data: data["totals"]["requests"] == 5, what="5 records"
+        )
         per_user = await by("user")
         csv = (await api.get("/usage", headers={"Accept": "text/csv"})).text
 

@@ -131,7 +131,7 @@ async def until_proxy_answers(app: str, credential: str, done: Callable[[httpx.R
         async def probe() -> httpx.Response:
             return await client.get(f"{app}/api/v1/event", headers={"authorization": f"Bearer {credential}"})
 
-        await eventually(probe, done, timeout=10, what="the proxy to see the organizer's change")
+        await eventually(probe, done, what="the proxy to see the organizer's change")
 
 
 async def test_attendee_sees_the_event_and_chats_in_the_playground(
