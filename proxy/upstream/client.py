@@ -78,6 +78,7 @@ MISCONFIGURED_STATUSES = frozenset({401, 403, 404})
 AZURE_NOT_FOUND_CODES = frozenset({"DeploymentNotFound", "404"})
 MIN_ATTEMPT_SECONDS = 0.5  # less than this left of the budget: no further attempt
 STREAM_WAIT_SHARE = 0.5  # of the budget left, what a stream waits for its headers while another backend remains
+_URLS_KEPT = 1_000  # parsed upstream URLs kept per worker (stored responses' ids make some unique)
 
 
 class UpstreamAuth:
@@ -121,6 +122,7 @@ class Upstream:
         self._query = f"?api-version={settings.openai_api_version}"
         self._budget = settings.upstream_timeout_seconds
         self._transport = transport
+        self._urls: dict[str, httpx.URL] = {}
         # Stored responses live on the resource that made them: the Responses API uses one backend.
         self._primary = min(self.backends, key=lambda backend: (backend.priority, -backend.weight))
 
@@ -320,7 +322,12 @@ class Upstream:
         headers = {"accept-encoding": "identity", "x-ms-client-request-id": request_id, name: value}
         if body is not None:
             headers["content-type"] = "application/json"
-        request = httpx.Request(method, url, content=body, headers=headers)
+        target = self._urls.get(url)
+        if target is None:  # parsed once: a handful of URLs (backend, model, operation) carry nearly every call
+            if len(self._urls) > _URLS_KEPT:
+                self._urls.clear()
+            target = self._urls[url] = httpx.URL(url)
+        request = httpx.Request(method, target, content=body, headers=headers)
         async with asyncio.timeout(seconds):
             return await self._transport.handle_async_request(request)  # its body streamed, as it arrives
 
