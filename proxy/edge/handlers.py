@@ -16,7 +16,7 @@ object (``proxy.edge.routes``).
 A chat or embeddings request costs, on its critical path: the cached event
 lookup (0 storage operations when cached, 2 point reads per code per
 ``EVENT_CACHE_SECONDS`` otherwise) and, for ``CODE/name``, whether the name
-has a personal key (0 when cached, 1 point read per name and
+has a personal key (0 when cached, 1 range query of the event's names per
 ``EVENT_CACHE_SECONDS``); with a personal key instead, the cached key lookup
 (0, or 2 sequential reads per key and ``EVENT_CACHE_SECONDS``, ``proxy.policy.keys``);
 then the cap reservation of ``proxy.admission.limits`` (0 or 1 operation; a new

@@ -20,12 +20,13 @@ names registered before count, as they are counted from their rows. Names new to
 same moment are registered together, one transaction for all of them (group
 commit); only the first request of each name ever writes here. A worker
 remembers the names it has seen, so a known name costs nothing, and a name new
-to this worker costs one point read, or none when the check for a personal key
-has just read the same row (``seen``, ``absent``). Without ``max_attendees``, a
-new name whose request writes its first day (an event with caps) is not
-registered here: its row rides in the transaction that inserts that day
-(``admit(..., carried=True)``, ``proxy.admission.limits``), so a new attendee's
-admission costs one storage call.
+to this worker costs one point read, or none when the event's names, read for
+the check for personal keys (``proxy.policy.keys``), include it (``seen``).
+Without ``max_attendees``, a new name whose request writes its first day (an
+event with caps) is not registered here: its row rides in the transaction that
+inserts that day (``admit(..., carried=True)``, ``proxy.admission.limits``), so
+a new attendee's admission costs two storage calls: the read of its row, not
+found, and that transaction.
 
 Blocked names are kept on the event itself (``proxy.policy.events``), which every
 worker caches for ``EVENT_CACHE_SECONDS``: a block or an unblock takes effect
@@ -55,7 +56,6 @@ ROSTER_ROW = "roster"
 MAX_NAMES_PER_WRITE = 99  # an entity group transaction holds 100 operations, one of them the roster
 MAX_ATTEMPTS = 100
 _KNOWN_LIMIT = 200_000
-_ABSENT_LIMIT = 10_000
 
 Waiting = tuple[str, asyncio.Future[bool], dict[str, Any] | None]
 
@@ -66,8 +66,6 @@ class Roster:
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
         self._known: set[tuple[str, str]] = set()
-        # Names whose row was just read and not found (``absent``): their admission needs no read.
-        self._absent: set[tuple[str, str]] = set()
         # Names waiting for the next group write: (name, ticket, properties of its row or None).
         self._waiting: dict[str, list[Waiting]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -86,9 +84,7 @@ class Roster:
         name = (event.id, user)
         if name in self._known:
             return None
-        if name in self._absent:
-            self._absent.discard(name)  # read a moment ago: a name registered since fails its insert (409)
-        elif await self._registered(event.id, user):
+        if await self._registered(event.id, user):
             self._remember(event.id, user)
             return None
         if carried and event.max_attendees is None:
@@ -115,12 +111,6 @@ class Roster:
         """The name's row was read elsewhere and exists (``proxy.policy.keys``), or was stored with its day
         (``admit(..., carried=True)``): admitting it needs no read."""
         self._remember(event_id, user)
-
-    def absent(self, event_id: str, user: str) -> None:
-        """The name's row was read elsewhere a moment ago and not found: its admission need not read it again."""
-        if len(self._absent) > _ABSENT_LIMIT:
-            self._absent.clear()
-        self._absent.add((event_id, user))
 
     def _remember(self, event_id: str, user: str) -> None:
         if len(self._known) > _KNOWN_LIMIT:

@@ -33,10 +33,13 @@ same bound as a block or a code rotation; the name can be registered again.
 Lookups are cached per worker for ``EVENT_CACHE_SECONDS``: a key costs no
 storage operation per request in the steady state, and two sequential reads
 (the index row, then the event and the name's row together) once per cache
-lifetime, as a code does. Whether a ``CODE/name`` name is claimed is cached
-the same way (one point read per name and cache lifetime, which also tells
-the roster that the name is registered, so it need not read the row again);
-a claim made on another instance refuses ``CODE/name`` here within that time.
+lifetime, as a code does. Whether a ``CODE/name`` name is claimed is read
+per event, not per name: the event's names and which hold a key, one range
+query per event and cache lifetime (``claimed``), whatever the number of
+attendees, so an attendee's request costs no read for it even when it comes
+less often than that. The same read tells the roster which names are
+registered, so it need not read their rows. A claim made on another instance
+refuses ``CODE/name`` here within that time.
 Unknown keys are cached for a few seconds, and count as failed lookups for
 the guessing throttle (``proxy.policy.guessing``).
 """
@@ -89,7 +92,7 @@ class PersonalKeys:
         self._roster = roster
         self._cache_seconds = cache_seconds
         self._keys = Lookups(clock)  # key hash: (event, name) or None
-        self._claims = Lookups(clock)  # (event id, name): whether the name has a key
+        self._names = Lookups(clock)  # event id: {registered name: whether it has a key}
 
     def hash(self, key: str) -> str:
         """The stored form of a personal key: its keyed hash (``proxy.config.hashing``), as codes are kept."""
@@ -100,17 +103,18 @@ class PersonalKeys:
         return await self._keys.get(key_hash, lambda: self._lookup(key_hash), self._ttl)
 
     async def claimed(self, event_id: str, user: str) -> bool:
-        """Whether the name has a personal key in the event (then ``CODE/name`` is refused). Cached."""
+        """Whether the name has a personal key in the event (then ``CODE/name`` is refused). Cached per event."""
+        names = await self._names.get(event_id, lambda: self._registered(event_id), lambda _: self._cache_seconds)
+        keyed = names.get(user)
+        if keyed is None:
+            return False
+        self._roster.seen(event_id, user)  # registered: admitting it needs no read of its row
+        return keyed
 
-        async def load() -> bool:
-            row = await self._row(event_id, user)
-            if row is None:
-                self._roster.absent(event_id, user)  # the roster's own check would read the same row
-                return False
-            self._roster.seen(event_id, user)  # the same row the roster would read for its first request here
-            return bool(row.get("key_hash"))
-
-        return await self._claims.get((event_id, user), load, lambda _: self._cache_seconds)
+    async def _registered(self, event_id: str) -> dict[str, bool]:
+        """The event's registered names, each with whether it holds a key: one range query."""
+        rows = await roster_rows(self._tables, event_id, "key_hash")
+        return {str(row["user"]): bool(row.get("key_hash")) for row in rows}
 
     async def register(self, event: Event, user: str, github_id: str | None = None) -> str:
         """Claim the name in the event with a new key; the key (shown once, only its hash is kept).
@@ -136,7 +140,7 @@ class PersonalKeys:
         if replaced:
             await self._delete_index(replaced)
             self._keys.drop(replaced)
-        self._claims.put((event.id, user), True, self._cache_seconds)
+        self._names.drop(event.id)  # read again, with this claim, by the next request
         return key
 
     async def _claim(self, event: Event, user: str, key_hash: str, github_id: str | None) -> str | None:
@@ -171,21 +175,19 @@ class PersonalKeys:
                 return False
             held = str(row.get("key_hash") or "")
             if not held:
-                self._claims.drop((event_id, user))
+                self._names.drop(event_id)
                 return False
             if not await self._merge(event_id, user, {"key_hash": "", "github_id": ""}, row.metadata["etag"]):
                 continue
             self._keys.drop(held)
-            self._claims.drop((event_id, user))
+            self._names.drop(event_id)
             await self._delete_index(held)
             return True
         raise StorageUnavailable("The name kept changing while its key was being reset; try again.")
 
     async def keyed_names(self, event_id: str) -> set[str]:
         """The names of the event that have a personal key (for the organizer's list)."""
-        return {
-            str(row["user"]) for row in await roster_rows(self._tables, event_id, "key_hash") if row.get("key_hash")
-        }
+        return {user for user, keyed in (await self._registered(event_id)).items() if keyed}
 
     async def _merge(self, event_id: str, user: str, fields: dict[str, Any], etag: str | None) -> bool:
         """Write ``fields`` onto the name's row if nobody wrote it since ``etag``; whether it was written."""
