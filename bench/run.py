@@ -266,8 +266,9 @@ def attendees(code: str) -> tuple[str, ...]:
 
 
 def warm(stack: Stack) -> None:
-    """One request from each attendee of the steady targets, 16 at a time: after it, each attendee is
-    registered and its day row exists, and each process has its event, its name and its day's ETag cached."""
+    """One request from each attendee of the steady targets (and of the personal keys' with ``--keys``), 16 at a
+    time: after it, each attendee is registered and its day row exists, and each process has its event, its name
+    and its day's ETag cached."""
     import httpx
 
     async def each(client: httpx.AsyncClient, url: str, credential: str, gate: asyncio.Semaphore) -> None:
@@ -278,12 +279,12 @@ def warm(stack: Stack) -> None:
     async def all_of() -> None:
         gate = asyncio.Semaphore(16)
         async with httpx.AsyncClient(timeout=60) as client:
+            steady = {name: attendees(stack.codes[name]) for name in STEADY_TARGETS if name in stack.urls}
             await asyncio.gather(
                 *(
                     each(client, f"{stack.urls[name]}/api/v1/chat/completions", credential, gate)
-                    for name in STEADY_TARGETS
-                    if name in stack.urls and name not in stack.keys
-                    for credential in attendees(stack.codes[name])
+                    for name, credentials in {**steady, **stack.keys}.items()
+                    for credential in credentials
                 )
             )
 
@@ -291,19 +292,20 @@ def warm(stack: Stack) -> None:
 
 
 def register_keys(stack: Stack) -> None:
-    """Targets ``proxy_keys`` and ``worker_keys``: the event with caps, each attendee calling with a personal key
-    (``POST /api/v1/keys``, once per name) instead of ``CODE/name``."""
+    """Targets ``proxy_keys`` and ``worker_keys``: each on its process's event with caps, each attendee calling
+    with a personal key (``POST /api/v1/keys``, once per name) instead of ``CODE/name``."""
     import httpx
 
-    url = stack.urls["proxy"]
     with httpx.Client(timeout=30) as client:
-        keys = []
-        for i in range(USERS):
-            answer = client.post(f"{url}/api/v1/keys", json={"code": stack.codes["proxy"], "name": f"keyed{i}"})
-            answer.raise_for_status()
-            keys.append(str(answer.json()["key"]))
-    for name in ("proxy", "worker"):
-        if name in stack.urls:
+        for name in ("proxy", "worker"):
+            if name not in stack.urls:
+                continue
+            keys = []
+            for i in range(USERS):
+                body = {"code": stack.codes[name], "name": f"keyed{i}"}
+                answer = client.post(f"{stack.urls[name]}/api/v1/keys", json=body)
+                answer.raise_for_status()
+                keys.append(str(answer.json()["key"]))
             stack.urls[f"{name}_keys"] = stack.urls[name]
             stack.keys[f"{name}_keys"] = tuple(keys)
 

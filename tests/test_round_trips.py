@@ -125,6 +125,23 @@ async def test_steady_state_admits_with_one_conditional_write(counted: Any, make
     assert spent == Counter({"write day": 1, "batch day+log": 1}), spent
 
 
+async def test_a_personal_key_costs_what_code_name_costs(counted: Any, make_event: MakeEvent) -> None:
+    """A name registered with a personal key (``POST /api/v1/keys``) calls with the key: its first request reads
+    the key (its index row, then the event and the name's row, which tells the roster the name is registered),
+    then its day, not found, and inserts it; the next ones are one write."""
+    calls, app, _ = counted
+    created = await make_event(daily_requests=1000)
+    registered = httpx.post(f"{app}/api/v1/keys", json={"code": created.code, "name": "kim"}, timeout=60)
+    assert registered.status_code == 201, registered.text
+    key = registered.json()["key"]
+    first = cost(calls, app, key)
+    lookup = [name for name in first.elements() if name.startswith("read proxyevents:")]
+    assert len(lookup) == 2, first  # the key's index row, then the event (with the name's row, 'read user')
+    assert first - Counter(lookup) == Counter({"read user": 1, "read day": 1, "insert day": 1, "batch day+log": 1})
+    assert cost(calls, app, key) == Counter({"write day": 1, "batch day+log": 1})
+    assert cost(calls, app, key) == Counter({"write day": 1, "batch day+log": 1})
+
+
 async def test_a_new_attendee_costs_at_most_two_calls(counted: Any, make_event: MakeEvent) -> None:
     """The read of the name's row (not found: a new name), then its row and its first day in one transaction."""
     calls, app, _ = counted
