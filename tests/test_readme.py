@@ -129,6 +129,9 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
             assert sock.connect_ex(("127.0.0.1", stopped)) != 0
 
 
+# About 35 CLI processes, one after the other (each starts Python and the Azure SDK): 43 s on the shared machine,
+# 109 s with two busy loops besides. The default 120 s timeout would cut it there; it only guards against hangs.
+@pytest.mark.timeout(300)
 def test_readme_organizer_walkthrough_runs(stack: Stack) -> None:
     """The organizer's CLI and curl examples, against make run's storage and app, with real ids."""
     _, port, env, folder = stack
