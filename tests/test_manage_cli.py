@@ -21,6 +21,10 @@ from proxy.config.settings import Settings
 from proxy.manage.cli.main import build_parser
 from tests.support import CODE_HASH_KEY, ORGANIZER_KEY, ROOT, azurite_connection_string, free_port, wait_for
 
+# Tests here run up to 20 CLI processes one after the other (each starts Python and the Azure SDK): the longest took
+# 68 s with two busy loops besides, over half the default 120 s timeout, which only guards against hangs.
+pytestmark = pytest.mark.timeout(300)
+
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 AUTH = {"Authorization": f"Bearer {ORGANIZER_KEY}"}
 
