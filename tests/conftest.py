@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from proxy.config.hashing import SecretHasher
@@ -17,6 +18,26 @@ from proxy.errors import StorageUnavailable
 from proxy.policy.events import Event, EventStore, new_event_id
 from proxy.storage.tables import Tables
 from tests.support import CACHE_SECONDS, CODE_HASH_KEY, Service, app_env, start_app, start_azurite, start_simulator
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Close every ``OpenAI``/``AzureOpenAI`` client a test made once it ends. A client left to the garbage collector
+    keeps its socket open until a later test's collection closes it, and that test then fails on the
+    ResourceWarning (warnings are errors). Clients of module fixtures are made before this and are not touched."""
+    made: list[openai.OpenAI] = []
+    init = openai.OpenAI.__init__
+
+    def tracked(self: openai.OpenAI, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if kwargs.get("http_client") is None:  # one given (LangChain shares one) belongs to whoever made it
+            made.append(self)
+
+    monkeypatch.setattr(openai.OpenAI, "__init__", tracked)
+    yield
+    for client in made:
+        client.close()
+
 
 # Every test client is 127.0.0.1: the shared apps must not throttle the unknown codes that
 # tests send on purpose. tests/test_guessing.py checks the default on an app of its own.
