@@ -232,7 +232,7 @@ async def check_usage(
         "charged_not_received": len(charged_not_received),
         "left": len(outcomes.hung_up),
         "left_unlogged": unlogged_left,
-        "lost_before_kill_s": sorted(min(near, default=None) for near in before_kill.values() if near),
+        "lost_before_kill_s": sorted(min(near) for near in before_kill.values() if near),
         "left_estimated": sum(1 for e in left if e.get("estimated")),
     }
 
