@@ -26,6 +26,7 @@ from proxy.admission import budget
 from proxy.admission import inflight as flights
 from proxy.config.prices import PriceTable
 from proxy.policy.events import Event
+from proxy.storage.combining import Combiner
 from proxy.storage.entities import TransactionRefused
 from proxy.storage.tables import Tables
 
@@ -46,6 +47,7 @@ class Counters:
         self._prices = prices or PriceTable.load()
         self._rates: dict[tuple[str, ...], float] = {}
         self._entities = tables.usage_entities
+        self._combiner = Combiner(tables.usage_entities, tables.ensure)
         self._cache: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._waiting: dict[tuple[str, str], list[Waiting]] = {}
@@ -86,14 +88,8 @@ class Counters:
 
     async def _write(self, key: tuple[str, str], etag: str, entity: dict[str, Any]) -> str:
         """Replace ``entity`` under ``etag``, or insert it when it has none (not stored yet); its new ETag."""
-        stored = flights.stored(entity)
-        if etag:
-            return await self._entities.replace(stored, etag)
-        try:
-            return await self._entities.insert(stored)
-        except ResourceNotFoundError:  # no table yet: an empty Azurite, say
-            await self._tables.ensure()
-            return await self._entities.insert(stored)
+        # With the writes of the event's other rows that wait meanwhile, in one transaction (proxy.storage.combining).
+        return await self._combiner.write(flights.stored(entity), etag)
 
     async def _written(
         self, key: tuple[str, str], etag: str, entity: dict[str, Any], joining: dict[str, Any] | None = None
