@@ -12,8 +12,9 @@ Storage cost per request, on the critical path:
 - no cap at all (no daily request, token or TPM cap): 0 operations;
 - otherwise 1 conditional write, the ETag and figures being cached from this
   worker's previous write (the writes of other attendees of the event that wait
-  meanwhile travel with it in one transaction, ``proxy.storage.combining``); +1 read the first time a worker sees the attendee
-  that day, and +1 read and write per lost race with another instance;
+  meanwhile travel with it in one transaction, ``proxy.storage.combining``);
+  +1 read the first time a worker sees the attendee that day, and +1 read and
+  write per lost race with another instance;
 - a new attendee (a name the roster has not registered, ``joining``): 1
   transaction that inserts its first day and its roster row together (they share
   the event's partition), with no read: a name not registered has no day stored;
