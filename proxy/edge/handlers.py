@@ -29,9 +29,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -101,7 +101,7 @@ def answering(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Request, *args: Any, **kwargs: Any) -> Response:
-        request_id = request.state.request_id = uuid.uuid4().hex
+        request_id = request.state.request_id = os.urandom(16).hex()  # 32 hex digits as uuid4().hex, 1/5 of its cost
         lines = access_log()
         access = request.state.access = Access.start(request, request_id, kwargs)
         lines.telemetry.start(access)

@@ -22,11 +22,12 @@ unreachable service, is ``StorageUnavailable``.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
+import os
 import re
 import time
-import uuid
 from email.utils import formatdate
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -132,7 +133,7 @@ class EntityClient:
         package, which cost more CPU than the rest of a request. A refusal raises
         ``TransactionRefused`` with the status and the index of the operation refused.
         """
-        batch, changeset = f"batch_{uuid.uuid4().hex}", f"changeset_{uuid.uuid4().hex}"
+        batch, changeset = f"batch_{os.urandom(16).hex()}", f"changeset_{os.urandom(16).hex()}"
         parts = [f"--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n".encode()]
         for kind, entity, options in operations:
             if kind == "create":
@@ -175,10 +176,7 @@ class EntityClient:
             self._session = None
 
     def _entity_path(self, partition: str, row: str) -> str:
-        def key(value: str) -> str:
-            return quote(value.replace("'", "''"), safe="")
-
-        return f"{self._table_path}(PartitionKey='{key(partition)}',RowKey='{key(row)}')"
+        return f"{self._table_path}(PartitionKey='{_key(partition)}',RowKey='{_key(row)}')"
 
     async def _send(
         self, method: str, path: str, body: bytes | None = None, etag: str | None = None, content_type: str = _JSON
@@ -197,7 +195,9 @@ class EntityClient:
         headers["authorization"] = await self._authorization(method, path, headers)
         if self._session is None:
             # No proxy lookup from the environment: aiohttp would run it in a thread on every call.
-            self._session = aiohttp.ClientSession(timeout=_TIMEOUT, trust_env=False)
+            self._session = aiohttp.ClientSession(
+                timeout=_TIMEOUT, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
+            )
         url = yarl.URL(self._origin + path, encoded=True)
         for attempt in (1, 2):
             try:
@@ -228,6 +228,13 @@ class EntityClient:
         if self._date[0] != second:
             self._date = (second, formatdate(second, usegmt=True))
         return self._date[1]
+
+
+@functools.lru_cache(maxsize=4096)
+def _key(value: str) -> str:
+    """A key as an entity path holds it (quotes doubled, then percent-encoded): the same few thousand
+    (events, attendees' days) come back on every request, so each is worked out once."""
+    return quote(value.replace("'", "''"), safe="")
 
 
 class TransactionRefused(Exception):

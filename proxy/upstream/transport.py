@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import httpx
+import yarl
 
 
 class _Body(httpx.AsyncByteStream):
@@ -53,15 +54,20 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60)
-            # No proxy lookup from the environment, no decompression: bytes pass through as sent.
+            # No proxy lookup from the environment, no decompression: bytes pass through as sent. No cookie
+            # jar: nothing one answer sets rides on another attendee's request (and no jar to search per call).
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, auto_decompress=False, trust_env=False
+                connector=connector,
+                timeout=self._timeout,
+                auto_decompress=False,
+                trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers.raw]
         try:
             response = await self._session.request(
                 request.method,
-                str(request.url),
+                yarl.URL(str(request.url), encoded=True),  # httpx's URL is encoded already: not parsed again
                 headers=headers,
                 data=request.content,
                 allow_redirects=False,
