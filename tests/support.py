@@ -12,7 +12,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from http.server import HTTPServer
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,6 +22,7 @@ import httpx
 from devtools.local import azurite
 
 T = TypeVar("T")
+S = TypeVar("S", bound=HTTPServer)
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 30.0
 # How long a wait for a condition gives up after, unless told: generous, as a wait on a busy machine (2 cores
@@ -127,6 +129,16 @@ class Service:
         if self.process.stdout is not None and not self.left_children:
             self.process.stdout.close()
         return self.process.returncode
+
+
+def serving(server: S) -> Iterator[S]:
+    """Serve ``server`` (an ``http.server`` one, on loopback) in a thread until the generator is closed: for a
+    fixture, ``yield from serving(...)``."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
 
 
 def start_azurite(*extra: str, scheme: str = "http") -> tuple[Service, str]:

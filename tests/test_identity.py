@@ -6,7 +6,6 @@ import base64
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,7 +19,7 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import MakeEvent
-from tests.support import ROOT, app_env, sim_stats, start_app, start_azurite, start_simulator
+from tests.support import ROOT, app_env, serving, sim_stats, start_app, start_azurite, start_simulator
 
 TOKEN = "managed-identity-token-1234"
 IDENTITY_HEADER = "identity-header-secret"
@@ -77,12 +76,7 @@ def storage_jwt() -> str:
 
 @pytest.fixture(scope="module")
 def identity() -> Iterator[IdentityEndpoint]:
-    server = IdentityEndpoint()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    yield from serving(IdentityEndpoint())
 
 
 async def test_bearer_token_from_managed_identity_reaches_upstream_once(

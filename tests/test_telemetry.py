@@ -16,7 +16,6 @@ import json
 import ssl
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,7 +25,7 @@ import httpx
 import pytest
 
 from tests.conftest import LENIENT, MakeEvent
-from tests.support import ORGANIZER_KEY, ROOT, app_env, start_app, start_simulator, wait_for
+from tests.support import ORGANIZER_KEY, ROOT, app_env, serving, start_app, start_simulator, wait_for
 from tests.test_identity import IDENTITY_HEADER, TOKEN, IdentityEndpoint
 
 IKEY = "00000000-1111-2222-3333-444444444444"
@@ -77,14 +76,6 @@ class _IngestionHandler(BaseHTTPRequestHandler):
         pass
 
 
-def _serve(server: ThreadingHTTPServer) -> Iterator[ThreadingHTTPServer]:
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("ingestion-tls")
@@ -103,12 +94,12 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def ingestion(tls: tuple[Path, Path]) -> Iterator[Ingestion]:
     server = Ingestion(*tls)
-    yield from _serve(server)  # type: ignore[misc]
+    yield from serving(server)
 
 
 @pytest.fixture(scope="module")
 def identity() -> Iterator[IdentityEndpoint]:
-    yield from _serve(IdentityEndpoint())  # type: ignore[misc]
+    yield from serving(IdentityEndpoint())
 
 
 def telemetry_env(

@@ -11,7 +11,6 @@ of every request it gets.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -20,7 +19,7 @@ import orjson
 import pytest
 
 from tests.conftest import MakeEvent
-from tests.support import app_env, start_app
+from tests.support import app_env, serving, start_app
 
 ANSWER = orjson.dumps(
     {
@@ -54,12 +53,7 @@ class CookieSetter(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), CookieSetter)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    yield from serving(ThreadingHTTPServer(("127.0.0.1", 0), CookieSetter))
 
 
 async def test_a_cookie_upstream_set_for_one_attendee_is_not_sent_for_another(
