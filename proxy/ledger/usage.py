@@ -43,7 +43,7 @@ from proxy.storage.tables import Tables
 log = logging.getLogger("proxy.usage")
 
 # One write at a time, the records that finish meanwhile going together in the next: make bench's chat at
-# concurrency 64 with caps served 391 req/s so against 354-377 with 2 or 4 (smaller transactions, more of them).
+# concurrency 64 with caps served 391 req/s this way, against 354-377 with 2 or 4 (smaller transactions, more).
 CONCURRENT_BATCHES = 1
 CONCURRENT_SETTLES = 32
 LOG_PREFIX = "log|"  # request-log rows sort after the days ("YYYY-MM-DD|user") in each partition
@@ -179,11 +179,12 @@ class UsageRecorder:
     request-log insert per event and day (more if its records exceed one
     property), and one conditional write per attendee and day, however many of
     that attendee's requests it carries. Up to ``CONCURRENT_BATCHES`` writes
-    run at once, so a request that finishes during a write need not wait for
-    it. A record that storage could not take is retried with backoff; while any
-    is waiting, ``check_storage`` refuses new requests, so no answer goes out
-    whose usage cannot be recorded, and the backlog holds at most the requests
-    that were in flight when storage went away.
+    run at once (one: a request that finishes during a write goes in the next,
+    with all the others that finished meanwhile). A record that storage could
+    not take is retried with backoff; while any is waiting, ``check_storage``
+    refuses new requests, so no answer goes out whose usage cannot be recorded,
+    and the backlog holds at most the requests that were in flight when
+    storage went away.
     """
 
     def __init__(self, tables: Tables, ledger: Ledger, prices: PriceTable, telemetry: Telemetry | None = None) -> None:

@@ -2,7 +2,7 @@
 
 Admitting a request writes its attendee's day under the day's ETag
 (``proxy.admission.counters``); at concurrency, every attendee's write is an
-HTTP request of its own, and on Azurite each costs about as much CPU as the
+HTTP request of its own, and on Azurite each cost nearly as much CPU as the
 proxy's whole request. Every day of an event shares the event's partition, so
 writes that wait for their turn can travel in one entity group transaction
 (``$batch``, up to 100 rows of a partition), each row still under its own
