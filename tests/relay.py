@@ -164,6 +164,12 @@ class StorageRelay:
             for writer in list(self._writers):
                 writer.close()
             await self.server.wait_closed()
+            # Each connection's relay ends on the closed sockets: let it, so no task is left pending at exit.
+            serving = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            if serving:
+                _, pending = await asyncio.wait(serving, timeout=2)
+                for task in pending:
+                    task.cancel()
 
         asyncio.run_coroutine_threadsafe(shut(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
