@@ -21,6 +21,7 @@ hears only about its own row, as if it had written alone.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +49,9 @@ class _Write:
 class Combiner:
     """Replaces (under an ETag) and inserts on one table, combined per partition while one is on its way."""
 
-    def __init__(self, entities: EntityClient, ensure_tables: Any) -> None:
+    def __init__(self, entities: EntityClient, ensure_tables: Callable[[], Awaitable[None]]) -> None:
         self._entities = entities
-        self._ensure_tables = ensure_tables  # async, creates the tables (an empty Azurite)
+        self._ensure_tables = ensure_tables  # creates the tables (an empty Azurite): Tables.ensure
         self._waiting: dict[str, list[_Write]] = {}
         self._busy: dict[str, int] = {}  # writes on their way, per partition
 
@@ -62,8 +63,9 @@ class Combiner:
         """
         partition = entity["PartitionKey"]
         write = _Write(entity, etag, orjson.dumps(entity))
-        if self._busy.get(partition, 0) < IN_FLIGHT:  # room on the way: at once, alone, in the caller's own task
-            self._busy[partition] = self._busy.get(partition, 0) + 1
+        busy = self._busy.get(partition, 0)
+        if busy < IN_FLIGHT:  # room on the way: at once, alone, in the caller's own task
+            self._busy[partition] = busy + 1
             try:
                 return await self._alone(write)
             finally:
