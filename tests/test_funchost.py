@@ -223,3 +223,23 @@ def test_an_app_that_cannot_start_fails_its_test_at_once() -> None:
         start_app(base_env(), app_dir=APPS / "broken")
     assert "broken on purpose" in str(failure.value)
     assert time.monotonic() - started < 20, "no waiting for a ready line that cannot come"
+
+
+@pytest.mark.parametrize(
+    ("requirements", "parser"), [(None, "H11Protocol"), ("httptools==0.9.0\n", "HttpToolsProtocol")]
+)
+def test_the_worker_parses_with_httptools_only_when_the_app_ships_it(
+    tmp_path: Path, requirements: str | None, parser: str
+) -> None:
+    """uvicorn picks its parser from what it can import: in Azure the app's packages, so the emulator hides the rest."""
+    if requirements is not None:
+        (tmp_path / "requirements.txt").write_text("uvicorn==0.54.0\n" + requirements)
+    script = (
+        "import sys; from pathlib import Path; from devtools.funchost.language_worker import hide_unshipped_parser; "
+        "hide_unshipped_parser(Path(sys.argv[1])); from uvicorn.protocols.http.auto import AutoHTTPProtocol; "
+        "print(AutoHTTPProtocol.__name__)"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert found.stdout.strip() == parser

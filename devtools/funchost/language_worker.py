@@ -13,9 +13,11 @@ written for the emulator: the library it drives is the real one, unchanged.
 What it does as Azure's does: it sets ``PYTHON_ENABLE_INIT_INDEXING`` (needed by the 3.11
 worker for HTTP streams) unless the host set it, puts the app directory first on
 ``sys.path`` and makes it the working directory, answers each request in order except
-invocations, which run concurrently, and uses plain uvicorn (h11 on the asyncio loop, not
-``httptools``/``uvloop``). It handles no ``WorkerTerminate`` (the Python worker declares no
-support for it), so the host's only way to stop it is to kill it. It exits when the host's
+invocations, which run concurrently, and runs uvicorn on the worker's plain asyncio loop (not
+``uvloop``), with ``httptools`` as its parser only if the app's ``requirements.txt`` ships it, as
+in Azure, where uvicorn comes from the app's packages (h11 otherwise). It handles no
+``WorkerTerminate`` (the Python worker declares no support for it), so the host's only way to
+stop it is to kill it. It exits when the host's
 stream ends, so a worker never outlives its host.
 
 What differs: logs are written to this process's stderr instead of being sent to the host as
@@ -32,6 +34,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -39,13 +42,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-# Azure's Python worker runs uvicorn without httptools; this venv has it (uvicorn[standard]
-# for the tools), so hide it before anything imports uvicorn.
-sys.modules.setdefault("httptools", None)  # type: ignore[arg-type]
+import grpc  # type: ignore[import-untyped]
 
-import grpc  # type: ignore[import-untyped]  # noqa: E402
-
-from devtools.funchost import protos as funcprotos  # noqa: E402
+from devtools.funchost import protos as funcprotos
 
 log = logging.getLogger("funcworker")
 
@@ -142,6 +141,18 @@ def configure_logging() -> None:
     logging.getLogger("uvicorn.error").addFilter(lambda record: record.levelno >= logging.WARNING)
 
 
+def hide_unshipped_parser(app_dir: Path) -> None:
+    """Hide ``httptools`` unless the app ships it: in Azure uvicorn sees only the app's packages.
+
+    This venv has it for the tools (``uvicorn[standard]``), so without this the worker would parse
+    HTTP faster here than in Azure whenever the app's ``requirements.txt`` leaves it out.
+    """
+    requirements = app_dir / "requirements.txt"
+    text = requirements.read_text(encoding="utf-8") if requirements.exists() else ""
+    if not re.search(r"^httptools\b", text, re.MULTILINE | re.IGNORECASE):
+        sys.modules.setdefault("httptools", None)  # type: ignore[arg-type]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", required=True, help="the host's gRPC address; also where the HTTP server listens")
@@ -154,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PYTHON_ENABLE_INIT_INDEXING", "1")
     os.environ.setdefault("FUNCTIONS_WORKER_RUNTIME", "python")
     app_dir = str(args.functions_uri.resolve())
+    hide_unshipped_parser(Path(app_dir))
     os.chdir(app_dir)
     if app_dir not in sys.path:
         sys.path.insert(0, app_dir)
