@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response, StreamingResponse
 
+from proxy.config.collector import settle_collector
 from proxy.config.settings import Settings
 from proxy.conversations.sessions import purge_expired
 from proxy.edge.handlers import Proxy
@@ -117,3 +118,6 @@ async def reconcile_reservations(timer: func.TimerRequest) -> None:
 async def forget_expired_sessions(timer: func.TimerRequest) -> None:
     """Delete the chat sessions past their time to live, hourly (``proxy.conversations.sessions``)."""
     await purge_expired(proxy.tables, datetime.now(UTC))
+
+
+settle_collector()  # last: what the import made is frozen (proxy.config.collector)
