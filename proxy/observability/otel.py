@@ -32,6 +32,7 @@ logs (the access lines among them) to Application Insights.
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -55,6 +56,30 @@ CAP_REFUSALS = frozenset(
 )
 _INSTRUMENTATIONS = ("azure_sdk", "django", "fastapi", "flask", "psycopg2", "requests", "urllib", "urllib3")
 _CLIENT_STEPS = frozenset({"upstream call"})
+
+
+class _OneFetchAtATime:
+    """A token credential whose callers take turns, so the exporters' threads share one token.
+
+    The trace and the metric exporters each ask for a token when they first post; asked at the
+    same moment, the credential, whose cache was still empty for both, fetched twice. Taking
+    turns, the second finds the first's token in the credential's cache.
+    """
+
+    def __init__(self, credential: Any) -> None:
+        self._credential = credential
+        self._lock = threading.Lock()
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        with self._lock:
+            return self._credential.get_token(*scopes, **kwargs)
+
+    def get_token_info(self, *scopes: str, options: Any = None) -> Any:
+        with self._lock:
+            return self._credential.get_token_info(*scopes, options=options)
+
+    def close(self) -> None:
+        self._credential.close()
 
 
 class AzureMonitorTelemetry(Telemetry):
@@ -91,7 +116,7 @@ class AzureMonitorTelemetry(Telemetry):
             from azure.identity import ManagedIdentityCredential
 
             client_id = settings.appinsights_identity or None
-            options["credential"] = ManagedIdentityCredential(client_id=client_id)
+            options["credential"] = _OneFetchAtATime(ManagedIdentityCredential(client_id=client_id))
         configure_azure_monitor(**options)
         return cls()
 
