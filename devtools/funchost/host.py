@@ -461,9 +461,9 @@ def main(argv: list[str] | None = None) -> int:
         values = json.loads(args.settings_file.read_text()).get("Values", {})
         for name, value in values.items():
             os.environ.setdefault(name, str(value))
-    # Azure's host is .NET; this stand-in should not add Python's young collections to every
-    # request it forwards (3 % of its time at 64 concurrent requests), nor do the app's: the app
-    # sets its own worker's collector (proxy.config.collector).
+    # Azure's host is .NET: this Python stand-in should not add its young collections to every
+    # request it forwards (3 % of its time at 64 concurrent requests). The worker's collector is
+    # the app's to set (proxy.config.collector).
     gc.freeze()
     gc.set_threshold(10_000, *gc.get_threshold()[1:])
     return asyncio.run(serve(args))
