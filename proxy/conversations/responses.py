@@ -68,7 +68,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 import orjson
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from starlette.responses import Response
@@ -85,6 +84,7 @@ from proxy.ledger.usage import LOG_PREFIX, UsageRecord
 from proxy.storage.tables import Tables, guarded
 from proxy.upstream.client import Upstream, read_answer
 from proxy.upstream.payload import Prepared, set_identity
+from proxy.upstream.transport import UpstreamResponse
 
 log = logging.getLogger("proxy.responses")
 
@@ -263,7 +263,7 @@ class ResponsesApi:
             body, status_code=response.status_code, media_type=media_type, headers={"x-request-id": request_id}
         )
 
-    def relay(self, answer: Answer, response: httpx.Response, owner: Owner) -> AsyncIterator[bytes]:
+    def relay(self, answer: Answer, response: UpstreamResponse, owner: Owner) -> AsyncIterator[bytes]:
         """A Responses stream event by event; the terminal event waits for the usage record (``Answer.relay``).
 
         The ``response.created`` event waits for the ownership row, so that
@@ -276,7 +276,7 @@ class ResponsesApi:
 class _Stream:
     """One Responses stream's events for the client, and the last sequence number seen."""
 
-    def __init__(self, answer: Answer, response: httpx.Response, owner: Owner, ownership: Ownership) -> None:
+    def __init__(self, answer: Answer, response: UpstreamResponse, owner: Owner, ownership: Ownership) -> None:
         self._answer = answer
         self._response = response
         self._owner = owner
@@ -327,7 +327,7 @@ class _Stream:
                 yield b"".join(out)
 
 
-async def _complete_events(response: httpx.Response) -> AsyncIterator[bytes]:
+async def _complete_events(response: UpstreamResponse) -> AsyncIterator[bytes]:
     """Upstream's stream in runs of complete events (each ending in a blank line), as they arrive."""
     pending = b""
     async for data in response.aiter_raw():

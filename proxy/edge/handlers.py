@@ -76,6 +76,7 @@ from proxy.policy.keys import PersonalKeys
 from proxy.storage.tables import Tables, guarded
 from proxy.upstream import payload as bodies
 from proxy.upstream.client import Upstream, read_answer
+from proxy.upstream.transport import UpstreamResponse
 
 log = logging.getLogger("proxy")
 
@@ -368,8 +369,8 @@ class Proxy:
         access.record = record
         # Upstream: from here every way the request ends is recorded.
         response = await self._send(call, model, record)
-        access.backend = str(response.extensions.get("proxy_backend") or self.backend_name)
-        access.upstream_attempts = int(response.extensions.get("proxy_attempts", 1))
+        access.backend = response.backend or self.backend_name
+        access.upstream_attempts = response.attempts
         answer = Answer(record, self.recorder, response)
         headers = _headers(admission, record.request_id, response)
         # Relay: a stream goes out as it comes, and ends through Answer.relay (proxy.ledger.ending).
@@ -398,7 +399,7 @@ class Proxy:
                 self.roster.seen(event.id, user)  # stored with its first day
             return admission
 
-    async def _send(self, call: Call, model: str, record: UsageRecord) -> httpx.Response:
+    async def _send(self, call: Call, model: str, record: UsageRecord) -> UpstreamResponse:
         """Upstream's answer; a request that never got one is recorded here, charged if upstream may bill it."""
         try:
             with self.telemetry.span("upstream call", {"proxy.model": model}):
@@ -417,11 +418,11 @@ class Proxy:
             raise
         record.reached_upstream = True
         record.status = record.upstream_status = response.status_code
-        record.backend = str(response.extensions.get("proxy_backend", ""))
+        record.backend = response.backend
         return response
 
 
-async def _read_whole(call: Call, answer: Answer, response: httpx.Response) -> tuple[bytes, dict[str, Any] | None]:
+async def _read_whole(call: Call, answer: Answer, response: UpstreamResponse) -> tuple[bytes, dict[str, Any] | None]:
     """A whole (not streamed) answer, and its JSON object when upstream answered 200, its usage read by the route.
 
     An answer that cannot be read, or a 5xx, ends here (``Answer.abandon``), charged as ``proxy.ledger.ending`` says.
@@ -451,13 +452,13 @@ async def _read_whole(call: Call, answer: Answer, response: httpx.Response) -> t
     return body, whole
 
 
-def _attempts(response: httpx.Response) -> str:
+def _attempts(response: UpstreamResponse) -> str:
     """How many times the request was sent, for a 502's message (``proxy.upstream`` retries some statuses)."""
-    attempts = int(response.extensions.get("proxy_attempts", 1))
+    attempts = response.attempts
     return f" on each of {attempts} attempts" if attempts > 1 else " (not retried: only 502, 503 and 504 are)"
 
 
-def _headers(admission: Admission, request_id: str, response: httpx.Response) -> dict[str, str]:
+def _headers(admission: Admission, request_id: str, response: UpstreamResponse) -> dict[str, str]:
     headers = {"x-request-id": request_id}
     if response.status_code >= 400:
         # Upstream's own limits matter to the client only when upstream refused.

@@ -36,8 +36,6 @@ import functools
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-import httpx
-
 from proxy.conversations.responses import Owner, ResponsesApi
 from proxy.conversations.responses import take_usage as take_responses_usage
 from proxy.conversations.sessions import Sessions, Turn
@@ -47,6 +45,7 @@ from proxy.ledger.usage import Kind, UsageRecord
 from proxy.policy.events import Event
 from proxy.upstream import payload as bodies
 from proxy.upstream.client import Upstream
+from proxy.upstream.transport import UpstreamResponse
 
 
 class Route(Protocol):
@@ -73,11 +72,11 @@ class Call:
         self.prepared = prepared
         self.operation = operation
 
-    async def send(self, upstream: Upstream, model: str, request_id: str) -> httpx.Response:
+    async def send(self, upstream: Upstream, model: str, request_id: str) -> UpstreamResponse:
         prepared = self.prepared
         return await upstream.send(model, self.operation, prepared.body, request_id, stream=prepared.stream)
 
-    def relay(self, answer: Answer, response: httpx.Response) -> AsyncIterator[bytes]:
+    def relay(self, answer: Answer, response: UpstreamResponse) -> AsyncIterator[bytes]:
         return relay(answer, response, self.prepared.wants_usage)
 
     def take_usage(self, record: UsageRecord, answer: dict[str, Any]) -> None:
@@ -113,7 +112,7 @@ class SessionCall(Call):
         super().__init__(prepared, "chat/completions")
         self.session = session
 
-    def relay(self, answer: Answer, response: httpx.Response) -> AsyncIterator[bytes]:
+    def relay(self, answer: Answer, response: UpstreamResponse) -> AsyncIterator[bytes]:
         return relay(answer, response, self.prepared.wants_usage, self.session)
 
     def keep(self, record: UsageRecord, body: bytes, answer: dict[str, Any] | None) -> Keep | None:
@@ -153,10 +152,10 @@ class ResponsesCall(Call):
         self.responses = responses
         self.owner = owner
 
-    async def send(self, upstream: Upstream, model: str, request_id: str) -> httpx.Response:
+    async def send(self, upstream: Upstream, model: str, request_id: str) -> UpstreamResponse:
         return await upstream.send_v1("POST", "responses", request_id, body=self.prepared.body, label=model)
 
-    def relay(self, answer: Answer, response: httpx.Response) -> AsyncIterator[bytes]:
+    def relay(self, answer: Answer, response: UpstreamResponse) -> AsyncIterator[bytes]:
         return self.responses.relay(answer, response, self.owner)
 
     def take_usage(self, record: UsageRecord, answer: dict[str, Any]) -> None:

@@ -22,13 +22,13 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncIterator
 
-import httpx
 import orjson
 
 from proxy.conversations.sessions import Turn
 from proxy.errors import ProxyError
 from proxy.ledger.ending import Answer
 from proxy.ledger.usage import UsageRecord
+from proxy.upstream.transport import UpstreamResponse
 
 _DONE = b"data: [DONE]"
 _USAGE = b'"usage"'
@@ -36,7 +36,7 @@ _NULL_USAGE = (b'"usage":null', b'"usage": null')
 
 
 def relay(
-    answer: Answer, response: httpx.Response, wants_usage: bool, session: Turn | None = None
+    answer: Answer, response: UpstreamResponse, wants_usage: bool, session: Turn | None = None
 ) -> AsyncIterator[bytes]:
     """The client's stream; the answer ends through ``Answer.relay`` however the stream stops."""
     keep = None if session is None else functools.partial(_keep_turn, session, answer.record)
@@ -44,7 +44,7 @@ def relay(
 
 
 async def _events(
-    answer: Answer, response: httpx.Response, wants_usage: bool, session: Turn | None
+    answer: Answer, response: UpstreamResponse, wants_usage: bool, session: Turn | None
 ) -> AsyncIterator[bytes]:
     """Upstream's events for the client as they come; ``data: [DONE]`` held back in ``answer.ending``."""
     record = answer.record

@@ -54,6 +54,7 @@ from starlette.types import Receive, Scope, Send
 from proxy.admission.days import CLIENT_GONE
 from proxy.errors import ProxyError, StorageUnavailable, UpstreamError, internal_error
 from proxy.ledger.usage import UsageRecord, UsageRecorder
+from proxy.upstream.transport import UpstreamResponse
 
 log = logging.getLogger("proxy.ending")
 
@@ -63,7 +64,7 @@ Keep = Callable[[], Awaitable[None]]
 class Answer:
     """One request that reached upstream, from then until its record is stored; it ends once."""
 
-    def __init__(self, record: UsageRecord, recorder: UsageRecorder, response: httpx.Response | None) -> None:
+    def __init__(self, record: UsageRecord, recorder: UsageRecorder, response: UpstreamResponse | None) -> None:
         self.record = record
         self._recorder = recorder
         self._response = response

@@ -1,10 +1,10 @@
 """Upstream Azure OpenAI: the pooled HTTP client, the backends' credentials, and the call with failover.
 
-One transport per worker, httpx's interface over aiohttp's pool (``proxy.upstream.transport``),
-serves every backend; requests go to it straight, not through an ``httpx.AsyncClient``, whose
-URL and header merging, cookie jar and redirect handling cost a tenth of the proxy's CPU and
-do nothing here (no cookies, no redirects, one set of headers per call). A backend is called with a bearer token from
-``azure-identity`` (managed identity in Azure, developer credentials locally;
+One transport per worker, aiohttp's pool (``proxy.upstream.transport``), serves every backend;
+requests go to it straight, not through an ``httpx.AsyncClient``, whose URL and header merging,
+cookie jar and redirect handling cost a tenth of the proxy's CPU and do nothing here (no cookies,
+no redirects, one set of headers per call), nor as ``httpx.Request`` objects. A backend is called
+with a bearer token from ``azure-identity`` (managed identity in Azure, developer credentials locally;
 one token for all backends, cached by ``proxy.config.tokens``), or with its own key
 when one is configured (``AZURE_OPENAI_API_KEY``, or a backend's
 ``api_key_setting``). Client headers are never forwarded: the attendee's
@@ -58,14 +58,16 @@ from collections.abc import Callable
 
 import httpx
 import orjson
+import yarl
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import ClientAuthenticationError
+from multidict import CIMultiDict
 
 from proxy.config.backends import Backend, Health, Plan, retry_after_seconds
 from proxy.config.settings import Settings
 from proxy.config.tokens import BearerToken
 from proxy.errors import ProxyError, UpstreamError, UpstreamThrottled, UpstreamTimeout
-from proxy.upstream.transport import AiohttpTransport
+from proxy.upstream.transport import AiohttpTransport, UpstreamResponse
 
 log = logging.getLogger("proxy.upstream")
 
@@ -109,7 +111,7 @@ class Upstream:
     def __init__(
         self,
         settings: Settings,
-        transport: httpx.AsyncBaseTransport,
+        transport: AiohttpTransport,
         credential: AsyncTokenCredential | None,
         health: Health | None = None,
     ) -> None:
@@ -122,12 +124,12 @@ class Upstream:
         self._query = f"?api-version={settings.openai_api_version}"
         self._budget = settings.upstream_timeout_seconds
         self._transport = transport
-        self._urls: dict[str, httpx.URL] = {}
+        self._urls: dict[str, yarl.URL] = {}
         # Stored responses live on the resource that made them: the Responses API uses one backend.
         self._primary = min(self.backends, key=lambda backend: (backend.priority, -backend.weight))
 
     @staticmethod
-    def transport(settings: Settings) -> httpx.AsyncBaseTransport:
+    def transport(settings: Settings) -> AiohttpTransport:
         return AiohttpTransport(connect_timeout=10.0, read_timeout=settings.upstream_timeout_seconds)
 
     def serving(self, model: str) -> list[Backend]:
@@ -144,11 +146,11 @@ class Upstream:
         stream: bool = False,
         only: Backend | None = None,
         raw: bool = False,
-    ) -> httpx.Response:
+    ) -> UpstreamResponse:
         """POST to a backend serving the model ``deployment``; the caller reads or streams the response and closes it.
 
-        The response's ``extensions`` name the backend (``proxy_backend``) and
-        the number of sends (``proxy_attempts``). ``only``: that backend and no
+        The response names the backend (``backend``) and counts the sends
+        (``attempts``). ``only``: that backend and no
         other, whatever its health; ``raw``: a refusal of the proxy comes back
         as upstream sent it (``proxy.manage.probe`` checks each backend with both).
         """
@@ -183,7 +185,7 @@ class Upstream:
         body: bytes | None = None,
         query: list[tuple[str, str]] | None = None,
         label: str = "the Responses API",
-    ) -> httpx.Response:
+    ) -> UpstreamResponse:
         """Call Azure OpenAI's v1 API, ``/openai/v1/<path>`` (the Responses API); ``label`` names it in errors.
 
         Always on the first backend (best priority, then weight): a stored
@@ -214,7 +216,7 @@ class Upstream:
         wait_share: float = 1.0,
         misconfigured: frozenset[int] = frozenset(),
         raw: bool = False,
-    ) -> httpx.Response:
+    ) -> UpstreamResponse:
         model = model or label
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._budget
@@ -222,9 +224,9 @@ class Upstream:
             raise UpstreamError(f"No backend in AZURE_OPENAI_BACKENDS serves '{label}'; the operator should add it.")
         queue = list(plan.order)
         retry: list[Backend] = []  # failed in a way that may pass on the same backend
-        throttled: tuple[float, httpx.Response, Backend] | None = None  # the 429 with the shortest wait
+        throttled: tuple[float, UpstreamResponse, Backend] | None = None  # the 429 with the shortest wait
         shortest = plan.cooled[0][0] if plan.cooled else math.inf
-        failure: ProxyError | tuple[httpx.Response, Backend] | None = None
+        failure: ProxyError | tuple[UpstreamResponse, Backend] | None = None
         attempts = 0
         while attempts < max(CONNECT_ATTEMPTS, len(plan.order)):
             if not queue:
@@ -304,9 +306,10 @@ class Upstream:
                     retry_after=shortest,
                 )
             _, response, backend = throttled
-            response.headers["retry-after"] = str(max(1, math.ceil(shortest)))
-            response.headers["retry-after-ms"] = str(max(1, math.ceil(shortest * 1000)))
-            return _answered(response, backend, attempts)
+            headers = CIMultiDict(response.headers)
+            headers["retry-after"] = str(max(1, math.ceil(shortest)))
+            headers["retry-after-ms"] = str(max(1, math.ceil(shortest * 1000)))
+            return _answered(UpstreamResponse(429, headers, content=response.content), backend, attempts)
         if isinstance(failure, tuple):
             response, backend = failure
             if response.status_code in misconfigured and not raw:
@@ -317,7 +320,7 @@ class Upstream:
 
     async def _attempt(
         self, backend: Backend, method: str, url: str, body: bytes | None, request_id: str, seconds: float
-    ) -> httpx.Response:
+    ) -> UpstreamResponse:
         name, value = await self._auth[backend.name].header()
         headers = {"accept-encoding": "identity", "x-ms-client-request-id": request_id, name: value}
         if body is not None:
@@ -326,22 +329,21 @@ class Upstream:
         if target is None:  # parsed once: a handful of URLs (backend, model, operation) carry nearly every call
             if len(self._urls) > _URLS_KEPT:
                 self._urls.clear()
-            target = self._urls[url] = httpx.URL(url)
-        request = httpx.Request(method, target, content=body, headers=headers)
+            target = self._urls[url] = yarl.URL(str(httpx.URL(url)), encoded=True)  # aiohttp does not parse it again
         async with asyncio.timeout(seconds):
-            return await self._transport.handle_async_request(request)  # its body streamed, as it arrives
+            return await self._transport.send(method, target, headers, body)  # its body streamed, as it arrives
 
     async def aclose(self) -> None:
         await self._transport.aclose()
 
 
-def _answered(response: httpx.Response, backend: Backend, attempts: int) -> httpx.Response:
-    response.extensions["proxy_backend"] = backend.name  # recorded in usage
-    response.extensions["proxy_attempts"] = attempts  # named in a 502's message
+def _answered(response: UpstreamResponse, backend: Backend, attempts: int) -> UpstreamResponse:
+    response.backend = backend.name  # recorded in usage
+    response.attempts = attempts  # named in a 502's message
     return response
 
 
-def _azure_code(response: httpx.Response) -> str | None:
+def _azure_code(response: UpstreamResponse) -> str | None:
     try:
         error = orjson.loads(response.content).get("error")
     except (orjson.JSONDecodeError, AttributeError):
@@ -350,14 +352,14 @@ def _azure_code(response: httpx.Response) -> str | None:
     return code if isinstance(code, str) else None
 
 
-def _refuses_the_proxy(response: httpx.Response) -> bool:
+def _refuses_the_proxy(response: UpstreamResponse) -> bool:
     """A 401 or 403, or a 404 from Azure's routing rather than for an object (a buffered response)."""
     if response.status_code in (401, 403):
         return True
     return response.status_code == 404 and _azure_code(response) in AZURE_NOT_FOUND_CODES
 
 
-def _refusal(response: httpx.Response, backend: Backend, label: str) -> UpstreamError:
+def _refusal(response: UpstreamResponse, backend: Backend, label: str) -> UpstreamError:
     """The 502 an attendee gets when upstream refused the proxy itself: it says so, for the organizer."""
     status, code = response.status_code, _azure_code(response)
     seen = f"{status} {code}" if code and code != str(status) else str(status)
@@ -382,7 +384,7 @@ def _chained(error: ProxyError, cause: BaseException) -> ProxyError:
     return error
 
 
-async def read_answer(response: httpx.Response) -> bytes:
+async def read_answer(response: UpstreamResponse) -> bytes:
     """An answer's whole body, closed after; a timeout or a broken read becomes the proxy's own error."""
     try:
         return await response.aread()
@@ -394,12 +396,12 @@ async def read_answer(response: httpx.Response) -> bytes:
         await response.aclose()
 
 
-async def _buffered(response: httpx.Response) -> httpx.Response:
+async def _buffered(response: UpstreamResponse) -> UpstreamResponse:
     """A refusal (429, 5xx) read in full now, so it can be passed on after other backends were tried."""
     try:
-        await response.aread()
-        return response
+        content = await response.aread()
     except httpx.HTTPError:  # its status and headers are what matter
-        return httpx.Response(response.status_code, headers=response.headers, content=b"", request=response.request)
+        content = b""
     finally:
         await response.aclose()
+    return UpstreamResponse(response.status_code, response.headers, content=content)

@@ -1,31 +1,80 @@
-"""An httpx transport over aiohttp's connection pool, for the upstream client.
+"""Upstream's HTTP client: aiohttp's connection pool, and its answer as the relay reads it.
 
-The proxy speaks httpx to Azure OpenAI, but httpcore's pool checks every
-pooled connection on each request and release, which cost about a quarter of
-the proxy's CPU at 64 concurrent requests (see ``bench/README.md``). aiohttp,
-already deployed as azure-core's transport, keeps a pool that does not. The
-rest of the code sees plain httpx requests, responses and exceptions:
-aiohttp's errors are translated here, at the boundary.
+httpcore's pool checked every pooled connection on each request and release,
+about a quarter of the proxy's CPU at 64 concurrent requests, so calls go
+through aiohttp's pool (already deployed as azure-core's transport). They go
+to it straight: an ``httpx.Request`` built for each call and httpx's response
+read through its chain of async generators cost about a tenth of the proxy's
+CPU at concurrency 64 on top of aiohttp's own (``bench/README.md``, item 10).
+An answer is an ``UpstreamResponse``: its status, aiohttp's headers as they
+came, and its body read whole or relayed as it arrives. Failures are raised
+as httpx's transport errors (``ConnectError``, ``ReadTimeout``, ``ReadError``,
+...), the exceptions ``proxy.upstream.client`` sorts for failover: aiohttp's
+errors are translated here, at the boundary.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 import httpx
 import yarl
 
 
-class _Body(httpx.AsyncByteStream):
-    """The response body as it arrives, chunk by chunk."""
+class UpstreamResponse:
+    """Upstream's answer: status, headers, and its body, read whole (``aread``) or as it arrives (``aiter_raw``).
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    ``backend`` names the backend that answered and ``attempts`` counts the
+    sends (``proxy.upstream.client``). Close it (``aclose``) once done: a body
+    read to its end returns its connection to the pool, one cut short closes it.
+    """
+
+    __slots__ = ("_content", "_response", "attempts", "backend", "headers", "status_code")
+
+    def __init__(
+        self,
+        status_code: int,
+        headers: Mapping[str, str],
+        response: aiohttp.ClientResponse | None = None,
+        content: bytes | None = None,
+    ) -> None:
+        self.status_code = status_code
+        self.headers = headers
+        self.backend = ""
+        self.attempts = 1
         self._response = response
+        self._content = content
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    @property
+    def content(self) -> bytes:
+        """The body ``aread`` returned."""
+        if self._content is None:
+            raise RuntimeError("the upstream answer was not read")
+        return self._content
+
+    async def aread(self) -> bytes:
+        """The whole body (read once; the connection goes back to the pool)."""
+        if self._content is None:
+            assert self._response is not None
+            try:
+                self._content = await self._response.read()
+            except aiohttp.SocketTimeoutError as exc:
+                raise httpx.ReadTimeout(str(exc)) from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+        return self._content
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, chunk by chunk, as sent (no decoding)."""
+        if self._content is not None:
+            if self._content:
+                yield self._content
+            return
+        assert self._response is not None
+        content = self._response.content
         try:
-            async for chunk in self._response.content.iter_any():
+            async for chunk in content.iter_any():
                 yield chunk
         except aiohttp.SocketTimeoutError as exc:
             raise httpx.ReadTimeout(str(exc)) from exc
@@ -33,29 +82,31 @@ class _Body(httpx.AsyncByteStream):
             # aiohttp raises a broken connection's error before handing over the bytes it had
             # already received: pass those on first, so a stream cut upstream loses no event.
             # (read_nowait would raise the stored error again; _read_nowait, aiohttp 3.x, does not.)
-            received = self._response.content._read_nowait(-1)
+            received = content._read_nowait(-1)
             if received:
                 yield received
             raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
 
     async def aclose(self) -> None:
-        # A body read to the end returns its connection to the pool; one cut short closes it.
-        self._response.release()
+        if self._response is not None:
+            self._response.release()
 
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """Sends httpx requests with one pooled ``aiohttp.ClientSession``, made on first use."""
+class AiohttpTransport:
+    """Sends requests with one pooled ``aiohttp.ClientSession``, made on first use."""
 
     def __init__(self, *, connect_timeout: float, read_timeout: float, max_connections: int = 1000) -> None:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def send(self, method: str, url: yarl.URL, headers: dict[str, str], body: bytes | None) -> UpstreamResponse:
+        """Send a request; its answer once the headers are in, the body still to read or relay."""
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60)
-            # No proxy lookup from the environment, no decompression: bytes pass through as sent. No cookie
-            # jar: nothing one answer sets rides on another attendee's request (and no jar to search per call).
+            # No proxy lookup from the environment, no decompression: bytes pass through as sent (the proxy
+            # asks for identity). No cookie jar: nothing one answer sets rides on another attendee's request
+            # (and no jar to search per call).
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self._timeout,
@@ -63,15 +114,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 trust_env=False,
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
-        headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers.raw]
         try:
             response = await self._session.request(
-                request.method,
-                yarl.URL(str(request.url), encoded=True),  # httpx's URL is encoded already: not parsed again
-                headers=headers,
-                data=request.content,
-                allow_redirects=False,
-                skip_auto_headers=("User-Agent",),
+                method, url, headers=headers, data=body, allow_redirects=False, skip_auto_headers=("User-Agent",)
             )
         except aiohttp.ConnectionTimeoutError as exc:
             raise httpx.ConnectTimeout(str(exc)) from exc
@@ -81,9 +126,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(str(exc)) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__) from exc
-        return httpx.Response(
-            response.status, headers=list(response.raw_headers), stream=_Body(response), request=request
-        )
+        return UpstreamResponse(response.status, response.headers, response)
 
     async def aclose(self) -> None:
         if self._session is not None:
