@@ -226,14 +226,20 @@ def test_an_app_that_cannot_start_fails_its_test_at_once() -> None:
 
 
 @pytest.mark.parametrize(
-    ("requirements", "parser"), [(None, "H11Protocol"), ("httptools==0.9.0\n", "HttpToolsProtocol")]
+    ("requirements", "parser"),
+    [
+        (None, "H11Protocol"),
+        ("uvicorn==0.54.0\n", "H11Protocol"),
+        ("uvicorn==0.54.0\nhttptools==0.9.0\n", "HttpToolsProtocol"),
+        ("uvicorn[standard]==0.54.0\n", "HttpToolsProtocol"),
+    ],
 )
 def test_the_worker_parses_with_httptools_only_when_the_app_ships_it(
     tmp_path: Path, requirements: str | None, parser: str
 ) -> None:
     """uvicorn picks its parser from what it can import: in Azure the app's packages, so the emulator hides the rest."""
     if requirements is not None:
-        (tmp_path / "requirements.txt").write_text("uvicorn==0.54.0\n" + requirements)
+        (tmp_path / "requirements.txt").write_text(requirements)
     script = (
         "import sys; from pathlib import Path; from devtools.funchost.language_worker import hide_unshipped_parser; "
         "hide_unshipped_parser(Path(sys.argv[1])); from uvicorn.protocols.http.auto import AutoHTTPProtocol; "

@@ -145,11 +145,12 @@ def hide_unshipped_parser(app_dir: Path) -> None:
     """Hide ``httptools`` unless the app ships it: in Azure uvicorn sees only the app's packages.
 
     This venv has it for the tools (``uvicorn[standard]``), so without this the worker would parse
-    HTTP faster here than in Azure whenever the app's ``requirements.txt`` leaves it out.
+    HTTP faster here than in Azure whenever the app's ``requirements.txt`` leaves it out. The app
+    ships it by naming it, or through ``uvicorn[standard]`` (whose extras include it).
     """
     requirements = app_dir / "requirements.txt"
     text = requirements.read_text(encoding="utf-8") if requirements.exists() else ""
-    if not re.search(r"^httptools\b", text, re.MULTILINE | re.IGNORECASE):
+    if not re.search(r"^\s*(httptools\b|uvicorn\s*\[[^\]]*\bstandard\b)", text, re.MULTILINE | re.IGNORECASE):
         sys.modules.setdefault("httptools", None)  # type: ignore[arg-type]
 
 
