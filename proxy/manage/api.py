@@ -62,7 +62,7 @@ class OrganizerApi:
         self.settings, self.tables, self.store, self.keys = settings, tables, events, keys
         self.accounts = AccountStore(tables, settings.hasher(), settings.event_cache_seconds)
         self.prices = PriceTable.load(settings.model_prices)
-        self._schema = openapi()
+        self._schema: dict[str, Any] | None = None  # built on first request: 44 ms at import (cold start)
 
     @answering
     async def events(self, request: Request) -> Response:
@@ -191,6 +191,8 @@ class OrganizerApi:
     async def openapi(self, request: Request) -> Response:
         """``GET /openapi.json``: this API's schema, from the models that validate it (``proxy.manage.models``)."""
         await self.authorize(request)
+        if self._schema is None:
+            self._schema = openapi()
         return _json(self._schema)
 
     async def authorize(self, request: Request) -> Actor:
