@@ -60,10 +60,8 @@ class UpstreamResponse:
             assert self._response is not None
             try:
                 self._content = await self._response.read()
-            except aiohttp.SocketTimeoutError as exc:
-                raise httpx.ReadTimeout(str(exc)) from exc
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+                raise _read_failure(exc) from exc
         return self._content
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
@@ -77,20 +75,26 @@ class UpstreamResponse:
         try:
             async for chunk in content.iter_any():
                 yield chunk
-        except aiohttp.SocketTimeoutError as exc:
-            raise httpx.ReadTimeout(str(exc)) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
-            # aiohttp raises a broken connection's error before handing over the bytes it had
-            # already received: pass those on first, so a stream cut upstream loses no event.
-            # (read_nowait would raise the stored error again; _read_nowait, aiohttp 3.x, does not.)
-            received = content._read_nowait(-1)
-            if received:
-                yield received
-            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+            if not isinstance(exc, aiohttp.SocketTimeoutError):
+                # aiohttp raises a broken connection's error before handing over the bytes it had
+                # already received: pass those on first, so a stream cut upstream loses no event.
+                # (read_nowait would raise the stored error again; _read_nowait, aiohttp 3.x, does not.)
+                received = content._read_nowait(-1)
+                if received:
+                    yield received
+            raise _read_failure(exc) from exc
 
     async def aclose(self) -> None:
         if self._response is not None:
             self._response.release()
+
+
+def _read_failure(exc: BaseException) -> httpx.TransportError:
+    """aiohttp's failure while reading a body, as the httpx error the failover and the relay sort."""
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return httpx.ReadTimeout(str(exc))
+    return httpx.ReadError(str(exc) or type(exc).__name__)
 
 
 class AiohttpTransport:
