@@ -65,11 +65,8 @@ class UpstreamResponse:
         return self._content
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, chunk by chunk, as sent (no decoding)."""
-        if self._content is not None:
-            if self._content:
-                yield self._content
-            return
+        """The body as it arrives, chunk by chunk, as sent (no decoding); only a 200 is relayed so, never
+        an answer the failover already read (its 429s and 5xx)."""
         assert self._response is not None
         content = self._response.content
         try:
