@@ -117,6 +117,13 @@ def admission(spent: Counter[str]) -> Counter[str]:
     return Counter({name: n for name, n in spent.items() if not name.endswith("+log")})
 
 
+async def today(tables: Tables, event_id: str, user: str) -> tuple[int, int]:
+    """The attendee's day today, as (requests reserved, requests recorded)."""
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    entity = await tables.usage.get_entity(event_id, f"{day}|{user}")
+    return entity["reserved"], entity["requests"]
+
+
 async def test_steady_state_admits_with_one_conditional_write(counted: Any, make_event: MakeEvent) -> None:
     calls, app, _ = counted
     created = await make_event(daily_requests=1000, daily_tokens=10**9, tpm=10**9)
@@ -178,14 +185,38 @@ async def test_an_attendee_new_to_this_instance_costs_two(counted: Any, make_eve
     assert spent == Counter({"read day": 1, "write day": 1, "batch day+log": 1}), spent
 
 
-async def test_without_caps_admission_costs_nothing(counted: Any, make_event: MakeEvent) -> None:
-    """No day written before upstream: a new name's row alone, then nothing; settling reads the day once."""
+async def test_without_caps_admission_costs_nothing(counted: Any, make_event: MakeEvent, tables: Tables) -> None:
+    """No day written before upstream: a new name's row alone, then nothing; settling inserts the new name's day
+    without reading it (a name just registered has none), and later ones write it."""
     calls, app, _ = counted
     created = await make_event(daily_requests=None)
     cost(calls, app, created.key("warm"))
     first = cost(calls, app, created.key("nocap"))
-    assert first == Counter({"read user": 1, "batch user": 1, "read day": 1, "batch day+log": 1}), first
+    assert first == Counter({"read user": 1, "insert user": 1, "batch day+log": 1}), first
     assert cost(calls, app, created.key("nocap")) == Counter({"batch day+log": 1})
+    assert await today(tables, created.event.id, "nocap") == (0, 2)
+    assert sorted(await roster(tables, created.event.id)) == ["nocap", "warm"]
+
+
+async def test_without_caps_a_new_name_whose_day_exists_after_all_counts_exactly(
+    counted: Any, make_event: MakeEvent, tables: Tables
+) -> None:
+    """A name whose row is gone while its day is stored (another instance served it; its row then deleted) is
+    taken for new here: the day's insert is refused (409), the day read and written under its ETag, and both
+    requests counted once, each logged."""
+    calls, app, other = counted
+    created = await make_event(daily_requests=None)
+    cost(calls, app, created.key("warm"))
+    cost(calls, other, created.key("ghost"))
+    await tables.usage.delete_entity(created.event.id, "user|ghost")
+    spent = cost(calls, app, created.key("ghost"))
+    assert spent == Counter({"read user": 1, "insert user": 1, "batch day+log": 2, "read day": 1}), spent
+    assert await today(tables, created.event.id, "ghost") == (0, 2)
+    logged = [e async for e in tables.usage.query_entities(
+        "PartitionKey eq @p and user eq @u and RowKey ge 'log|' and RowKey lt 'log}'",
+        parameters={"p": created.event.id, "u": "ghost"},
+    )]  # fmt: skip
+    assert len(logged) == 2, logged
 
 
 async def test_an_event_budget_adds_one_write_beside_the_days(counted: Any, make_event: MakeEvent) -> None:
@@ -229,9 +260,7 @@ async def test_a_new_name_raced_on_two_instances_joins_once_and_counts_exactly(
             )
         )
     assert [a.status_code for a in answers] == [200] * 2 * per_app, [a.text for a in answers if a.status_code != 200]
-    day = datetime.now(UTC).strftime("%Y-%m-%d")
-    entity = await tables.usage.get_entity(created.event.id, f"{day}|racer")
-    assert (entity["reserved"], entity["requests"]) == (2 * per_app, 2 * per_app)
+    assert await today(tables, created.event.id, "racer") == (2 * per_app, 2 * per_app)
     assert list(await roster(tables, created.event.id)) == ["racer"]
 
 
@@ -246,9 +275,7 @@ async def test_a_name_registered_elsewhere_since_the_names_were_read_costs_a_rea
     cost(calls, other, created.key("late"))
     spent = cost(calls, app, created.key("late"))
     assert spent == Counter({"read user": 1, "read day": 1, "write day": 1, "batch day+log": 1}), spent
-    day = datetime.now(UTC).strftime("%Y-%m-%d")
-    entity = await tables.usage.get_entity(created.event.id, f"{day}|late")
-    assert (entity["reserved"], entity["requests"]) == (2, 2)
+    assert await today(tables, created.event.id, "late") == (2, 2)
     assert sorted(await roster(tables, created.event.id)) == ["late", "warm"]
 
 

@@ -15,7 +15,6 @@ lean REST client, not the SDK.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from typing import Any
@@ -37,6 +36,11 @@ MAX_ATTEMPTS = 200
 Waiting = tuple[int, str, "asyncio.Future[Any]", int]
 # (request id, total tokens, reached upstream, succeeded) of a request to settle on its shard
 Unsettled = tuple[str, int, bool, bool, int]  # ..., and its cost in nano-dollars
+
+
+def absent(key: tuple[str, str]) -> tuple[str, dict[str, Any]]:
+    """The state of an entity not stored (yet): no ETag, no figures; writing it inserts it."""
+    return "", {"PartitionKey": key[0], "RowKey": key[1]}
 
 
 class Counters:
@@ -82,7 +86,7 @@ class Counters:
         try:
             etag, entity = await self._entities.get(*key)
         except ResourceNotFoundError:
-            return "", {"PartitionKey": key[0], "RowKey": key[1]}
+            return absent(key)
         state = self._cache[key] = (etag, flights.read(entity))
         return state
 
@@ -119,11 +123,14 @@ class Counters:
         self._cache[key] = (new_etag, entity)
         return True
 
-    async def _join(self, joining: dict[str, Any]) -> None:
-        """Insert a new name's roster row alone (its request refused, so no day to carry it); one that exists is
-        fine."""
-        with contextlib.suppress(ResourceExistsError):
-            await self._entities.insert(joining)
+    async def _join(self, joining: dict[str, Any]) -> bool:
+        """Insert a new name's roster row without a day (its request refused, or its event without caps), with the
+        event's other writes that wait meanwhile; True when this call created it, False when it existed."""
+        try:
+            await self._combiner.write(joining, "")
+        except ResourceExistsError:
+            return False
+        return True
 
     async def _submit(self, operations: list[tuple[str, Any, dict[str, Any]]]) -> list[dict[str, Any]]:
         """Submit a transaction (``Tables.transact``). Safe to repeat: a transaction that did

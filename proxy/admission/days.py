@@ -116,6 +116,9 @@ class Admission:
     remaining_tokens: int | None
     reserved: bool
     shard: str | None = None  # the event budget's shard it was admitted on (proxy.admission.budget)
+    # Its day is known not to be stored: its name was registered by this very request in an event without caps
+    # (``Ledger.admit``), so settling inserts the day without reading it first.
+    new_day: bool = False
 
 
 @dataclass(slots=True)

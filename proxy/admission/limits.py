@@ -9,7 +9,9 @@ concurrently with the attendee's day (``admit_all``).
 
 Storage cost per request, on the critical path:
 
-- no cap at all (no daily request, token or TPM cap): 0 operations;
+- no cap at all (no daily request, token or TPM cap): 0 operations, or for a
+  name the roster has not registered (``joining``) the insert of its row, after
+  which settling inserts its first day without reading it (``Admission.new_day``);
 - otherwise 1 conditional write, the ETag and figures being cached from this
   worker's previous write (the writes of other attendees of the event that wait
   meanwhile travel with it in one transaction, ``proxy.storage.combining``);
@@ -41,7 +43,7 @@ from azure.data.tables import UpdateMode
 
 from proxy.admission import budget, days
 from proxy.admission import inflight as flights
-from proxy.admission.counters import MAX_ATTEMPTS, Waiting
+from proxy.admission.counters import MAX_ATTEMPTS, Waiting, absent
 from proxy.admission.days import Admission, Finished, Settlement, day_of, has_caps
 from proxy.admission.settling import Settling
 from proxy.errors import CapExceeded, StorageUnavailable
@@ -74,8 +76,9 @@ class Ledger(Settling):
         """
         day = day_of(now, event.time_zone)
         minute = int(now.timestamp()) // 60
-        if not has_caps(event):
-            return Admission(request_id, day, minute, estimate, None, None, reserved=False)
+        if not has_caps(event):  # nothing to reserve; a new name joins now, and its day is known not stored
+            new_day = joining is not None and await self._join(joining)
+            return Admission(request_id, day, minute, estimate, None, None, reserved=False, new_day=new_day)
         key = (event.id, f"{day}|{user}")
         result: Admission = await self._grouped(
             key,
@@ -326,7 +329,7 @@ class Ledger(Settling):
         fresh = False
         if state is None and joining is not None:
             # A name not registered has no day stored: no read. Were it wrong, the insert fails (409) and reads.
-            state, fresh = ("", {"PartitionKey": key[0], "RowKey": key[1]}), True
+            state, fresh = absent(key), True
         for _ in range(MAX_ATTEMPTS):
             if state is None:
                 state = await self._fetch(key)

@@ -1,9 +1,10 @@
 """Settling: finished requests added to their attendees' days, their log entries stored, their shards settled.
 
-Off the critical path, requests are settled in batches: one conditional write
-per attendee and flush, whatever the number of requests it carries, and one
-request-log insert per event and flush (``proxy.ledger.usage``), all in one
-entity group transaction per event, so the log and the days never disagree.
+Finished requests are settled in batches (an answer's end waits for its own,
+``proxy.ledger.usage``): one conditional write per attendee and batch, whatever
+the number of requests it carries, and one request-log insert per request, all
+in one entity group transaction per event, so the log and the days never
+disagree.
 A request's shard of the event's budget (``proxy.admission.budget``) is
 settled after it, with the next write there (``_defer``). ``release_stale``
 is the reconciler's (``proxy.ledger.reconcile``): it gives back the slots of
@@ -26,7 +27,7 @@ from azure.data.tables import UpdateMode
 
 from proxy.admission import budget, days
 from proxy.admission import inflight as flights
-from proxy.admission.counters import MAX_ATTEMPTS, Counters, Unsettled, log
+from proxy.admission.counters import MAX_ATTEMPTS, Counters, Unsettled, absent, log
 from proxy.admission.days import Finished, day_row, keeps_slot
 from proxy.errors import StorageRefused, StorageUnavailable
 from proxy.storage.entities import TransactionRefused
@@ -171,6 +172,9 @@ class Settling(Counters):
 
     async def _transact(self, event_id: str, finished: list[Finished]) -> None:
         keys = sorted({(event_id, row) for item in finished for row in _rows(item)})
+        # Days known not to be stored (Admission.new_day): inserted without a read. Were that wrong, the insert
+        # is refused (409) and the retry reads them.
+        new = {(event_id, day_row(item)) for item in finished if item.admission.new_day}
         pending = list(finished)
         async with contextlib.AsyncExitStack() as locks:
             for key in keys:  # in order: two writers never wait for each other's locks
@@ -179,7 +183,9 @@ class Settling(Counters):
                 operations: list[tuple[str, Any, dict[str, Any]]] = []
                 updates: list[tuple[tuple[str, str], dict[str, Any]]] = []
                 for key in keys:
-                    state = self._cache.get(key) or await self._fetch(key)
+                    state = self._cache.get(key)
+                    if state is None:
+                        state = absent(key) if key in new else await self._fetch(key)
                     etag, updated = state
                     for item in pending:
                         if key[1] == day_row(item):
@@ -210,6 +216,7 @@ class Settling(Counters):
                         logged[failed].stored = True  # by an earlier attempt, with its settlement
                         pending.remove(logged[failed])
                     else:  # another instance wrote a day first (412, or 409 on a create): read it again
+                        new.clear()
                         for key, _ in updates:
                             self._cache.pop(key, None)
                         await asyncio.sleep(random.uniform(0, 0.005))

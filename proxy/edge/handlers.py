@@ -45,7 +45,7 @@ from starlette.responses import Response
 
 from proxy.admission.alerts import Alerts
 from proxy.admission.budget import has_budget
-from proxy.admission.days import CLIENT_GONE, Admission, booked_cost, booked_tokens, day_of, has_caps, next_midnight
+from proxy.admission.days import CLIENT_GONE, Admission, booked_cost, booked_tokens, day_of, next_midnight
 from proxy.admission.limits import Ledger
 from proxy.config.prices import PriceTable, usd
 from proxy.config.settings import Settings
@@ -386,7 +386,7 @@ class Proxy:
         self.alerts.touch(event)  # its budgets are checked a moment later, off this path (proxy.admission.alerts)
         with self.telemetry.span("cap reservation"):
             # A new name's roster row rides with its first day (one transaction, proxy.policy.attendees).
-            joining = await self.roster.admit(event, user, carried=has_caps(event))
+            joining = await self.roster.admit(event, user)
             try:
                 admission = await self.ledger.admit_all(event, user, now, estimate, request_id, joining)
             except CapExceeded as refused:

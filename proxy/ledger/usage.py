@@ -176,9 +176,8 @@ class UsageRecorder:
     returns at once and the record is stored in the background.
 
     Every record pending when a write starts goes into that write: one
-    request-log insert per event and day (more if its records exceed one
-    property), and one conditional write per attendee and day, however many of
-    that attendee's requests it carries. Up to ``CONCURRENT_BATCHES`` writes
+    request-log insert per request, and one conditional write per attendee and
+    day, however many of that attendee's requests it carries. Up to ``CONCURRENT_BATCHES`` writes
     run at once (one: a request that finishes during a write goes in the next,
     with all the others that finished meanwhile). A record that storage could
     not take is retried with backoff; while any is waiting, ``check_storage``

@@ -22,11 +22,12 @@ commit); only the first request of each name ever writes here. A worker
 remembers the names it has seen, so a known name costs nothing, and a name new
 to this worker costs one point read, or none when the event's names, read for
 the check for personal keys (``proxy.policy.keys``), include it (``seen``).
-Without ``max_attendees``, a new name whose request writes its first day (an
-event with caps) is not registered here: its row rides in the transaction that
-inserts that day (``admit(..., carried=True)``, ``proxy.admission.limits``), so
+Without ``max_attendees``, a new name is not registered here: its row rides
+in the transaction that inserts its first day (an event with caps), or is
+inserted alone by the admission, which then knows the name has no day stored
+(an event without caps: ``Admission.new_day``); ``proxy.admission.limits``. So
 a new attendee's admission costs two storage calls: the read of its row, not
-found, and that transaction.
+found, and that write.
 
 Blocked names are kept on the event itself (``proxy.policy.events``), which every
 worker caches for ``EVENT_CACHE_SECONDS``: a block or an unblock takes effect
@@ -70,12 +71,12 @@ class Roster:
         self._waiting: dict[str, list[Waiting]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def admit(self, event: Event, user: str, carried: bool = False) -> dict[str, Any] | None:
+    async def admit(self, event: Event, user: str) -> dict[str, Any] | None:
         """Let a name in: raise ``AttendeeBlocked``, or ``AttendeeLimitReached`` for a new name past the limit.
 
-        With ``carried`` (the request writes the name's day, ``proxy.admission.limits``), a new name of an event
-        without ``max_attendees`` is not registered here: its row is returned, for the caller to insert with that
-        day in one transaction and to report with ``seen`` once stored. Otherwise None: the name is in.
+        A new name of an event without ``max_attendees`` is not registered here: its row is returned, for the
+        admission (``proxy.admission.limits``) to insert with the name's first day in one transaction (or alone,
+        in an event without caps) and to report with ``seen`` once stored. Otherwise None: the name is in.
         """
         if user in event.blocked:
             raise AttendeeBlocked(
@@ -87,7 +88,7 @@ class Roster:
         if await self._registered(event.id, user):
             self._remember(event.id, user)
             return None
-        if carried and event.max_attendees is None:
+        if event.max_attendees is None:
             return self.row(event.id, user)
         await self._register(event, user, None)
         self._remember(event.id, user)
@@ -108,8 +109,8 @@ class Roster:
         return created
 
     def seen(self, event_id: str, user: str) -> None:
-        """The name's row was read elsewhere and exists (``proxy.policy.keys``), or was stored with its day
-        (``admit(..., carried=True)``): admitting it needs no read."""
+        """The name's row was read elsewhere and exists (``proxy.policy.keys``), or was stored by its admission
+        (the row ``admit`` returned): admitting it needs no read."""
         self._remember(event_id, user)
 
     def _remember(self, event_id: str, user: str) -> None:
