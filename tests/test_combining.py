@@ -22,6 +22,7 @@ from proxy.storage.combining import Combiner
 from proxy.storage.entities import EntityClient
 from proxy.storage.tables import USAGE_TABLE, Tables
 from tests.relay import StorageRelay
+from tests.support import eventually
 from tests.test_round_trips import Calls
 
 
@@ -135,3 +136,30 @@ async def test_a_lone_write_goes_at_once_and_alone(relayed: Any) -> None:
     for entity, etag in made:
         await combiner.write({**entity, "value": 9}, etag)
     assert calls.since(mark) == ["write row000", "write row001"]
+
+
+async def test_a_caller_gone_while_its_write_waits_leaves_the_others_told(relayed: Any) -> None:
+    """Three callers wait behind a held write; one is cancelled (its client gone) before the transaction leaves.
+    The transaction still carries every row, as queued: the two callers still there hear their ETags, and the
+    rows hold what they were told; the one gone hears nothing, and nothing is left unretrieved."""
+    relay, calls, entities, combiner = relayed
+    _, made = await rows(entities, 4)
+    hold_first_write(relay)
+    mark = len(calls.since(0))
+    tasks = [asyncio.ensure_future(combiner.write({**entity, "value": 2}, etag)) for entity, etag in made]
+
+    async def sent() -> list[str]:
+        return calls.since(mark)
+
+    await eventually(sent, bool, what="the held write on its way")  # the three others wait behind it
+    tasks[2].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[2], asyncio.CancelledError)
+    assert all(isinstance(results[index], str) for index in (0, 1, 3)), results
+    assert calls.since(mark) == ["write row000", batch([1, 2, 3])]
+    for index in (0, 1, 3):
+        entity = made[index][0]
+        stored_etag, stored = await entities.get(entity["PartitionKey"], entity["RowKey"])
+        assert (stored_etag, stored["value"]) == (results[index], 2)
+    _, gone = await entities.get(made[2][0]["PartitionKey"], made[2][0]["RowKey"])
+    assert gone["value"] == 2  # queued before its caller left: it went with the others

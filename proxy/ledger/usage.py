@@ -223,9 +223,11 @@ class UsageRecorder:
         done = asyncio.get_running_loop().create_future()
         self._waiters[id(record)] = done
         self._enqueue(record)
-        # Shielded: a caller that goes away must not cancel a write others share.
+        # Awaited as it is: the future is this caller's alone (``_resolve`` passes over one cancelled), the write
+        # is the batch's task, which a caller that goes away does not cancel. A shield would cost the answer one
+        # more turn of the event loop.
         with self._telemetry.span("usage commit"):
-            await asyncio.shield(done)
+            await done
 
     def submit(self, record: UsageRecord) -> None:
         """Queue a record for storing; never blocks and never raises."""
@@ -254,17 +256,27 @@ class UsageRecorder:
             self._idle.set()
 
     async def _write_batch(self, batch: list[UsageRecord]) -> None:
+        failure: StorageUnavailable | None = None
+        written = False
         try:
             await self.write(batch)
+            written = True
         except StorageUnavailable as error:
-            self._failed(batch, error)
+            failure = error
         except Exception:  # a bug: say so, and let no waiter hang
             log.exception("usage writer failed; %d records not stored", len(batch))
-        else:
-            for record in batch:
-                self._resolve(record, _refused() if record.refused and not record.stored else None)
         finally:
             self._writing -= len(batch)
+            # The next batch leaves first: its task then runs before the callers told below, each of which goes
+            # on with its answer before yielding (and ``_batch_done``, a callback, would start it a turn later).
+            self._batches.discard(asyncio.current_task())
+            if self._pending and len(self._batches) < CONCURRENT_BATCHES:
+                self._start_batch()
+            if failure is not None:
+                self._failed(batch, failure)
+            elif written:
+                for record in batch:
+                    self._resolve(record, _refused() if record.refused and not record.stored else None)
             for record in batch:  # cancelled, or a bug: the caller answers with an error
                 self._resolve(record, StorageUnavailable("The usage record could not be stored."))
 
@@ -326,6 +338,10 @@ class UsageRecorder:
         for record in batch:
             if not record.stored:
                 events.setdefault(record.event_id, []).append(record)
+        if len(events) == 1:  # the usual batch: in this task, not one more (each costs turns of the event loop)
+            [(event_id, records)] = events.items()
+            await self._settle(event_id, records)
+            return
         # Every write is waited for before any is retried, so no write is in flight twice.
         outcomes = await asyncio.gather(
             *(self._settle(event_id, records) for event_id, records in events.items()), return_exceptions=True

@@ -46,6 +46,9 @@ class _Write:
     done: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+Told = tuple[_Write, str | Exception]  # a write and what its caller hears: its new ETag, or its error
+
+
 class Combiner:
     """Replaces (under an ETag) and inserts on one table, combined per partition while one is on its way."""
 
@@ -54,6 +57,7 @@ class Combiner:
         self._ensure_tables = ensure_tables  # creates the tables (an empty Azurite): Tables.ensure
         self._waiting: dict[str, list[_Write]] = {}
         self._busy: dict[str, int] = {}  # writes on their way, per partition
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def write(self, entity: dict[str, Any], etag: str) -> str:
         """Replace ``entity`` under ``etag`` (insert it when ``etag`` is empty); its new ETag.
@@ -72,12 +76,15 @@ class Combiner:
                 self._next(partition)
         write.done.add_done_callback(_retrieved)  # a caller gone (shutdown) leaves no "never retrieved" warning
         self._waiting.setdefault(partition, []).append(write)
-        # Shielded: the write goes on for the others of its transaction whatever happens to this caller.
-        return await asyncio.shield(write.done)
+        # Awaited as it is: a caller that goes away cancels only its own future (``_tell`` passes over it); the
+        # transaction is a task of its own and goes on for the others. A shield would cost one more turn of the
+        # event loop before every admission goes on.
+        return await write.done
 
     def _send(self, writes: list[_Write], partition: str) -> None:
-        task = asyncio.ensure_future(self._transact(writes))
-        task.add_done_callback(lambda _: self._next(partition))
+        task = asyncio.ensure_future(self._transact(writes, partition))
+        self._sending.add(task)  # kept until done: the loop holds only a weak reference to a task
+        task.add_done_callback(self._sending.discard)
 
     def _next(self, partition: str) -> None:
         """A write on its way is back: send what waited in its place, or make room."""
@@ -101,28 +108,32 @@ class Combiner:
             size += len(write.body)
         self._send(batch, partition)
 
-    async def _transact(self, writes: list[_Write]) -> None:
+    async def _transact(self, writes: list[_Write], partition: str) -> None:
+        told: list[Told] = []
         try:
             while writes:
-                writes = await self._attempt(writes)
+                writes, told = await self._attempt(writes)
+                if writes:  # those refused hear it now, while the others are sent again
+                    _tell(told)
         except BaseException as error:  # a bug or a cancelled task: no caller may hang
-            for write in writes:
-                if not write.done.done():
-                    write.done.set_exception(StorageUnavailable(str(error) or "Table Storage write failed."))
+            told = [(write, StorageUnavailable(str(error) or "Table Storage write failed.")) for write in writes]
             if not isinstance(error, Exception):
                 raise
+        finally:
+            # The next transaction first: its task then runs before the callers this one wakes, each of which goes
+            # on with its request (upstream) before yielding, and a done callback would cost one more turn.
+            self._next(partition)
+            _tell(told)
 
-    async def _attempt(self, writes: list[_Write]) -> list[_Write]:
-        """Send ``writes``; resolve those settled; return those to send again."""
+    async def _attempt(self, writes: list[_Write]) -> tuple[list[_Write], list[Told]]:
+        """Send ``writes``; those to send again, and what to tell the callers of the others."""
         if len(writes) == 1:
             write = writes[0]
             try:
                 etag = await self._alone(write)
             except Exception as error:  # noqa: BLE001 - handed to its caller, who hears it as from a lone write
-                write.done.set_exception(error)
-            else:
-                write.done.set_result(etag)
-            return []
+                return [], [(write, error)]
+            return [], [(write, etag)]
         operations = [
             ("update", w.entity, {"etag": w.etag, "encoded": w.body})
             if w.etag
@@ -134,18 +145,13 @@ class Combiner:
         except (TransactionRefused, ResourceNotFoundError) as refused:
             if not isinstance(refused, TransactionRefused) or not 0 <= refused.index < len(writes):
                 # Which row is not said, or a 404 (no table yet, or no such row): each alone, as it would have gone.
-                await asyncio.gather(*(self._attempt([write]) for write in writes))
-                return []
+                alone = await asyncio.gather(*(self._attempt([write]) for write in writes))
+                return [], [answer for _, answers in alone for answer in answers]
             failed = writes[refused.index]
-            failed.done.set_exception(_refusal(refused.status_code))
-            return [write for write in writes if write is not failed]
+            return [write for write in writes if write is not failed], [(failed, _refusal(refused.status_code))]
         except Exception as error:  # noqa: BLE001 - handed to the callers, as a lone write would raise it
-            for write in writes:
-                write.done.set_exception(error)
-            return []
-        for write, result in zip(writes, results, strict=True):
-            write.done.set_result(str(result["etag"]))
-        return []
+            return [], [(write, error) for write in writes]
+        return [], [(write, str(result["etag"])) for write, result in zip(writes, results, strict=True)]
 
     async def _alone(self, write: _Write) -> str:
         if write.etag:
@@ -155,6 +161,17 @@ class Combiner:
         except ResourceNotFoundError:  # no table yet: an empty Azurite, say
             await self._ensure_tables()
             return await self._entities.insert(write.entity, write.body)
+
+
+def _tell(told: list[Told]) -> None:
+    """Tell each write's caller its new ETag or its error, unless it went away (its future cancelled)."""
+    for write, outcome in told:
+        if write.done.done():
+            continue
+        if isinstance(outcome, Exception):
+            write.done.set_exception(outcome)
+        else:
+            write.done.set_result(outcome)
 
 
 def _retrieved(done: asyncio.Future[str]) -> None:
