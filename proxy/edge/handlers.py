@@ -385,7 +385,8 @@ class Proxy:
         self.recorder.check_storage()
         self.alerts.touch(event)  # its budgets are checked a moment later, off this path (proxy.admission.alerts)
         with self.telemetry.span("cap reservation"):
-            # A new name's roster row rides with its first day (one transaction, proxy.policy.attendees).
+            # A new name's roster row rides with its first day (one transaction), or is inserted alone in an event
+            # without caps, which writes no day before upstream (proxy.policy.attendees).
             joining = await self.roster.admit(event, user)
             try:
                 admission = await self.ledger.admit_all(event, user, now, estimate, request_id, joining)

@@ -177,9 +177,10 @@ class UsageRecorder:
 
     Every record pending when a write starts goes into that write: one
     request-log insert per request, and one conditional write per attendee and
-    day, however many of that attendee's requests it carries. Up to ``CONCURRENT_BATCHES`` writes
-    run at once (one: a request that finishes during a write goes in the next,
-    with all the others that finished meanwhile). A record that storage could
+    day, however many of that attendee's requests it carries. Up to
+    ``CONCURRENT_BATCHES`` writes run at once (one: a request that finishes
+    during a write goes in the next, with all the others that finished
+    meanwhile). A record that storage could
     not take is retried with backoff; while any is waiting, ``check_storage``
     refuses new requests, so no answer goes out whose usage cannot be recorded,
     and the backlog holds at most the requests that were in flight when
