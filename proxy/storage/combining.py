@@ -122,8 +122,10 @@ class Combiner:
         finally:
             # The next transaction first: its task then runs before the callers this one wakes, each of which goes
             # on with its request (upstream) before yielding, and a done callback would cost one more turn.
-            self._next(partition)
-            _tell(told)
+            try:
+                self._next(partition)
+            finally:
+                _tell(told)
 
     async def _attempt(self, writes: list[_Write]) -> tuple[list[_Write], list[Told]]:
         """Send ``writes``; those to send again, and what to tell the callers of the others."""
