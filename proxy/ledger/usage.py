@@ -247,13 +247,17 @@ class UsageRecorder:
         self._batches.add(task)
         task.add_done_callback(self._batch_done)
 
-    def _batch_done(self, task: asyncio.Task[None]) -> None:
+    def _ended(self, task: asyncio.Task[None] | None) -> None:
+        """A batch is done with its write: the next one leaves if records wait for it."""
         self._batches.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("usage writer failed", exc_info=task.exception())
         if self._pending and len(self._batches) < CONCURRENT_BATCHES:
             self._start_batch()
-        elif not self._batches and not self._pending and not self._retrying:
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("usage writer failed", exc_info=task.exception())
+        self._ended(task)  # done already by the task itself, unless it was cancelled before it ran
+        if not self._batches and not self._pending and not self._retrying:
             self._idle.set()
 
     async def _write_batch(self, batch: list[UsageRecord]) -> None:
@@ -270,9 +274,7 @@ class UsageRecorder:
             self._writing -= len(batch)
             # The next batch leaves first: its task then runs before the callers told below, each of which goes
             # on with its answer before yielding (and ``_batch_done``, a callback, would start it a turn later).
-            self._batches.discard(asyncio.current_task())
-            if self._pending and len(self._batches) < CONCURRENT_BATCHES:
-                self._start_batch()
+            self._ended(asyncio.current_task())
             if failure is not None:
                 self._failed(batch, failure)
             elif written:
