@@ -5,14 +5,15 @@
 Starts Azurite (in memory) and, at each size, fills the usage table with
 request-log rows up to that many (transactions of 100), then sends
 ``--transactions`` transactions one after another, each shaped as the
-settlement sends them at concurrency (10 days replaced under their ETags, 10
-log entries inserted). Prints, per size, Azurite's CPU per operation and the
+settlement sent them at concurrency before the request log packed a
+transaction's entries in one row (10 days replaced under their ETags, 10 log
+entries inserted; ``proxy.admission.requestlog``). Prints, per size, Azurite's CPU per operation and the
 wall time per transaction.
 
 Why: Azurite keeps a table in LokiJS, which on every removal renumbers the
 positions in each of its indexes (PartitionKey, RowKey), a loop over every
 row of the table, and Azurite replaces an entity by removing and inserting
-it. Every request adds a log row and replaces a day, so the emulator's cost
+it. Every request replaces a day and adds a log row (or its share of one), so the emulator's cost
 per operation grows with the rows that earlier requests left, whichever
 event they belong to. Table Storage has no such loop. ``bench.run`` runs its
 scenarios one after another on one Azurite, so a later scenario pays for the

@@ -16,9 +16,9 @@ import orjson
 import pytest
 from openai import OpenAI
 
+from proxy.admission.requestlog import PREFIX as LOG_PREFIX
 from proxy.config.settings import Settings
 from proxy.ledger.reports import COLUMNS, report
-from proxy.ledger.usage import LOG_PREFIX
 from proxy.storage.tables import USAGE_TABLE, Tables
 from tests.relay import StorageRelay
 from tests.support import CACHE_SECONDS, ORGANIZER_KEY, app_env, seen_within, start_app, wait_for

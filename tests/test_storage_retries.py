@@ -8,6 +8,7 @@ body short: what a dropped connection does to a client that retries.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -132,10 +133,11 @@ async def test_a_settlement_storage_refuses_is_stored_apart_and_the_worker_goes_
 ) -> None:
     """Table Storage refusing one request's settling transaction as invalid (400) is not an outage.
 
-    The relay makes every transaction holding mallory's log entry invalid (a property over 64 KiB), so
-    Azurite refuses it, every time. Before, the worker kept the batch for a retry and refused every
-    request of every event with a 503 meanwhile, forever. Now the others in that batch are stored
-    apart, mallory's log entry and day are written on their own, and an error is logged.
+    The relay makes every transaction holding mallory's log entry invalid (a property over 64 KiB beside each
+    log row: hers alone, or a pack that holds it), so Azurite refuses it, every time. Before, the worker kept
+    the batch for a retry and refused every request of every event with a 503 meanwhile, forever. Now the
+    others in that batch are stored apart, mallory's log entry and day are written on their own, and an error
+    is logged.
     """
     service, url = relayed_service
     created = await make_event(daily_requests=10)
@@ -143,14 +145,11 @@ async def test_a_settlement_storage_refuses_is_stored_apart_and_the_worker_goes_
 
     def mallorys_settlement(method: str, path: str, body: bytes) -> bool:
         return (
-            path.endswith("$batch")
-            and event_id.encode() in body
-            and b'"RowKey":"log|' in body
-            and b'"user":"mallory"' in body
+            path.endswith("$batch") and event_id.encode() in body and b'"RowKey":"log|' in body and b"mallory" in body
         )
 
     def invalid(body: bytes) -> bytes:
-        return body.replace(b'"user":"mallory"', b'"user":"mallory","padding":"' + b"x" * 40_000 + b'"')
+        return body.replace(b'"RowKey":"log|', b'"padding":"' + b"x" * 40_000 + b'","RowKey":"log|')
 
     poison = relay.arm(mallorys_settlement, "tamper", times=1000, rewrite=invalid)
     async with httpx.AsyncClient(timeout=30) as client:
@@ -209,3 +208,48 @@ async def test_an_admission_whose_caller_left_while_it_queued_takes_no_slot(
         what="the shard's slot given back",
     )
     assert sorted(rid for shard in shards.values() for rid in shard["inflight"]) == ["first", "third"]
+
+
+async def test_requests_logged_in_one_row_whose_answer_is_lost_are_stored_once(
+    relayed_app: str, relay: StorageRelay, make_event: MakeEvent, tables: Tables, simulator: str
+) -> None:
+    """Requests settled together share one request-log row (a pack, ``proxy.admission.requestlog``). Its
+    transaction lands, its answer is lost, and it is sent again: refused on the pack (409), as on a request's
+    own entry, its requests are stored. Each is logged once and counted once on its day."""
+    created = await make_event(daily_requests=5)
+    event_id, day = created.event.id, datetime.now(UTC).date().isoformat()
+    users = [f"packed{i}" for i in range(12)]
+
+    def served() -> int:
+        return int(str(sim_stats(simulator)["requests"]))
+
+    before = served()
+
+    def settles(method: str, path: str, body: bytes) -> bool:
+        return path.endswith("$batch") and event_id.encode() in body and b'"RowKey":"log|' in body
+
+    def answered_all() -> None:  # the first settlement waits until upstream has answered every request
+        deadline = time.monotonic() + 20
+        while served() < before + len(users) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    relay.arm(lambda method, path, body: settles(method, path, body) and b'"entries":' not in body, "before",
+              before=answered_all)  # fmt: skip
+    lost = relay.arm(lambda method, path, body: settles(method, path, body) and b'"entries":' in body, "drop")
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def chat(user: str) -> httpx.Response:
+            headers = {"api-key": created.key(user)}
+            return await client.post(f"{relayed_app}/api/v1/chat/completions", json=CHAT, headers=headers)
+
+        answers = await asyncio.gather(*(chat(user) for user in users))
+    assert [a.status_code for a in answers] == [200] * len(users), [a.text for a in answers if a.status_code != 200]
+    assert lost.fired == 1, lost.seen
+    log = await request_log(tables, event_id)
+    assert sorted(entry["request_id"] for entry in log) == sorted(a.headers["x-request-id"] for a in answers)
+    rows = tables.usage.query_entities("PartitionKey eq @pk and RowKey ge 'log|' and RowKey lt 'log}'",
+                                       parameters={"pk": event_id})  # fmt: skip
+    assert any(["entries" in row async for row in rows])
+    for user in users:
+        entity = await tables.usage.get_entity(event_id, f"{day}|{user}")
+        assert (entity["requests"], entity["reserved"], orjson.loads(entity["inflight"])) == (1, 1, {}), user

@@ -2,7 +2,8 @@
 in flight on each, and the budget alerts.
 
 An attendee's day entity and its arithmetic are in ``days``; the per-worker cache of ETags, the
-locks and the conditional write in ``counters``; settling finished requests in ``settling``;
+locks and the conditional write in ``counters``; settling finished requests in ``settling``, and the
+request-log rows it writes in ``requestlog``;
 admitting in ``limits`` (``Ledger``, which admits and settles); the budget's shards in ``budget``,
 the ``inflight`` map in ``inflight``, the alerts in ``alerts``.
 

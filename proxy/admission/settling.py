@@ -25,7 +25,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
-from proxy.admission import budget, days
+from proxy.admission import budget, days, requestlog
 from proxy.admission import inflight as flights
 from proxy.admission.counters import MAX_ATTEMPTS, Counters, Unsettled, absent, log
 from proxy.admission.days import Finished, day_row, keeps_slot
@@ -202,8 +202,8 @@ class Settling(Counters):
                         operations.append(("update", flights.stored(updated), options))
                     else:
                         operations.append(("create", flights.stored(updated), {}))
-                logged = [item for item in pending if item.log is not None]
-                operations.extend(("create", item.log, {}) for item in logged)
+                logged = requestlog.rows([item for item in pending if item.log is not None])
+                operations.extend(("create", row, {}) for row, _ in logged)
                 if not operations:
                     for item in pending:
                         item.stored = True
@@ -213,8 +213,9 @@ class Settling(Counters):
                 except TransactionRefused as error:
                     failed = error.index - len(updates)
                     if error.status_code == 409 and 0 <= failed < len(logged):
-                        logged[failed].stored = True  # by an earlier attempt, with its settlement
-                        pending.remove(logged[failed])
+                        for item in logged[failed][1]:  # by an earlier attempt, with their settlement
+                            item.stored = True
+                            pending.remove(item)
                     else:  # another instance wrote a day first (412, or 409 on a create): read it again
                         new.clear()
                         for key, _ in updates:
@@ -274,7 +275,7 @@ class Settling(Counters):
             for offset in (0, -1, 1):
                 day = (admitted + timedelta(days=offset)).date().isoformat()
                 try:
-                    _, logged = await self._entities.get(event_id, f"log|{day}|{request_id}")
+                    _, logged = await self._entities.get(event_id, requestlog.row_key(day, request_id))
                     break
                 except ResourceNotFoundError:
                     continue

@@ -72,6 +72,7 @@ import orjson
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from starlette.responses import Response
 
+from proxy.admission.requestlog import row_key
 from proxy.errors import (
     InvalidRequest,
     MaxTokensExceedsCap,
@@ -80,7 +81,7 @@ from proxy.errors import (
     UpstreamError,
 )
 from proxy.ledger.ending import Answer, Keep
-from proxy.ledger.usage import LOG_PREFIX, UsageRecord
+from proxy.ledger.usage import UsageRecord
 from proxy.storage.tables import Tables, guarded
 from proxy.upstream.client import Upstream, read_answer
 from proxy.upstream.payload import Prepared, set_identity
@@ -157,7 +158,7 @@ class Ownership:
         if not isinstance(request_id, str) or not isinstance(day, str):
             return 0
         try:
-            _, logged = await self._tables.usage_entities.get(owner.event_id, f"{LOG_PREFIX}{day}|{request_id}")
+            _, logged = await self._tables.usage_entities.get(owner.event_id, row_key(day, request_id))
         except ResourceNotFoundError:
             return 0
         return int(logged.get("prompt_tokens", 0)) + int(logged.get("completion_tokens", 0))

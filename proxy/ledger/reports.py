@@ -18,8 +18,9 @@ from zoneinfo import ZoneInfo
 import orjson
 from azure.core.exceptions import ResourceNotFoundError
 
+from proxy.admission.requestlog import PREFIX as LOG_PREFIX
+from proxy.admission.requestlog import entries
 from proxy.config.prices import NANOS_PER_USD, usd
-from proxy.ledger.usage import LOG_PREFIX
 from proxy.storage.tables import Tables, gathered
 
 LOG_FIELDS = (
@@ -124,7 +125,7 @@ async def request_log(tables: Tables, event_id: str) -> list[dict[str, Any]]:
         rows = await gathered(entities)
     except ResourceNotFoundError:
         return []
-    return [{name: row.get(name, "") for name in LOG_FIELDS} for row in rows]
+    return [{name: entry.get(name, "") for name in LOG_FIELDS} for row in rows for entry in entries(row)]
 
 
 async def hourly_report(tables: Tables, event_id: str, zone: str, now: datetime) -> dict[str, Any]:
@@ -142,7 +143,7 @@ async def hourly_report(tables: Tables, event_id: str, zone: str, now: datetime)
                     "after": LOG_PREFIX[:-1] + chr(ord(LOG_PREFIX[-1]) + 1)},
     )  # fmt: skip
     try:
-        found = await gathered(entities)
+        found = [entry for row in await gathered(entities) for entry in entries(row)]
     except ResourceNotFoundError:
         found = []
     local = ZoneInfo(zone)

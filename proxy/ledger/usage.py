@@ -5,8 +5,9 @@ finished request hands a ``UsageRecord`` to the ``UsageRecorder`` and waits
 for it (``commit``); all the records pending at that moment are stored
 together, so requests that finish together share their writes. Both halves
 of a record live in ``proxyusage``, in its event's partition: the request's
-log entry (``RowKey="log|<YYYY-MM-DD>|<request id>"``: attendee, model, kind,
-stream, status, tokens, latency, time, backend) and its attendee's day
+log entry (attendee, model, kind, stream, status, tokens, latency, time,
+backend: its own row, ``RowKey="log|<YYYY-MM-DD>|<request id>"``, or with the
+others of its transaction in one, ``proxy.admission.requestlog``) and its attendee's day
 (``RowKey="<YYYY-MM-DD>|<user>"``, see ``proxy.admission.days``). One entity group
 transaction per event writes both, so the log and the days never disagree,
 and a retried write finds the log entry already there instead of counting a
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from proxy.admission import requestlog
 from proxy.admission.days import Admission, Finished, Settlement, keeps_slot
 from proxy.admission.limits import Ledger
 from proxy.config.prices import Priced, PriceTable, usd
@@ -46,7 +48,6 @@ log = logging.getLogger("proxy.usage")
 # concurrency 64 with caps served 391 req/s this way, against 354-377 with 2 or 4 (smaller transactions, more).
 CONCURRENT_BATCHES = 1
 CONCURRENT_SETTLES = 32
-LOG_PREFIX = "log|"  # request-log rows sort after the days ("YYYY-MM-DD|user") in each partition
 MAX_BACKOFF_SECONDS = 2.0
 
 Kind = Literal["chat", "embeddings", "responses"]  # what the request log calls a request (proxy.edge.routes)
@@ -86,7 +87,7 @@ class UsageRecord:
         """This request's entry in the request log."""
         return {
             "PartitionKey": self.event_id,
-            "RowKey": f"{LOG_PREFIX}{self.admission.day}|{self.request_id}",
+            "RowKey": requestlog.row_key(self.admission.day, self.request_id),
             "request_id": self.request_id,
             "time": self.started_at.isoformat(),
             "user": self.user,
