@@ -31,8 +31,9 @@ import orjson
 from proxy.admission.days import Finished
 
 PREFIX = "log|"  # request-log rows sort after the days ("YYYY-MM-DD|user") in each partition
-# A pack's JSON, in bytes. Table Storage takes a string property of up to 64 KiB in UTF-16, 32,768 characters,
-# and a character is at least one byte of UTF-8.
+# A pack's JSON, in bytes. Table Storage takes a string property of up to 64 KiB in UTF-16 (32,768 code units;
+# learn.microsoft.com/rest/api/storageservices/understanding-the-table-service-data-model), and a UTF-16 code
+# unit is at least one byte of UTF-8.
 PACK_BYTES = 30_000
 _KEYS = ("PartitionKey", "RowKey")
 
