@@ -4,7 +4,9 @@
 query per event, ``RowKey`` below ``log|``), never the request log, so it
 stays fast for large events. ``hourly_report`` and ``request_log`` read the
 request log (``RowKey`` from ``log|``), the first only its last
-``HOURLY_WINDOW``. Both kinds of rows are written by ``proxy.ledger.usage``.
+``HOURLY_WINDOW``; a log row holds one request's entry or several's
+(``proxy.admission.requestlog.entries`` reads both alike). Both kinds of
+rows are written by ``proxy.ledger.usage``.
 """
 
 from __future__ import annotations
