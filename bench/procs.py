@@ -150,7 +150,7 @@ class Sampler:
 
     def _run(self) -> None:
         trees: list[list[psutil.Process]] = []
-        found = -self.TREE_SECONDS
+        found = float("-inf")  # looked up at the first sample
         while not self._stop.wait(self.interval):
             if time.monotonic() - found >= self.TREE_SECONDS:
                 trees, found = [proc.tree() for proc in self.procs], time.monotonic()

@@ -46,21 +46,20 @@ def row_key(day: str, request_id: str) -> str:
 def rows(logged: list[Finished]) -> list[tuple[dict[str, Any], list[Finished]]]:
     """The log rows that store these requests' entries, each with the requests it stores, in order."""
     out: list[tuple[dict[str, Any], list[Finished]]] = []
-    filling: dict[str, list[tuple[Finished, bytes]]] = {}  # per day, the pack being filled
-    size: dict[str, int] = {}  # its JSON's, in bytes
+    filling: dict[str, tuple[list[tuple[Finished, bytes]], int]] = {}  # per day, the pack being filled, its bytes
     for item in logged:
         assert item.log is not None
         if _alone(item):
             out.append((item.log, [item]))
             continue
         day, entry = item.admission.day, orjson.dumps({k: v for k, v in item.log.items() if k not in _KEYS})
-        if day in filling and size[day] + len(entry) + 1 > PACK_BYTES:
-            out.append(_pack(filling.pop(day)))
-        if day not in filling:
-            filling[day], size[day] = [], 1  # "[" and "]", less the comma of the first entry
-        filling[day].append((item, entry))
-        size[day] += len(entry) + 1
-    out.extend(_pack(pack) for pack in filling.values())
+        pack, size = filling.get(day, ([], 1))  # 1: "[" and "]", less the comma of the first entry
+        if pack and size + len(entry) + 1 > PACK_BYTES:
+            out.append(_pack(pack))
+            pack, size = [], 1
+        pack.append((item, entry))
+        filling[day] = (pack, size + len(entry) + 1)
+    out.extend(_pack(pack) for pack, _ in filling.values())
     return out
 
 
