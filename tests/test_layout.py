@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: tuple[tuple[str, str], ...] = (
     ("errors", "the one error hierarchy"),
     ("config", "settings and what is parsed from them: backends, prices, sign-in, keyed hashes, bearer tokens"),
+    ("net", "HTTP/1.1 over kept-alive connections, under storage's and upstream's calls"),
     ("observability", "telemetry's interface and its OpenTelemetry exporter"),
     ("storage", "Table Storage: the tables and the lean entity client"),
     ("upstream", "Azure OpenAI: the pooled client with failover, its transport, request bodies"),

@@ -3,7 +3,7 @@
 The cap reservation and the settlement are the storage calls on a request's
 critical path, so they get a client of their own: a read, an insert and a
 replace with ``If-Match``, each one HTTP request on a kept-alive connection
-(``proxy.storage.http``, a third of aiohttp's CPU per call), signed with
+(``proxy.net.http``, a third of aiohttp's CPU per call), signed with
 the account key (``STORAGE_CONNECTION_STRING``, Azurite) or carrying a bearer
 token for ``https://storage.azure.com`` (managed identity). It spends about a
 third of azure-data-tables' CPU per call (0.16 ms against 0.53 ms, measured on
@@ -29,6 +29,7 @@ import hmac
 import os
 import re
 import time
+from collections.abc import Mapping
 from email.utils import formatdate
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -45,7 +46,7 @@ from azure.core.exceptions import (
 from proxy.config.settings import SettingsError
 from proxy.config.tokens import BearerToken
 from proxy.errors import StorageUnavailable
-from proxy.storage.http import HttpClient
+from proxy.net.http import Pool
 
 STORAGE_SCOPE = "https://storage.azure.com/.default"
 API_VERSION = "2019-02-02"
@@ -87,7 +88,7 @@ class EntityClient:
         self._table_path = f"{url.path}/{table}"
         self._account_key = account_key
         self._token = None if credential is None else BearerToken(credential, STORAGE_SCOPE)
-        self._http: HttpClient | None = None
+        self._http: Pool | None = None
         self._date = (0, "")
 
     @classmethod
@@ -179,7 +180,7 @@ class EntityClient:
 
     async def _send(
         self, method: str, path: str, body: bytes | None = None, etag: str | None = None, content_type: str = _JSON
-    ) -> tuple[int, dict[str, str], bytes]:
+    ) -> tuple[int, Mapping[str, str], bytes]:
         headers = {
             "x-ms-version": API_VERSION,
             "x-ms-date": self._now(),
@@ -193,7 +194,7 @@ class EntityClient:
             headers["if-match"] = etag
         headers["authorization"] = await self._authorization(method, path, headers)
         if self._http is None:
-            self._http = HttpClient(self._origin)
+            self._http = Pool(self._origin)
         for attempt in (1, 2):
             try:
                 reply = await self._http.request(method, path, headers, body, fresh=attempt == 2)

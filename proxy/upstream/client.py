@@ -1,6 +1,6 @@
 """Upstream Azure OpenAI: the pooled HTTP client, the backends' credentials, and the call with failover.
 
-One transport per worker, aiohttp's pool (``proxy.upstream.transport``), serves every backend;
+One transport per worker, a pool per origin (``proxy.upstream.transport``), serves every backend;
 requests go to it straight, not through an ``httpx.AsyncClient``, whose URL and header merging,
 cookie jar and redirect handling cost a tenth of the proxy's CPU and do nothing here (no cookies,
 no redirects, one set of headers per call), nor as ``httpx.Request`` objects. A backend is called
@@ -67,7 +67,7 @@ from proxy.config.backends import Backend, Health, Plan, retry_after_seconds
 from proxy.config.settings import Settings
 from proxy.config.tokens import BearerToken
 from proxy.errors import ProxyError, UpstreamError, UpstreamThrottled, UpstreamTimeout
-from proxy.upstream.transport import AiohttpTransport, UpstreamResponse
+from proxy.upstream.transport import HttpTransport, UpstreamResponse
 
 log = logging.getLogger("proxy.upstream")
 
@@ -111,7 +111,7 @@ class Upstream:
     def __init__(
         self,
         settings: Settings,
-        transport: AiohttpTransport,
+        transport: HttpTransport,
         credential: AsyncTokenCredential | None,
         health: Health | None = None,
     ) -> None:
@@ -129,8 +129,8 @@ class Upstream:
         self._primary = min(self.backends, key=lambda backend: (backend.priority, -backend.weight))
 
     @staticmethod
-    def transport(settings: Settings) -> AiohttpTransport:
-        return AiohttpTransport(connect_timeout=10.0, read_timeout=settings.upstream_timeout_seconds)
+    def transport(settings: Settings) -> HttpTransport:
+        return HttpTransport(connect_timeout=10.0, read_timeout=settings.upstream_timeout_seconds)
 
     def serving(self, model: str) -> list[Backend]:
         """The backends that serve ``model``, in configuration order."""
@@ -329,7 +329,7 @@ class Upstream:
         if target is None:  # parsed once: a handful of URLs (backend, model, operation) carry nearly every call
             if len(self._urls) > _URLS_KEPT:
                 self._urls.clear()
-            target = self._urls[url] = yarl.URL(str(httpx.URL(url)), encoded=True)  # aiohttp does not parse it again
+            target = self._urls[url] = yarl.URL(str(httpx.URL(url)), encoded=True)  # parsed once, not per call
         async with asyncio.timeout(seconds):
             return await self._transport.send(method, target, headers, body)  # its body streamed, as it arrives
 

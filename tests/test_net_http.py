@@ -1,4 +1,4 @@
-"""The storage client's HTTP (``proxy.storage.http``) against a server that misbehaves.
+"""HTTP/1.1 under the calls on a request's path (``proxy.net.http``) against a server that misbehaves.
 
 The invariant: a call returns the whole answer to its own request, or raises
 ``OSError``; never a short body, never the answer to another call. Each test
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from proxy.storage import http
-from proxy.storage.http import HttpClient
+from proxy.net import http
+from proxy.net.http import Pool
 from tests.support import eventually
 
 Answerer = Callable[[str, asyncio.StreamWriter], Awaitable[None]]
@@ -27,11 +27,15 @@ class Server:
 
     answer: Answerer
     connections: int = 0
+    open_now: int = 0
+    most_open: int = 0
     requests: list[str] = field(default_factory=list)
     port: int = 0
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.open_now += 1
+        self.most_open = max(self.most_open, self.open_now)
         try:
             while True:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
@@ -51,23 +55,24 @@ class Server:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self.open_now -= 1
             writer.close()
 
 
-Serve = Callable[[Answerer], Awaitable[tuple[Server, HttpClient]]]
+Serve = Callable[..., Awaitable[tuple[Server, Pool]]]
 
 
 @pytest.fixture
 async def serve() -> AsyncIterator[Serve]:
     servers: list[asyncio.Server] = []
-    clients: list[HttpClient] = []
+    clients: list[Pool] = []
 
-    async def start(answer: Answerer) -> tuple[Server, HttpClient]:
+    async def start(answer: Answerer, **options: float) -> tuple[Server, Pool]:
         server = Server(answer)
         listening = await asyncio.start_server(server.serve, "127.0.0.1", 0)
         server.port = listening.sockets[0].getsockname()[1]
         servers.append(listening)
-        clients.append(HttpClient(f"http://127.0.0.1:{server.port}"))
+        clients.append(Pool(f"http://127.0.0.1:{server.port}", **options))  # type: ignore[arg-type]
         return server, clients[-1]
 
     yield start
@@ -148,9 +153,7 @@ async def test_garbage_raises(serve: Serve) -> None:
 
 
 @pytest.mark.parametrize("gave_up", ["cancelled", "timed out"])
-async def test_a_late_answer_is_nobodys_after_its_caller_gave_up(
-    serve: Serve, monkeypatch: pytest.MonkeyPatch, gave_up: str
-) -> None:
+async def test_a_late_answer_is_nobodys_after_its_caller_gave_up(serve: Serve, gave_up: str) -> None:
     """The first call's answer comes after its caller left: the next call, written before that answer
     arrives, must read its own answer, not that one."""
     release = asyncio.Event()
@@ -170,7 +173,7 @@ async def test_a_late_answer_is_nobodys_after_its_caller_gave_up(
         with pytest.raises(asyncio.CancelledError):
             await waiting
     else:
-        monkeypatch.setattr(http, "READ_SECONDS", 0.2)
+        client.read_seconds = 0.2
         with pytest.raises(TimeoutError):
             await client.request("GET", "/slow", {})
     release.set()  # the late answer goes out once the next call has been written
@@ -178,9 +181,7 @@ async def test_a_late_answer_is_nobodys_after_its_caller_gave_up(
     assert [reply.body for reply in replies] == [f"/next/{n}".encode() for n in range(3)]
 
 
-async def test_a_connection_the_server_closes_or_that_sat_idle_is_not_reused(
-    serve: Serve, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_connection_the_server_closes_or_that_sat_idle_is_not_reused(serve: Serve) -> None:
     async def closing(target: str, writer: asyncio.StreamWriter) -> None:
         writer.write(whole(b"bye", "Connection: close") if target == "/close" else whole(b"ok"))
         await writer.drain()
@@ -190,7 +191,7 @@ async def test_a_connection_the_server_closes_or_that_sat_idle_is_not_reused(
     await client.request("GET", "/a", {})
     await client.request("GET", "/b", {})
     assert server.connections == 2  # /a on a new connection, /b on the same as /a
-    monkeypatch.setattr(http, "IDLE_SECONDS", 0.0)
+    client.idle_seconds = 0.0
     await client.request("GET", "/c", {})
     assert server.connections == 3
 
@@ -200,13 +201,12 @@ async def test_a_connection_closed_as_it_opens_fails_at_once(monkeypatch: pytest
     """A server that takes connections and closes them (a relay whose storage is gone): each call fails
     as soon as the close arrives, whether it comes before the request is written or after, never when
     the read timeout runs out."""
-    monkeypatch.setattr(http, "READ_SECONDS", 60.0)
 
     async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.close()
 
     listening = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
-    client = HttpClient(f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}")
+    client = Pool(f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}", read_seconds=60)
     if first == "the close":  # the connection is handed over only once its close has been seen
         connect = client._connect
 
@@ -228,7 +228,95 @@ async def test_a_refused_connection_raises(serve: Serve) -> None:
     port = listening.sockets[0].getsockname()[1]
     listening.close()
     await listening.wait_closed()
-    client = HttpClient(f"http://127.0.0.1:{port}")
+    client = Pool(f"http://127.0.0.1:{port}")
     with pytest.raises(OSError):
         await client.request("GET", "/t", {})
     await client.aclose()
+
+
+async def test_a_body_is_given_as_it_arrives_and_what_came_before_a_cut_before_its_error(serve: Serve) -> None:
+    more = asyncio.Event()
+
+    async def two_chunks_then_cut(target: str, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await more.wait()
+        writer.write(b"6\r\nsecond\r\n")  # and no last chunk: the connection closes mid-answer
+        await writer.drain()
+        writer.close()
+
+    _, client = await serve(two_chunks_then_cut)
+    answer = await client.send("POST", "/stream", {}, b"{}")
+    chunks = answer.chunks()
+    assert await anext(chunks) == b"first"  # before the server has sent the rest
+    more.set()
+    assert await anext(chunks) == b"second"
+    with pytest.raises(ConnectionError):
+        await anext(chunks)
+
+
+async def test_a_body_that_ends_with_its_connection_is_read_whole(serve: Serve) -> None:
+    async def until_close(target: str, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of ")
+        await writer.drain()
+        writer.write(b"it")
+        writer.close()
+
+    server, client = await serve(until_close)
+    for _ in range(2):
+        assert (await client.request("GET", "/t", {})).body == b"all of it"
+    assert server.connections == 2
+
+
+async def test_a_reader_that_stops_early_closes_its_connection(serve: Serve) -> None:
+    async def long_body(target: str, writer: asyncio.StreamWriter) -> None:
+        body = target.encode() * 1000
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for start in range(0, len(body), 100):
+            writer.write(body[start : start + 100])
+            await writer.drain()
+
+    server, client = await serve(long_body)
+    answer = await client.send("GET", "/first", {})
+    chunks = answer.chunks()
+    assert (await anext(chunks)).startswith(b"/first")
+    await chunks.aclose()  # the relay's client hung up: the rest of this body is nobody's
+    assert (await client.request("GET", "/second", {})).body == b"/second" * 1000
+    assert server.connections == 2
+
+
+async def test_a_slow_reader_pauses_the_socket_and_loses_nothing(serve: Serve) -> None:
+    size = 8 * 1024 * 1024
+
+    async def big(target: str, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for start in range(0, size, 65536):
+            writer.write(bytes([start // 65536 % 251]) * 65536)
+            await writer.drain()
+
+    _, client = await serve(big)
+    answer = await client.send("GET", "/big", {})
+    connection = answer._connection
+    assert connection is not None
+    await eventually(lambda: asyncio.sleep(0, connection.paused), bool, what="reading paused")
+    assert connection.buffered <= http.HIGH_WATER + 256 * 1024  # one socket read past the mark, at most
+    body = await answer.read()
+    assert len(body) == size
+    assert all(body[start] == start // 65536 % 251 for start in range(0, size, 65536))
+
+
+async def test_no_more_connections_than_allowed_and_every_call_answered(serve: Serve) -> None:
+    release = asyncio.Event()
+
+    async def held(target: str, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        writer.write(whole(target.encode()))
+        await writer.drain()
+
+    server, client = await serve(held, max_connections=2)
+    calls = [asyncio.create_task(client.request("GET", f"/t/{n}", {})) for n in range(6)]
+    await eventually(lambda: asyncio.sleep(0, len(server.requests)), lambda seen: seen == 2, what="two calls")
+    release.set()
+    replies = await asyncio.gather(*calls)
+    assert [reply.body for reply in replies] == [f"/t/{n}".encode() for n in range(6)]
+    assert server.most_open <= 2
