@@ -3,14 +3,19 @@
 The invariant: a call returns the whole answer to its own request, or raises
 ``OSError``; never a short body, never the answer to another call. Each test
 runs a loopback server that answers as the test says (in pieces, chunked, cut
-short, late, never, in garbage) and counts the connections it was given.
+short, late, never, in garbage) and counts the connections it was given. The
+last ones do it over TLS, as Azure's endpoints are served: with the pool's
+default context, which checks the certificate and its name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -320,3 +325,87 @@ async def test_no_more_connections_than_allowed_and_every_call_answered(serve: S
     replies = await asyncio.gather(*calls)
     assert [reply.body for reply in replies] == [f"/t/{n}".encode() for n in range(6)]
     assert server.most_open <= 2
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """Self-signed certificates, each with its key: one for 127.0.0.1, one for another name."""
+    folder = tmp_path_factory.mktemp("net-tls")
+    made = {}
+    for name, subject in (("loopback", "IP:127.0.0.1"), ("elsewhere", "DNS:elsewhere.invalid")):
+        cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+        subprocess.run(
+            [
+                *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}"),
+                *("-addext", f"subjectAltName={subject}", "-keyout", str(key), "-out", str(cert)),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        made[name] = (cert, key)
+    return made
+
+
+async def serve_tls(server: Server, cert: tuple[Path, Path]) -> asyncio.Server:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*cert)
+    listening = await asyncio.start_server(server.serve, "127.0.0.1", 0, ssl=context)
+    server.port = listening.sockets[0].getsockname()[1]
+    return listening
+
+
+async def test_over_tls_answers_are_read_whole_streamed_and_paused_on_kept_alive_connections(
+    certificates: dict[str, tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Azure's storage and OpenAI endpoints are https: the pool's default context, which verifies the
+    certificate and the name, trusts this one through ``SSL_CERT_FILE`` as it would a public CA's."""
+    size = 4 * 1024 * 1024
+
+    async def answers(target: str, writer: asyncio.StreamWriter) -> None:
+        if target != "/big":
+            await echo(target, writer)
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for start in range(0, size, 65536):
+            writer.write(b"10000\r\n" + bytes([start // 65536 % 251]) * 65536 + b"\r\n")
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificates["loopback"][0]))
+    server = Server(answers)
+    listening = await serve_tls(server, certificates["loopback"])
+    client = Pool(f"https://127.0.0.1:{server.port}")
+    try:
+        for n in range(3):
+            assert (await client.request("GET", f"/t/{n}", {})).body == f"/t/{n}".encode()
+        answer = await client.send("GET", "/big", {})
+        connection = answer._connection
+        assert connection is not None
+        await eventually(lambda: asyncio.sleep(0, connection.paused), bool, what="reading paused")
+        received = [chunk async for chunk in answer.chunks()]
+        body = b"".join(received)
+        assert len(body) == size and len(received) > 1
+        assert all(body[start] == start // 65536 % 251 for start in range(0, size, 65536))
+        assert (await client.request("GET", "/after", {})).body == b"/after"
+        assert server.connections == 1
+    finally:
+        await client.aclose()
+        listening.close()
+
+
+@pytest.mark.parametrize("trusted", ["a certificate for another name", "no certificate"])
+async def test_over_tls_a_certificate_that_does_not_check_out_is_refused(
+    certificates: dict[str, tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch, trusted: str
+) -> None:
+    if trusted == "a certificate for another name":
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificates["elsewhere"][0]))
+    server = Server(echo)
+    listening = await serve_tls(server, certificates["elsewhere"])
+    client = Pool(f"https://127.0.0.1:{server.port}")
+    try:
+        with pytest.raises(http.ConnectFailed, match=r"CERTIFICATE_VERIFY_FAILED|mismatch"):
+            await client.request("GET", "/t", {})
+        assert server.requests == []
+    finally:
+        await client.aclose()
+        listening.close()
