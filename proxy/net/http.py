@@ -151,7 +151,8 @@ class _Connection(asyncio.Protocol):
     # What the reader does.
 
     async def wait(self, seconds: float) -> None:
-        """Until the parser or the socket has news, raising what went wrong; ``TimeoutError`` after ``seconds``."""
+        """Until the parser or the socket has news, raising what went wrong; ``TimeoutError`` after ``seconds``.
+        Callers look at what came before they wait again, so bytes that came before a failure go first."""
         if self.error is not None:
             raise self.error
         loop = asyncio.get_running_loop()
@@ -161,8 +162,14 @@ class _Connection(asyncio.Protocol):
             await waiter
         finally:
             timer.cancel()
-        if self.error is not None and not self.chunks:
-            raise self.error
+
+    async def next_chunk(self) -> bytes | None:
+        """The body bytes that have come, waiting for some if none has; ``None`` once the body is whole."""
+        while not self.chunks:
+            if self.complete:
+                return None
+            await self.wait(self.pool.read_seconds)
+        return self.take()
 
     def take(self) -> bytes:
         """The body bytes that have come, reading the socket again if it was paused for them."""
@@ -209,13 +216,8 @@ class Answer:
         connection = self._live()
         parts = []
         try:
-            while True:
-                if connection.chunks:
-                    parts.append(connection.take())  # taken as they come: a paused socket is read again
-                elif connection.complete:
-                    break
-                else:
-                    await connection.wait(connection.pool.read_seconds)
+            while (chunk := await connection.next_chunk()) is not None:
+                parts.append(chunk)  # taken as they come: a paused socket is read again
         finally:
             self.close()
         return b"".join(parts)
@@ -224,13 +226,8 @@ class Answer:
         """The body as it arrives; bytes that came before a failure are given before it is raised."""
         connection = self._live()
         try:
-            while True:
-                if connection.chunks:
-                    yield connection.take()
-                elif connection.complete:
-                    break
-                else:
-                    await connection.wait(connection.pool.read_seconds)
+            while (chunk := await connection.next_chunk()) is not None:
+                yield chunk
         finally:
             self.close()
 
